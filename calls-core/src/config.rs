@@ -1,0 +1,213 @@
+//! Router configuration: a plain serde struct with documented defaults and a `validate()` that
+//! reports every problem at once.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Configuration of one [`Router`](crate::Router).
+///
+/// Every field has a default; a TOML or JSON document only names what it changes:
+///
+/// ```
+/// let config = calls_core::Config::from_toml_str(r#"
+///     udp_port = 8443
+///     ice_host_override = ["203.0.113.7"]
+///     max_participants_per_call = 50
+/// "#).unwrap();
+/// assert_eq!(config.tcp_port, 8443);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// UDP port the embedder receives media on. Default `8443`.
+    pub udp_port: u16,
+    /// TCP port for ICE-TCP (RFC 4571 framing). Default `8443`.
+    pub tcp_port: u16,
+    /// The address the embedder's media sockets are bound to. Default `127.0.0.1`.
+    /// Used as the host candidate unless `ice_host_override` is set.
+    pub bind_address: IpAddr,
+    /// Addresses advertised to clients as host candidates instead of `bind_address`
+    /// (public IP behind 1:1 NAT, a load balancer address, IPv4 and IPv6 side by side).
+    pub ice_host_override: Vec<IpAddr>,
+    /// Port advertised in candidates instead of `udp_port`/`tcp_port` (port forwarding).
+    pub ice_port_override: Option<u16>,
+    /// Joins beyond this many participants in one call get [`RouterError::CallFull`](crate::RouterError). Default `100`.
+    pub max_participants_per_call: usize,
+    /// Sessions on this router (all calls). Default `10000`.
+    pub max_sessions: usize,
+    /// Index of this router among the workers sharing a port (0–255); it is minted into every
+    /// ICE ufrag so a dispatcher can route a new flow with [`Router::worker_of_datagram`](crate::Router::worker_of_datagram).
+    pub worker_index: u8,
+    /// Minimum time between two keyframe requests sent to one publisher track, in milliseconds.
+    /// Default `500`.
+    pub keyframe_request_interval_ms: u64,
+    /// Remote addresses remembered per session (NAT rebinding, several candidate pairs).
+    /// Default `8`; the oldest is forgotten beyond it.
+    pub max_flows_per_session: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            udp_port: 8443,
+            tcp_port: 8443,
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ice_host_override: Vec::new(),
+            ice_port_override: None,
+            max_participants_per_call: 100,
+            max_sessions: 10_000,
+            worker_index: 0,
+            keyframe_request_interval_ms: 500,
+            max_flows_per_session: 8,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document (missing keys take their defaults) and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![e.message().to_owned()],
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a JSON document (missing keys take their defaults) and validates it.
+    pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_json::from_str(text).map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the configuration and returns every problem found, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.udp_port == 0 {
+            problems.push("`udp_port` 0 is not a port".to_owned());
+        }
+        if self.tcp_port == 0 {
+            problems.push("`tcp_port` 0 is not a port".to_owned());
+        }
+        if self.ice_port_override == Some(0) {
+            problems.push("`ice_port_override` 0 is not a port".to_owned());
+        }
+        if self.ice_host_override.is_empty() && self.bind_address.is_unspecified() {
+            problems.push(format!(
+                "`bind_address` {} is unspecified: set `ice_host_override` to the address clients reach",
+                self.bind_address
+            ));
+        }
+        for ip in &self.ice_host_override {
+            if ip.is_unspecified() || ip.is_multicast() {
+                problems.push(format!(
+                    "`ice_host_override` entry {ip} is not an address clients can reach"
+                ));
+            }
+        }
+        if self.max_participants_per_call < 2 {
+            problems.push(format!(
+                "`max_participants_per_call` {} leaves no one to talk to (minimum 2)",
+                self.max_participants_per_call
+            ));
+        }
+        if self.max_sessions == 0 {
+            problems.push("`max_sessions` 0 admits nobody".to_owned());
+        }
+        if self.keyframe_request_interval_ms < 50 || self.keyframe_request_interval_ms > 10_000 {
+            problems.push(format!(
+                "`keyframe_request_interval_ms` {} is outside 50..=10000",
+                self.keyframe_request_interval_ms
+            ));
+        }
+        if self.max_flows_per_session == 0 || self.max_flows_per_session > 64 {
+            problems.push(format!(
+                "`max_flows_per_session` {} is outside 1..=64",
+                self.max_flows_per_session
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The addresses (with ports) advertised as UDP host candidates.
+    pub fn udp_candidates(&self) -> Vec<SocketAddr> {
+        let port = self.ice_port_override.unwrap_or(self.udp_port);
+        self.candidate_ips()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
+    }
+
+    /// The addresses (with ports) advertised as passive TCP host candidates.
+    pub fn tcp_candidates(&self) -> Vec<SocketAddr> {
+        let port = self.ice_port_override.unwrap_or(self.tcp_port);
+        self.candidate_ips()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
+    }
+
+    fn candidate_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let fallback = (self.ice_host_override.is_empty()).then_some(self.bind_address);
+        self.ice_host_override.iter().copied().chain(fallback)
+    }
+
+    pub(crate) fn keyframe_request_interval(&self) -> Duration {
+        Duration::from_millis(self.keyframe_request_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_use_port_8443() {
+        let config = Config::default();
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.udp_candidates(),
+            vec!["127.0.0.1:8443".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let err = Config::from_toml_str(
+            "udp_port = 0\ntcp_port = 0\nbind_address = \"0.0.0.0\"\nmax_participants_per_call = 1",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+        assert!(err.to_string().contains("`udp_port` 0 is not a port"));
+    }
+
+    #[test]
+    fn overrides_replace_the_bind_address_in_candidates() {
+        let config = Config::from_json_str(
+            r#"{"bind_address":"0.0.0.0","ice_host_override":["203.0.113.7","2001:db8::7"],"ice_port_override":443}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.udp_candidates(),
+            vec![
+                "203.0.113.7:443".parse().unwrap(),
+                "[2001:db8::7]:443".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml_str("udp_prot = 1").unwrap_err();
+        assert!(err.to_string().contains("udp_prot"), "{err}");
+    }
+}

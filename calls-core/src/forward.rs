@@ -1,0 +1,244 @@
+//! Forwarding without depacketizing: per (publisher track → subscriber) rewriting of sequence
+//! numbers and timestamps so each subscriber sees one continuous stream, and keyframe detection.
+
+use std::time::Instant;
+
+use str0m::format::{detect_h264_keyframe, detect_vp8_keyframe, detect_vp9_keyframe};
+
+/// Video codecs we know how to find keyframes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VideoCodec {
+    Vp8,
+    Vp9,
+    H264,
+    Other,
+}
+
+impl VideoCodec {
+    pub fn from_str0m(codec: str0m::format::Codec) -> Self {
+        use str0m::format::Codec;
+        match codec {
+            Codec::Vp8 => VideoCodec::Vp8,
+            Codec::Vp9 => VideoCodec::Vp9,
+            Codec::H264 => VideoCodec::H264,
+            _ => VideoCodec::Other,
+        }
+    }
+
+    /// Whether this RTP payload starts (or carries) a keyframe.
+    pub fn is_keyframe(self, payload: &[u8]) -> bool {
+        match self {
+            VideoCodec::Vp8 => detect_vp8_keyframe(payload),
+            VideoCodec::Vp9 => detect_vp9_keyframe(payload),
+            VideoCodec::H264 => detect_h264_keyframe(payload),
+            VideoCodec::Other => false,
+        }
+    }
+}
+
+/// What a rewriter decided about one incoming packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Send with these outgoing sequence number and RTP timestamp.
+    Forward { seq: u64, timestamp: u32 },
+    /// Not for this subscriber (waiting for a keyframe, or older than the last resync).
+    Drop,
+}
+
+/// Rewrites one publisher track for one subscriber.
+///
+/// Outgoing sequence numbers start at a small random-free base (ROC 0, as str0m requires for a
+/// fresh receiver) and stay gap-free across resyncs (start, unmute, layer switch); a gap in the
+/// publisher's stream (real loss) stays a gap so the subscriber can NACK it. Timestamps stay
+/// monotonic: after a resync the outgoing timestamp advances by the wallclock time elapsed.
+#[derive(Debug)]
+pub(crate) struct Rewriter {
+    clock_rate: u32,
+    is_video: bool,
+    /// Set until the first packet after a resync has been forwarded.
+    resync: bool,
+    /// Video only: forward nothing until a keyframe starts.
+    wait_keyframe: bool,
+    seq_offset: i64,
+    ts_offset: u32,
+    /// The publisher's sequence number at the last resync; older packets are not ours to send.
+    base_in_seq: u64,
+    last_out_seq: Option<u64>,
+    last_out_ts: u32,
+    last_out_at: Option<Instant>,
+    /// The publisher track's epoch when we last synced; a change forces a resync.
+    epoch: u32,
+}
+
+impl Rewriter {
+    pub fn new(clock_rate: u32, is_video: bool, epoch: u32) -> Self {
+        Rewriter {
+            clock_rate,
+            is_video,
+            resync: true,
+            wait_keyframe: is_video,
+            seq_offset: 0,
+            ts_offset: 0,
+            base_in_seq: 0,
+            last_out_seq: None,
+            last_out_ts: 0,
+            last_out_at: None,
+            epoch,
+        }
+    }
+
+    /// Whether this subscriber still waits for a keyframe (so one should be requested).
+    pub fn waits_for_keyframe(&self) -> bool {
+        self.wait_keyframe
+    }
+
+    /// Decides about one packet of the publisher's stream.
+    ///
+    /// `epoch` is the publisher track's discontinuity counter (bumped on unmute and source
+    /// changes); `seq` is the publisher's extended sequence number.
+    pub fn rewrite(
+        &mut self,
+        epoch: u32,
+        seq: u64,
+        timestamp: u32,
+        keyframe: bool,
+        now: Instant,
+    ) -> Verdict {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.resync = true;
+            self.wait_keyframe = self.is_video;
+        }
+        if self.wait_keyframe {
+            if !keyframe {
+                return Verdict::Drop;
+            }
+            self.wait_keyframe = false;
+            self.resync = true;
+        }
+        if self.resync {
+            self.resync = false;
+            let next_out = self.last_out_seq.map_or(1, |s| s + 1);
+            self.seq_offset = next_out as i64 - seq as i64;
+            let next_ts = match self.last_out_at {
+                Some(at) => {
+                    let elapsed = now.saturating_duration_since(at);
+                    let ticks = (elapsed.as_micros() as u64 * self.clock_rate as u64 / 1_000_000)
+                        .max(1) as u32;
+                    self.last_out_ts.wrapping_add(ticks)
+                }
+                None => timestamp,
+            };
+            self.ts_offset = next_ts.wrapping_sub(timestamp);
+            self.base_in_seq = seq;
+        } else if seq < self.base_in_seq {
+            // From before the last resync: it would map onto numbers already used.
+            return Verdict::Drop;
+        }
+        let out_seq = (seq as i64 + self.seq_offset) as u64;
+        let out_ts = timestamp.wrapping_add(self.ts_offset);
+        if self.last_out_seq.is_none_or(|last| out_seq > last) {
+            self.last_out_seq = Some(out_seq);
+            self.last_out_ts = out_ts;
+            self.last_out_at = Some(now);
+        }
+        Verdict::Forward {
+            seq: out_seq,
+            timestamp: out_ts,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a base instant for virtual time
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn audio_is_rebased_to_start_at_one_and_keeps_loss_gaps() {
+        let now = Instant::now();
+        let mut rw = Rewriter::new(48_000, false, 0);
+        assert_eq!(
+            rw.rewrite(0, 5000, 960, false, now),
+            Verdict::Forward {
+                seq: 1,
+                timestamp: 960
+            }
+        );
+        assert_eq!(
+            rw.rewrite(0, 5001, 1920, false, now),
+            Verdict::Forward {
+                seq: 2,
+                timestamp: 1920
+            }
+        );
+        // 5002 lost upstream: the gap stays so the subscriber can NACK it.
+        assert_eq!(
+            rw.rewrite(0, 5003, 3840, false, now),
+            Verdict::Forward {
+                seq: 4,
+                timestamp: 3840
+            }
+        );
+        // The retransmission arrives late and fills it.
+        assert_eq!(
+            rw.rewrite(0, 5002, 2880, false, now),
+            Verdict::Forward {
+                seq: 3,
+                timestamp: 2880
+            }
+        );
+    }
+
+    #[test]
+    fn resync_after_epoch_change_is_gap_free_and_monotonic() {
+        let t0 = Instant::now();
+        let mut rw = Rewriter::new(48_000, false, 0);
+        rw.rewrite(0, 100, 10_000, false, t0);
+        rw.rewrite(0, 101, 10_960, false, t0 + Duration::from_millis(20));
+        // Muted for a while (packets 102..=599 dropped by the router), then unmuted: epoch 1.
+        let at = t0 + Duration::from_millis(1020);
+        match rw.rewrite(1, 600, 500_000, false, at) {
+            Verdict::Forward { seq, timestamp } => {
+                assert_eq!(seq, 3);
+                assert_eq!(timestamp, 10_960 + 48_000);
+            }
+            Verdict::Drop => panic!("dropped"),
+        }
+        // A straggler from before the unmute is dropped, not sent with a reused number.
+        assert_eq!(rw.rewrite(1, 101, 10_960, false, at), Verdict::Drop);
+    }
+
+    #[test]
+    fn video_waits_for_a_keyframe() {
+        let now = Instant::now();
+        let mut rw = Rewriter::new(90_000, true, 0);
+        assert!(rw.waits_for_keyframe());
+        assert_eq!(rw.rewrite(0, 10, 0, false, now), Verdict::Drop);
+        assert_eq!(
+            rw.rewrite(0, 11, 3000, true, now),
+            Verdict::Forward {
+                seq: 1,
+                timestamp: 3000
+            }
+        );
+        assert_eq!(
+            rw.rewrite(0, 12, 3000, false, now),
+            Verdict::Forward {
+                seq: 2,
+                timestamp: 3000
+            }
+        );
+        assert!(!rw.waits_for_keyframe());
+    }
+
+    #[test]
+    fn vp8_keyframe_detection() {
+        // S=1, PID=0, no extensions; VP8 payload header P bit 0 = keyframe.
+        assert!(VideoCodec::Vp8.is_keyframe(&[0x10, 0x00, 0x9d, 0x01, 0x2a]));
+        assert!(!VideoCodec::Vp8.is_keyframe(&[0x10, 0x01, 0x00]));
+        // Not the start of a partition.
+        assert!(!VideoCodec::Vp8.is_keyframe(&[0x00, 0x00, 0x00]));
+    }
+}

@@ -1,0 +1,333 @@
+//! Counters and gauges: a plain serializable snapshot, and its Prometheus text exposition.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::demux::DropReason;
+use crate::ids::{CallId, SessionId};
+
+/// Packets and bytes, split by media kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaCounts {
+    /// Audio RTP packets.
+    pub audio_packets: u64,
+    /// Audio RTP payload bytes.
+    pub audio_bytes: u64,
+    /// Video RTP packets.
+    pub video_packets: u64,
+    /// Video RTP payload bytes.
+    pub video_bytes: u64,
+}
+
+impl MediaCounts {
+    pub(crate) fn add(&mut self, is_audio: bool, bytes: usize) {
+        if is_audio {
+            self.audio_packets += 1;
+            self.audio_bytes += bytes as u64;
+        } else {
+            self.video_packets += 1;
+            self.video_bytes += bytes as u64;
+        }
+    }
+}
+
+/// What str0m knows about one session's link quality.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStats {
+    /// The session.
+    pub session: SessionId,
+    /// Its call.
+    pub call: CallId,
+    /// Round-trip time from RTCP, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Fraction of our packets the subscriber reported lost (0.0–1.0).
+    pub egress_loss: Option<f64>,
+    /// Fraction of the publisher's packets we lost (0.0–1.0).
+    pub ingress_loss: Option<f64>,
+}
+
+/// A point-in-time copy of every metric of one router.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MetricsSnapshot {
+    /// Sessions now on the router.
+    pub sessions: u64,
+    /// Calls with at least one session.
+    pub calls: u64,
+    /// Remembered 5-tuples.
+    pub flows: u64,
+    /// Sessions with ICE and DTLS up.
+    pub connected_sessions: u64,
+    /// Datagrams handed to the router.
+    pub datagrams_in: u64,
+    /// Datagram bytes handed to the router.
+    pub datagram_bytes_in: u64,
+    /// Datagrams the router asked to send.
+    pub datagrams_out: u64,
+    /// Datagram bytes the router asked to send.
+    pub datagram_bytes_out: u64,
+    /// Datagrams dropped before reaching a session, by reason.
+    pub drops: BTreeMap<DropReason, u64>,
+    /// RTP received from publishers.
+    pub media_in: MediaCounts,
+    /// RTP written to subscribers.
+    pub media_out: MediaCounts,
+    /// RTP from publishers that was not forwarded (forbidden track, muted, unknown stream).
+    pub media_dropped: u64,
+    /// Keyframe requests received from subscribers.
+    pub keyframe_requests_in: u64,
+    /// Keyframe requests sent to publishers (after aggregation and throttling).
+    pub keyframe_requests_out: u64,
+    /// Joins accepted.
+    pub joins: u64,
+    /// Joins refused (call full, router full, draining, duplicate).
+    pub joins_refused: u64,
+    /// Sessions removed (leave or disconnect).
+    pub leaves: u64,
+    /// Signaling messages received.
+    pub signals_in: u64,
+    /// Signaling messages refused with an error.
+    pub signal_errors: u64,
+    /// Router-initiated SDP offers.
+    pub renegotiations: u64,
+    /// Router offers abandoned because the client's offer crossed them (glare).
+    pub glare_rollbacks: u64,
+    /// Per-session link quality.
+    pub session_stats: Vec<SessionStats>,
+}
+
+impl MetricsSnapshot {
+    /// Total dropped datagrams (all reasons).
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.values().sum()
+    }
+
+    /// Dropped datagrams for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition (names `calls_*`; counters end in `_total`).
+    #[cfg(feature = "prometheus")]
+    pub fn to_prometheus(&self) -> String {
+        prom::render(self)
+    }
+}
+
+#[cfg(feature = "prometheus")]
+mod prom {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    use std::sync::atomic::AtomicU64;
+
+    use super::MetricsSnapshot;
+    use crate::demux::DropReason;
+
+    type Labels = Vec<(&'static str, String)>;
+
+    fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+        let c: Counter = Counter::default();
+        c.inc_by(value);
+        registry.register(name, help, c);
+    }
+
+    fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+        let g: Gauge = Gauge::default();
+        g.set(value as i64);
+        registry.register(name, help, g);
+    }
+
+    pub(super) fn render(m: &MetricsSnapshot) -> String {
+        let mut registry = Registry::with_prefix("calls");
+        gauge(
+            &mut registry,
+            "sessions",
+            "Sessions on the router",
+            m.sessions,
+        );
+        gauge(
+            &mut registry,
+            "calls",
+            "Calls with at least one session",
+            m.calls,
+        );
+        gauge(&mut registry, "flows", "Remembered 5-tuples", m.flows);
+        gauge(
+            &mut registry,
+            "connected_sessions",
+            "Sessions with ICE and DTLS up",
+            m.connected_sessions,
+        );
+        counter(
+            &mut registry,
+            "datagrams_in",
+            "Datagrams received",
+            m.datagrams_in,
+        );
+        counter(
+            &mut registry,
+            "datagram_bytes_in",
+            "Datagram bytes received",
+            m.datagram_bytes_in,
+        );
+        counter(
+            &mut registry,
+            "datagrams_out",
+            "Datagrams sent",
+            m.datagrams_out,
+        );
+        counter(
+            &mut registry,
+            "datagram_bytes_out",
+            "Datagram bytes sent",
+            m.datagram_bytes_out,
+        );
+
+        let drops = Family::<Labels, Counter>::default();
+        for reason in DropReason::ALL {
+            drops
+                .get_or_create(&vec![("reason", reason.as_str().to_owned())])
+                .inc_by(m.dropped(reason));
+        }
+        registry.register(
+            "datagrams_dropped",
+            "Datagrams dropped before reaching a session, by reason",
+            drops,
+        );
+
+        for (name, help, counts) in [
+            ("rtp_in", "RTP received from publishers", &m.media_in),
+            ("rtp_out", "RTP forwarded to subscribers", &m.media_out),
+        ] {
+            let packets = Family::<Labels, Counter>::default();
+            let bytes = Family::<Labels, Counter>::default();
+            for (kind, p, b) in [
+                ("audio", counts.audio_packets, counts.audio_bytes),
+                ("video", counts.video_packets, counts.video_bytes),
+            ] {
+                packets
+                    .get_or_create(&vec![("kind", kind.to_owned())])
+                    .inc_by(p);
+                bytes
+                    .get_or_create(&vec![("kind", kind.to_owned())])
+                    .inc_by(b);
+            }
+            registry.register(
+                format!("{name}_packets"),
+                format!("{help} (packets)"),
+                packets,
+            );
+            registry.register(
+                format!("{name}_bytes"),
+                format!("{help} (payload bytes)"),
+                bytes,
+            );
+        }
+        counter(
+            &mut registry,
+            "rtp_not_forwarded",
+            "RTP from publishers not forwarded (forbidden, muted, unknown)",
+            m.media_dropped,
+        );
+        counter(
+            &mut registry,
+            "keyframe_requests_in",
+            "Keyframe requests from subscribers",
+            m.keyframe_requests_in,
+        );
+        counter(
+            &mut registry,
+            "keyframe_requests_out",
+            "Keyframe requests sent to publishers",
+            m.keyframe_requests_out,
+        );
+        counter(&mut registry, "joins", "Joins accepted", m.joins);
+        counter(
+            &mut registry,
+            "joins_refused",
+            "Joins refused",
+            m.joins_refused,
+        );
+        counter(&mut registry, "leaves", "Sessions removed", m.leaves);
+        counter(
+            &mut registry,
+            "signals_in",
+            "Signaling messages received",
+            m.signals_in,
+        );
+        counter(
+            &mut registry,
+            "signal_errors",
+            "Signaling messages refused",
+            m.signal_errors,
+        );
+        counter(
+            &mut registry,
+            "renegotiations",
+            "Router-initiated offers",
+            m.renegotiations,
+        );
+        counter(
+            &mut registry,
+            "glare_rollbacks",
+            "Router offers dropped for a crossing client offer",
+            m.glare_rollbacks,
+        );
+
+        let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for s in &m.session_stats {
+            let labels = vec![
+                ("call", s.call.to_string()),
+                ("session", s.session.0.to_string()),
+            ];
+            if let Some(v) = s.rtt_ms {
+                rtt.get_or_create(&labels).set(v / 1000.0);
+            }
+            if let Some(v) = s.egress_loss {
+                loss.get_or_create(&labels).set(v);
+            }
+        }
+        registry.register("session_rtt_seconds", "Round-trip time per session", rtt);
+        registry.register(
+            "session_egress_loss_ratio",
+            "Loss reported by each subscriber",
+            loss,
+        );
+
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+}
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let mut m = MetricsSnapshot {
+            sessions: 2,
+            ..Default::default()
+        };
+        m.drops.insert(DropReason::UnknownSource, 7);
+        m.media_in.add(true, 100);
+        let text = m.to_prometheus();
+        assert!(text.contains("calls_sessions 2"), "{text}");
+        assert!(
+            text.contains("calls_datagrams_dropped_total{reason=\"unknown_source\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("calls_rtp_in_packets_total{kind=\"audio\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,1436 @@
+//! The sans-IO router: many calls, one port, one `Router` per worker.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::crypto::Sha1HmacProvider;
+use str0m::ice::StunMessage;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
+use str0m::net::Receive;
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event as RtcEvent, Input, Output as RtcOutput};
+
+use crate::call::{Call, PublishedTrack, TrackKey};
+use crate::config::Config;
+use crate::demux::{self, Class, DropReason, FlowKey, FlowTable, Proto, MAX_DATAGRAM_BYTES};
+use crate::error::{ConfigError, RouterError, SignalError};
+use crate::forward::{Rewriter, Verdict, VideoCodec};
+use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
+use crate::metrics::{MetricsSnapshot, SessionStats};
+use crate::session::{pt_for, restrict_offer, OutTrack, PendingOffer, Session};
+use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
+
+/// A simulcast layer not seen for this long is considered stopped.
+const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// An incoming datagram (or, for ICE-TCP, one de-framed RFC 4571 frame).
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// UDP or TCP.
+    pub proto: Proto,
+    /// The remote address it came from.
+    pub source: SocketAddr,
+    /// The local address it arrived on.
+    pub destination: SocketAddr,
+    /// Its bytes.
+    pub contents: &'a [u8],
+}
+
+/// Bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// UDP or TCP.
+    pub proto: Proto,
+    /// The local address to send from (one of the advertised candidates).
+    pub source: SocketAddr,
+    /// Where to send.
+    pub destination: SocketAddr,
+    /// The datagram.
+    pub contents: Vec<u8>,
+}
+
+/// Why a session left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaveReason {
+    /// The embedder called [`Router::leave`].
+    Left,
+    /// ICE or DTLS failed or timed out.
+    Disconnected,
+}
+
+/// Something the embedder may want to know (log, audit, UI); the router has already acted on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A session joined a call.
+    Joined {
+        /// The session.
+        session: SessionId,
+        /// Its call.
+        call: CallId,
+        /// Its user.
+        user: UserId,
+    },
+    /// ICE and DTLS are up: media can flow.
+    Connected {
+        /// The session.
+        session: SessionId,
+    },
+    /// A session is gone and everything it held is freed.
+    Left {
+        /// The session.
+        session: SessionId,
+        /// Its call.
+        call: CallId,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// A session publishes a new track.
+    TrackPublished {
+        /// The publisher.
+        session: SessionId,
+        /// Its m-line.
+        mid: String,
+        /// Microphone, camera or screen.
+        source: TrackSource,
+    },
+    /// A session stopped publishing a track.
+    TrackUnpublished {
+        /// The publisher.
+        session: SessionId,
+        /// Its m-line.
+        mid: String,
+    },
+    /// A session's microphone was muted or unmuted.
+    MuteChanged {
+        /// The session.
+        session: SessionId,
+        /// Now muted.
+        muted: bool,
+    },
+}
+
+/// What [`Router::poll_output`] yields.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send these bytes.
+    Transmit(Transmit),
+    /// Deliver this message on the session's signaling channel.
+    Signal(SessionId, ServerMessage),
+    /// Something happened.
+    Event(Event),
+    /// Nothing more to do: call [`Router::handle_timeout`] at this time (or on the next input).
+    Timeout(Instant),
+}
+
+/// Counters kept while running (gauges are computed in [`Router::metrics`]).
+#[derive(Debug, Default)]
+struct Counters {
+    snapshot: MetricsSnapshot,
+}
+
+/// The sans-IO media router. See the [crate docs](crate) for the drive loop.
+pub struct Router {
+    config: Config,
+    hmac: &'static dyn Sha1HmacProvider,
+    sessions: HashMap<SessionId, Session>,
+    calls: HashMap<CallId, Call>,
+    tracks: HashMap<TrackKey, PublishedTrack>,
+    ufrags: HashMap<String, SessionId>,
+    flows: FlowTable,
+    outputs: VecDeque<Output>,
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    touched: Vec<SessionId>,
+    /// Sessions whose subscriptions may need a router offer.
+    renegotiate: Vec<SessionId>,
+    /// Sessions to remove once the current input is done (str0m gave up on them).
+    dead: Vec<SessionId>,
+    counters: Counters,
+    draining: bool,
+    last_now: Instant,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("sessions", &self.sessions.len())
+            .field("calls", &self.calls.len())
+            .field("flows", &self.flows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Creates a router. `now` is the embedder's monotonic clock at creation.
+    pub fn new(config: Config, now: Instant) -> Result<Router, ConfigError> {
+        config.validate()?;
+        // The same provider str0m uses for its own STUN checks.
+        let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
+        Ok(Router {
+            config,
+            hmac,
+            sessions: HashMap::new(),
+            calls: HashMap::new(),
+            tracks: HashMap::new(),
+            ufrags: HashMap::new(),
+            flows: FlowTable::default(),
+            outputs: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            touched: Vec::new(),
+            renegotiate: Vec::new(),
+            dead: Vec::new(),
+            counters: Counters::default(),
+            draining: false,
+            last_now: now,
+        })
+    }
+
+    /// The configuration this router runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Which worker a datagram belongs to, from the ufrag of a STUN binding request (stateless).
+    ///
+    /// A dispatcher that runs one router per core calls this for datagrams from unknown
+    /// 5-tuples, forwards them to that worker, and remembers the 5-tuple → worker mapping.
+    pub fn worker_of_datagram(datagram: &[u8]) -> Option<u8> {
+        demux::stun_local_ufrag(datagram).and_then(demux::ufrag::worker)
+    }
+
+    /// Stops accepting joins; sessions already in calls go on.
+    pub fn start_draining(&mut self) {
+        self.draining = true;
+    }
+
+    /// Adds a participant to a call. The client then sends its offer through
+    /// [`handle_signal`](Self::handle_signal).
+    pub fn join(
+        &mut self,
+        call: CallId,
+        session: SessionId,
+        user: UserId,
+        grants: Grants,
+        now: Instant,
+    ) -> Result<(), RouterError> {
+        self.last_now = now;
+        let refused = if self.draining {
+            Some(RouterError::Draining)
+        } else if self.sessions.contains_key(&session) {
+            Some(RouterError::SessionExists(session))
+        } else if self.sessions.len() >= self.config.max_sessions {
+            Some(RouterError::RouterFull {
+                max: self.config.max_sessions,
+            })
+        } else if self
+            .calls
+            .get(&call)
+            .is_some_and(|c| c.members.len() >= self.config.max_participants_per_call)
+        {
+            Some(RouterError::CallFull {
+                call: call.clone(),
+                max: self.config.max_participants_per_call,
+            })
+        } else {
+            None
+        };
+        if let Some(err) = refused {
+            self.counters.snapshot.joins_refused += 1;
+            return Err(err);
+        }
+        let state = Session::new(
+            session,
+            call.clone(),
+            user.clone(),
+            grants,
+            &self.config,
+            now,
+        );
+        self.ufrags.insert(state.local_creds.ufrag.clone(), session);
+        self.sessions.insert(session, state);
+        let members = &mut self.calls.entry(call.clone()).or_default().members;
+        for other in members.iter() {
+            self.outputs.push_back(Output::Signal(
+                *other,
+                ServerMessage::ParticipantJoined {
+                    session,
+                    user: user.clone(),
+                },
+            ));
+        }
+        let existing: Vec<(SessionId, UserId)> = members
+            .iter()
+            .filter_map(|m| self.sessions.get(m).map(|s| (*m, s.user.clone())))
+            .collect();
+        members.push(session);
+        for (other, other_user) in existing {
+            self.outputs.push_back(Output::Signal(
+                session,
+                ServerMessage::ParticipantJoined {
+                    session: other,
+                    user: other_user,
+                },
+            ));
+        }
+        self.counters.snapshot.joins += 1;
+        self.outputs.push_back(Output::Event(Event::Joined {
+            session,
+            call,
+            user,
+        }));
+        self.drain(session, now);
+        self.finish(now);
+        tracing::debug!(%session, "joined");
+        Ok(())
+    }
+
+    /// Removes a participant: frees its session, flows and tracks, and tells the others.
+    pub fn leave(&mut self, session: SessionId, now: Instant) -> Result<(), RouterError> {
+        self.last_now = now;
+        if !self.sessions.contains_key(&session) {
+            return Err(RouterError::UnknownSession(session));
+        }
+        self.remove_session(session, LeaveReason::Left, now);
+        self.finish(now);
+        Ok(())
+    }
+
+    /// Mutes or unmutes a participant's microphone (the embedder's command; clients can also
+    /// send [`ClientMessage::Mute`]). Muted audio is not forwarded.
+    pub fn set_muted(
+        &mut self,
+        session: SessionId,
+        muted: bool,
+        now: Instant,
+    ) -> Result<(), RouterError> {
+        self.last_now = now;
+        let state = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(RouterError::UnknownSession(session))?;
+        if state.muted == muted {
+            return Ok(());
+        }
+        state.muted = muted;
+        let user = state.user.clone();
+        let call = state.call.clone();
+        let published = state.published.clone();
+        if !muted {
+            // Subscribers resync their audio rewriters: the stream continues without a gap.
+            for mid in published {
+                if let Some(track) = self.tracks.get_mut(&TrackKey {
+                    publisher: session,
+                    mid,
+                }) {
+                    if track.is_audio() {
+                        track.epoch = track.epoch.wrapping_add(1);
+                    }
+                }
+            }
+        }
+        self.broadcast(
+            &call,
+            None,
+            ServerMessage::Muted {
+                session,
+                user,
+                muted,
+            },
+        );
+        self.outputs
+            .push_back(Output::Event(Event::MuteChanged { session, muted }));
+        Ok(())
+    }
+
+    /// Feeds one received datagram. Unknown, garbage and unauthenticated datagrams are dropped
+    /// silently (no reply) and counted by reason in [`metrics`](Self::metrics).
+    pub fn handle_datagram(&mut self, datagram: Datagram<'_>, now: Instant) {
+        self.last_now = now;
+        let snapshot = &mut self.counters.snapshot;
+        snapshot.datagrams_in += 1;
+        snapshot.datagram_bytes_in += datagram.contents.len() as u64;
+        if datagram.contents.len() > MAX_DATAGRAM_BYTES {
+            self.count_drop(DropReason::Oversized);
+            return;
+        }
+        let class = demux::classify(datagram.contents);
+        if class == Class::Other {
+            self.count_drop(DropReason::Unclassified);
+            return;
+        }
+        let key = FlowKey {
+            proto: datagram.proto,
+            source: datagram.source,
+            destination: datagram.destination,
+        };
+        let known = self.flows.lookup(&key);
+        let session = match (class, known) {
+            (Class::Stun, _) => match self.admit_stun(&datagram, key, known) {
+                Ok(session) => session,
+                Err(reason) => {
+                    self.count_drop(reason);
+                    return;
+                }
+            },
+            (_, Some(session)) => session,
+            (_, None) => {
+                self.count_drop(DropReason::UnknownSource);
+                return;
+            }
+        };
+        let destination = self.local_address(datagram.proto, datagram.destination);
+        let Some(state) = self.sessions.get_mut(&session) else {
+            self.count_drop(DropReason::UnknownSource);
+            return;
+        };
+        let receive = match Receive::new(
+            datagram.proto.into(),
+            datagram.source,
+            destination,
+            datagram.contents,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::trace!(%session, "unparsable datagram: {e}");
+                self.count_drop(DropReason::SessionRejected);
+                return;
+            }
+        };
+        if let Err(e) = state.rtc.handle_input(Input::Receive(now, receive)) {
+            tracing::debug!(%session, "session refused datagram: {e}");
+            self.count_drop(DropReason::SessionRejected);
+        }
+        self.drain(session, now);
+        self.finish(now);
+    }
+
+    /// Feeds one signaling message from a participant. A refused message is answered with a
+    /// [`ServerMessage::Error`] to that participant and returned as an error; the session and
+    /// everyone else go on.
+    pub fn handle_signal(
+        &mut self,
+        session: SessionId,
+        msg: ClientMessage,
+        now: Instant,
+    ) -> Result<(), RouterError> {
+        self.last_now = now;
+        if !self.sessions.contains_key(&session) {
+            return Err(RouterError::UnknownSession(session));
+        }
+        self.counters.snapshot.signals_in += 1;
+        let result = self.apply_signal(session, msg, now);
+        self.finish(now);
+        result.map_err(|error| self.refuse_signal(session, error))
+    }
+
+    /// Like [`handle_signal`](Self::handle_signal), from JSON text.
+    pub fn handle_signal_json(
+        &mut self,
+        session: SessionId,
+        text: &str,
+        now: Instant,
+    ) -> Result<(), RouterError> {
+        if !self.sessions.contains_key(&session) {
+            return Err(RouterError::UnknownSession(session));
+        }
+        match ClientMessage::from_json(text) {
+            Ok(msg) => self.handle_signal(session, msg, now),
+            Err(error) => {
+                self.counters.snapshot.signals_in += 1;
+                Err(self.refuse_signal(session, error))
+            }
+        }
+    }
+
+    /// Advances time: runs every session whose timer is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        while let Some(Reverse((at, session))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(state) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            if state.next_timeout != Some(at) {
+                continue; // superseded by a later schedule
+            }
+            state.next_timeout = None;
+            if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(%session, "timeout failed: {e}");
+            }
+            self.drain(session, now);
+        }
+        self.finish(now);
+    }
+
+    /// The next output. Drain until [`Output::Timeout`] after **every** input.
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(out) = self.outputs.pop_front() {
+            return out;
+        }
+        while let Some(Reverse((at, session))) = self.timers.peek().copied() {
+            let live = self
+                .sessions
+                .get(&session)
+                .is_some_and(|s| s.next_timeout == Some(at));
+            if live {
+                return Output::Timeout(at);
+            }
+            self.timers.pop();
+        }
+        // Nothing scheduled: come back in a while (or on the next input).
+        Output::Timeout(self.last_now + Duration::from_secs(1))
+    }
+
+    /// A snapshot of every counter and gauge.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let mut m = self.counters.snapshot.clone();
+        m.sessions = self.sessions.len() as u64;
+        m.calls = self.calls.len() as u64;
+        m.flows = self.flows.len() as u64;
+        m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
+        let mut stats: Vec<SessionStats> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| SessionStats {
+                session: *id,
+                call: s.call.clone(),
+                rtt_ms: s.rtt_ms,
+                egress_loss: s.egress_loss,
+                ingress_loss: s.ingress_loss,
+            })
+            .collect();
+        stats.sort_by_key(|s| s.session);
+        m.session_stats = stats;
+        m
+    }
+
+    /// Sessions now on this router.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Internal table sizes, for leak checks: (sessions, calls, tracks, ufrags, flows, timers).
+    #[doc(hidden)]
+    pub fn table_sizes(&self) -> [usize; 6] {
+        [
+            self.sessions.len(),
+            self.calls.len(),
+            self.tracks.len(),
+            self.ufrags.len(),
+            self.flows.len(),
+            self.timers.len(),
+        ]
+    }
+
+    // ---------------------------------------------------------------- demux
+
+    fn count_drop(&mut self, reason: DropReason) {
+        *self.counters.snapshot.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Routes a STUN datagram: a binding request is routed by its USERNAME's ufrag and, for a
+    /// flow not yet known for that session, admitted only after MESSAGE-INTEGRITY checks out
+    /// against that session's password. Other STUN goes to the flow's session, if any.
+    fn admit_stun(
+        &mut self,
+        datagram: &Datagram<'_>,
+        key: FlowKey,
+        known: Option<SessionId>,
+    ) -> Result<SessionId, DropReason> {
+        let message =
+            StunMessage::parse(datagram.contents).map_err(|_| DropReason::MalformedStun)?;
+        if !message.is_binding_request() {
+            return known.ok_or(DropReason::StunNotBindingRequest);
+        }
+        let local = message
+            .username()
+            .and_then(|u| u.split_once(':'))
+            .map(|(local, _)| local)
+            .ok_or(DropReason::UnknownUfrag)?;
+        let session = *self.ufrags.get(local).ok_or(DropReason::UnknownUfrag)?;
+        if known == Some(session) {
+            return Ok(session); // str0m checks integrity on known flows too
+        }
+        let state = self
+            .sessions
+            .get(&session)
+            .ok_or(DropReason::UnknownUfrag)?;
+        let hmac = self.hmac;
+        let authentic = message.verify(state.local_creds.pass.as_bytes(), |key, parts| {
+            hmac.sha1_hmac(key, parts)
+        });
+        if !authentic {
+            return Err(DropReason::StunAuthFailed);
+        }
+        self.flows
+            .insert(key, session, self.config.max_flows_per_session);
+        tracing::debug!(%session, source = %key.source, "flow admitted");
+        Ok(session)
+    }
+
+    /// The advertised candidate address matching where a datagram arrived. Behind NAT or with
+    /// a host override the socket's address differs from the candidate; str0m expects the
+    /// candidate address.
+    fn local_address(&self, proto: Proto, arrived_on: SocketAddr) -> SocketAddr {
+        let candidates = match proto {
+            Proto::Udp => self.config.udp_candidates(),
+            Proto::Tcp => self.config.tcp_candidates(),
+        };
+        if candidates.contains(&arrived_on) {
+            return arrived_on;
+        }
+        candidates
+            .iter()
+            .find(|c| c.is_ipv4() == arrived_on.is_ipv4())
+            .copied()
+            .unwrap_or(arrived_on)
+    }
+
+    // ---------------------------------------------------------------- draining sessions
+
+    /// Drains one session's str0m outputs completely (the str0m rule: drain after every input).
+    fn drain(&mut self, session: SessionId, now: Instant) {
+        loop {
+            let Some(state) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            let out = match state.rtc.poll_output() {
+                Ok(out) => out,
+                Err(e) => {
+                    tracing::warn!(%session, "session failed: {e}");
+                    self.dead.push(session);
+                    return;
+                }
+            };
+            match out {
+                RtcOutput::Timeout(at) => {
+                    if !state.rtc.is_alive() {
+                        self.dead.push(session);
+                        return;
+                    }
+                    if state.next_timeout != Some(at) {
+                        state.next_timeout = Some(at);
+                        self.timers.push(Reverse((at, session)));
+                    }
+                    return;
+                }
+                RtcOutput::Transmit(t) => {
+                    let contents: Vec<u8> = t.contents.into();
+                    let snapshot = &mut self.counters.snapshot;
+                    snapshot.datagrams_out += 1;
+                    snapshot.datagram_bytes_out += contents.len() as u64;
+                    let proto = match t.proto {
+                        str0m::net::Protocol::Udp => Proto::Udp,
+                        _ => Proto::Tcp,
+                    };
+                    self.outputs.push_back(Output::Transmit(Transmit {
+                        proto,
+                        source: t.source,
+                        destination: t.destination,
+                        contents,
+                    }));
+                }
+                RtcOutput::Event(event) => self.on_rtc_event(session, event, now),
+            }
+        }
+    }
+
+    /// After each input: give touched sessions their timeout (so queued writes go out), run
+    /// pending renegotiations, remove dead sessions, and keep the timer heap compact.
+    fn finish(&mut self, now: Instant) {
+        loop {
+            if let Some(session) = self.touched.pop() {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    state.touched = false;
+                    if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
+                        tracing::debug!(%session, "timeout failed: {e}");
+                    }
+                    self.drain(session, now);
+                }
+                continue;
+            }
+            if let Some(session) = self.dead.pop() {
+                if self.sessions.contains_key(&session) {
+                    self.remove_session(session, LeaveReason::Disconnected, now);
+                }
+                continue;
+            }
+            if let Some(session) = self.renegotiate.pop() {
+                self.offer_if_needed(session, now);
+                continue;
+            }
+            break;
+        }
+        if self.timers.len() > 4 * self.sessions.len() + 1024 {
+            self.timers = self
+                .sessions
+                .iter()
+                .filter_map(|(id, s)| s.next_timeout.map(|t| Reverse((t, *id))))
+                .collect();
+        }
+    }
+
+    fn touch(&mut self, session: SessionId) {
+        if let Some(state) = self.sessions.get_mut(&session) {
+            if !state.touched {
+                state.touched = true;
+                self.touched.push(session);
+            }
+        }
+    }
+
+    fn on_rtc_event(&mut self, session: SessionId, event: RtcEvent, now: Instant) {
+        match event {
+            RtcEvent::RtpPacket(packet) => self.forward(session, packet, now),
+            RtcEvent::KeyframeRequest(req) => {
+                self.counters.snapshot.keyframe_requests_in += 1;
+                let key = self
+                    .sessions
+                    .get(&session)
+                    .and_then(|s| s.out_by_mid.get(&req.mid).copied());
+                if let Some(key) = key {
+                    self.request_keyframe(key, now, false);
+                }
+            }
+            RtcEvent::Connected => {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    state.connected = true;
+                }
+                self.outputs
+                    .push_back(Output::Event(Event::Connected { session }));
+            }
+            RtcEvent::IceConnectionStateChange(str0m::IceConnectionState::Disconnected) => {
+                tracing::info!(%session, "ICE disconnected");
+                self.dead.push(session);
+            }
+            RtcEvent::MediaAdded(added) => {
+                self.on_media(session, added.mid, added.kind, added.direction, now);
+            }
+            RtcEvent::MediaChanged(changed) => {
+                let kind = self
+                    .sessions
+                    .get(&session)
+                    .and_then(|s| s.rtc.media(changed.mid).map(|m| m.kind()));
+                if let Some(kind) = kind {
+                    self.on_media(session, changed.mid, kind, changed.direction, now);
+                }
+            }
+            RtcEvent::MediaEgressStats(stats) => {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    if let Some(rtt) = stats.rtt {
+                        state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+                    }
+                    if let Some(loss) = stats.loss {
+                        state.egress_loss = Some(loss as f64);
+                    }
+                }
+            }
+            RtcEvent::MediaIngressStats(stats) => {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    if let Some(loss) = stats.loss {
+                        state.ingress_loss = Some(loss as f64);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- publishing
+
+    /// An m-line appeared or changed direction in this session's SDP.
+    fn on_media(
+        &mut self,
+        session: SessionId,
+        mid: Mid,
+        kind: MediaKind,
+        direction: Direction,
+        now: Instant,
+    ) {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let we_receive = matches!(direction, Direction::RecvOnly | Direction::SendRecv);
+        let key = TrackKey {
+            publisher: session,
+            mid,
+        };
+        let is_ours = state.out_by_mid.contains_key(&mid);
+        if is_ours {
+            return; // a subscription m-line, not a published track
+        }
+        if we_receive && !state.published.contains(&mid) {
+            let source = match kind {
+                MediaKind::Audio => TrackSource::Microphone,
+                MediaKind::Video if state.screen_mid == Some(mid) => TrackSource::Screen,
+                MediaKind::Video => TrackSource::Camera,
+            };
+            if !state.grants.may_publish(source) {
+                // restrict_offer already answered it without; this is the media-layer backstop.
+                return;
+            }
+            state.published.push(mid);
+            let call = state.call.clone();
+            self.tracks.insert(key, PublishedTrack::new(kind, source));
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.tracks.push(key);
+            }
+            self.outputs.push_back(Output::Event(Event::TrackPublished {
+                session,
+                mid: mid.to_string(),
+                source,
+            }));
+            if source == TrackSource::Screen {
+                let user = state.user.clone();
+                self.broadcast(
+                    &call,
+                    None,
+                    ServerMessage::Screen {
+                        session,
+                        user,
+                        on: true,
+                    },
+                );
+            }
+            self.renegotiate_call(&call, Some(session));
+        } else if !we_receive && state.published.contains(&mid) {
+            self.unpublish(key, now);
+        }
+    }
+
+    /// Stops a published track: subscribers drop it at their next router offer.
+    fn unpublish(&mut self, key: TrackKey, _now: Instant) {
+        let Some(track) = self.tracks.remove(&key) else {
+            return;
+        };
+        let Some(state) = self.sessions.get_mut(&key.publisher) else {
+            return;
+        };
+        state.published.retain(|m| *m != key.mid);
+        let call = state.call.clone();
+        let user = state.user.clone();
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.tracks.retain(|k| *k != key);
+        }
+        for sub in &track.subscribers {
+            if let Some(s) = self.sessions.get_mut(sub) {
+                if let Some(out) = s.outgoing.remove(&key) {
+                    s.out_by_mid.remove(&out.mid);
+                    // Keep the mid → key entry out; the m-line is stopped in the next offer.
+                    s.stopping.push(out.mid);
+                }
+            }
+        }
+        self.outputs
+            .push_back(Output::Event(Event::TrackUnpublished {
+                session: key.publisher,
+                mid: key.mid.to_string(),
+            }));
+        if track.source == TrackSource::Screen {
+            self.broadcast(
+                &call,
+                None,
+                ServerMessage::Screen {
+                    session: key.publisher,
+                    user,
+                    on: false,
+                },
+            );
+        }
+        self.renegotiate_call(&call, Some(key.publisher));
+    }
+
+    fn renegotiate_call(&mut self, call: &CallId, except: Option<SessionId>) {
+        if let Some(c) = self.calls.get(call) {
+            for member in &c.members {
+                if Some(*member) != except && !self.renegotiate.contains(member) {
+                    self.renegotiate.push(*member);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- forwarding
+
+    /// One RTP packet from a publisher: choose the layer, rewrite, write to every subscriber.
+    fn forward(&mut self, publisher: SessionId, packet: RtpPacket, now: Instant) {
+        let Some(state) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let Some((mid, rid)) = state.rx_stream(packet.header.ssrc) else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let muted = state.muted;
+        let codec = state.codec_of(packet.header.payload_type);
+        let key = TrackKey { publisher, mid };
+        let Some(track) = self.tracks.get_mut(&key) else {
+            // Not a published track (forbidden by the grants, or already stopped).
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let payload_len = packet.payload.len();
+        self.counters
+            .snapshot
+            .media_in
+            .add(track.is_audio(), payload_len);
+        if track.is_audio() && muted {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        }
+        let Some((codec, clock_rate)) = codec else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let mut keyframe = false;
+        if !track.is_audio() {
+            track.codec = VideoCodec::from_str0m(codec);
+            keyframe = track.codec.is_keyframe(&packet.payload);
+            if !select_layer(track, rid, keyframe, now) {
+                return; // another simulcast layer than the one forwarded now
+            }
+            if keyframe {
+                track.keyframe_wanted = false;
+            }
+        }
+        let is_audio = track.is_audio();
+        let epoch = track.epoch;
+        let mut need_keyframe = false;
+        let subscribers = std::mem::take(&mut track.subscribers);
+        for sub in &subscribers {
+            let Some(s) = self.sessions.get_mut(sub) else {
+                continue;
+            };
+            let Some(out) = s.outgoing.get_mut(&key) else {
+                continue;
+            };
+            let in_pt = packet.header.payload_type;
+            let out_pt = match out.pt_map.iter().find(|(i, _)| *i == in_pt) {
+                Some(&(_, pt)) => pt,
+                None => {
+                    let Some(pt) = pt_for(&s.rtc, codec, clock_rate) else {
+                        continue; // this subscriber did not negotiate the codec
+                    };
+                    out.pt_map.push((in_pt, pt));
+                    pt
+                }
+            };
+            let verdict = out.rewriter.rewrite(
+                epoch,
+                *packet.seq_no,
+                packet.header.timestamp,
+                keyframe,
+                now,
+            );
+            let Verdict::Forward { seq, timestamp } = verdict else {
+                need_keyframe |= out.rewriter.waits_for_keyframe();
+                continue;
+            };
+            let ssrc = out.ssrc;
+            // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
+            let ext = ExtensionValues {
+                audio_level: packet.header.ext_vals.audio_level,
+                voice_activity: packet.header.ext_vals.voice_activity,
+                video_orientation: packet.header.ext_vals.video_orientation,
+                ..Default::default()
+            };
+            let mut api = s.rtc.direct_api();
+            let Some(tx) = api.stream_tx(&ssrc) else {
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(
+                    out_pt,
+                    seq.into(),
+                    timestamp,
+                    packet.timestamp,
+                    packet.payload.clone(),
+                )
+                .marker(packet.header.marker)
+                .ext_vals(ext)
+                .nackable(!is_audio),
+            );
+            self.counters.snapshot.media_out.add(is_audio, payload_len);
+            if !s.touched {
+                s.touched = true;
+                self.touched.push(*sub);
+            }
+        }
+        if let Some(track) = self.tracks.get_mut(&key) {
+            track.subscribers = subscribers;
+            if need_keyframe {
+                track.keyframe_wanted = true;
+            }
+        }
+        if need_keyframe {
+            self.request_keyframe(key, now, false);
+        }
+    }
+
+    /// Asks a publisher for a keyframe, at most once per `keyframe_request_interval` per track
+    /// (all subscribers' requests are aggregated into one). `urgent` (a new subscriber) allows
+    /// a request after a fifth of the interval.
+    fn request_keyframe(&mut self, key: TrackKey, now: Instant, urgent: bool) {
+        let interval = self.config.keyframe_request_interval();
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        if track.is_audio() {
+            return;
+        }
+        let min_gap = if urgent { interval / 5 } else { interval };
+        if track
+            .last_keyframe_request
+            .is_some_and(|last| now.saturating_duration_since(last) < min_gap)
+        {
+            return;
+        }
+        track.last_keyframe_request = Some(now);
+        track.keyframe_wanted = true;
+        let rid = track.target_rid.or(track.current_rid);
+        let Some(publisher) = self.sessions.get_mut(&key.publisher) else {
+            return;
+        };
+        let mut api = publisher.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(key.mid, rid) else {
+            return;
+        };
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        self.counters.snapshot.keyframe_requests_out += 1;
+        self.touch(key.publisher);
+    }
+
+    // ---------------------------------------------------------------- signaling
+
+    fn refuse_signal(&mut self, session: SessionId, error: SignalError) -> RouterError {
+        self.counters.snapshot.signal_errors += 1;
+        tracing::debug!(%session, "signal refused: {error}");
+        self.outputs
+            .push_back(Output::Signal(session, ServerMessage::error(&error)));
+        RouterError::Signal { session, error }
+    }
+
+    fn apply_signal(
+        &mut self,
+        session: SessionId,
+        msg: ClientMessage,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        match msg {
+            ClientMessage::Offer { sdp, screen_mid } => {
+                self.on_client_offer(session, &sdp, screen_mid, now)
+            }
+            ClientMessage::Answer { sdp } => self.on_client_answer(session, &sdp, now),
+            ClientMessage::Candidate { candidate } => {
+                let line = candidate.trim();
+                let line = line.strip_prefix("a=").unwrap_or(line);
+                if line.is_empty() {
+                    return Ok(()); // end-of-candidates
+                }
+                let parsed = Candidate::from_sdp_string(line)
+                    .map_err(|e| SignalError::Candidate(e.to_string()))?;
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    state.rtc.add_remote_candidate(parsed);
+                }
+                self.drain(session, now);
+                Ok(())
+            }
+            ClientMessage::Mute => {
+                self.set_muted(session, true, now).ok();
+                Ok(())
+            }
+            ClientMessage::Unmute => {
+                let allowed = self
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.grants.publish_audio);
+                if !allowed {
+                    return Err(SignalError::NotAllowed(
+                        "this session may not publish audio",
+                    ));
+                }
+                self.set_muted(session, false, now).ok();
+                Ok(())
+            }
+            ClientMessage::ScreenOn { mid } => {
+                let Some(state) = self.sessions.get_mut(&session) else {
+                    return Ok(());
+                };
+                if !state.grants.publish_screen {
+                    return Err(SignalError::NotAllowed(
+                        "this session may not share its screen",
+                    ));
+                }
+                let mid = Mid::from(mid.as_str());
+                state.screen_mid = Some(mid);
+                let key = TrackKey {
+                    publisher: session,
+                    mid,
+                };
+                if let Some(track) = self.tracks.get_mut(&key) {
+                    if track.source != TrackSource::Screen && track.kind == MediaKind::Video {
+                        track.source = TrackSource::Screen;
+                        let call = state.call.clone();
+                        let user = state.user.clone();
+                        self.broadcast(
+                            &call,
+                            None,
+                            ServerMessage::Screen {
+                                session,
+                                user,
+                                on: true,
+                            },
+                        );
+                        self.renegotiate_call(&call, Some(session));
+                    }
+                }
+                Ok(())
+            }
+            ClientMessage::ScreenOff => {
+                let Some(state) = self.sessions.get_mut(&session) else {
+                    return Ok(());
+                };
+                if let Some(mid) = state.screen_mid.take() {
+                    self.unpublish(
+                        TrackKey {
+                            publisher: session,
+                            mid,
+                        },
+                        now,
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_client_offer(
+        &mut self,
+        session: SessionId,
+        sdp: &str,
+        screen_mid: Option<String>,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return Ok(());
+        };
+        if let Some(mid) = &screen_mid {
+            if state.grants.publish_screen {
+                state.screen_mid = Some(Mid::from(mid.as_str()));
+            }
+        }
+        let (sdp, restricted) = restrict_offer(sdp, state.grants, screen_mid.as_deref());
+        if restricted > 0 {
+            tracing::info!(%session, restricted, "offer restricted by grants");
+        }
+        let offer = SdpOffer::from_sdp_string(&sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
+        if let Some(pending) = state.pending_offer.take() {
+            // Glare: the client's offer wins. str0m rolls our offer back in accept_offer; the
+            // tracks it would have added stay wanted and go into the next router offer.
+            drop(pending);
+            self.counters.snapshot.glare_rollbacks += 1;
+        }
+        let state = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SignalError::UnexpectedAnswer)?;
+        let answer = state
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SignalError::Sdp(e.to_string()))?;
+        state.negotiated = true;
+        self.outputs.push_back(Output::Signal(
+            session,
+            ServerMessage::Answer {
+                sdp: answer.to_sdp_string(),
+            },
+        ));
+        self.drain(session, now);
+        // Anything the rolled-back or never-sent offers carried goes out now.
+        if !self.renegotiate.contains(&session) {
+            self.renegotiate.push(session);
+        }
+        Ok(())
+    }
+
+    fn on_client_answer(
+        &mut self,
+        session: SessionId,
+        sdp: &str,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return Ok(());
+        };
+        let Some(pending) = state.pending_offer.take() else {
+            return Err(SignalError::UnexpectedAnswer);
+        };
+        let answer =
+            SdpAnswer::from_sdp_string(sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
+        if let Err(e) = state.rtc.sdp_api().accept_answer(pending.pending, answer) {
+            // The offer is spent; what it carried is offered again.
+            if !self.renegotiate.contains(&session) {
+                self.renegotiate.push(session);
+            }
+            return Err(SignalError::Sdp(e.to_string()));
+        }
+        let mut attached = Vec::new();
+        for (key, mid) in pending.added {
+            let Some(track) = self.tracks.get(&key) else {
+                // Unpublished meanwhile: the next offer stops this m-line.
+                state.stopping.push(mid);
+                continue;
+            };
+            let Some(ssrc) = state
+                .rtc
+                .direct_api()
+                .stream_tx_by_mid(mid, None)
+                .map(|tx| tx.ssrc())
+            else {
+                tracing::warn!(%session, %mid, "no send stream after answer");
+                continue;
+            };
+            let clock_rate = if track.is_audio() { 48_000 } else { 90_000 };
+            state.out_by_mid.insert(mid, key);
+            state.outgoing.insert(
+                key,
+                OutTrack {
+                    mid,
+                    ssrc,
+                    rewriter: Rewriter::new(clock_rate, !track.is_audio(), track.epoch),
+                    pt_map: Vec::new(),
+                },
+            );
+            attached.push(key);
+        }
+        self.drain(session, now);
+        for key in attached {
+            if let Some(track) = self.tracks.get_mut(&key) {
+                track.subscribers.push(session);
+            }
+            // A new subscriber gets a keyframe promptly.
+            self.request_keyframe(key, now, true);
+        }
+        if !self.renegotiate.contains(&session) {
+            self.renegotiate.push(session);
+        }
+        Ok(())
+    }
+
+    /// Sends a router offer if this session's subscriptions differ from what its call
+    /// publishes, unless an offer is already outstanding (never two offers in flight).
+    fn offer_if_needed(&mut self, session: SessionId, _now: Instant) {
+        let Some(state) = self.sessions.get(&session) else {
+            return;
+        };
+        if !state.negotiated || state.pending_offer.is_some() {
+            return;
+        }
+        let wanted: Vec<(TrackKey, MediaKind, TrackSource)> = if state.grants.subscribe {
+            self.calls
+                .get(&state.call)
+                .map(|c| {
+                    c.tracks
+                        .iter()
+                        .filter(|k| k.publisher != session && !state.outgoing.contains_key(k))
+                        .filter_map(|k| self.tracks.get(k).map(|t| (*k, t.kind, t.source)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if wanted.is_empty() && state.stopping.is_empty() {
+            return;
+        }
+        let stopping = std::mem::take(&mut state.stopping);
+        let mut api = state.rtc.sdp_api();
+        for mid in &stopping {
+            api.stop_media(*mid);
+        }
+        let mut added = Vec::new();
+        for (key, kind, source) in &wanted {
+            let stream_id = format!("{}", key.publisher);
+            let track_id = format!("{}-{}-{}", key.publisher, source.as_str(), key.mid);
+            let mid = api.add_media(
+                *kind,
+                Direction::SendOnly,
+                Some(stream_id),
+                Some(track_id),
+                None,
+            );
+            added.push((*key, mid));
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        state.pending_offer = Some(PendingOffer { pending, added });
+        self.counters.snapshot.renegotiations += 1;
+        let tracks = self.track_list(session);
+        self.outputs
+            .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
+        self.outputs.push_back(Output::Signal(
+            session,
+            ServerMessage::Offer {
+                sdp: offer.to_sdp_string(),
+            },
+        ));
+    }
+
+    /// The tracks a session receives (negotiated and in its pending offer), by local mid.
+    fn track_list(&self, session: SessionId) -> Vec<TrackInfo> {
+        let Some(state) = self.sessions.get(&session) else {
+            return Vec::new();
+        };
+        let pending = state
+            .pending_offer
+            .iter()
+            .flat_map(|p| p.added.iter().copied());
+        let current = state.outgoing.iter().map(|(k, o)| (*k, o.mid));
+        let mut list: Vec<TrackInfo> = current
+            .chain(pending)
+            .filter_map(|(key, mid)| {
+                let track = self.tracks.get(&key)?;
+                let publisher = self.sessions.get(&key.publisher)?;
+                Some(TrackInfo {
+                    mid: mid.to_string(),
+                    session: key.publisher,
+                    user: publisher.user.clone(),
+                    source: track.source,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.mid.cmp(&b.mid));
+        list
+    }
+
+    fn broadcast(&mut self, call: &CallId, except: Option<SessionId>, msg: ServerMessage) {
+        if let Some(c) = self.calls.get(call) {
+            for member in &c.members {
+                if Some(*member) != except {
+                    self.outputs.push_back(Output::Signal(*member, msg.clone()));
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- leaving
+
+    fn remove_session(&mut self, session: SessionId, reason: LeaveReason, now: Instant) {
+        let Some(state) = self.sessions.get(&session) else {
+            return;
+        };
+        let published = state.published.clone();
+        let subscribed: Vec<TrackKey> = state.outgoing.keys().copied().collect();
+        let call = state.call.clone();
+        let user = state.user.clone();
+        for mid in published {
+            self.unpublish(
+                TrackKey {
+                    publisher: session,
+                    mid,
+                },
+                now,
+            );
+        }
+        for key in subscribed {
+            if let Some(track) = self.tracks.get_mut(&key) {
+                track.subscribers.retain(|s| *s != session);
+            }
+        }
+        let Some(mut state) = self.sessions.remove(&session) else {
+            return;
+        };
+        // Tell the client's stack we are gone (DTLS close_notify, RTCP BYE) if it still listens.
+        state.rtc.disconnect();
+        self.ufrags.remove(&state.local_creds.ufrag);
+        self.flows.remove_session(session);
+        self.touched.retain(|s| *s != session);
+        self.renegotiate.retain(|s| *s != session);
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.members.retain(|m| *m != session);
+            if c.members.is_empty() {
+                self.calls.remove(&call);
+            }
+        }
+        self.broadcast(
+            &call,
+            None,
+            ServerMessage::ParticipantLeft { session, user },
+        );
+        self.counters.snapshot.leaves += 1;
+        self.outputs.push_back(Output::Event(Event::Left {
+            session,
+            call,
+            reason,
+        }));
+        tracing::debug!(%session, ?reason, "left");
+    }
+}
+
+/// Simulcast layer choice for issue-3 scope: forward the highest-bitrate layer that is active,
+/// switching only at a keyframe of the new layer. Returns whether this packet's layer is the
+/// one forwarded. (Per-subscriber choice from bandwidth estimates replaces this.)
+fn select_layer(
+    track: &mut PublishedTrack,
+    rid: Option<Rid>,
+    keyframe: bool,
+    now: Instant,
+) -> bool {
+    let Some(rid) = rid else {
+        return true;
+    };
+    if let Some(entry) = track.layers.iter_mut().find(|(r, _)| *r == rid) {
+        entry.1 = now;
+    } else if track.layers.len() < 8 {
+        track.layers.push((rid, now));
+    } else {
+        return false;
+    }
+    track
+        .layers
+        .retain(|(_, seen)| now.saturating_duration_since(*seen) < LAYER_TIMEOUT);
+    // Browsers list simulcast layers low to high (q/h/f, l/m/h, 0/1/2): the last-seen order of
+    // first appearance is not reliable, so rank by a fixed name order, unknown names last.
+    let best = track.layers.iter().map(|(r, _)| *r).max_by_key(layer_rank);
+    track.target_rid = best;
+    if track
+        .current_rid
+        .is_none_or(|c| !track.layers.iter().any(|(r, _)| *r == c))
+        || track.current_rid != track.target_rid
+    {
+        if Some(rid) == track.target_rid && keyframe {
+            track.current_rid = Some(rid);
+            track.epoch = track.epoch.wrapping_add(1);
+        } else if track
+            .current_rid
+            .is_some_and(|c| track.layers.iter().any(|(r, _)| *r == c))
+        {
+            // Keep forwarding the current layer until the target's keyframe arrives.
+        } else {
+            track.keyframe_wanted = true;
+        }
+    }
+    track.current_rid == Some(rid)
+}
+
+fn layer_rank(rid: &Rid) -> u8 {
+    match &**rid {
+        "q" | "l" | "0" | "low" => 1,
+        "h" | "m" | "1" | "mid" => 2,
+        "f" | "2" | "high" | "full" => 3,
+        _ => 0,
+    }
+}

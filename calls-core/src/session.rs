@@ -1,0 +1,253 @@
+//! One participant's connection: a str0m `Rtc` (ICE-lite, DTLS-SRTP, SDP, RTP mode) plus what
+//! the router knows about it (grants, published mids, subscriptions, negotiation state).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpPendingOffer;
+use str0m::format::Codec;
+use str0m::media::{Mid, Pt, Rid};
+use str0m::rtp::Ssrc;
+use str0m::{Candidate, IceCreds, Rtc};
+
+use crate::call::TrackKey;
+use crate::config::Config;
+use crate::forward::Rewriter;
+use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
+
+/// How often str0m reports per-session stats (RTT, loss).
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A subscription: one publisher track written into this session's m-line `mid`.
+#[derive(Debug)]
+pub(crate) struct OutTrack {
+    pub mid: Mid,
+    pub ssrc: Ssrc,
+    pub rewriter: Rewriter,
+    /// Publisher payload type → this session's payload type (filled lazily).
+    pub pt_map: Vec<(Pt, Pt)>,
+}
+
+/// A router offer waiting for the client's answer.
+#[derive(Debug)]
+pub(crate) struct PendingOffer {
+    pub pending: SdpPendingOffer,
+    /// Tracks this offer adds, with the m-line each gets.
+    pub added: Vec<(TrackKey, Mid)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub call: CallId,
+    pub user: UserId,
+    pub grants: Grants,
+    pub rtc: Rtc,
+    pub local_creds: IceCreds,
+    pub muted: bool,
+    pub connected: bool,
+    /// The client has made its first offer (the router offers only after that).
+    pub negotiated: bool,
+    pub screen_mid: Option<Mid>,
+    /// Mids this session publishes on (accepted by the grants).
+    pub published: Vec<Mid>,
+    /// Incoming SSRC → (mid, rid), cached from str0m's receive streams.
+    pub rx_ssrc: HashMap<Ssrc, (Mid, Option<Rid>)>,
+    /// Subscriptions whose m-line has been negotiated.
+    pub outgoing: HashMap<TrackKey, OutTrack>,
+    pub out_by_mid: HashMap<Mid, TrackKey>,
+    pub pending_offer: Option<PendingOffer>,
+    /// Subscription m-lines whose track is gone; stopped in the next router offer.
+    pub stopping: Vec<Mid>,
+    /// Next time str0m wants `handle_timeout`.
+    pub next_timeout: Option<Instant>,
+    /// In the router's touched list (has writes that need a timeout to go out).
+    pub touched: bool,
+    pub rtt_ms: Option<f64>,
+    pub egress_loss: Option<f64>,
+    pub ingress_loss: Option<f64>,
+}
+
+impl Session {
+    pub fn new(
+        id: SessionId,
+        call: CallId,
+        user: UserId,
+        grants: Grants,
+        config: &Config,
+        now: Instant,
+    ) -> Self {
+        let random = IceCreds::new();
+        let local_creds = IceCreds {
+            ufrag: crate::demux::ufrag::mint(config.worker_index, &random.ufrag),
+            pass: random.pass,
+        };
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .set_local_ice_credentials(local_creds.clone())
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .enable_vp9(true)
+            .set_stats_interval(Some(STATS_INTERVAL))
+            .build(now);
+        for addr in config.udp_candidates() {
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(session = %id, %addr, "host candidate refused: {e}"),
+            }
+        }
+        Session {
+            call,
+            user,
+            grants,
+            rtc,
+            local_creds,
+            muted: false,
+            connected: false,
+            negotiated: false,
+            screen_mid: None,
+            published: Vec::new(),
+            rx_ssrc: HashMap::new(),
+            outgoing: HashMap::new(),
+            out_by_mid: HashMap::new(),
+            pending_offer: None,
+            stopping: Vec::new(),
+            next_timeout: None,
+            touched: false,
+            rtt_ms: None,
+            egress_loss: None,
+            ingress_loss: None,
+        }
+    }
+
+    /// (mid, rid) of an incoming SSRC, cached (the MID/RID extensions stop after a while).
+    pub fn rx_stream(&mut self, ssrc: Ssrc) -> Option<(Mid, Option<Rid>)> {
+        if let Some(found) = self.rx_ssrc.get(&ssrc) {
+            return Some(*found);
+        }
+        let found = self
+            .rtc
+            .direct_api()
+            .stream_rx(&ssrc)
+            .map(|stream| (stream.mid(), stream.rid()))?;
+        // Bounded by the streams str0m accepted for negotiated m-lines.
+        self.rx_ssrc.insert(ssrc, found);
+        Some(found)
+    }
+
+    /// The codec of one of this session's payload types.
+    pub fn codec_of(&self, pt: Pt) -> Option<(Codec, u32)> {
+        self.rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.pt() == pt)
+            .map(|p| (p.spec().codec, p.spec().clock_rate.get()))
+    }
+}
+
+/// A session's payload type for a codec (and clock rate).
+pub(crate) fn pt_for(rtc: &Rtc, codec: Codec, clock_rate: u32) -> Option<Pt> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == codec && p.spec().clock_rate.get() == clock_rate)
+        .map(|p| p.pt())
+}
+
+/// Rewrites an offer so that m-lines the grants forbid are not sent to us: `sendrecv` becomes
+/// `recvonly` and `sendonly` becomes `inactive`. str0m then answers them accordingly, so the
+/// browser never starts sending them. Returns the rewritten SDP and how many m-lines changed.
+pub(crate) fn restrict_offer(
+    sdp: &str,
+    grants: Grants,
+    screen_mid: Option<&str>,
+) -> (String, usize) {
+    // First pass: find each m-section's kind and mid.
+    struct Section {
+        start: usize,
+        end: usize,
+        source: Option<TrackSource>,
+    }
+    let lines: Vec<&str> = sdp.lines().collect();
+    let mut sections: Vec<Section> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(rest) = line.strip_prefix("m=") {
+            if let Some(last) = sections.last_mut() {
+                last.end = i;
+            }
+            let source = if rest.starts_with("audio") {
+                Some(TrackSource::Microphone)
+            } else if rest.starts_with("video") {
+                Some(TrackSource::Camera)
+            } else {
+                None
+            };
+            sections.push(Section {
+                start: i,
+                end: lines.len(),
+                source,
+            });
+        }
+    }
+    let mut out: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    let mut changed = 0;
+    for section in &sections {
+        let Some(mut source) = section.source else {
+            continue;
+        };
+        let mid = lines[section.start..section.end]
+            .iter()
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .map(str::trim);
+        if source == TrackSource::Camera && mid.is_some() && mid == screen_mid {
+            source = TrackSource::Screen;
+        }
+        if grants.may_publish(source) {
+            continue;
+        }
+        for line in &mut out[section.start..section.end] {
+            let replacement = match line.trim_end() {
+                "a=sendrecv" => "a=recvonly",
+                "a=sendonly" => "a=inactive",
+                _ => continue,
+            };
+            *line = replacement.to_owned();
+            changed += 1;
+        }
+    }
+    let mut text = out.join("\r\n");
+    text.push_str("\r\n");
+    (text, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendonly\r\n";
+
+    #[test]
+    fn viewer_offer_is_answered_without_its_tracks() {
+        let (sdp, changed) = restrict_offer(OFFER, Grants::VIEWER, None);
+        assert_eq!(changed, 3);
+        assert!(sdp.contains("a=mid:0\r\na=recvonly"));
+        assert!(sdp.contains("a=mid:1\r\na=inactive"));
+    }
+
+    #[test]
+    fn screen_grant_is_separate_from_camera() {
+        let grants = Grants::new(true, true, false, true);
+        let (sdp, changed) = restrict_offer(OFFER, grants, Some("2"));
+        assert_eq!(changed, 1);
+        assert!(sdp.contains("a=mid:1\r\na=sendonly"));
+        assert!(sdp.contains("a=mid:2\r\na=inactive"));
+    }
+}
