@@ -49,6 +49,9 @@ pub struct Config {
     /// Remote addresses remembered per session (NAT rebinding, several candidate pairs).
     /// Default `8`; the oldest is forgotten beyond it.
     pub max_flows_per_session: usize,
+    /// A session that has not completed ICE and DTLS this long after `join` is removed
+    /// (reported as [`LeaveReason::Disconnected`](crate::LeaveReason)). Default `30000`.
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
             worker_index: 0,
             keyframe_request_interval_ms: 500,
             max_flows_per_session: 8,
+            connect_timeout_ms: 30_000,
         }
     }
 }
@@ -133,6 +137,12 @@ impl Config {
                 self.max_flows_per_session
             ));
         }
+        if self.connect_timeout_ms < 1_000 {
+            problems.push(format!(
+                "`connect_timeout_ms` {} is too short for ICE and DTLS (minimum 1000)",
+                self.connect_timeout_ms
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -159,6 +169,10 @@ impl Config {
     fn candidate_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         let fallback = (self.ice_host_override.is_empty()).then_some(self.bind_address);
         self.ice_host_override.iter().copied().chain(fallback)
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
     }
 
     pub(crate) fn keyframe_request_interval(&self) -> Duration {

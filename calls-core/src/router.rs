@@ -23,6 +23,8 @@ use crate::metrics::{MetricsSnapshot, SessionStats};
 use crate::session::{pt_for, restrict_offer, OutTrack, PendingOffer, Session};
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
 
+/// The timeout reported when nothing is scheduled.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A simulcast layer not seen for this long is considered stopped.
 const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -145,6 +147,8 @@ pub struct Router {
     flows: FlowTable,
     outputs: VecDeque<Output>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Sessions that must be connected by a deadline (join + `connect_timeout_ms`).
+    connect_deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
     touched: Vec<SessionId>,
     /// Sessions whose subscriptions may need a router offer.
     renegotiate: Vec<SessionId>,
@@ -181,6 +185,7 @@ impl Router {
             flows: FlowTable::default(),
             outputs: VecDeque::new(),
             timers: BinaryHeap::new(),
+            connect_deadlines: BinaryHeap::new(),
             touched: Vec::new(),
             renegotiate: Vec::new(),
             dead: Vec::new(),
@@ -253,6 +258,8 @@ impl Router {
         );
         self.ufrags.insert(state.local_creds.ufrag.clone(), session);
         self.sessions.insert(session, state);
+        self.connect_deadlines
+            .push(Reverse((now + self.config.connect_timeout(), session)));
         let members = &mut self.calls.entry(call.clone()).or_default().members;
         for other in members.iter() {
             self.outputs.push_back(Output::Signal(
@@ -450,6 +457,16 @@ impl Router {
     /// Advances time: runs every session whose timer is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        while let Some(Reverse((at, session))) = self.connect_deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.connect_deadlines.pop();
+            if self.sessions.get(&session).is_some_and(|s| !s.connected) {
+                tracing::info!(%session, "never connected; removing");
+                self.dead.push(session);
+            }
+        }
         while let Some(Reverse((at, session))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -475,18 +492,27 @@ impl Router {
         if let Some(out) = self.outputs.pop_front() {
             return out;
         }
+        let mut next = None;
         while let Some(Reverse((at, session))) = self.timers.peek().copied() {
             let live = self
                 .sessions
                 .get(&session)
                 .is_some_and(|s| s.next_timeout == Some(at));
             if live {
-                return Output::Timeout(at);
+                next = Some(at);
+                break;
             }
             self.timers.pop();
         }
+        while let Some(Reverse((at, session))) = self.connect_deadlines.peek().copied() {
+            if self.sessions.get(&session).is_some_and(|s| !s.connected) {
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                break;
+            }
+            self.connect_deadlines.pop();
+        }
         // Nothing scheduled: come back in a while (or on the next input).
-        Output::Timeout(self.last_now + Duration::from_secs(1))
+        Output::Timeout(next.unwrap_or(self.last_now + IDLE_TIMEOUT))
     }
 
     /// A snapshot of every counter and gauge.
@@ -627,12 +653,8 @@ impl Router {
                     let snapshot = &mut self.counters.snapshot;
                     snapshot.datagrams_out += 1;
                     snapshot.datagram_bytes_out += contents.len() as u64;
-                    let proto = match t.proto {
-                        str0m::net::Protocol::Udp => Proto::Udp,
-                        _ => Proto::Tcp,
-                    };
                     self.outputs.push_back(Output::Transmit(Transmit {
-                        proto,
+                        proto: proto_of(t.proto),
                         source: t.source,
                         destination: t.destination,
                         contents,
@@ -1353,8 +1375,21 @@ impl Router {
         let Some(mut state) = self.sessions.remove(&session) else {
             return;
         };
-        // Tell the client's stack we are gone (DTLS close_notify, RTCP BYE) if it still listens.
-        state.rtc.disconnect();
+        // Tell the client's stack we are gone (RTCP BYE, DTLS close_notify) if it still listens.
+        if state.connected && state.rtc.close().is_ok() {
+            while let Ok(out) = state.rtc.poll_output() {
+                match out {
+                    RtcOutput::Transmit(t) => self.outputs.push_back(Output::Transmit(Transmit {
+                        proto: proto_of(t.proto),
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    })),
+                    RtcOutput::Timeout(_) => break,
+                    RtcOutput::Event(_) => {}
+                }
+            }
+        }
         self.ufrags.remove(&state.local_creds.ufrag);
         self.flows.remove_session(session);
         self.touched.retain(|s| *s != session);
@@ -1424,6 +1459,13 @@ fn select_layer(
         }
     }
     track.current_rid == Some(rid)
+}
+
+fn proto_of(proto: str0m::net::Protocol) -> Proto {
+    match proto {
+        str0m::net::Protocol::Udp => Proto::Udp,
+        _ => Proto::Tcp,
+    }
 }
 
 fn layer_rank(rid: &Rid) -> u8 {

@@ -1,12 +1,12 @@
 //! The router's command surface and its single-port admission rules, driven directly
 //! (no simulated network): typed errors, limits, STUN authentication, IPv4 and IPv6.
 #![allow(clippy::disallowed_methods)] // tests read the clock once for a base instant
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use calls_core::str0m::change::SdpOffer;
-use calls_core::str0m::crypto::Sha1HmacProvider;
 use calls_core::str0m::ice::{StunMessage, TransId};
 use calls_core::str0m::media::{Direction, MediaKind};
 use calls_core::str0m::Rtc;
