@@ -1,0 +1,21 @@
+//! Deterministic simulation: real str0m client peers, the [`Router`](crate::Router) in the
+//! middle, an in-memory network with loss/delay/jitter/bandwidth caps, and one virtual clock.
+//!
+//! Everything is reproducible from a seed: the network draws from a seeded RNG, peers are
+//! iterated in a fixed order, and no wall clock is read (the caller passes the start `Instant`).
+//!
+//! - [`net`]: [`SimNet`], datagrams in flight ordered by arrival time.
+//! - [`peer`]: [`SimPeer`], a participant publishing synthetic Opus and VP8 and counting what it
+//!   receives per publisher track.
+//! - [`world`]: [`SimWorld`], the router, the peers, the network and in-memory signaling on one
+//!   event loop.
+
+pub mod net;
+pub mod peer;
+pub mod world;
+
+pub use net::{Delivery, Impairment, NetStats, SimNet};
+pub use peer::{
+    NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, TrackStats,
+};
+pub use world::SimWorld;

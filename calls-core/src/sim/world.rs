@@ -1,0 +1,608 @@
+//! [`SimWorld`]: one [`Router`], any number of [`SimPeer`]s, a [`SimNet`] between them and
+//! in-memory signaling, all driven by one virtual clock.
+//!
+//! The loop always advances to the earliest thing that is due — a datagram arriving, a signaling
+//! message arriving, the router's timeout, a peer's timeout or media frame — and after **every**
+//! input to the router or a peer drains its outputs completely (router `Transmit` → network,
+//! `Signal` → the peer's signaling queue; peer datagrams → network, peer messages → the router's
+//! signaling input). Peers are visited in session order and randomness comes from the seed, so a
+//! run is reproducible.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::error::RouterError;
+use crate::ids::{CallId, SessionId, UserId};
+use crate::metrics::MetricsSnapshot;
+use crate::router::{Datagram, Event, Output, Router};
+use crate::signal::ServerMessage;
+use crate::{Config, Proto};
+
+use super::net::{Impairment, SimNet};
+use super::peer::{PeerOptions, PeerSignal, SimPeer};
+
+/// Port every simulated peer sends from.
+const PEER_PORT: u16 = 5000;
+/// Steps at one instant after which the loop is considered stuck (a component that keeps
+/// asking to be woken "now").
+const MAX_STEPS_PER_INSTANT: u32 = 1_000_000;
+/// Minimum advance when a component asks for a timeout that is not in the future.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// A signaling message on its way.
+#[derive(Debug)]
+enum SignalInFlight {
+    ToRouter(SessionId, PeerSignal),
+    ToPeer(SessionId, ServerMessage),
+}
+
+/// Datagrams a peer sent, recorded for replay tests.
+#[derive(Debug, Default)]
+struct Capture {
+    from: Option<SocketAddr>,
+    max: usize,
+    datagrams: Vec<Vec<u8>>,
+}
+
+/// The simulated world. See the [module docs](self).
+///
+/// ```
+/// # use std::time::{Duration, Instant};
+/// # use calls_core::TrackSource;
+/// # use calls_core::sim::{PeerOptions, SimWorld};
+/// # fn example(start: Instant) {
+/// let mut world = SimWorld::new(1, start);
+/// let alice = world.add_peer("standup", "alice", PeerOptions::audio_only());
+/// let bob = world.add_peer("standup", "bob", PeerOptions::audio_only());
+/// world.run_for(Duration::from_secs(2));
+/// let heard = world.peer(bob).received_from(alice, TrackSource::Microphone);
+/// assert!(heard.is_some_and(|t| t.packets > 0));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct SimWorld {
+    start: Instant,
+    now: Instant,
+    seed: u64,
+    router: Router,
+    router_addrs: Vec<SocketAddr>,
+    router_timeout: Option<Instant>,
+    peers: BTreeMap<SessionId, SimPeer>,
+    peer_addrs: BTreeMap<SocketAddr, SessionId>,
+    net: SimNet,
+    signaling_delay: Duration,
+    signals: BTreeMap<(Instant, u64), SignalInFlight>,
+    signal_order: u64,
+    next_session: u64,
+    next_host: u32,
+    ipv6: bool,
+    events: Vec<Event>,
+    signal_errors: Vec<(SessionId, RouterError)>,
+    router_sent_to: BTreeMap<SocketAddr, u64>,
+    undeliverable: u64,
+    signals_to_absent: u64,
+    capture: Capture,
+    steps: u64,
+}
+
+impl SimWorld {
+    /// A world with a default-configured router (UDP host candidate 127.0.0.1:8443), a perfect
+    /// network and instant signaling. `start` is the virtual epoch (take `Instant::now()` once in
+    /// the test).
+    pub fn new(seed: u64, start: Instant) -> Self {
+        Self::with_config(seed, start, Config::default())
+    }
+
+    /// A world whose router runs with `config`. Peers get IPv6 addresses when the router's
+    /// bind address is IPv6.
+    pub fn with_config(seed: u64, start: Instant, config: Config) -> Self {
+        let router_addrs = config.udp_candidates();
+        let ipv6 = config.bind_address.is_ipv6();
+        let router = match Router::new(config, start) {
+            Ok(r) => r,
+            Err(e) => panic!("sim router config refused: {e}"),
+        };
+        let mut world = SimWorld {
+            start,
+            now: start,
+            seed,
+            router,
+            router_addrs,
+            router_timeout: None,
+            peers: BTreeMap::new(),
+            peer_addrs: BTreeMap::new(),
+            net: SimNet::new(seed, start),
+            signaling_delay: Duration::ZERO,
+            signals: BTreeMap::new(),
+            signal_order: 0,
+            next_session: 1,
+            next_host: 0,
+            ipv6,
+            events: Vec::new(),
+            signal_errors: Vec::new(),
+            router_sent_to: BTreeMap::new(),
+            undeliverable: 0,
+            signals_to_absent: 0,
+            capture: Capture::default(),
+            steps: 0,
+        };
+        world.drain_router();
+        world
+    }
+
+    /// The virtual time now.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The router, to call commands directly. Outputs are drained on the next `run_*` call;
+    /// prefer the world's wrappers ([`SimWorld::leave`], [`SimWorld::set_muted`], …).
+    pub fn router_mut(&mut self) -> &mut Router {
+        &mut self.router
+    }
+
+    /// The router's metrics now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.router.metrics()
+    }
+
+    /// The addresses the router receives on (its UDP host candidates).
+    pub fn router_addrs(&self) -> &[SocketAddr] {
+        &self.router_addrs
+    }
+
+    /// The first router address.
+    pub fn router_addr(&self) -> SocketAddr {
+        self.router_addrs[0]
+    }
+
+    /// The network.
+    pub fn net(&self) -> &SimNet {
+        &self.net
+    }
+
+    /// The network, to set impairments.
+    pub fn net_mut(&mut self) -> &mut SimNet {
+        &mut self.net
+    }
+
+    /// Sets the impairment of every link without a more specific rule.
+    pub fn set_impairment(&mut self, impairment: Impairment) {
+        self.net.set_default(impairment);
+    }
+
+    /// Sets the impairment of both directions between a peer and the router.
+    pub fn set_peer_impairment(&mut self, session: SessionId, up: Impairment, down: Impairment) {
+        let addr = self.peer(session).addr();
+        self.net.set_uplink(addr, up);
+        self.net.set_downlink(addr, down);
+    }
+
+    /// One-way delay of every signaling message (default zero: delivered on the next step).
+    pub fn set_signaling_delay(&mut self, delay: Duration) {
+        self.signaling_delay = delay;
+    }
+
+    /// Adds a participant: `Router::join`, then the peer sends its offer. Panics if the router
+    /// refuses the join (use [`SimWorld::try_add_peer`] to test refusals).
+    pub fn add_peer(
+        &mut self,
+        call: impl Into<CallId>,
+        user: impl Into<UserId>,
+        options: PeerOptions,
+    ) -> SessionId {
+        let session = SessionId(self.next_session);
+        match self.try_add_peer(call.into(), session, user.into(), options) {
+            Ok(s) => s,
+            Err(e) => panic!("router refused join of {session}: {e}"),
+        }
+    }
+
+    /// Adds a participant with a chosen session id; returns the router's refusal as is.
+    pub fn try_add_peer(
+        &mut self,
+        call: CallId,
+        session: SessionId,
+        user: UserId,
+        options: PeerOptions,
+    ) -> Result<SessionId, RouterError> {
+        self.flush_all_peers();
+        self.router
+            .join(call, session, user.clone(), options.grants, self.now)?;
+        self.drain_router();
+        self.next_session = self.next_session.max(session.0 + 1);
+        let addr = options.addr.unwrap_or_else(|| self.next_peer_addr());
+        let seed = self
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(session.0);
+        let mut peer = SimPeer::new(session, user, addr, &options, seed, self.now);
+        peer.start(self.now);
+        self.peer_addrs.insert(addr, session);
+        self.peers.insert(session, peer);
+        self.flush_peer(session);
+        Ok(session)
+    }
+
+    /// The participant leaves: `Router::leave`, and the peer is removed from the world (packets
+    /// still in flight to it are discarded). Returns the router's answer and the peer.
+    pub fn leave(&mut self, session: SessionId) -> (Result<(), RouterError>, Option<SimPeer>) {
+        self.flush_all_peers();
+        let result = self.router.leave(session, self.now);
+        self.drain_router();
+        let peer = self.peers.remove(&session);
+        if let Some(p) = &peer {
+            self.peer_addrs.remove(&p.addr());
+        }
+        (result, peer)
+    }
+
+    /// The peer goes silent without leaving (a closed laptop lid): its `Rtc` stops and it stays
+    /// in the world, so the router must notice by itself.
+    pub fn silence_peer(&mut self, session: SessionId) {
+        if let Some(p) = self.peers.get_mut(&session) {
+            p.close();
+        }
+    }
+
+    /// Mutes or unmutes a peer's microphone through its signaling channel.
+    pub fn set_muted(&mut self, session: SessionId, muted: bool) {
+        self.peer_mut(session).set_muted(muted);
+        self.flush_peer(session);
+    }
+
+    /// A peer. Panics if there is none with this id.
+    pub fn peer(&self, session: SessionId) -> &SimPeer {
+        match self.peers.get(&session) {
+            Some(p) => p,
+            None => panic!("no sim peer {session}"),
+        }
+    }
+
+    /// A peer, to act on it (mute, re-offer, send raw signaling). What it queues is sent on the
+    /// next `run_*` call.
+    pub fn peer_mut(&mut self, session: SessionId) -> &mut SimPeer {
+        match self.peers.get_mut(&session) {
+            Some(p) => p,
+            None => panic!("no sim peer {session}"),
+        }
+    }
+
+    /// Every peer, in session order.
+    pub fn peers(&self) -> impl Iterator<Item = &SimPeer> {
+        self.peers.values()
+    }
+
+    /// Session ids of every peer, in order.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Events the router emitted so far.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Errors the router returned for signaling the world delivered, with the session.
+    pub fn signal_errors(&self) -> &[(SessionId, RouterError)] {
+        &self.signal_errors
+    }
+
+    /// Datagrams the router asked to send to `addr`.
+    pub fn router_transmits_to(&self, addr: SocketAddr) -> u64 {
+        self.router_sent_to.get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Datagrams the router asked to send, by destination.
+    pub fn router_transmits(&self) -> &BTreeMap<SocketAddr, u64> {
+        &self.router_sent_to
+    }
+
+    /// Datagrams that arrived at an address nobody owns (a removed peer, a spoofed source).
+    pub fn undeliverable(&self) -> u64 {
+        self.undeliverable
+    }
+
+    /// Server messages addressed to sessions that have no peer (any more).
+    pub fn signals_to_absent_peers(&self) -> u64 {
+        self.signals_to_absent
+    }
+
+    /// Loop iterations so far (a cost measure).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Server messages for `session` still on their way (with a signaling delay).
+    pub fn signals_in_flight_to(&self, session: SessionId) -> impl Iterator<Item = &ServerMessage> {
+        self.signals.values().filter_map(move |s| match s {
+            SignalInFlight::ToPeer(to, msg) if *to == session => Some(msg),
+            _ => None,
+        })
+    }
+
+    /// Starts recording up to `max` datagrams that `from` sends (for replay tests).
+    pub fn capture_from(&mut self, from: SocketAddr, max: usize) {
+        self.capture = Capture {
+            from: Some(from),
+            max,
+            datagrams: Vec::new(),
+        };
+    }
+
+    /// The datagrams recorded since [`SimWorld::capture_from`].
+    pub fn captured(&self) -> &[Vec<u8>] {
+        &self.capture.datagrams
+    }
+
+    /// Hands a datagram from an arbitrary `source` straight to the router (first router
+    /// address), now, bypassing the network; drains the router.
+    pub fn inject_datagram(&mut self, source: SocketAddr, contents: &[u8]) {
+        let destination = self.router_addr();
+        self.inject_datagram_to(source, destination, contents);
+    }
+
+    /// Like [`SimWorld::inject_datagram`] with a chosen local destination address.
+    pub fn inject_datagram_to(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) {
+        self.router.handle_datagram(
+            Datagram {
+                proto: Proto::Udp,
+                source,
+                destination,
+                contents,
+            },
+            self.now,
+        );
+        self.drain_router();
+    }
+
+    /// Delivers a typed message to the router now (bypassing the signaling queue) and returns
+    /// the router's answer.
+    pub fn signal_now(
+        &mut self,
+        session: SessionId,
+        msg: crate::signal::ClientMessage,
+    ) -> Result<(), RouterError> {
+        let result = self.router.handle_signal(session, msg, self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Delivers raw JSON to the router now and returns the router's answer.
+    pub fn signal_json_now(&mut self, session: SessionId, text: &str) -> Result<(), RouterError> {
+        let result = self.router.handle_signal_json(session, text, self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Runs the world for `duration` of virtual time.
+    pub fn run_for(&mut self, duration: Duration) {
+        let limit = self.now + duration;
+        self.run_until_time(limit, |_| false);
+    }
+
+    /// Runs until `cond` holds (checked before every step) or `max` of virtual time passed.
+    /// Returns whether `cond` held.
+    pub fn run_until(&mut self, mut cond: impl FnMut(&SimWorld) -> bool, max: Duration) -> bool {
+        let limit = self.now + max;
+        self.run_until_time(limit, &mut cond)
+    }
+
+    fn run_until_time(&mut self, limit: Instant, mut cond: impl FnMut(&SimWorld) -> bool) -> bool {
+        self.flush_all_peers();
+        let mut steps_here = 0u32;
+        loop {
+            if cond(self) {
+                return true;
+            }
+            let next = match self.next_event_time() {
+                Some(t) if t <= limit => t,
+                _ => {
+                    self.now = self.now.max(limit);
+                    return cond(self);
+                }
+            };
+            if next > self.now {
+                self.now = next;
+                steps_here = 0;
+            }
+            steps_here += 1;
+            assert!(
+                steps_here < MAX_STEPS_PER_INSTANT,
+                "sim loop stuck at {:?}: router timeout {:?}, next delivery {:?}",
+                self.elapsed(),
+                self.router_timeout
+                    .map(|t| t.saturating_duration_since(self.start)),
+                self.net
+                    .next_delivery_time()
+                    .map(|t| t.saturating_duration_since(self.start)),
+            );
+            self.step();
+        }
+    }
+
+    fn next_event_time(&self) -> Option<Instant> {
+        let candidates = [
+            self.router_timeout,
+            self.net.next_delivery_time(),
+            self.signals.keys().next().map(|(t, _)| *t),
+            self.peers.values().filter_map(|p| p.poll_timeout()).min(),
+        ];
+        candidates.into_iter().flatten().min()
+    }
+
+    /// Processes everything due at `self.now`: datagrams, signaling, the router's timer, then
+    /// each peer's timer, in that order.
+    fn step(&mut self) {
+        self.steps += 1;
+        let now = self.now;
+        while let Some(d) = self.net.pop_due(now) {
+            self.deliver_datagram(d.from, d.to, &d.contents);
+        }
+        while let Some(entry) = self.signals.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let signal = entry.remove();
+            self.deliver_signal(signal);
+        }
+        if self.router_timeout.is_some_and(|t| t <= now) {
+            self.router.handle_timeout(now);
+            self.drain_router();
+            if self.router_timeout.is_some_and(|t| t <= now) {
+                self.router_timeout = Some(now + TIMER_RESOLUTION);
+            }
+        }
+        let due: Vec<SessionId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(s, _)| *s)
+            .collect();
+        for session in due {
+            if let Some(peer) = self.peers.get_mut(&session) {
+                peer.handle_timeout(now);
+            }
+            self.flush_peer(session);
+        }
+    }
+
+    fn deliver_datagram(&mut self, from: SocketAddr, to: SocketAddr, contents: &[u8]) {
+        if self.router_addrs.contains(&to) {
+            self.router.handle_datagram(
+                Datagram {
+                    proto: Proto::Udp,
+                    source: from,
+                    destination: to,
+                    contents,
+                },
+                self.now,
+            );
+            self.drain_router();
+        } else if let Some(&session) = self.peer_addrs.get(&to) {
+            if let Some(peer) = self.peers.get_mut(&session) {
+                peer.handle_datagram(from, contents, self.now);
+            }
+            self.flush_peer(session);
+        } else {
+            self.undeliverable += 1;
+        }
+    }
+
+    fn deliver_signal(&mut self, signal: SignalInFlight) {
+        match signal {
+            SignalInFlight::ToRouter(session, signal) => {
+                let result = match signal {
+                    PeerSignal::Message(msg) => self.router.handle_signal(session, msg, self.now),
+                    PeerSignal::Json(text) => {
+                        self.router.handle_signal_json(session, &text, self.now)
+                    }
+                };
+                if let Err(e) = result {
+                    self.signal_errors.push((session, e));
+                }
+                self.drain_router();
+            }
+            SignalInFlight::ToPeer(session, msg) => match self.peers.get_mut(&session) {
+                Some(peer) => {
+                    peer.handle_signal(msg, self.now);
+                    self.flush_peer(session);
+                }
+                None => self.signals_to_absent += 1,
+            },
+        }
+    }
+
+    fn queue_signal(&mut self, signal: SignalInFlight) {
+        self.signal_order += 1;
+        self.signals
+            .insert((self.now + self.signaling_delay, self.signal_order), signal);
+    }
+
+    /// Drains the router until it asks for a timeout (after every router input).
+    fn drain_router(&mut self) {
+        loop {
+            match self.router.poll_output() {
+                Output::Transmit(t) => {
+                    *self.router_sent_to.entry(t.destination).or_insert(0) += 1;
+                    self.net.send(t.source, t.destination, t.contents, self.now);
+                }
+                Output::Signal(session, msg) => {
+                    self.queue_signal(SignalInFlight::ToPeer(session, msg));
+                }
+                Output::Event(event) => {
+                    tracing::debug!(?event, "router event");
+                    self.events.push(event);
+                }
+                Output::Timeout(at) => {
+                    self.router_timeout = Some(at);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Moves a peer's queued datagrams onto the network and its messages into signaling.
+    fn flush_peer(&mut self, session: SessionId) {
+        let Some(peer) = self.peers.get_mut(&session) else {
+            return;
+        };
+        let transmits = peer.take_transmits();
+        let signals = peer.take_signals();
+        for t in transmits {
+            if self.capture.from == Some(t.source)
+                && self.capture.datagrams.len() < self.capture.max
+            {
+                self.capture.datagrams.push(t.contents.clone());
+            }
+            self.net.send(t.source, t.destination, t.contents, self.now);
+        }
+        for s in signals {
+            self.queue_signal(SignalInFlight::ToRouter(session, s));
+        }
+    }
+
+    fn flush_all_peers(&mut self) {
+        for session in self.sessions() {
+            self.flush_peer(session);
+        }
+    }
+
+    fn next_peer_addr(&mut self) -> SocketAddr {
+        self.next_host += 1;
+        let n = self.next_host;
+        let ip = if self.ipv6 {
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                0,
+                0,
+                0,
+                0,
+                0,
+                (n >> 16) as u16,
+                n as u16,
+            ))
+        } else {
+            // 10.0.0.1, 10.0.0.2, … skipping .0 and .255 host parts.
+            let host = 0x0a00_0000 + (n / 254) * 256 + (n % 254) + 1;
+            IpAddr::V4(Ipv4Addr::from(host))
+        };
+        SocketAddr::new(ip, PEER_PORT)
+    }
+}
