@@ -45,6 +45,15 @@ pub(crate) enum Verdict {
     Drop,
 }
 
+/// Where a subscriber's outgoing stream on one m-line stopped, so the next track written into
+/// the same m-line (and SSRC) continues its numbering.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Continuation {
+    pub seq: Option<u64>,
+    pub timestamp: u32,
+    pub at: Option<Instant>,
+}
+
 /// Rewrites one publisher track for one subscriber.
 ///
 /// Outgoing sequence numbers start at a small random-free base (ROC 0, as str0m requires for a
@@ -84,6 +93,25 @@ impl Rewriter {
             last_out_ts: 0,
             last_out_at: None,
             epoch,
+        }
+    }
+
+    /// A rewriter for a reused m-line: continues the sequence numbers and timestamps that the
+    /// previous track on it left off at, so the subscriber sees one stream per SSRC.
+    pub fn continuing(clock_rate: u32, is_video: bool, epoch: u32, from: Continuation) -> Self {
+        let mut rewriter = Rewriter::new(clock_rate, is_video, epoch);
+        rewriter.last_out_seq = from.seq;
+        rewriter.last_out_ts = from.timestamp;
+        rewriter.last_out_at = from.at;
+        rewriter
+    }
+
+    /// Where this stream stands now (see [`Rewriter::continuing`]).
+    pub fn continuation(&self) -> Continuation {
+        Continuation {
+            seq: self.last_out_seq,
+            timestamp: self.last_out_ts,
+            at: self.last_out_at,
         }
     }
 
@@ -208,6 +236,23 @@ mod tests {
         }
         // A straggler from before the unmute is dropped, not sent with a reused number.
         assert_eq!(rw.rewrite(1, 101, 10_960, false, at), Verdict::Drop);
+    }
+
+    #[test]
+    fn a_reused_line_continues_the_previous_stream() {
+        let t0 = Instant::now();
+        let mut first = Rewriter::new(48_000, false, 0);
+        first.rewrite(0, 700, 1_000, false, t0);
+        first.rewrite(0, 701, 1_960, false, t0);
+        let mut next = Rewriter::continuing(48_000, false, 0, first.continuation());
+        let at = t0 + Duration::from_millis(500);
+        assert_eq!(
+            next.rewrite(0, 9, 123_456, false, at),
+            Verdict::Forward {
+                seq: 3,
+                timestamp: 1_960 + 24_000
+            }
+        );
     }
 
     #[test]

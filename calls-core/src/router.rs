@@ -20,7 +20,9 @@ use crate::error::{ConfigError, RouterError, SignalError};
 use crate::forward::{Rewriter, Verdict, VideoCodec};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
 use crate::metrics::{MetricsSnapshot, SessionStats};
-use crate::session::{pt_for, restrict_offer, OutTrack, PendingOffer, Session};
+use crate::session::{
+    pt_for, restrict_offer, AddedLine, IdleLine, OutTrack, PendingOffer, Session,
+};
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
 
 /// The timeout reported when nothing is scheduled.
@@ -846,8 +848,11 @@ impl Router {
             if let Some(s) = self.sessions.get_mut(sub) {
                 if let Some(out) = s.outgoing.remove(&key) {
                     s.out_by_mid.remove(&out.mid);
-                    // Keep the mid → key entry out; the m-line is stopped in the next offer.
-                    s.stopping.push(out.mid);
+                    s.idle.push(IdleLine {
+                        mid: out.mid,
+                        kind: track.kind,
+                        continuation: out.rewriter.continuation(),
+                    });
                 }
             }
         }
@@ -1156,8 +1161,17 @@ impl Router {
         let offer = SdpOffer::from_sdp_string(&sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
         if let Some(pending) = state.pending_offer.take() {
             // Glare: the client's offer wins. str0m rolls our offer back in accept_offer; the
-            // tracks it would have added stay wanted and go into the next router offer.
-            drop(pending);
+            // tracks it would have added stay wanted and go into the next router offer, and
+            // the existing m-lines it reused go back to the idle pool.
+            for line in pending.added {
+                if let Some(continuation) = line.continuation {
+                    state.idle.push(IdleLine {
+                        mid: line.mid,
+                        kind: line.kind,
+                        continuation,
+                    });
+                }
+            }
             self.counters.snapshot.glare_rollbacks += 1;
         }
         let state = self
@@ -1206,33 +1220,19 @@ impl Router {
             return Err(SignalError::Sdp(e.to_string()));
         }
         let mut attached = Vec::new();
-        for (key, mid) in pending.added {
-            let Some(track) = self.tracks.get(&key) else {
-                // Unpublished meanwhile: the next offer stops this m-line.
-                state.stopping.push(mid);
+        for line in pending.added {
+            let Some(track) = self.tracks.get(&line.key) else {
+                // Unpublished meanwhile: the m-line waits for the next track.
+                state.idle.push(IdleLine {
+                    mid: line.mid,
+                    kind: line.kind,
+                    continuation: line.continuation.unwrap_or_default(),
+                });
                 continue;
             };
-            let Some(ssrc) = state
-                .rtc
-                .direct_api()
-                .stream_tx_by_mid(mid, None)
-                .map(|tx| tx.ssrc())
-            else {
-                tracing::warn!(%session, %mid, "no send stream after answer");
-                continue;
-            };
-            let clock_rate = if track.is_audio() { 48_000 } else { 90_000 };
-            state.out_by_mid.insert(mid, key);
-            state.outgoing.insert(
-                key,
-                OutTrack {
-                    mid,
-                    ssrc,
-                    rewriter: Rewriter::new(clock_rate, !track.is_audio(), track.epoch),
-                    pt_map: Vec::new(),
-                },
-            );
-            attached.push(key);
+            if attach(state, line, track) {
+                attached.push(line.key);
+            }
         }
         self.drain(session, now);
         for key in attached {
@@ -1250,7 +1250,7 @@ impl Router {
 
     /// Sends a router offer if this session's subscriptions differ from what its call
     /// publishes, unless an offer is already outstanding (never two offers in flight).
-    fn offer_if_needed(&mut self, session: SessionId, _now: Instant) {
+    fn offer_if_needed(&mut self, session: SessionId, now: Instant) {
         let Some(state) = self.sessions.get(&session) else {
             return;
         };
@@ -1274,41 +1274,91 @@ impl Router {
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
         };
-        if wanted.is_empty() && state.stopping.is_empty() {
+        let sending = |rtc: &str0m::Rtc, mid: Mid| {
+            rtc.media(mid)
+                .is_some_and(|m| m.direction() == Direction::SendOnly)
+        };
+        let idle_but_sending = state.idle.iter().any(|l| sending(&state.rtc, l.mid));
+        if wanted.is_empty() && !idle_but_sending {
             return;
         }
-        let stopping = std::mem::take(&mut state.stopping);
-        let mut api = state.rtc.sdp_api();
-        for mid in &stopping {
-            api.stop_media(*mid);
+        // Reuse idle m-lines of the same kind first. One still negotiated as sendonly carries
+        // the new track at once; an inactive one is turned back on in the offer.
+        let mut attached = Vec::new();
+        let mut reactivate = Vec::new();
+        let mut fresh = Vec::new();
+        for (key, kind, source) in wanted {
+            let Some(pos) = state.idle.iter().position(|l| l.kind == kind) else {
+                fresh.push((key, kind, source));
+                continue;
+            };
+            let idle = state.idle.swap_remove(pos);
+            let line = AddedLine {
+                key,
+                mid: idle.mid,
+                kind,
+                continuation: Some(idle.continuation),
+            };
+            if sending(&state.rtc, idle.mid) {
+                if let Some(track) = self.tracks.get(&key) {
+                    if attach(state, line, track) {
+                        attached.push(key);
+                    }
+                }
+            } else {
+                reactivate.push(line);
+            }
         }
-        let mut added = Vec::new();
-        for (key, kind, source) in &wanted {
+        let mut api = state.rtc.sdp_api();
+        for line in &reactivate {
+            api.set_direction(line.mid, Direction::SendOnly);
+        }
+        for line in &state.idle {
+            api.set_direction(line.mid, Direction::Inactive);
+        }
+        let mut added = reactivate;
+        for (key, kind, source) in fresh {
             let stream_id = format!("{}", key.publisher);
             let track_id = format!("{}-{}-{}", key.publisher, source.as_str(), key.mid);
             let mid = api.add_media(
-                *kind,
+                kind,
                 Direction::SendOnly,
                 Some(stream_id),
                 Some(track_id),
                 None,
             );
-            added.push((*key, mid));
+            added.push(AddedLine {
+                key,
+                mid,
+                kind,
+                continuation: None,
+            });
         }
-        let Some((offer, pending)) = api.apply() else {
+        let offer = api.apply().map(|(offer, pending)| {
+            state.pending_offer = Some(PendingOffer { pending, added });
+            offer
+        });
+        for key in attached.iter().copied() {
+            if let Some(track) = self.tracks.get_mut(&key) {
+                track.subscribers.push(session);
+            }
+            self.request_keyframe(key, now, true);
+        }
+        if offer.is_none() && attached.is_empty() {
             return;
-        };
-        state.pending_offer = Some(PendingOffer { pending, added });
-        self.counters.snapshot.renegotiations += 1;
+        }
         let tracks = self.track_list(session);
         self.outputs
             .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
-        self.outputs.push_back(Output::Signal(
-            session,
-            ServerMessage::Offer {
-                sdp: offer.to_sdp_string(),
-            },
-        ));
+        if let Some(offer) = offer {
+            self.counters.snapshot.renegotiations += 1;
+            self.outputs.push_back(Output::Signal(
+                session,
+                ServerMessage::Offer {
+                    sdp: offer.to_sdp_string(),
+                },
+            ));
+        }
     }
 
     /// The tracks a session receives (negotiated and in its pending offer), by local mid.
@@ -1319,7 +1369,7 @@ impl Router {
         let pending = state
             .pending_offer
             .iter()
-            .flat_map(|p| p.added.iter().copied());
+            .flat_map(|p| p.added.iter().map(|l| (l.key, l.mid)));
         let current = state.outgoing.iter().map(|(k, o)| (*k, o.mid));
         let mut list: Vec<TrackInfo> = current
             .chain(pending)
@@ -1459,6 +1509,36 @@ fn select_layer(
         }
     }
     track.current_rid == Some(rid)
+}
+
+/// Starts writing `line.key`'s track into the subscriber's m-line `line.mid`. Returns false if
+/// str0m has no send stream there (the answer refused the m-line).
+fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack) -> bool {
+    let Some(ssrc) = state
+        .rtc
+        .direct_api()
+        .stream_tx_by_mid(line.mid, None)
+        .map(|tx| tx.ssrc())
+    else {
+        tracing::warn!(mid = %line.mid, "no send stream for a negotiated m-line");
+        return false;
+    };
+    let clock_rate = if track.is_audio() { 48_000 } else { 90_000 };
+    let rewriter = match line.continuation {
+        Some(from) => Rewriter::continuing(clock_rate, !track.is_audio(), track.epoch, from),
+        None => Rewriter::new(clock_rate, !track.is_audio(), track.epoch),
+    };
+    state.out_by_mid.insert(line.mid, line.key);
+    state.outgoing.insert(
+        line.key,
+        OutTrack {
+            mid: line.mid,
+            ssrc,
+            rewriter,
+            pt_map: Vec::new(),
+        },
+    );
+    true
 }
 
 fn proto_of(proto: str0m::net::Protocol) -> Proto {

@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
-use str0m::media::{Mid, Pt, Rid};
+use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::rtp::Ssrc;
 use str0m::{Candidate, IceCreds, Rtc};
 
 use crate::call::TrackKey;
 use crate::config::Config;
-use crate::forward::Rewriter;
+use crate::forward::{Continuation, Rewriter};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
 
 /// How often str0m reports per-session stats (RTT, loss).
@@ -28,12 +28,31 @@ pub(crate) struct OutTrack {
     pub pt_map: Vec<(Pt, Pt)>,
 }
 
+/// A subscription m-line whose track is gone, kept for the next track of the same kind instead
+/// of growing the SDP forever (str0m never recycles the m-lines it offers).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdleLine {
+    pub mid: Mid,
+    pub kind: MediaKind,
+    pub continuation: Continuation,
+}
+
+/// A track a router offer adds, and the m-line it gets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddedLine {
+    pub key: TrackKey,
+    pub mid: Mid,
+    pub kind: MediaKind,
+    /// `Some` for a reused m-line: where its stream left off.
+    pub continuation: Option<Continuation>,
+}
+
 /// A router offer waiting for the client's answer.
 #[derive(Debug)]
 pub(crate) struct PendingOffer {
     pub pending: SdpPendingOffer,
-    /// Tracks this offer adds, with the m-line each gets.
-    pub added: Vec<(TrackKey, Mid)>,
+    /// Tracks this offer adds.
+    pub added: Vec<AddedLine>,
 }
 
 #[derive(Debug)]
@@ -56,8 +75,8 @@ pub(crate) struct Session {
     pub outgoing: HashMap<TrackKey, OutTrack>,
     pub out_by_mid: HashMap<Mid, TrackKey>,
     pub pending_offer: Option<PendingOffer>,
-    /// Subscription m-lines whose track is gone; stopped in the next router offer.
-    pub stopping: Vec<Mid>,
+    /// Subscription m-lines whose track is gone, waiting to be reused.
+    pub idle: Vec<IdleLine>,
     /// Next time str0m wants `handle_timeout`.
     pub next_timeout: Option<Instant>,
     /// In the router's touched list (has writes that need a timeout to go out).
@@ -115,7 +134,7 @@ impl Session {
             outgoing: HashMap::new(),
             out_by_mid: HashMap::new(),
             pending_offer: None,
-            stopping: Vec::new(),
+            idle: Vec::new(),
             next_timeout: None,
             touched: false,
             rtt_ms: None,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
 use calls_core::{
-    ClientMessage, Config, DropReason, RouterError, ServerMessage, SessionId, SignalError,
+    ClientMessage, Config, DropReason, Grants, RouterError, ServerMessage, SessionId, SignalError,
     TrackSource,
 };
 
@@ -990,4 +990,79 @@ fn thousand_join_leave_cycles_return_to_baseline() {
             describe(&world)
         );
     }
+}
+
+/// Grants are enforced at the media layer: a viewer that tries to publish anyway is answered
+/// without its tracks and nobody receives them; a participant without the screen grant keeps
+/// its camera but not its screen; a viewer that publishes nothing still receives everything.
+#[test]
+fn grants_are_enforced_at_the_media_layer() {
+    let mut world = world(21);
+    let alice = world.add_peer("standup", "alice", PeerOptions::default());
+    let sneaky = world.add_peer(
+        "standup",
+        "sneaky",
+        PeerOptions {
+            grants: Grants::VIEWER,
+            ..PeerOptions::default()
+        },
+    );
+    let no_screen = world.add_peer(
+        "standup",
+        "no_screen",
+        PeerOptions {
+            screen: true,
+            grants: Grants::new(true, true, false, true),
+            ..PeerOptions::default()
+        },
+    );
+    let watcher = world.add_peer(
+        "standup",
+        "watcher",
+        PeerOptions {
+            audio: false,
+            video: false,
+            grants: Grants::VIEWER,
+            ..PeerOptions::default()
+        },
+    );
+    // Everyone receives alice's microphone and camera, and no_screen's camera.
+    let ok = world.run_until(
+        |w| {
+            [sneaky, no_screen, watcher].iter().all(|&rx| {
+                [MIC, CAM].iter().all(|&src| {
+                    stats(w, rx, alice, src).keyframes > 0
+                        || (src == MIC && stats(w, rx, alice, src).packets > 0)
+                })
+            }) && [alice, sneaky, watcher]
+                .iter()
+                .all(|&rx| stats(w, rx, no_screen, CAM).keyframes > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "media did not flow: {}", describe(&world));
+    world.run_for(secs(2.0));
+    for rx in [alice, no_screen, watcher] {
+        let peer = world.peer(rx);
+        assert!(
+            peer.tracks().iter().all(|t| t.session != sneaky),
+            "{rx} was offered a viewer's track: {}",
+            describe(&world)
+        );
+        for src in [MIC, CAM] {
+            assert_eq!(stats(&world, rx, sneaky, src).packets, 0);
+        }
+        assert!(
+            peer.tracks()
+                .iter()
+                .all(|t| !(t.session == no_screen && t.source == SCREEN)),
+            "{rx} was offered a forbidden screen share"
+        );
+        assert_eq!(stats(&world, rx, no_screen, SCREEN).packets, 0);
+        assert_eq!(peer.unattributed().len(), 0, "{}", describe(&world));
+    }
+    // The watcher, which publishes nothing, is connected and receives both publishers.
+    assert!(world.peer(watcher).is_connected());
+    assert!(stats(&world, watcher, alice, MIC).packets > 50);
+    assert!(stats(&world, watcher, no_screen, CAM).packets > 50);
 }

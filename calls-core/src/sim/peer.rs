@@ -389,9 +389,13 @@ impl SimPeer {
     }
 
     /// Sends the first offer (everything the peer publishes). A peer that publishes nothing
-    /// sends no offer and waits for the router's.
+    /// offers one receive-only audio m-line, as a browser viewer does with
+    /// `addTransceiver('audio', {direction: 'recvonly'})`, so ICE and DTLS start.
     pub fn start(&mut self, now: Instant) {
         let mut api = self.rtc.sdp_api();
+        if self.publishers.is_empty() {
+            api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        }
         for p in &mut self.publishers {
             let kind = if p.is_video() {
                 MediaKind::Video
