@@ -49,6 +49,9 @@ pub struct Config {
     /// Remote addresses remembered per session (NAT rebinding, several candidate pairs).
     /// Default `8`; the oldest is forgotten beyond it.
     pub max_flows_per_session: usize,
+    /// Advertise passive ICE-TCP candidates on `tcp_port` (for clients whose UDP is blocked).
+    /// Default `true`; turn off if the embedder does not accept TCP.
+    pub enable_tcp: bool,
     /// A session that has not completed ICE and DTLS this long after `join` is removed
     /// (reported as [`LeaveReason::Disconnected`](crate::LeaveReason)). Default `30000`.
     pub connect_timeout_ms: u64,
@@ -68,6 +71,7 @@ impl Default for Config {
             keyframe_request_interval_ms: 500,
             max_flows_per_session: 8,
             connect_timeout_ms: 30_000,
+            enable_tcp: true,
         }
     }
 }

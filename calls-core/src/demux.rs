@@ -72,11 +72,13 @@ pub enum DropReason {
     Oversized,
     /// The session refused it (str0m error: bad DTLS, SRTP auth failure, …).
     SessionRejected,
+    /// An ICE-TCP frame longer than any datagram (the connection is closed).
+    TcpFrameTooLarge,
 }
 
 impl DropReason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Unclassified,
         DropReason::MalformedStun,
         DropReason::StunNotBindingRequest,
@@ -85,6 +87,7 @@ impl DropReason {
         DropReason::UnknownSource,
         DropReason::Oversized,
         DropReason::SessionRejected,
+        DropReason::TcpFrameTooLarge,
     ];
 
     /// Label used in metrics.
@@ -98,6 +101,7 @@ impl DropReason {
             DropReason::UnknownSource => "unknown_source",
             DropReason::Oversized => "oversized",
             DropReason::SessionRejected => "session_rejected",
+            DropReason::TcpFrameTooLarge => "tcp_frame_too_large",
         }
     }
 }
@@ -170,6 +174,15 @@ impl FlowTable {
         while flows.len() > max {
             let oldest = flows.remove(0);
             self.by_key.remove(&oldest);
+        }
+    }
+
+    /// Forgets one flow (a TCP connection closed).
+    pub fn remove_key(&mut self, key: &FlowKey) {
+        if let Some(session) = self.by_key.remove(key) {
+            if let Some(flows) = self.by_session.get_mut(&session) {
+                flows.retain(|k| k != key);
+            }
         }
     }
 

@@ -5,7 +5,8 @@
 //! a chat server running calls in-process, the reference daemon, a C program, a Python load
 //! test — feeds it datagrams, signaling messages and time, and drains what it must send.
 //!
-//! Many calls share **one UDP port** (default 8443): the [`Router`] classifies every datagram
+//! Many calls share **one UDP port and one TCP port** (default 8443 for both; ICE-TCP with
+//! RFC 4571 framing, passive candidates): the [`Router`] classifies every datagram
 //! (RFC 7983), finds its session by 5-tuple in O(1), and admits a new 5-tuple only through a
 //! STUN binding request that authenticates against a session's ICE password. Everything else is
 //! dropped without a reply and counted ([`MetricsSnapshot::drops`]).
@@ -20,6 +21,7 @@
 //! |---|---|
 //! | [`router`] | the [`Router`]: inputs, outputs, timers, sessions, calls |
 //! | [`demux`] | RFC 7983 classification, 5-tuple flows, STUN admission, worker ufrags |
+//! | [`tcp`] | ICE-TCP: RFC 4571 framing per connection, bounded reassembly |
 //! | `session` | one str0m `Rtc` per participant, grant enforcement on offers |
 //! | `call` | who is in a call and what they publish |
 //! | `forward` | per-subscriber RTP rewriting, keyframe detection |
@@ -89,6 +91,7 @@ mod session;
 pub mod signal;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod tcp;
 
 pub use config::Config;
 pub use demux::{DropReason, Proto};
@@ -97,6 +100,7 @@ pub use ids::{CallId, Grants, SessionId, TrackSource, UserId};
 pub use metrics::MetricsSnapshot;
 pub use router::{Datagram, Event, LeaveReason, Output, Router, Transmit};
 pub use signal::{ClientMessage, ServerMessage, TrackInfo};
+pub use tcp::{ConnId, TcpError};
 
 /// Re-export of the str0m version this crate is built on (for embedders' test peers).
 pub use str0m;

@@ -59,6 +59,12 @@ pub struct MetricsSnapshot {
     pub flows: u64,
     /// Sessions with ICE and DTLS up.
     pub connected_sessions: u64,
+    /// Open ICE-TCP connections.
+    pub tcp_connections: u64,
+    /// ICE-TCP connections the router asked the embedder to close (bad framing, unknown).
+    pub tcp_rejected: u64,
+    /// Outgoing ICE-TCP frames for a connection that is already closed.
+    pub tcp_unsent: u64,
     /// Datagrams handed to the router.
     pub datagrams_in: u64,
     /// Datagram bytes handed to the router.

@@ -24,6 +24,7 @@ use crate::session::{
     pt_for, restrict_offer, AddedLine, IdleLine, OutTrack, PendingOffer, Session,
 };
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
+use crate::tcp::{self, ConnId, Framer, TcpConn, TcpError};
 
 /// The timeout reported when nothing is scheduled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -48,6 +49,8 @@ pub struct Datagram<'a> {
 pub struct Transmit {
     /// UDP or TCP.
     pub proto: Proto,
+    /// For TCP: the connection to write to (`contents` already carries the RFC 4571 prefix).
+    pub conn: Option<ConnId>,
     /// The local address to send from (one of the advertised candidates).
     pub source: SocketAddr,
     /// Where to send.
@@ -147,6 +150,8 @@ pub struct Router {
     tracks: HashMap<TrackKey, PublishedTrack>,
     ufrags: HashMap<String, SessionId>,
     flows: FlowTable,
+    tcp_conns: HashMap<ConnId, TcpConn>,
+    tcp_by_addr: HashMap<(SocketAddr, SocketAddr), ConnId>,
     outputs: VecDeque<Output>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// Sessions that must be connected by a deadline (join + `connect_timeout_ms`).
@@ -185,6 +190,8 @@ impl Router {
             tracks: HashMap::new(),
             ufrags: HashMap::new(),
             flows: FlowTable::default(),
+            tcp_conns: HashMap::new(),
+            tcp_by_addr: HashMap::new(),
             outputs: VecDeque::new(),
             timers: BinaryHeap::new(),
             connect_deadlines: BinaryHeap::new(),
@@ -360,6 +367,101 @@ impl Router {
     /// silently (no reply) and counted by reason in [`metrics`](Self::metrics).
     pub fn handle_datagram(&mut self, datagram: Datagram<'_>, now: Instant) {
         self.last_now = now;
+        self.ingest(datagram, now);
+        self.finish(now);
+    }
+
+    /// Announces an accepted ICE-TCP connection (on the TCP media port) before its bytes.
+    pub fn tcp_accepted(
+        &mut self,
+        conn: ConnId,
+        remote: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(), TcpError> {
+        if self.tcp_conns.contains_key(&conn) {
+            return Err(TcpError::ConnectionExists(conn));
+        }
+        self.tcp_by_addr.insert((remote, local), conn);
+        self.tcp_conns.insert(
+            conn,
+            TcpConn {
+                remote,
+                local,
+                framer: Framer::default(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Feeds bytes read from an ICE-TCP connection, split anywhere. Each complete RFC 4571
+    /// frame goes through the same demux as a UDP datagram. On an error the router has
+    /// forgotten the connection and the embedder should close it; nothing else is disturbed.
+    pub fn handle_tcp_data(
+        &mut self,
+        conn: ConnId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), TcpError> {
+        self.last_now = now;
+        let Some(mut state) = self.tcp_conns.remove(&conn) else {
+            return Err(TcpError::UnknownConnection(conn));
+        };
+        let (remote, local) = (state.remote, state.local);
+        let result = state.framer.push(bytes, |frame| {
+            self.ingest(
+                Datagram {
+                    proto: Proto::Tcp,
+                    source: remote,
+                    destination: local,
+                    contents: frame,
+                },
+                now,
+            );
+        });
+        let outcome = match result {
+            Ok(()) => {
+                self.tcp_conns.insert(conn, state);
+                Ok(())
+            }
+            Err(len) => {
+                self.count_drop(DropReason::TcpFrameTooLarge);
+                self.counters.snapshot.tcp_rejected += 1;
+                self.forget_tcp(conn, remote, local);
+                Err(TcpError::FrameTooLarge {
+                    conn,
+                    len,
+                    max: MAX_DATAGRAM_BYTES,
+                })
+            }
+        };
+        self.finish(now);
+        outcome
+    }
+
+    /// The embedder closed (or lost) an ICE-TCP connection.
+    pub fn tcp_closed(&mut self, conn: ConnId) -> Result<(), TcpError> {
+        let state = self
+            .tcp_conns
+            .remove(&conn)
+            .ok_or(TcpError::UnknownConnection(conn))?;
+        self.forget_tcp(conn, state.remote, state.local);
+        Ok(())
+    }
+
+    fn forget_tcp(&mut self, conn: ConnId, remote: SocketAddr, local: SocketAddr) {
+        self.tcp_conns.remove(&conn);
+        if self.tcp_by_addr.get(&(remote, local)) == Some(&conn) {
+            self.tcp_by_addr.remove(&(remote, local));
+        }
+        self.flows.remove_key(&FlowKey {
+            proto: Proto::Tcp,
+            source: remote,
+            destination: local,
+        });
+    }
+
+    /// One datagram (or TCP frame) through the demux into its session, drained.
+    fn ingest(&mut self, datagram: Datagram<'_>, now: Instant) {
         let snapshot = &mut self.counters.snapshot;
         snapshot.datagrams_in += 1;
         snapshot.datagram_bytes_in += datagram.contents.len() as u64;
@@ -415,7 +517,6 @@ impl Router {
             self.count_drop(DropReason::SessionRejected);
         }
         self.drain(session, now);
-        self.finish(now);
     }
 
     /// Feeds one signaling message from a participant. A refused message is answered with a
@@ -523,6 +624,7 @@ impl Router {
         m.sessions = self.sessions.len() as u64;
         m.calls = self.calls.len() as u64;
         m.flows = self.flows.len() as u64;
+        m.tcp_connections = self.tcp_conns.len() as u64;
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
         let mut stats: Vec<SessionStats> = self
             .sessions
@@ -650,21 +752,35 @@ impl Router {
                     }
                     return;
                 }
-                RtcOutput::Transmit(t) => {
-                    let contents: Vec<u8> = t.contents.into();
-                    let snapshot = &mut self.counters.snapshot;
-                    snapshot.datagrams_out += 1;
-                    snapshot.datagram_bytes_out += contents.len() as u64;
-                    self.outputs.push_back(Output::Transmit(Transmit {
-                        proto: proto_of(t.proto),
-                        source: t.source,
-                        destination: t.destination,
-                        contents,
-                    }));
-                }
+                RtcOutput::Transmit(t) => self.transmit(t),
                 RtcOutput::Event(event) => self.on_rtc_event(session, event, now),
             }
         }
+    }
+
+    /// Queues one of str0m's transmits; ICE-TCP ones are framed for their connection.
+    fn transmit(&mut self, t: str0m::net::Transmit) {
+        let proto = proto_of(t.proto);
+        let (conn, contents) = match proto {
+            Proto::Udp => (None, Vec::from(t.contents)),
+            Proto::Tcp => {
+                let Some(conn) = self.tcp_by_addr.get(&(t.destination, t.source)).copied() else {
+                    self.counters.snapshot.tcp_unsent += 1;
+                    return;
+                };
+                (Some(conn), tcp::frame(&t.contents))
+            }
+        };
+        let snapshot = &mut self.counters.snapshot;
+        snapshot.datagrams_out += 1;
+        snapshot.datagram_bytes_out += contents.len() as u64;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            proto,
+            conn,
+            source: t.source,
+            destination: t.destination,
+            contents,
+        }));
     }
 
     /// After each input: give touched sessions their timeout (so queued writes go out), run
@@ -1429,12 +1545,7 @@ impl Router {
         if state.connected && state.rtc.close().is_ok() {
             while let Ok(out) = state.rtc.poll_output() {
                 match out {
-                    RtcOutput::Transmit(t) => self.outputs.push_back(Output::Transmit(Transmit {
-                        proto: proto_of(t.proto),
-                        source: t.source,
-                        destination: t.destination,
-                        contents: t.contents.into(),
-                    })),
+                    RtcOutput::Transmit(t) => self.transmit(t),
                     RtcOutput::Timeout(_) => break,
                     RtcOutput::Event(_) => {}
                 }

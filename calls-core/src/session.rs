@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
+use str0m::net::TcpType;
 use str0m::rtp::Ssrc;
 use str0m::{Candidate, IceCreds, Rtc};
 
@@ -111,8 +112,24 @@ impl Session {
             .enable_vp9(true)
             .set_stats_interval(Some(STATS_INTERVAL))
             .build(now);
-        for addr in config.udp_candidates() {
-            match Candidate::host(addr, "udp") {
+        let udp = config
+            .udp_candidates()
+            .into_iter()
+            .map(|addr| (addr, Candidate::host(addr, "udp")));
+        let tcp = config
+            .tcp_candidates()
+            .into_iter()
+            .filter(|_| config.enable_tcp)
+            .map(|addr| {
+                let candidate = Candidate::builder()
+                    .tcp()
+                    .host(addr)
+                    .tcptype(TcpType::Passive)
+                    .build();
+                (addr, candidate)
+            });
+        for (addr, candidate) in udp.chain(tcp) {
+            match candidate {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
                 }

@@ -11,8 +11,8 @@ use calls_core::str0m::ice::{StunMessage, TransId};
 use calls_core::str0m::media::{Direction, MediaKind};
 use calls_core::str0m::Rtc;
 use calls_core::{
-    CallId, ClientMessage, Config, Datagram, DropReason, Grants, Output, Proto, Router,
-    RouterError, ServerMessage, SessionId, SignalError,
+    CallId, ClientMessage, Config, ConnId, Datagram, DropReason, Grants, Output, Proto, Router,
+    RouterError, ServerMessage, SessionId, SignalError, TcpError,
 };
 
 struct Drained {
@@ -337,4 +337,81 @@ fn metrics_render_as_prometheus_text() {
     let text = router.metrics().to_prometheus();
     assert!(text.contains("calls_sessions 1"), "{text}");
     assert!(text.contains("calls_joins_total 1"), "{text}");
+}
+
+#[test]
+fn ice_tcp_frames_split_anywhere_reach_the_session_and_replies_are_framed() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let remote: SocketAddr = "192.0.2.30:40000".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    let creds = join_and_offer(&mut router, SessionId(1), now);
+    let conn = ConnId(5);
+    router.tcp_accepted(conn, remote, local).unwrap();
+    assert_eq!(
+        router.tcp_accepted(conn, remote, local),
+        Err(TcpError::ConnectionExists(conn))
+    );
+    let request = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
+    let mut framed = (request.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&request);
+    // Two requests back to back, delivered one byte at a time.
+    let stream: Vec<u8> = framed.iter().chain(framed.iter()).copied().collect();
+    for byte in &stream {
+        router
+            .handle_tcp_data(conn, std::slice::from_ref(byte), now)
+            .unwrap();
+    }
+    let replies = drain(&mut router).transmits;
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    for reply in &replies {
+        assert_eq!(reply.proto, Proto::Tcp);
+        assert_eq!(reply.conn, Some(conn));
+        assert_eq!(reply.destination, remote);
+        let len = u16::from_be_bytes([reply.contents[0], reply.contents[1]]) as usize;
+        assert_eq!(len + 2, reply.contents.len(), "RFC 4571 prefix");
+    }
+    let m = router.metrics();
+    assert_eq!((m.flows, m.tcp_connections), (1, 1));
+    router.tcp_closed(conn).unwrap();
+    let m = router.metrics();
+    assert_eq!((m.flows, m.tcp_connections), (0, 0));
+    assert_eq!(
+        router.tcp_closed(conn),
+        Err(TcpError::UnknownConnection(conn))
+    );
+}
+
+#[test]
+fn an_oversized_tcp_frame_closes_only_that_connection() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    router
+        .tcp_accepted(ConnId(1), "192.0.2.1:1000".parse().unwrap(), local)
+        .unwrap();
+    router
+        .tcp_accepted(ConnId(2), "192.0.2.2:1000".parse().unwrap(), local)
+        .unwrap();
+    let err = router
+        .handle_tcp_data(ConnId(1), &[0xff, 0xff, 0, 0, 0], now)
+        .unwrap_err();
+    assert!(
+        matches!(err, TcpError::FrameTooLarge { len: 0xffff, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        router.handle_tcp_data(ConnId(1), &[0, 1, 0], now),
+        Err(TcpError::UnknownConnection(ConnId(1)))
+    );
+    // The other connection is untouched; garbage frames on it are dropped and counted.
+    router
+        .handle_tcp_data(ConnId(2), &[0, 3, 0xff, 0xff, 0xff], now)
+        .unwrap();
+    assert!(drain(&mut router).transmits.is_empty());
+    let m = router.metrics();
+    assert_eq!(m.tcp_connections, 1);
+    assert_eq!(m.tcp_rejected, 1);
+    assert_eq!(m.dropped(DropReason::TcpFrameTooLarge), 1);
+    assert_eq!(m.dropped(DropReason::Unclassified), 1);
 }
