@@ -49,6 +49,9 @@ pub struct Config {
     /// Remote addresses remembered per session (NAT rebinding, several candidate pairs).
     /// Default `8`; the oldest is forgotten beyond it.
     pub max_flows_per_session: usize,
+    /// Advertise UDP host candidates. Default `true`; `false` leaves clients only ICE-TCP
+    /// (for deployments or tests where UDP is blocked).
+    pub enable_udp: bool,
     /// Advertise passive ICE-TCP candidates on `tcp_port` (for clients whose UDP is blocked).
     /// Default `true`; turn off if the embedder does not accept TCP.
     pub enable_tcp: bool,
@@ -71,6 +74,7 @@ impl Default for Config {
             keyframe_request_interval_ms: 500,
             max_flows_per_session: 8,
             connect_timeout_ms: 30_000,
+            enable_udp: true,
             enable_tcp: true,
         }
     }
@@ -140,6 +144,11 @@ impl Config {
                 "`max_flows_per_session` {} is outside 1..=64",
                 self.max_flows_per_session
             ));
+        }
+        if !self.enable_udp && !self.enable_tcp {
+            problems.push(
+                "`enable_udp` and `enable_tcp` are both false: no way for media in".to_owned(),
+            );
         }
         if self.connect_timeout_ms < 1_000 {
             problems.push(format!(

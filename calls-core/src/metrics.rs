@@ -103,7 +103,48 @@ pub struct MetricsSnapshot {
     pub session_stats: Vec<SessionStats>,
 }
 
+impl MediaCounts {
+    fn merge(&mut self, other: &MediaCounts) {
+        self.audio_packets += other.audio_packets;
+        self.audio_bytes += other.audio_bytes;
+        self.video_packets += other.video_packets;
+        self.video_bytes += other.video_bytes;
+    }
+}
+
 impl MetricsSnapshot {
+    /// Adds another router's snapshot into this one (one process, several worker routers).
+    pub fn merge(&mut self, other: &MetricsSnapshot) {
+        self.sessions += other.sessions;
+        self.calls += other.calls;
+        self.flows += other.flows;
+        self.connected_sessions += other.connected_sessions;
+        self.tcp_connections += other.tcp_connections;
+        self.tcp_rejected += other.tcp_rejected;
+        self.tcp_unsent += other.tcp_unsent;
+        self.datagrams_in += other.datagrams_in;
+        self.datagram_bytes_in += other.datagram_bytes_in;
+        self.datagrams_out += other.datagrams_out;
+        self.datagram_bytes_out += other.datagram_bytes_out;
+        for (reason, count) in &other.drops {
+            *self.drops.entry(*reason).or_insert(0) += count;
+        }
+        self.media_in.merge(&other.media_in);
+        self.media_out.merge(&other.media_out);
+        self.media_dropped += other.media_dropped;
+        self.keyframe_requests_in += other.keyframe_requests_in;
+        self.keyframe_requests_out += other.keyframe_requests_out;
+        self.joins += other.joins;
+        self.joins_refused += other.joins_refused;
+        self.leaves += other.leaves;
+        self.signals_in += other.signals_in;
+        self.signal_errors += other.signal_errors;
+        self.renegotiations += other.renegotiations;
+        self.glare_rollbacks += other.glare_rollbacks;
+        self.session_stats
+            .extend(other.session_stats.iter().cloned());
+    }
+
     /// Total dropped datagrams (all reasons).
     pub fn dropped_total(&self) -> u64 {
         self.drops.values().sum()

@@ -112,6 +112,18 @@ pub enum Event {
         /// Its m-line.
         mid: String,
     },
+    /// A new remote address authenticated for a session (first contact, NAT rebinding, a TCP
+    /// connection). A dispatcher in front of several routers uses it to route that 5-tuple.
+    FlowAdmitted {
+        /// The session.
+        session: SessionId,
+        /// UDP or TCP.
+        proto: Proto,
+        /// The client's address.
+        remote: SocketAddr,
+        /// The local address it reached.
+        local: SocketAddr,
+    },
     /// A session's microphone was muted or unmuted.
     MuteChanged {
         /// The session.
@@ -215,6 +227,25 @@ impl Router {
     /// 5-tuples, forwards them to that worker, and remembers the 5-tuple → worker mapping.
     pub fn worker_of_datagram(datagram: &[u8]) -> Option<u8> {
         demux::stun_local_ufrag(datagram).and_then(demux::ufrag::worker)
+    }
+
+    /// Re-sends what a session's signaling channel may have lost (after the embedder's
+    /// signaling connection dropped and came back): the track list and any outstanding router
+    /// offer, unchanged.
+    pub fn resend_signaling(&mut self, session: SessionId) -> Result<(), RouterError> {
+        let state = self
+            .sessions
+            .get(&session)
+            .ok_or(RouterError::UnknownSession(session))?;
+        let offer = state.pending_offer.as_ref().map(|p| p.sdp.clone());
+        let tracks = self.track_list(session);
+        self.outputs
+            .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
+        if let Some(sdp) = offer {
+            self.outputs
+                .push_back(Output::Signal(session, ServerMessage::Offer { sdp }));
+        }
+        Ok(())
     }
 
     /// Stops accepting joins; sessions already in calls go on.
@@ -703,6 +734,12 @@ impl Router {
         self.flows
             .insert(key, session, self.config.max_flows_per_session);
         tracing::debug!(%session, source = %key.source, "flow admitted");
+        self.outputs.push_back(Output::Event(Event::FlowAdmitted {
+            session,
+            proto: key.proto,
+            remote: key.source,
+            local: key.destination,
+        }));
         Ok(session)
     }
 
@@ -1451,8 +1488,13 @@ impl Router {
             });
         }
         let offer = api.apply().map(|(offer, pending)| {
-            state.pending_offer = Some(PendingOffer { pending, added });
-            offer
+            let sdp = offer.to_sdp_string();
+            state.pending_offer = Some(PendingOffer {
+                pending,
+                added,
+                sdp: sdp.clone(),
+            });
+            sdp
         });
         for key in attached.iter().copied() {
             if let Some(track) = self.tracks.get_mut(&key) {
@@ -1466,14 +1508,10 @@ impl Router {
         let tracks = self.track_list(session);
         self.outputs
             .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
-        if let Some(offer) = offer {
+        if let Some(sdp) = offer {
             self.counters.snapshot.renegotiations += 1;
-            self.outputs.push_back(Output::Signal(
-                session,
-                ServerMessage::Offer {
-                    sdp: offer.to_sdp_string(),
-                },
-            ));
+            self.outputs
+                .push_back(Output::Signal(session, ServerMessage::Offer { sdp }));
         }
     }
 

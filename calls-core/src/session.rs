@@ -54,6 +54,8 @@ pub(crate) struct PendingOffer {
     pub pending: SdpPendingOffer,
     /// Tracks this offer adds.
     pub added: Vec<AddedLine>,
+    /// The offer as sent, for [`Router::resend_signaling`](crate::Router::resend_signaling).
+    pub sdp: String,
 }
 
 #[derive(Debug)]

@@ -1,0 +1,166 @@
+//! Who may join: signed join tokens (HS256 JWT from the chat server) or, in demo mode on
+//! loopback, anyone. Also mints time-limited TURN REST credentials.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use calls_core::Grants;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ServerConfig, TurnServer};
+
+/// Grants as they appear in a token; missing fields are `false` except `subscribe`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TokenGrants {
+    #[serde(default)]
+    pub audio: bool,
+    #[serde(default)]
+    pub video: bool,
+    #[serde(default)]
+    pub screen: bool,
+    #[serde(default = "yes")]
+    pub subscribe: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The claims the chat server signs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The call (channel) the token is for.
+    pub call: String,
+    /// The user id.
+    pub sub: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the user may do; absent: everything.
+    #[serde(default)]
+    pub grants: Option<TokenGrants>,
+    /// Expiry (seconds since the Unix epoch).
+    pub exp: u64,
+}
+
+/// Who is joining, after authorization.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub user: String,
+    pub name: String,
+    pub grants: Grants,
+}
+
+/// Checks a join for `call`. Errors are the WebSocket close reason.
+pub fn authorize(
+    config: &ServerConfig,
+    call: &str,
+    user: Option<&str>,
+    token: Option<&str>,
+) -> Result<Admission, String> {
+    let Some(secret) = &config.auth_secret else {
+        let user = user
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .unwrap_or("guest");
+        if user.len() > 64 {
+            return Err("user name longer than 64 characters".into());
+        }
+        return Ok(Admission {
+            user: user.to_owned(),
+            name: user.to_owned(),
+            grants: Grants::ALL,
+        });
+    };
+    let token = token.ok_or("a join token is required")?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 5;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let data = decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
+        jsonwebtoken::errors::ErrorKind::InvalidSignature => "token signature invalid".to_owned(),
+        _ => format!("token invalid: {e}"),
+    })?;
+    let claims = data.claims;
+    if claims.call != call {
+        return Err("token is for another call".into());
+    }
+    let grants = match claims.grants {
+        Some(g) => Grants::new(g.audio, g.video, g.screen, g.subscribe),
+        None => Grants::ALL,
+    };
+    Ok(Admission {
+        name: claims.name.unwrap_or_else(|| claims.sub.clone()),
+        user: claims.sub,
+        grants,
+    })
+}
+
+/// An RTCIceServer entry for the browser.
+#[derive(Debug, Serialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// TURN REST credentials (draft-uberti-behave-turn-rest): username `expiry:user`, password
+/// base64(HMAC-SHA1(secret, username)) — what coturn's `use-auth-secret` checks.
+pub fn ice_servers(turn: &[TurnServer], user: &str) -> Vec<IceServer> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    turn.iter()
+        .map(|t| match &t.secret {
+            Some(secret) => {
+                let username = format!("{}:{}", now + t.ttl_s, user);
+                let credential = turn_password(secret, &username);
+                IceServer {
+                    urls: t.urls.clone(),
+                    username: Some(username),
+                    credential: Some(credential),
+                }
+            }
+            None => IceServer {
+                urls: t.urls.clone(),
+                username: None,
+                credential: None,
+            },
+        })
+        .collect()
+}
+
+pub fn turn_password(secret: &str, username: &str) -> String {
+    let mut mac =
+        Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// A random token (resume tokens), hex.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("OS randomness");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turn_password_matches_the_rest_spec() {
+        // HMAC-SHA1("secret", "1700000000:alice"), checked with openssl.
+        assert_eq!(turn_password("secret", "1700000000:alice").len(), 28);
+    }
+}

@@ -1,0 +1,284 @@
+//! Server configuration: a TOML file (`--config PATH` or `CALLS_CONFIG`) overlaid with
+//! `CALLS_*` environment variables. Every problem is reported at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A TURN server handed to clients, with time-limited REST credentials when `secret` is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnServer {
+    /// `turn:` / `turns:` URLs.
+    pub urls: Vec<String>,
+    /// Shared secret (coturn `static-auth-secret`) for TURN REST credentials.
+    pub secret: Option<String>,
+    /// Lifetime of minted credentials, seconds.
+    #[serde(default = "default_turn_ttl")]
+    pub ttl_s: u64,
+}
+
+fn default_turn_ttl() -> u64 {
+    86_400
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the media sockets (UDP and TCP).
+    pub media_bind: IpAddr,
+    /// UDP media port.
+    pub udp_port: u16,
+    /// TCP media port (ICE-TCP); 0 disables TCP.
+    pub tcp_port: u16,
+    /// Disable UDP media (TCP candidates only) — for testing TCP fallback.
+    pub disable_udp: bool,
+    /// Addresses advertised as host candidates (public IP behind NAT, …).
+    pub ice_host_override: Vec<IpAddr>,
+    /// Port advertised instead of the media ports (port forwarding).
+    pub ice_port_override: Option<u16>,
+    /// STUN server (`host:port`) used once at start to discover the public IP; failures only log.
+    pub stun_server: Option<String>,
+    /// TURN servers handed to clients.
+    pub turn_servers: Vec<TurnServer>,
+    /// HTTP + WebSocket signaling listener.
+    pub http_listen: SocketAddr,
+    /// Admin API listener; needs `admin_api_key`.
+    pub admin_listen: SocketAddr,
+    /// Bearer key for the admin API; the admin API is off without it.
+    pub admin_api_key: Option<String>,
+    /// Shared secret (HS256) the chat server signs join tokens with. Without it the server runs
+    /// in demo mode (open joins), which is only allowed when HTTP listens on loopback.
+    pub auth_secret: Option<String>,
+    /// Allow open joins even though HTTP is not on loopback (never in production).
+    pub demo_mode_anywhere: bool,
+    /// Origins allowed to open the WebSocket (empty: same host as the page only).
+    pub allowed_origins: Vec<String>,
+    /// Participants per call.
+    pub max_participants_per_call: usize,
+    /// Router worker threads (0: one per core).
+    pub workers: usize,
+    /// How long a dropped WebSocket may reconnect and resume its session, seconds.
+    pub reconnect_grace_s: u64,
+    /// How long calls may go on after SIGTERM/SIGINT before the server exits, seconds.
+    pub drain_deadline_s: u64,
+    /// WebSocket messages larger than this close the connection.
+    pub ws_max_message_bytes: usize,
+    /// Sustained WebSocket messages per second per connection (bursts of 4× allowed).
+    pub ws_messages_per_second: u32,
+    /// Log filter (`info`, `debug`, `calls_core=debug,info`, …); `RUST_LOG` wins if set.
+    pub log_level: String,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            media_bind: "127.0.0.1".parse().expect("literal"),
+            udp_port: 8443,
+            tcp_port: 8443,
+            disable_udp: false,
+            ice_host_override: Vec::new(),
+            ice_port_override: None,
+            stun_server: None,
+            turn_servers: Vec::new(),
+            http_listen: "127.0.0.1:8080".parse().expect("literal"),
+            admin_listen: "127.0.0.1:8445".parse().expect("literal"),
+            admin_api_key: None,
+            auth_secret: None,
+            demo_mode_anywhere: false,
+            allowed_origins: Vec::new(),
+            max_participants_per_call: 100,
+            workers: 0,
+            reconnect_grace_s: 10,
+            drain_deadline_s: 60,
+            ws_max_message_bytes: 256 * 1024,
+            ws_messages_per_second: 50,
+            log_level: "info".to_owned(),
+            log_json: false,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads the file (if any), applies `CALLS_*` variables from `env`, validates.
+    pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut config = match path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match toml::from_str::<ServerConfig>(&text) {
+                    Ok(c) => c,
+                    Err(e) => return Err(vec![format!("{}: {}", path.display(), e.message())]),
+                },
+                Err(e) => return Err(vec![format!("cannot read {}: {e}", path.display())]),
+            },
+            None => ServerConfig::default(),
+        };
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix("CALLS_") else {
+                continue;
+            };
+            if name == "CONFIG" {
+                continue;
+            }
+            if let Err(e) = config.set(name, value) {
+                problems.push(format!("{key}={value:?}: {e}"));
+            }
+        }
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim().parse::<T>().map_err(|e| e.to_string())
+        }
+        fn list(v: &str) -> impl Iterator<Item = &str> {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty())
+        }
+        match name {
+            "MEDIA_BIND" => self.media_bind = parse(value)?,
+            "UDP_PORT" => self.udp_port = parse(value)?,
+            "TCP_PORT" => self.tcp_port = parse(value)?,
+            "DISABLE_UDP" => self.disable_udp = parse(value)?,
+            "ICE_HOST_OVERRIDE" => {
+                self.ice_host_override = list(value).map(parse).collect::<Result<_, _>>()?
+            }
+            "ICE_PORT_OVERRIDE" => self.ice_port_override = Some(parse(value)?),
+            "STUN_SERVER" => self.stun_server = Some(value.to_owned()),
+            "TURN_URLS" => {
+                let urls: Vec<String> = list(value).map(str::to_owned).collect();
+                match self.turn_servers.first_mut() {
+                    Some(t) => t.urls = urls,
+                    None => self.turn_servers.push(TurnServer {
+                        urls,
+                        secret: None,
+                        ttl_s: default_turn_ttl(),
+                    }),
+                }
+            }
+            "TURN_SECRET" => match self.turn_servers.first_mut() {
+                Some(t) => t.secret = Some(value.to_owned()),
+                None => return Err("set CALLS_TURN_URLS too".to_owned()),
+            },
+            "HTTP_LISTEN" => self.http_listen = parse(value)?,
+            "ADMIN_LISTEN" => self.admin_listen = parse(value)?,
+            "ADMIN_API_KEY" => self.admin_api_key = Some(value.to_owned()),
+            "AUTH_SECRET" => self.auth_secret = Some(value.to_owned()),
+            "DEMO_MODE_ANYWHERE" => self.demo_mode_anywhere = parse(value)?,
+            "ALLOWED_ORIGINS" => self.allowed_origins = list(value).map(str::to_owned).collect(),
+            "MAX_PARTICIPANTS_PER_CALL" => self.max_participants_per_call = parse(value)?,
+            "WORKERS" => self.workers = parse(value)?,
+            "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
+            "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
+            "LOG_LEVEL" => self.log_level = value.to_owned(),
+            "LOG_JSON" => self.log_json = parse(value)?,
+            other => return Err(format!("unknown setting CALLS_{other}")),
+        }
+        Ok(())
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.udp_port == 0 && !self.disable_udp {
+            p.push("`udp_port` 0 is not a port".to_owned());
+        }
+        if self.disable_udp && self.tcp_port == 0 {
+            p.push("UDP is disabled and `tcp_port` is 0: no media transport left".to_owned());
+        }
+        if self.media_bind.is_unspecified() && self.ice_host_override.is_empty() {
+            p.push(format!(
+                "`media_bind` {} is unspecified: set `ice_host_override` (CALLS_ICE_HOST_OVERRIDE) to the address clients reach",
+                self.media_bind
+            ));
+        }
+        if self.auth_secret.is_none()
+            && !self.http_listen.ip().is_loopback()
+            && !self.demo_mode_anywhere
+        {
+            p.push(format!(
+                "`http_listen` {} is not loopback but no `auth_secret` is set: open joins (demo mode) are only allowed on loopback",
+                self.http_listen
+            ));
+        }
+        if let Some(secret) = &self.auth_secret {
+            if secret.len() < 16 {
+                p.push("`auth_secret` is shorter than 16 bytes".to_owned());
+            }
+        }
+        if let Some(key) = &self.admin_api_key {
+            if key.len() < 16 {
+                p.push("`admin_api_key` is shorter than 16 bytes".to_owned());
+            }
+        }
+        for t in &self.turn_servers {
+            if t.urls.is_empty() {
+                p.push("a `turn_servers` entry has no `urls`".to_owned());
+            }
+            for url in &t.urls {
+                if !(url.starts_with("turn:") || url.starts_with("turns:")) {
+                    p.push(format!(
+                        "TURN url {url:?} does not start with turn: or turns:"
+                    ));
+                }
+            }
+        }
+        if self.max_participants_per_call < 2 {
+            p.push("`max_participants_per_call` must be at least 2".to_owned());
+        }
+        if self.ws_max_message_bytes < 16 * 1024 {
+            p.push("`ws_max_message_bytes` below 16384 cannot carry an SDP offer".to_owned());
+        }
+        if self.ws_messages_per_second == 0 {
+            p.push("`ws_messages_per_second` 0 would refuse every message".to_owned());
+        }
+        p
+    }
+
+    /// Open joins (no token).
+    pub fn demo_mode(&self) -> bool {
+        self.auth_secret.is_none()
+    }
+
+    /// The router configuration for worker `index`.
+    pub fn router_config(
+        &self,
+        index: u8,
+        extra_hosts: &[IpAddr],
+    ) -> Result<calls_core::Config, Vec<String>> {
+        let mut config = calls_core::Config::default();
+        config.udp_port = if self.udp_port == 0 {
+            8443
+        } else {
+            self.udp_port
+        };
+        config.tcp_port = if self.tcp_port == 0 {
+            8443
+        } else {
+            self.tcp_port
+        };
+        config.bind_address = self.media_bind;
+        config.ice_host_override = self.ice_host_override.clone();
+        for ip in extra_hosts {
+            if !config.ice_host_override.contains(ip) {
+                config.ice_host_override.push(*ip);
+            }
+        }
+        config.ice_port_override = self.ice_port_override;
+        config.max_participants_per_call = self.max_participants_per_call;
+        config.worker_index = index;
+        config.enable_udp = !self.disable_udp;
+        config.enable_tcp = self.tcp_port != 0;
+        config.validate().map_err(|e| e.problems)?;
+        Ok(config)
+    }
+}

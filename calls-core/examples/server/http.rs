@@ -1,0 +1,515 @@
+//! HTTP + WebSocket signaling, the demo page, metrics and health; the admin API.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router as Http};
+use calls_core::{CallId, SessionId, UserId};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::auth::{authorize, ice_servers, random_token};
+use crate::config::ServerConfig;
+use crate::worker::{worker_for_call, Cmd, ToClient, Workers};
+
+const PAGE: &str = include_str!("page.html");
+
+/// A session whose WebSocket dropped, waiting to be resumed.
+struct Detached {
+    session: SessionId,
+    worker: usize,
+    call: String,
+    /// Bumped when a new socket takes the session over, so the old socket's grace timer
+    /// knows not to end it.
+    generation: u64,
+}
+
+pub struct App {
+    pub config: ServerConfig,
+    pub workers: Workers,
+    pub draining: AtomicBool,
+    pub started: Instant,
+    next_session: AtomicU64,
+    resumes: Mutex<HashMap<String, Detached>>,
+    pub open_sockets: AtomicU64,
+    /// Every open WebSocket's sender, to announce a drain.
+    broadcast: Mutex<HashMap<u64, mpsc::UnboundedSender<ToClient>>>,
+}
+
+impl App {
+    pub fn new(config: ServerConfig, workers: Workers) -> Arc<App> {
+        Arc::new(App {
+            config,
+            workers,
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            next_session: AtomicU64::new(1),
+            resumes: Mutex::new(HashMap::new()),
+            open_sockets: AtomicU64::new(0),
+            broadcast: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Stop accepting joins and tell every client.
+    pub fn start_drain(&self) {
+        if self.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(
+            deadline_s = self.config.drain_deadline_s,
+            "draining: no new joins"
+        );
+        for w in 0..self.workers.count() {
+            self.workers.send(w, Cmd::Drain);
+        }
+        let msg =
+            json!({"type": "draining", "deadline_s": self.config.drain_deadline_s}).to_string();
+        if let Ok(all) = self.broadcast.lock() {
+            for tx in all.values() {
+                let _ = tx.send(ToClient::Text(msg.clone()));
+            }
+        }
+    }
+}
+
+pub fn public(app: Arc<App>) -> Http {
+    Http::new()
+        .route("/", get(page))
+        .route("/ws", get(ws))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/version", get(version))
+        .with_state(app)
+}
+
+pub fn admin(app: Arc<App>) -> Http {
+    Http::new()
+        .route("/api/calls", get(admin_calls))
+        .route("/api/calls/{call}", delete(admin_end_call))
+        .route("/api/sessions/{session}", delete(admin_kick))
+        .route("/api/drain", post(admin_drain))
+        .with_state(app)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "calls reference server",
+        "version": env!("CARGO_PKG_VERSION"),
+        "core": "calls-core",
+    }))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let snapshot = app.workers.metrics().await;
+    let mut text = snapshot.to_prometheus();
+    // Process metrics before the OpenMetrics terminator.
+    if let Some(stripped) = text.strip_suffix("# EOF\n") {
+        text = stripped.to_owned();
+    }
+    text.push_str(&process_metrics(&app));
+    text.push_str("# EOF\n");
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn process_metrics(app: &App) -> String {
+    let mut out = String::new();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name: utime is 14th, stime 15th (1-based, whole line).
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    if fields.len() > 13 {
+        let utime: f64 = fields[11].parse().unwrap_or(0.0);
+        let stime: f64 = fields[12].parse().unwrap_or(0.0);
+        out += "# TYPE process_cpu_seconds counter\n# HELP process_cpu_seconds CPU time of the server process.\n";
+        out += &format!("process_cpu_seconds_total {}\n", (utime + stime) / ticks);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    {
+        out += "# TYPE process_resident_memory_bytes gauge\n# HELP process_resident_memory_bytes Resident memory.\n";
+        out += &format!("process_resident_memory_bytes {}\n", kb * 1024);
+    }
+    out += "# TYPE calls_websockets gauge\n# HELP calls_websockets Open signaling WebSockets.\n";
+    out += &format!(
+        "calls_websockets {}\n",
+        app.open_sockets.load(Ordering::Relaxed)
+    );
+    out += "# TYPE calls_draining gauge\n# HELP calls_draining 1 while draining.\n";
+    out += &format!(
+        "calls_draining {}\n",
+        u8::from(app.draining.load(Ordering::SeqCst))
+    );
+    out += "# TYPE process_uptime_seconds gauge\n# HELP process_uptime_seconds Time since start.\n";
+    out += &format!(
+        "process_uptime_seconds {}\n",
+        app.started.elapsed().as_secs()
+    );
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct JoinQuery {
+    call: Option<String>,
+    user: Option<String>,
+    token: Option<String>,
+    resume: Option<String>,
+}
+
+fn origin_allowed(config: &ServerConfig, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true; // not a browser (load tests, aiortc): no Origin to check
+    };
+    if !config.allowed_origins.is_empty() {
+        return config
+            .allowed_origins
+            .iter()
+            .any(|o| o == origin || o == "*");
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        == Some(host)
+}
+
+async fn ws(
+    State(app): State<Arc<App>>,
+    Query(q): Query<JoinQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&app.config, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    let max = app.config.ws_max_message_bytes;
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session_socket(app, q, socket))
+}
+
+async fn close(mut socket: WebSocket, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: 4001,
+            reason: reason.to_owned().into(),
+        })))
+        .await;
+}
+
+/// One participant's signaling connection, for its whole life (or until it drops).
+async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
+    let call = q.call.unwrap_or_default();
+    if call.is_empty() || call.len() > 128 {
+        return close(socket, "a call name (1–128 characters) is required").await;
+    }
+    if app.draining.load(Ordering::SeqCst) {
+        return close(socket, "server is draining").await;
+    }
+    let admission = match authorize(&app.config, &call, q.user.as_deref(), q.token.as_deref()) {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::info!(%call, "join refused: {reason}");
+            return close(socket, &reason).await;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToClient>();
+    // Resume a dropped session, or join anew.
+    let resumed = q.resume.as_deref().and_then(|token| {
+        let mut resumes = app.resumes.lock().ok()?;
+        let entry = resumes.get_mut(token)?;
+        (entry.call == call).then(|| {
+            entry.generation += 1;
+            (
+                entry.session,
+                entry.worker,
+                token.to_owned(),
+                entry.generation,
+            )
+        })
+    });
+    let (session, worker, resume_token, generation) = match resumed {
+        Some((session, worker, token, generation)) => {
+            app.workers.send(
+                worker,
+                Cmd::Reattach {
+                    session,
+                    out: tx.clone(),
+                },
+            );
+            tracing::info!(%session, "signaling resumed");
+            (session, worker, token, generation)
+        }
+        None => {
+            let session = SessionId(app.next_session.fetch_add(1, Ordering::Relaxed));
+            let worker = worker_for_call(&call, app.workers.count());
+            let (reply, result) = tokio::sync::oneshot::channel();
+            app.workers.send(
+                worker,
+                Cmd::Join {
+                    session,
+                    call: CallId::from(call.as_str()),
+                    user: UserId::from(admission.user.as_str()),
+                    name: admission.name.clone(),
+                    grants: admission.grants,
+                    out: tx.clone(),
+                    reply,
+                },
+            );
+            match result.await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => {
+                    tracing::info!(%call, "join refused: {reason}");
+                    return close(socket, &reason).await;
+                }
+                Err(_) => return close(socket, "server is shutting down").await,
+            }
+            let token = random_token();
+            if let Ok(mut resumes) = app.resumes.lock() {
+                resumes.insert(
+                    token.clone(),
+                    Detached {
+                        session,
+                        worker,
+                        call: call.clone(),
+                        generation: 0,
+                    },
+                );
+            }
+            tracing::info!(%session, %call, user = %admission.user, worker, "joined");
+            (session, worker, token, 0)
+        }
+    };
+    let welcome = json!({
+        "type": "welcome",
+        "session": session.0,
+        "user": admission.user,
+        "name": admission.name,
+        "resume": resume_token,
+        "ice_servers": ice_servers(&app.config.turn_servers, &admission.user),
+        "demo": app.config.demo_mode(),
+    });
+    if socket
+        .send(Message::Text(welcome.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let socket_id = app.open_sockets.fetch_add(1, Ordering::Relaxed) + 1_000_000 * session.0;
+    if let Ok(mut all) = app.broadcast.lock() {
+        all.insert(socket_id, tx.clone());
+    }
+    drop(tx);
+
+    // Token bucket: `rate` per second, bursts of 4×.
+    let rate = f64::from(app.config.ws_messages_per_second);
+    let mut tokens = rate * 4.0;
+    let mut last = Instant::now();
+    let mut left_for_good = false;
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let Some(Ok(msg)) = incoming else { break };
+                match msg {
+                    Message::Text(text) => {
+                        let now = Instant::now();
+                        tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate * 4.0);
+                        last = now;
+                        if tokens < 1.0 {
+                            let _ = socket.send(Message::Close(Some(CloseFrame { code: 4008, reason: "too many messages".into() }))).await;
+                            left_for_good = true;
+                            break;
+                        }
+                        tokens -= 1.0;
+                        if text.as_str().contains("\"type\":\"leave\"") {
+                            left_for_good = true;
+                            break;
+                        }
+                        app.workers.send(worker, Cmd::Signal { session, text: text.to_string() });
+                    }
+                    Message::Binary(_) => {
+                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1003, reason: "text messages only".into() }))).await;
+                        left_for_good = true;
+                        break;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            outgoing = rx.recv() => {
+                match outgoing {
+                    Some(ToClient::Text(text)) => {
+                        if socket.send(Message::Text(text.into())).await.is_err() { break; }
+                    }
+                    Some(ToClient::Close(reason)) => {
+                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 4000, reason: reason.into() }))).await;
+                        left_for_good = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    app.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    if let Ok(mut all) = app.broadcast.lock() {
+        all.remove(&socket_id);
+    }
+    if left_for_good {
+        end_session(&app, &resume_token, worker, session, "left");
+        return;
+    }
+    // Dropped without saying goodbye: keep the session for the grace period.
+    let grace = Duration::from_secs(app.config.reconnect_grace_s);
+    tracing::info!(%session, grace_s = grace.as_secs(), "signaling dropped; waiting for a resume");
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        let still_ours = app
+            .resumes
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&resume_token).map(|d| d.generation == generation))
+            .unwrap_or(false);
+        if still_ours {
+            end_session(&app, &resume_token, worker, session, "signaling lost");
+        }
+    });
+}
+
+fn end_session(app: &App, resume_token: &str, worker: usize, session: SessionId, reason: &str) {
+    if let Ok(mut r) = app.resumes.lock() {
+        r.remove(resume_token);
+    }
+    app.workers.send(
+        worker,
+        Cmd::Leave {
+            session,
+            reason: reason.to_owned(),
+        },
+    );
+}
+
+// ------------------------------------------------------------------ admin API
+
+fn admin_authorized(app: &App, headers: &HeaderMap) -> bool {
+    let Some(key) = &app.config.admin_api_key else {
+        return false;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time enough for a static key compare of equal length.
+    given.is_some_and(|g| {
+        g.len() == key.len()
+            && g.bytes()
+                .zip(key.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    })
+}
+
+async fn admin_calls(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    Json(json!({ "draining": app.draining.load(Ordering::SeqCst), "calls": app.workers.calls().await })).into_response()
+}
+
+async fn admin_end_call(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(call): Path<String>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let worker = worker_for_call(&call, app.workers.count());
+    app.workers.send(
+        worker,
+        Cmd::EndCall {
+            call: CallId::from(call.as_str()),
+        },
+    );
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_kick(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(session): Path<u64>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    for w in 0..app.workers.count() {
+        app.workers.send(
+            w,
+            Cmd::Leave {
+                session: SessionId(session),
+                reason: "removed by an administrator".into(),
+            },
+        );
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    app.start_drain();
+    StatusCode::ACCEPTED.into_response()
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Http,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut shutdown = shutdown;
+    let _ = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    })
+    .await;
+}

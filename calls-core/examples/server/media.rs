@@ -1,0 +1,172 @@
+//! Media I/O: one UDP socket and one TCP listener on the media port, shared by every call.
+//! The UDP receive thread hands datagrams to the worker that owns their flow.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use calls_core::{ConnId, Proto};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::worker::{Cmd, Workers};
+
+/// Socket buffers large enough for bursts of video from many participants.
+const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Largest ICE-TCP frame we peek at to route a new connection.
+const MAX_FIRST_FRAME: usize = 2048;
+
+/// Binds the UDP media socket with large buffers.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    let udp: UdpSocket = socket.into();
+    if let (Ok(r), Ok(s)) = (
+        socket2::SockRef::from(&udp).recv_buffer_size(),
+        socket2::SockRef::from(&udp).send_buffer_size(),
+    ) {
+        tracing::info!(%addr, recv_buffer = r, send_buffer = s, "UDP media socket bound");
+    }
+    Ok(udp)
+}
+
+/// Receives UDP datagrams forever and dispatches them to workers. Datagrams nobody would accept
+/// (no known flow, no ufrag of ours) are dropped here without waking a worker.
+pub fn run_udp(socket: UdpSocket, workers: Workers) {
+    let local = match socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("UDP socket has no address: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, source) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("udp recv: {e}");
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let datagram = &buf[..n];
+        match workers.route(Proto::Udp, source, datagram) {
+            Some(w) => workers.send(
+                w,
+                Cmd::Datagram {
+                    source,
+                    destination: local,
+                    bytes: datagram.to_vec(),
+                    at,
+                },
+            ),
+            None => tracing::trace!(%source, "unroutable datagram dropped"),
+        }
+    }
+}
+
+/// Accepts ICE-TCP connections. The first RFC 4571 frame (a STUN binding request) picks the
+/// worker by its ufrag; from then on the connection's bytes go to that worker unparsed.
+pub async fn run_tcp(listener: TcpListener, workers: Workers) {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    loop {
+        let (mut stream, remote) = match listener.accept().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("tcp accept: {e}");
+                continue;
+            }
+        };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let workers = workers.clone();
+        tokio::spawn(async move {
+            // Peek the first frame to route the connection.
+            let mut head = [0u8; 2];
+            let routed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                stream.read_exact(&mut head).await.ok()?;
+                let len = u16::from_be_bytes(head) as usize;
+                if len == 0 || len > MAX_FIRST_FRAME {
+                    return None;
+                }
+                let mut frame = vec![0u8; len];
+                stream.read_exact(&mut frame).await.ok()?;
+                let worker = workers.route(Proto::Tcp, remote, &frame)?;
+                Some((worker, frame))
+            })
+            .await;
+            let Ok(Some((worker, frame))) = routed else {
+                tracing::debug!(%remote, "TCP connection without a STUN request of ours closed");
+                return;
+            };
+            let conn = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
+            let (mut reader, mut writer) = stream.into_split();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+            workers.send(
+                worker,
+                Cmd::TcpAccepted {
+                    conn,
+                    remote,
+                    local,
+                    writer: tx,
+                },
+            );
+            let mut first = head.to_vec();
+            first.extend_from_slice(&frame);
+            workers.send(
+                worker,
+                Cmd::TcpData {
+                    conn,
+                    bytes: first,
+                    at: Instant::now(),
+                },
+            );
+            let write_task = tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    if writer.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                // The worker dropped the writer (bad framing): close our half.
+                let _ = writer.shutdown().await;
+            });
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => workers.send(
+                        worker,
+                        Cmd::TcpData {
+                            conn,
+                            bytes: buf[..n].to_vec(),
+                            at: Instant::now(),
+                        },
+                    ),
+                }
+                if write_task.is_finished() {
+                    break;
+                }
+            }
+            workers.send(worker, Cmd::TcpClosed { conn });
+            write_task.abort();
+        });
+    }
+}
+
+/// Keeps the UDP socket shared between the receive thread and the workers' sends.
+pub fn clone_udp(socket: &UdpSocket) -> Option<UdpSocket> {
+    socket.try_clone().ok()
+}

@@ -1,0 +1,420 @@
+//! One router per worker thread. Calls are pinned to a worker by a hash of the call id; the
+//! media dispatcher routes a new 5-tuple by the worker index minted into the ICE ufrag, then
+//! by the flow table workers fill from `Event::FlowAdmitted`.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use calls_core::{
+    CallId, ConnId, Datagram, Event, Grants, MetricsSnapshot, Output, Proto, Router, SessionId,
+    UserId,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+/// 5-tuple (remote, proto) → worker, filled only with flows a router authenticated.
+pub type FlowMap = Arc<Mutex<HashMap<(Proto, SocketAddr), usize>>>;
+
+/// A message for a session's WebSocket (`None` closes it with the reason).
+#[derive(Debug)]
+pub enum ToClient {
+    Text(String),
+    Close(String),
+}
+
+/// Commands from the I/O side to a worker.
+#[derive(Debug)]
+pub enum Cmd {
+    Datagram {
+        source: SocketAddr,
+        destination: SocketAddr,
+        bytes: Vec<u8>,
+        at: Instant,
+    },
+    TcpAccepted {
+        conn: ConnId,
+        remote: SocketAddr,
+        local: SocketAddr,
+        writer: UnboundedSender<Vec<u8>>,
+    },
+    TcpData {
+        conn: ConnId,
+        bytes: Vec<u8>,
+        at: Instant,
+    },
+    TcpClosed {
+        conn: ConnId,
+    },
+    Join {
+        session: SessionId,
+        call: CallId,
+        user: UserId,
+        name: String,
+        grants: Grants,
+        out: UnboundedSender<ToClient>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// A resumed WebSocket replaces the old one.
+    Reattach {
+        session: SessionId,
+        out: UnboundedSender<ToClient>,
+    },
+    Signal {
+        session: SessionId,
+        text: String,
+    },
+    Leave {
+        session: SessionId,
+        reason: String,
+    },
+    EndCall {
+        call: CallId,
+    },
+    Drain,
+    Metrics {
+        reply: oneshot::Sender<MetricsSnapshot>,
+    },
+    ListCalls {
+        reply: oneshot::Sender<Vec<CallInfo>>,
+    },
+}
+
+/// A call as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct CallInfo {
+    pub call: String,
+    pub worker: usize,
+    pub participants: Vec<ParticipantInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ParticipantInfo {
+    pub session: u64,
+    pub user: String,
+    pub name: String,
+    pub connected: bool,
+    pub rtt_ms: Option<f64>,
+    pub egress_loss: Option<f64>,
+    pub ingress_loss: Option<f64>,
+}
+
+/// The worker a call is pinned to.
+pub fn worker_for_call(call: &str, workers: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    call.hash(&mut h);
+    (h.finish() % workers.max(1) as u64) as usize
+}
+
+struct Client {
+    call: CallId,
+    user: UserId,
+    name: String,
+    out: UnboundedSender<ToClient>,
+    connected: bool,
+    flows: Vec<(Proto, SocketAddr)>,
+}
+
+pub struct Worker {
+    index: usize,
+    router: Router,
+    udp: Option<UdpSocket>,
+    flows: FlowMap,
+    clients: HashMap<SessionId, Client>,
+    tcp_writers: HashMap<ConnId, UnboundedSender<Vec<u8>>>,
+}
+
+impl Worker {
+    pub fn new(index: usize, router: Router, udp: Option<UdpSocket>, flows: FlowMap) -> Self {
+        Worker {
+            index,
+            router,
+            udp,
+            flows,
+            clients: HashMap::new(),
+            tcp_writers: HashMap::new(),
+        }
+    }
+
+    /// Runs until every sender is gone.
+    pub fn run(mut self, commands: Receiver<Cmd>) {
+        loop {
+            let deadline = self.drain();
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait.min(Duration::from_millis(500))) {
+                Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => self.router.handle_timeout(Instant::now()),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        let now = Instant::now();
+        match cmd {
+            Cmd::Datagram {
+                source,
+                destination,
+                bytes,
+                at,
+            } => self.router.handle_datagram(
+                Datagram {
+                    proto: Proto::Udp,
+                    source,
+                    destination,
+                    contents: &bytes,
+                },
+                at,
+            ),
+            Cmd::TcpAccepted {
+                conn,
+                remote,
+                local,
+                writer,
+            } => {
+                if self.router.tcp_accepted(conn, remote, local).is_ok() {
+                    self.tcp_writers.insert(conn, writer);
+                }
+            }
+            Cmd::TcpData { conn, bytes, at } => {
+                if let Err(e) = self.router.handle_tcp_data(conn, &bytes, at) {
+                    tracing::info!(worker = self.index, "closing TCP connection: {e}");
+                    // Dropping the writer closes the socket.
+                    self.tcp_writers.remove(&conn);
+                }
+            }
+            Cmd::TcpClosed { conn } => {
+                let _ = self.router.tcp_closed(conn);
+                self.tcp_writers.remove(&conn);
+            }
+            Cmd::Join {
+                session,
+                call,
+                user,
+                name,
+                grants,
+                out,
+                reply,
+            } => {
+                let result = self
+                    .router
+                    .join(call.clone(), session, user.clone(), grants, now);
+                if result.is_ok() {
+                    self.clients.insert(
+                        session,
+                        Client {
+                            call,
+                            user,
+                            name,
+                            out,
+                            connected: false,
+                            flows: Vec::new(),
+                        },
+                    );
+                }
+                let _ = reply.send(result.map_err(|e| e.to_string()));
+            }
+            Cmd::Reattach { session, out } => {
+                if let Some(client) = self.clients.get_mut(&session) {
+                    client.out = out;
+                    let _ = self.router.resend_signaling(session);
+                }
+            }
+            Cmd::Signal { session, text } => {
+                // Refusals go back to the client as `error` messages through poll_output.
+                let _ = self.router.handle_signal_json(session, &text, now);
+            }
+            Cmd::Leave { session, reason } => {
+                if let Some(client) = self.clients.get(&session) {
+                    let _ = client.out.send(ToClient::Close(reason));
+                }
+                let _ = self.router.leave(session, now);
+            }
+            Cmd::EndCall { call } => {
+                let sessions: Vec<SessionId> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.call == call)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for session in sessions {
+                    if let Some(client) = self.clients.get(&session) {
+                        let _ = client
+                            .out
+                            .send(ToClient::Close("call ended by an administrator".into()));
+                    }
+                    let _ = self.router.leave(session, now);
+                }
+            }
+            Cmd::Drain => self.router.start_draining(),
+            Cmd::Metrics { reply } => {
+                let _ = reply.send(self.router.metrics());
+            }
+            Cmd::ListCalls { reply } => {
+                let stats = self.router.metrics().session_stats;
+                let mut calls: HashMap<String, CallInfo> = HashMap::new();
+                for (session, client) in &self.clients {
+                    let s = stats.iter().find(|s| s.session == *session);
+                    calls
+                        .entry(client.call.to_string())
+                        .or_insert_with(|| CallInfo {
+                            call: client.call.to_string(),
+                            worker: self.index,
+                            participants: Vec::new(),
+                        })
+                        .participants
+                        .push(ParticipantInfo {
+                            session: session.0,
+                            user: client.user.to_string(),
+                            name: client.name.clone(),
+                            connected: client.connected,
+                            rtt_ms: s.and_then(|s| s.rtt_ms),
+                            egress_loss: s.and_then(|s| s.egress_loss),
+                            ingress_loss: s.and_then(|s| s.ingress_loss),
+                        });
+                }
+                let mut list: Vec<CallInfo> = calls.into_values().collect();
+                list.sort_by(|a, b| a.call.cmp(&b.call));
+                for c in &mut list {
+                    c.participants.sort_by_key(|p| p.session);
+                }
+                let _ = reply.send(list);
+            }
+        }
+    }
+
+    /// Drains the router; returns its next deadline.
+    fn drain(&mut self) -> Instant {
+        loop {
+            match self.router.poll_output() {
+                Output::Timeout(at) => return at,
+                Output::Transmit(t) => match (t.proto, t.conn) {
+                    (Proto::Udp, _) => {
+                        if let Some(udp) = &self.udp {
+                            if let Err(e) = udp.send_to(&t.contents, t.destination) {
+                                tracing::debug!("udp send to {} failed: {e}", t.destination);
+                            }
+                        }
+                    }
+                    (Proto::Tcp, Some(conn)) => {
+                        if let Some(writer) = self.tcp_writers.get(&conn) {
+                            let _ = writer.send(t.contents);
+                        }
+                    }
+                    _ => {}
+                },
+                Output::Signal(session, msg) => {
+                    if let Some(client) = self.clients.get(&session) {
+                        let _ = client.out.send(ToClient::Text(msg.to_json()));
+                    }
+                }
+                Output::Event(event) => self.on_event(event),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::FlowAdmitted {
+                session,
+                proto,
+                remote,
+                ..
+            } => {
+                if let Ok(mut flows) = self.flows.lock() {
+                    flows.insert((proto, remote), self.index);
+                }
+                if let Some(client) = self.clients.get_mut(&session) {
+                    if !client.flows.contains(&(proto, remote)) {
+                        client.flows.push((proto, remote));
+                    }
+                }
+            }
+            Event::Connected { session } => {
+                tracing::info!(worker = self.index, %session, "media connected");
+                if let Some(client) = self.clients.get_mut(&session) {
+                    client.connected = true;
+                }
+            }
+            Event::Left {
+                session, reason, ..
+            } => {
+                tracing::info!(worker = self.index, %session, ?reason, "left");
+                if let Some(client) = self.clients.remove(&session) {
+                    let _ = client
+                        .out
+                        .send(ToClient::Close(format!("left: {reason:?}")));
+                    if let Ok(mut flows) = self.flows.lock() {
+                        for flow in &client.flows {
+                            flows.remove(flow);
+                        }
+                    }
+                }
+            }
+            other => tracing::debug!(worker = self.index, "{other:?}"),
+        }
+    }
+}
+
+/// Handles to all workers.
+#[derive(Clone)]
+pub struct Workers {
+    pub senders: Vec<Sender<Cmd>>,
+    pub flows: FlowMap,
+}
+
+impl Workers {
+    pub fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn send(&self, worker: usize, cmd: Cmd) {
+        if let Some(s) = self.senders.get(worker) {
+            let _ = s.send(cmd);
+        }
+    }
+
+    /// The worker for a datagram from `remote`: the flow table, else the ufrag of a STUN
+    /// binding request. `None`: nobody would accept it.
+    pub fn route(&self, proto: Proto, remote: SocketAddr, datagram: &[u8]) -> Option<usize> {
+        if let Some(w) = self
+            .flows
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&(proto, remote)).copied())
+        {
+            return Some(w);
+        }
+        Router::worker_of_datagram(datagram)
+            .map(usize::from)
+            .filter(|w| *w < self.count())
+    }
+
+    pub async fn metrics(&self) -> MetricsSnapshot {
+        let mut total = MetricsSnapshot::default();
+        for s in &self.senders {
+            let (reply, rx) = oneshot::channel();
+            let _ = s.send(Cmd::Metrics { reply });
+            if let Ok(m) = rx.await {
+                total.merge(&m);
+            }
+        }
+        total
+    }
+
+    pub async fn calls(&self) -> Vec<CallInfo> {
+        let mut all = Vec::new();
+        for s in &self.senders {
+            let (reply, rx) = oneshot::channel();
+            let _ = s.send(Cmd::ListCalls { reply });
+            if let Ok(list) = rx.await {
+                all.extend(list);
+            }
+        }
+        all
+    }
+}
