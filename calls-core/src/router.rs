@@ -403,6 +403,8 @@ impl Router {
     }
 
     /// Announces an accepted ICE-TCP connection (on the TCP media port) before its bytes.
+    /// `local` is the socket's local address (`accept()` gives it); behind NAT or port
+    /// forwarding it may differ from the advertised candidate.
     pub fn tcp_accepted(
         &mut self,
         conn: ConnId,
@@ -412,6 +414,8 @@ impl Router {
         if self.tcp_conns.contains_key(&conn) {
             return Err(TcpError::ConnectionExists(conn));
         }
+        // str0m sees (and sends from) the advertised candidate address, not the socket's.
+        let local = self.local_address(Proto::Tcp, local);
         self.tcp_by_addr.insert((remote, local), conn);
         self.tcp_conns.insert(
             conn,

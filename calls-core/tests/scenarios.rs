@@ -11,10 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
+use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats, Transport};
 use calls_core::{
     ClientMessage, Config, DropReason, Grants, RouterError, ServerMessage, SessionId, SignalError,
-    TrackSource,
+    TcpError, TrackSource,
 };
 
 const MIC: TrackSource = TrackSource::Microphone;
@@ -1065,4 +1065,273 @@ fn grants_are_enforced_at_the_media_layer() {
     assert!(world.peer(watcher).is_connected());
     assert!(stats(&world, watcher, alice, MIC).packets > 50);
     assert!(stats(&world, watcher, no_screen, CAM).packets > 50);
+}
+
+/// Two UDP peers and one TCP-only peer (active ICE-TCP candidate only) on a slightly delayed,
+/// jittery network; the TCP peer's stream is split at random points both ways.
+fn tcp_call(seed: u64) -> (SimWorld, Vec<SessionId>) {
+    let mut world = world(seed);
+    world.set_impairment(
+        Impairment::delay(Duration::from_millis(15)).with_jitter(Duration::from_millis(5)),
+    );
+    let alice = world.add_peer("standup", "alice", PeerOptions::default());
+    let bob = world.add_peer("standup", "bob", PeerOptions::default());
+    let tina = world.add_peer(
+        "standup",
+        "tina",
+        PeerOptions {
+            transport: Transport::Tcp,
+            ..PeerOptions::default()
+        },
+    );
+    let peers = vec![alice, bob, tina];
+    settle(&mut world, &peers, &[MIC, CAM]);
+    (world, peers)
+}
+
+/// A participant whose UDP is blocked joins over ICE-TCP: everyone receives everyone's audio
+/// and video without loss, and the router really talks TCP to it (and only TCP).
+#[test]
+fn tcp_only_participant_joins_a_udp_call() {
+    let (mut world, peers) = tcp_call(31);
+    let tina = peers[2];
+    let tina_addr = world.peer(tina).addr();
+    let before = snapshot(&world, &peers, &[MIC, CAM]);
+    world.run_for(secs(3.0));
+
+    for (rx, tx, src, w) in window(&before, &world) {
+        // Up to ~40 ms one-way through the router: a few packets may still be on the way (an
+        // audio packet or two, a video frame — a keyframe is 15 packets).
+        let slack = if src.is_audio() { 3 } else { 20 };
+        assert!(
+            w.received + slack >= w.sent && w.received <= w.sent + slack,
+            "{rx} got {} of {} packets of {tx} {src:?} in 3 s{}",
+            w.received,
+            w.sent,
+            describe(&world)
+        );
+        let expected_min = if src.is_audio() { 140 } else { 90 };
+        assert!(w.sent >= expected_min, "{tx} sent only {} {src:?}", w.sent);
+    }
+    for &rx in &peers {
+        let peer = world.peer(rx);
+        assert!(peer.unattributed().is_empty(), "{}", describe(&world));
+        assert!(peer.rtc_errors().is_empty(), "{:?}", peer.rtc_errors());
+        for (tx, src, t) in peer.received() {
+            assert!(peers.contains(&tx) && tx != rx);
+            assert_eq!(
+                t.gaps_after_keyframe,
+                0,
+                "{rx} from {tx} {src:?}{}",
+                describe(&world)
+            );
+            assert_eq!(
+                t.late_or_duplicate,
+                0,
+                "{rx} from {tx} {src:?}{}",
+                describe(&world)
+            );
+            assert_eq!(
+                t.ssrc_changes,
+                0,
+                "{rx} from {tx} {src:?}{}",
+                describe(&world)
+            );
+        }
+    }
+
+    let m = world.metrics();
+    assert_eq!(m.tcp_connections, 1, "{m:?}");
+    assert_eq!((m.sessions, m.calls, m.flows), (3, 1, 3), "{m:?}");
+    assert_eq!((m.tcp_rejected, m.tcp_unsent), (0, 0), "{m:?}");
+    assert!(world.tcp_errors().is_empty(), "{:?}", world.tcp_errors());
+
+    // The TCP peer's flow is TCP: every router transmit to it went on its connection, and it
+    // carried the whole call (ICE, DTLS, media, RTCP).
+    let to_tina = world.router_transmits_to(tina_addr);
+    assert!(to_tina > 500, "router sent tina only {to_tina} datagrams");
+    assert_eq!(world.router_tcp_transmits_to(tina_addr), to_tina);
+    assert!(world
+        .tcp_conn_of(tina)
+        .is_some_and(|c| world.tcp_is_open(c)));
+    for &udp_peer in &peers[..2] {
+        let addr = world.peer(udp_peer).addr();
+        assert!(world.router_transmits_to(addr) > 500);
+        assert_eq!(world.router_tcp_transmits_to(addr), 0);
+    }
+
+    // The stream really was split anywhere and coalesced, both ways, and nothing was lost or
+    // left unparsed in the reassembly.
+    let tcp = world.tcp_stats();
+    assert_eq!(tcp.opened, 1, "{tcp:?}");
+    for (dir, d) in [("up", tcp.up), ("down", tcp.down)] {
+        assert!(d.frames > 300, "{dir}: {tcp:?}");
+        assert!(d.frames_reassembled + 40 >= d.frames, "{dir}: {tcp:?}");
+        assert!(
+            d.prefix_splits > 0,
+            "{dir}: no split inside a length prefix: {tcp:?}"
+        );
+        assert!(d.body_splits > 0, "{dir}: no split inside a frame: {tcp:?}");
+        assert!(
+            d.coalesced_chunks > 0,
+            "{dir}: never two frames in one chunk: {tcp:?}"
+        );
+        assert!(
+            d.deferred_tails > 0,
+            "{dir}: never a partial frame across inputs: {tcp:?}"
+        );
+    }
+    // Everything tina published went over TCP.
+    let tina_sent = world.peer(tina).sent(MIC).packets + world.peer(tina).sent(CAM).packets;
+    assert!(
+        tcp.up.frames > tina_sent,
+        "{tina_sent} RTP packets sent; {tcp:?}"
+    );
+    assert_eq!(
+        (
+            tcp.unroutable,
+            tcp.misaddressed,
+            tcp.dropped_on_closed,
+            tcp.reset
+        ),
+        (0, 0, 0, 0),
+        "{tcp:?}"
+    );
+}
+
+/// The TCP peer leaves: the world calls `leave` and then `tcp_closed`; the router is back to a
+/// two-UDP-peer baseline and the UDP peers keep receiving each other.
+#[test]
+fn tcp_peer_leaving_closes_cleanly() {
+    let (mut world, peers) = tcp_call(32);
+    let (alice, bob, tina) = (peers[0], peers[1], peers[2]);
+    world.run_for(secs(0.5));
+    let conn = world.tcp_conn_of(tina);
+    assert!(conn.is_some());
+    let before = world.metrics();
+    assert_eq!(
+        (before.sessions, before.flows, before.tcp_connections),
+        (3, 3, 1),
+        "{before:?}"
+    );
+
+    let (result, _tina) = world.leave(tina);
+    assert_eq!(result, Ok(()));
+    assert!(conn.is_some_and(|c| !world.tcp_is_open(c)));
+    world.run_for(secs(0.5));
+    let tina_at_leave = [alice, bob].map(|rx| {
+        (
+            stats(&world, rx, tina, MIC).packets,
+            stats(&world, rx, tina, CAM).packets,
+        )
+    });
+    let others_before = snapshot(&world, &[alice, bob], &[MIC, CAM]);
+    world.run_for(secs(1.5));
+
+    let m = world.metrics();
+    assert_eq!(
+        (
+            m.sessions,
+            m.calls,
+            m.flows,
+            m.connected_sessions,
+            m.tcp_connections
+        ),
+        (2, 1, 2, 2, 0),
+        "{m:?}"
+    );
+    assert_eq!(m.leaves, before.leaves + 1);
+    assert!(world.tcp_errors().is_empty(), "{:?}", world.tcp_errors());
+    let tcp = world.tcp_stats();
+    assert_eq!((tcp.opened, tcp.closed, tcp.reset), (1, 1, 0), "{tcp:?}");
+    // Nothing is sent on the closed connection any more.
+    assert_eq!(tcp.unroutable, 0, "{tcp:?}");
+
+    for (i, rx) in [alice, bob].into_iter().enumerate() {
+        let peer = world.peer(rx);
+        assert!(
+            peer.participants_left().contains(&tina),
+            "{rx} not told tina left"
+        );
+        assert!(
+            peer.tracks().iter().all(|t| t.session != tina),
+            "{rx} still lists tina's tracks{}",
+            describe(&world)
+        );
+        assert_eq!(
+            (
+                stats(&world, rx, tina, MIC).packets,
+                stats(&world, rx, tina, CAM).packets
+            ),
+            tina_at_leave[i]
+        );
+    }
+    for (rx, tx, src, w) in window(&others_before, &world) {
+        let slack = if src.is_audio() { 3 } else { 20 };
+        assert!(
+            w.received + slack >= w.sent && w.sent > 40,
+            "{rx} from {tx} {src:?}: {} of {}",
+            w.received,
+            w.sent
+        );
+        assert_eq!(stats(&world, rx, tx, src).gaps_after_keyframe, 0);
+    }
+}
+
+/// A TCP stream that is not ICE-TCP (an oversized frame) makes the router forget that
+/// connection: the world records the error and closes it; the rest of the call goes on.
+#[test]
+fn broken_tcp_stream_closes_only_that_connection() {
+    let (mut world, peers) = tcp_call(33);
+    let (alice, bob, tina) = (peers[0], peers[1], peers[2]);
+    world.run_for(secs(0.3));
+    let Some(conn) = world.tcp_conn_of(tina) else {
+        panic!("tina has no TCP connection");
+    };
+    // 0xFFFF announces a 65535-byte frame; enough of them that one lands on a frame boundary
+    // even if the connection is in the middle of a frame.
+    let result = world.inject_tcp_data(conn, &[0xFF; 4000]);
+    assert!(
+        matches!(result, Err(TcpError::FrameTooLarge { conn: c, .. }) if c == conn),
+        "{result:?}"
+    );
+    assert_eq!(world.tcp_errors().len(), 1, "{:?}", world.tcp_errors());
+    assert!(!world.tcp_is_open(conn));
+    let m = world.metrics();
+    assert_eq!((m.tcp_connections, m.tcp_rejected), (0, 1), "{m:?}");
+
+    let others_before = snapshot(&world, &[alice, bob], &[MIC, CAM]);
+    world.run_for(secs(1.0));
+    let tcp = world.tcp_stats();
+    assert_eq!(tcp.reset, 1, "{tcp:?}");
+    assert!(tcp.dropped_on_closed > 0, "tina kept sending: {tcp:?}");
+    // The router has no connection to send tina's media on any more.
+    assert_eq!(world.metrics().tcp_connections, 0);
+    for (rx, tx, src, w) in window(&others_before, &world) {
+        let slack = if src.is_audio() { 3 } else { 20 };
+        assert!(
+            w.received + slack >= w.sent && w.sent > 20,
+            "{rx} from {tx} {src:?}: {} of {}",
+            w.received,
+            w.sent
+        );
+        assert_eq!(stats(&world, rx, tx, src).gaps_after_keyframe, 0);
+    }
+}
+
+/// Behind port forwarding the router advertises `:443` while the TCP socket accepted the
+/// connection on `:8443`; the embedder passes what `accept()` reports as `local`, as it does for
+/// UDP datagrams (which the router maps to the advertised candidate).
+#[test]
+fn tcp_peer_connects_behind_port_forwarding() {
+    let mut config = Config::default();
+    config.ice_port_override = Some(443);
+    let mut world = SimWorld::with_config(40, epoch(), config);
+    world.set_tcp_accept_local(Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8443)));
+    let alice = world.add_peer("standup", "alice", PeerOptions::default());
+    let tina = world.add_peer("standup", "tina", PeerOptions::default().tcp_only());
+    settle(&mut world, &[alice, tina], &[MIC, CAM]);
+    let m = world.metrics();
+    assert_eq!((m.tcp_connections, m.tcp_unsent), (1, 0), "{m:?}");
+    assert!(world.router_tcp_transmits_to(world.peer(tina).addr()) > 0);
 }

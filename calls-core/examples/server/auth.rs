@@ -157,10 +157,119 @@ pub fn random_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn config() -> ServerConfig {
+        ServerConfig {
+            auth_secret: Some(SECRET.to_owned()),
+            ..ServerConfig::default()
+        }
+    }
+
+    fn token(secret: &str, call: &str, exp_from_now: i64) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = Claims {
+            call: call.to_owned(),
+            sub: "u1".to_owned(),
+            name: Some("Ada".to_owned()),
+            grants: Some(TokenGrants {
+                audio: true,
+                video: false,
+                screen: false,
+                subscribe: true,
+            }),
+            exp: (now + exp_from_now) as u64,
+        };
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
 
     #[test]
     fn turn_password_matches_the_rest_spec() {
-        // HMAC-SHA1("secret", "1700000000:alice"), checked with openssl.
-        assert_eq!(turn_password("secret", "1700000000:alice").len(), 28);
+        // base64(HMAC-SHA1("secret", "1700000000:alice")), computed independently.
+        assert_eq!(
+            turn_password("secret", "1700000000:alice"),
+            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
+        );
+        let servers = ice_servers(
+            &[TurnServer {
+                urls: vec!["turn:127.0.0.1:3478".into()],
+                secret: Some("s".into()),
+                ttl_s: 60,
+            }],
+            "bob",
+        );
+        let username = servers[0].username.clone().unwrap();
+        assert!(username.ends_with(":bob"));
+        assert_eq!(
+            servers[0].credential.as_deref(),
+            Some(turn_password("s", &username).as_str())
+        );
+    }
+
+    #[test]
+    fn a_valid_token_admits_with_its_grants() {
+        let admission =
+            authorize(&config(), "room", None, Some(&token(SECRET, "room", 60))).unwrap();
+        assert_eq!(admission.user, "u1");
+        assert_eq!(admission.name, "Ada");
+        assert_eq!(admission.grants, Grants::new(true, false, false, true));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_a_reason() {
+        let c = config();
+        assert_eq!(
+            authorize(&c, "room", Some("x"), None).unwrap_err(),
+            "a join token is required"
+        );
+        assert_eq!(
+            authorize(&c, "room", None, Some(&token(SECRET, "room", -60))).unwrap_err(),
+            "token expired"
+        );
+        assert_eq!(
+            authorize(
+                &c,
+                "room",
+                None,
+                Some(&token("another-secret-entirely-000000", "room", 60))
+            )
+            .unwrap_err(),
+            "token signature invalid"
+        );
+        assert_eq!(
+            authorize(&c, "room", None, Some(&token(SECRET, "other", 60))).unwrap_err(),
+            "token is for another call"
+        );
+        // Tampered payload: swap the claims segment for one naming another call.
+        let good = token(SECRET, "room", 60);
+        let other = token(SECRET, "other", 60);
+        let parts: Vec<&str> = good.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            other.split('.').nth(1).unwrap(),
+            parts[2]
+        );
+        assert_eq!(
+            authorize(&c, "other", None, Some(&forged)).unwrap_err(),
+            "token signature invalid"
+        );
+    }
+
+    #[test]
+    fn demo_mode_admits_by_name() {
+        let admission = authorize(&ServerConfig::default(), "room", Some("  Bob "), None).unwrap();
+        assert_eq!(admission.user, "Bob");
+        assert_eq!(admission.grants, Grants::ALL);
     }
 }

@@ -195,9 +195,12 @@ impl ServerConfig {
         if self.disable_udp && self.tcp_port == 0 {
             p.push("UDP is disabled and `tcp_port` is 0: no media transport left".to_owned());
         }
-        if self.media_bind.is_unspecified() && self.ice_host_override.is_empty() {
+        if self.media_bind.is_unspecified()
+            && self.ice_host_override.is_empty()
+            && self.stun_server.is_none()
+        {
             p.push(format!(
-                "`media_bind` {} is unspecified: set `ice_host_override` (CALLS_ICE_HOST_OVERRIDE) to the address clients reach",
+                "`media_bind` {} is unspecified: set `ice_host_override` (CALLS_ICE_HOST_OVERRIDE) to the address clients reach, or a `stun_server` to discover it",
                 self.media_bind
             ));
         }
@@ -268,6 +271,13 @@ impl ServerConfig {
         };
         config.bind_address = self.media_bind;
         config.ice_host_override = self.ice_host_override.clone();
+        if config.ice_host_override.is_empty()
+            && !extra_hosts.is_empty()
+            && !self.media_bind.is_unspecified()
+        {
+            // Keep the local address reachable for clients on the same network.
+            config.ice_host_override.push(self.media_bind);
+        }
         for ip in extra_hosts {
             if !config.ice_host_override.contains(ip) {
                 config.ice_host_override.push(*ip);
@@ -280,5 +290,70 @@ impl ServerConfig {
         config.enable_tcp = self.tcp_port != 0;
         config.validate().map_err(|e| e.problems)?;
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_a_loopback_demo() {
+        let c = ServerConfig::load(None, &[]).unwrap();
+        assert!(c.demo_mode());
+        assert_eq!((c.udp_port, c.tcp_port), (8443, 8443));
+    }
+
+    #[test]
+    fn env_overrides_and_every_problem_is_listed() {
+        let c = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_UDP_PORT", "9000"),
+                ("CALLS_ICE_HOST_OVERRIDE", "203.0.113.5, 2001:db8::5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.udp_port, 9000);
+        assert_eq!(c.ice_host_override.len(), 2);
+        let problems = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_UDP_PORT", "x"),
+                ("CALLS_HTTP_LISTEN", "0.0.0.0:80"),
+                ("CALLS_BOGUS", "1"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("demo mode")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn router_config_carries_worker_and_transport_choices() {
+        let c = ServerConfig {
+            disable_udp: true,
+            ..ServerConfig::default()
+        };
+        let r = c
+            .router_config(3, &["198.51.100.1".parse().unwrap()])
+            .unwrap();
+        assert_eq!(r.worker_index, 3);
+        assert!(!r.enable_udp && r.enable_tcp);
+        let expected: Vec<IpAddr> = vec![
+            "127.0.0.1".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+        ];
+        assert_eq!(r.ice_host_override, expected);
     }
 }

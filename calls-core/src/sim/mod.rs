@@ -7,15 +7,20 @@
 //! - [`net`]: [`SimNet`], datagrams in flight ordered by arrival time.
 //! - [`peer`]: [`SimPeer`], a participant publishing synthetic Opus and VP8 and counting what it
 //!   receives per publisher track.
-//! - [`world`]: [`SimWorld`], the router, the peers, the network and in-memory signaling on one
-//!   event loop.
+//! - [`tcp`]: simulated ICE-TCP connections (reliable, ordered, RFC 4571 frames split at
+//!   seeded-random points) for peers with [`Transport::Tcp`].
+//! - [`world`]: [`SimWorld`], the router, the peers, the network, the TCP connections and
+//!   in-memory signaling on one event loop.
 
 pub mod net;
 pub mod peer;
+pub mod tcp;
 pub mod world;
 
 pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{
     NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, TrackStats,
+    Transport,
 };
+pub use tcp::{Deframer, TcpDirStats, TcpStats};
 pub use world::SimWorld;

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{detect_vp8_keyframe, Codec};
 use str0m::media::{Direction, KeyframeRequest, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::ids::{SessionId, TrackSource, UserId};
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
+use crate::Proto;
 
 /// Audio packet interval (Opus 20 ms frames).
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -36,6 +37,18 @@ const KEYFRAME_PACKETS: usize = 15;
 /// Server messages kept in [`SimPeer::signal_log`].
 const SIGNAL_LOG_LEN: usize = 256;
 
+/// How a simulated participant reaches the router.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// A UDP host candidate (the normal case).
+    #[default]
+    Udp,
+    /// Only an *active* ICE-TCP host candidate, as a browser behind a firewall that blocks
+    /// UDP: ICE can pair it only with the router's passive TCP candidate. The world opens a
+    /// simulated TCP connection on the peer's first TCP transmit and carries RFC 4571 frames.
+    Tcp,
+}
+
 /// What a simulated participant publishes and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerOptions {
@@ -51,6 +64,8 @@ pub struct PeerOptions {
     pub addr: Option<SocketAddr>,
     /// What the router lets this participant do (passed to `Router::join`).
     pub grants: crate::ids::Grants,
+    /// UDP, or ICE-TCP only.
+    pub transport: Transport,
 }
 
 impl Default for PeerOptions {
@@ -62,6 +77,7 @@ impl Default for PeerOptions {
             keyframe_interval: Duration::from_secs(3),
             addr: None,
             grants: crate::ids::Grants::ALL,
+            transport: Transport::Udp,
         }
     }
 }
@@ -84,6 +100,12 @@ impl PeerOptions {
     /// Also shares a screen.
     pub fn with_screen(mut self) -> Self {
         self.screen = true;
+        self
+    }
+
+    /// Reaches the router over ICE-TCP only (see [`Transport::Tcp`]).
+    pub fn tcp_only(mut self) -> Self {
+        self.transport = Transport::Tcp;
         self
     }
 }
@@ -187,6 +209,8 @@ pub enum PeerSignal {
 /// A datagram the peer wants sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerTransmit {
+    /// UDP, or one ICE-TCP frame (without the RFC 4571 length prefix: the world adds it).
+    pub proto: Proto,
     /// The peer's own address.
     pub source: SocketAddr,
     /// Where it goes (the router's candidate).
@@ -254,6 +278,7 @@ pub struct SimPeer {
     session: SessionId,
     user: UserId,
     addr: SocketAddr,
+    transport: Transport,
     rtc: Rtc,
     rng: fastrand::Rng,
     publishers: Vec<Publisher>,
@@ -321,8 +346,8 @@ fn message_kind(msg: &ServerMessage) -> &'static str {
 }
 
 impl SimPeer {
-    /// Creates a peer at `addr` with a host candidate there. Nothing is sent until
-    /// [`SimPeer::start`].
+    /// Creates a peer at `addr` with a host candidate there (UDP, or active TCP for
+    /// [`Transport::Tcp`]). Nothing is sent until [`SimPeer::start`].
     pub fn new(
         session: SessionId,
         user: UserId,
@@ -332,7 +357,15 @@ impl SimPeer {
         now: Instant,
     ) -> Self {
         let mut rtc = Rtc::builder().set_rtp_mode(true).build(now);
-        match Candidate::host(addr, "udp") {
+        let candidate = match options.transport {
+            Transport::Udp => Candidate::host(addr, "udp"),
+            Transport::Tcp => Candidate::builder()
+                .tcp()
+                .host(addr)
+                .tcptype(TcpType::Active)
+                .build(),
+        };
+        match candidate {
             Ok(c) => {
                 rtc.add_local_candidate(c);
             }
@@ -342,6 +375,7 @@ impl SimPeer {
             session,
             user,
             addr,
+            transport: options.transport,
             rtc,
             rng: fastrand::Rng::with_seed(seed),
             publishers: Vec::new(),
@@ -427,9 +461,14 @@ impl SimPeer {
         &self.user
     }
 
-    /// The peer's UDP address.
+    /// The peer's address (its UDP socket, or the local end of its ICE-TCP connection).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How the peer reaches the router.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// When ICE and DTLS came up, if they did.
@@ -634,12 +673,24 @@ impl SimPeer {
         }
     }
 
-    /// A datagram arrived from `source`.
+    /// A UDP datagram arrived from `source`.
     pub fn handle_datagram(&mut self, source: SocketAddr, contents: &[u8], now: Instant) {
+        self.handle_receive(Proto::Udp, source, contents, now);
+    }
+
+    /// A UDP datagram, or one complete ICE-TCP frame (length prefix removed), arrived from
+    /// `source`.
+    pub fn handle_receive(
+        &mut self,
+        proto: Proto,
+        source: SocketAddr,
+        contents: &[u8],
+        now: Instant,
+    ) {
         if self.dead {
             return;
         }
-        let Ok(receive) = Receive::new(Protocol::Udp, source, self.addr, contents) else {
+        let Ok(receive) = Receive::new(proto.into(), source, self.addr, contents) else {
             return;
         };
         if let Err(e) = self.rtc.handle_input(Input::Receive(now, receive)) {
@@ -1009,6 +1060,10 @@ impl SimPeer {
                     break;
                 }
                 Ok(Output::Transmit(t)) => self.outbox.push(PeerTransmit {
+                    proto: match t.proto {
+                        Protocol::Udp => Proto::Udp,
+                        _ => Proto::Tcp,
+                    },
                     source: t.source,
                     destination: t.destination,
                     contents: t.contents.into(),

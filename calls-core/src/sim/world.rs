@@ -7,6 +7,14 @@
 //! `Signal` → the peer's signaling queue; peer datagrams → network, peer messages → the router's
 //! signaling input). Peers are visited in session order and randomness comes from the seed, so a
 //! run is reproducible.
+//!
+//! ICE-TCP: the first time a peer transmits with `Protocol::Tcp` to the router's passive TCP
+//! candidate, the world opens a connection (`Router::tcp_accepted` with a fresh [`ConnId`]) and
+//! from then on carries the peer's frames on it, split at seeded-random points, into
+//! `Router::handle_tcp_data`; router transmits with `Proto::Tcp` go back the same way to the
+//! peer (see [`super::tcp`]). An error from `handle_tcp_data` is recorded
+//! ([`SimWorld::tcp_errors`]) and closes the connection; frames the peer sends afterwards are
+//! dropped. [`SimWorld::leave`] calls `Router::tcp_closed` after `Router::leave`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,10 +25,12 @@ use crate::ids::{CallId, SessionId, UserId};
 use crate::metrics::MetricsSnapshot;
 use crate::router::{Datagram, Event, Output, Router};
 use crate::signal::ServerMessage;
+use crate::tcp::{ConnId, TcpError};
 use crate::{Config, Proto};
 
 use super::net::{Impairment, SimNet};
-use super::peer::{PeerOptions, PeerSignal, SimPeer};
+use super::peer::{PeerOptions, PeerSignal, PeerTransmit, SimPeer};
+use super::tcp::{self, SimTcpConn, TcpStats};
 
 /// Port every simulated peer sends from.
 const PEER_PORT: u16 = 5000;
@@ -29,6 +39,8 @@ const PEER_PORT: u16 = 5000;
 const MAX_STEPS_PER_INSTANT: u32 = 1_000_000;
 /// Minimum advance when a component asks for a timeout that is not in the future.
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+/// Default upper bound of one simulated TCP read/write chunk.
+const TCP_MAX_CHUNK: usize = 4096;
 
 /// A signaling message on its way.
 #[derive(Debug)]
@@ -67,6 +79,7 @@ pub struct SimWorld {
     seed: u64,
     router: Router,
     router_addrs: Vec<SocketAddr>,
+    router_tcp_addrs: Vec<SocketAddr>,
     router_timeout: Option<Instant>,
     peers: BTreeMap<SessionId, SimPeer>,
     peer_addrs: BTreeMap<SocketAddr, SessionId>,
@@ -84,6 +97,14 @@ pub struct SimWorld {
     signals_to_absent: u64,
     capture: Capture,
     steps: u64,
+    tcp_conns: BTreeMap<ConnId, SimTcpConn>,
+    tcp_routes: BTreeMap<(SocketAddr, SocketAddr), ConnId>,
+    next_conn: u64,
+    tcp_max_chunk: usize,
+    tcp_accept_local: Option<SocketAddr>,
+    tcp_errors: Vec<(ConnId, TcpError)>,
+    tcp_stats: TcpStats,
+    router_tcp_sent_to: BTreeMap<SocketAddr, u64>,
 }
 
 impl SimWorld {
@@ -98,6 +119,11 @@ impl SimWorld {
     /// bind address is IPv6.
     pub fn with_config(seed: u64, start: Instant, config: Config) -> Self {
         let router_addrs = config.udp_candidates();
+        let router_tcp_addrs = if config.enable_tcp {
+            config.tcp_candidates()
+        } else {
+            Vec::new()
+        };
         let ipv6 = config.bind_address.is_ipv6();
         let router = match Router::new(config, start) {
             Ok(r) => r,
@@ -109,6 +135,7 @@ impl SimWorld {
             seed,
             router,
             router_addrs,
+            router_tcp_addrs,
             router_timeout: None,
             peers: BTreeMap::new(),
             peer_addrs: BTreeMap::new(),
@@ -126,6 +153,14 @@ impl SimWorld {
             signals_to_absent: 0,
             capture: Capture::default(),
             steps: 0,
+            tcp_conns: BTreeMap::new(),
+            tcp_routes: BTreeMap::new(),
+            next_conn: 1,
+            tcp_max_chunk: TCP_MAX_CHUNK,
+            tcp_accept_local: None,
+            tcp_errors: Vec::new(),
+            tcp_stats: TcpStats::default(),
+            router_tcp_sent_to: BTreeMap::new(),
         };
         world.drain_router();
         world
@@ -165,6 +200,11 @@ impl SimWorld {
     /// The first router address.
     pub fn router_addr(&self) -> SocketAddr {
         self.router_addrs[0]
+    }
+
+    /// The router's passive ICE-TCP candidates (empty with `enable_tcp = false`).
+    pub fn router_tcp_addrs(&self) -> &[SocketAddr] {
+        &self.router_tcp_addrs
     }
 
     /// The network.
@@ -235,12 +275,14 @@ impl SimWorld {
         Ok(session)
     }
 
-    /// The participant leaves: `Router::leave`, and the peer is removed from the world (packets
-    /// still in flight to it are discarded). Returns the router's answer and the peer.
+    /// The participant leaves: `Router::leave`, then `Router::tcp_closed` for its open ICE-TCP
+    /// connection if it has one, and the peer is removed from the world (packets still in
+    /// flight to it are discarded). Returns the router's answer and the peer.
     pub fn leave(&mut self, session: SessionId) -> (Result<(), RouterError>, Option<SimPeer>) {
         self.flush_all_peers();
         let result = self.router.leave(session, self.now);
         self.drain_router();
+        self.close_tcp_of(session);
         let peer = self.peers.remove(&session);
         if let Some(p) = &peer {
             self.peer_addrs.remove(&p.addr());
@@ -309,9 +351,71 @@ impl SimWorld {
         &self.router_sent_to
     }
 
+    /// Router transmits with `Proto::Tcp` to `addr` (a subset of
+    /// [`SimWorld::router_transmits_to`]).
+    pub fn router_tcp_transmits_to(&self, addr: SocketAddr) -> u64 {
+        self.router_tcp_sent_to.get(&addr).copied().unwrap_or(0)
+    }
+
     /// Datagrams that arrived at an address nobody owns (a removed peer, a spoofed source).
     pub fn undeliverable(&self) -> u64 {
         self.undeliverable
+    }
+
+    /// The ICE-TCP connection the world opened for `session` (open or closed), if any; the
+    /// latest one if there were several.
+    pub fn tcp_conn_of(&self, session: SessionId) -> Option<ConnId> {
+        self.tcp_conns
+            .iter()
+            .rev()
+            .find(|(_, c)| c.session == session)
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether the world still has `conn` open.
+    pub fn tcp_is_open(&self, conn: ConnId) -> bool {
+        self.tcp_conns.get(&conn).is_some_and(|c| c.open)
+    }
+
+    /// Errors the router returned for TCP connections (each one closed the connection).
+    pub fn tcp_errors(&self) -> &[(ConnId, TcpError)] {
+        &self.tcp_errors
+    }
+
+    /// What the simulated TCP connections carried and how they were split.
+    pub fn tcp_stats(&self) -> TcpStats {
+        let mut stats = self.tcp_stats;
+        for c in self.tcp_conns.values() {
+            stats.up.add(&c.up.stats);
+            stats.down.add(&c.down.stats);
+        }
+        stats
+    }
+
+    /// Sets the largest chunk a simulated TCP read hands over (default 4096 bytes; a quarter
+    /// of all chunks are 1–3 bytes whatever this is).
+    pub fn set_tcp_max_chunk(&mut self, max: usize) {
+        self.tcp_max_chunk = max.max(1);
+    }
+
+    /// The local address passed to `Router::tcp_accepted` for connections opened from now on,
+    /// as `accept()` would report it behind port forwarding or 1:1 NAT; `None` (the default)
+    /// passes the candidate address the peer dialled.
+    pub fn set_tcp_accept_local(&mut self, local: Option<SocketAddr>) {
+        self.tcp_accept_local = local;
+    }
+
+    /// Hands raw bytes to the router on a TCP connection now, bypassing the framing and the
+    /// clock (for malformed-stream tests); they follow whatever the connection delivered so far,
+    /// possibly in the middle of a frame. An error is recorded and closes the connection like
+    /// one on the normal path. Returns the router's answer.
+    pub fn inject_tcp_data(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), TcpError> {
+        let result = self.router.handle_tcp_data(conn, bytes, self.now);
+        self.drain_router();
+        if let Err(e) = &result {
+            self.on_tcp_error(conn, e.clone());
+        }
+        result
     }
 
     /// Server messages addressed to sessions that have no peer (any more).
@@ -441,19 +545,31 @@ impl SimWorld {
         let candidates = [
             self.router_timeout,
             self.net.next_delivery_time(),
+            self.tcp_conns.values().filter_map(|c| c.next_time()).min(),
             self.signals.keys().next().map(|(t, _)| *t),
             self.peers.values().filter_map(|p| p.poll_timeout()).min(),
         ];
         candidates.into_iter().flatten().min()
     }
 
-    /// Processes everything due at `self.now`: datagrams, signaling, the router's timer, then
-    /// each peer's timer, in that order.
+    /// Processes everything due at `self.now`: datagrams, TCP bytes (per connection in id
+    /// order, upstream then downstream), signaling, the router's timer, then each peer's timer,
+    /// in that order.
     fn step(&mut self) {
         self.steps += 1;
         let now = self.now;
         while let Some(d) = self.net.pop_due(now) {
             self.deliver_datagram(d.from, d.to, &d.contents);
+        }
+        let due: Vec<ConnId> = self
+            .tcp_conns
+            .iter()
+            .filter(|(_, c)| c.next_time().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in due {
+            self.deliver_tcp_up(conn);
+            self.deliver_tcp_down(conn);
         }
         while let Some(entry) = self.signals.first_entry() {
             if entry.key().0 > now {
@@ -541,7 +657,13 @@ impl SimWorld {
             match self.router.poll_output() {
                 Output::Transmit(t) => {
                     *self.router_sent_to.entry(t.destination).or_insert(0) += 1;
-                    self.net.send(t.source, t.destination, t.contents, self.now);
+                    match t.proto {
+                        Proto::Udp => self.net.send(t.source, t.destination, t.contents, self.now),
+                        Proto::Tcp => {
+                            *self.router_tcp_sent_to.entry(t.destination).or_insert(0) += 1;
+                            self.send_tcp_down(t.conn, t.destination, t.contents);
+                        }
+                    }
                 }
                 Output::Signal(session, msg) => {
                     self.queue_signal(SignalInFlight::ToPeer(session, msg));
@@ -571,10 +693,169 @@ impl SimWorld {
             {
                 self.capture.datagrams.push(t.contents.clone());
             }
-            self.net.send(t.source, t.destination, t.contents, self.now);
+            match t.proto {
+                Proto::Udp => self.net.send(t.source, t.destination, t.contents, self.now),
+                Proto::Tcp => self.send_tcp_up(session, t),
+            }
         }
         for s in signals {
             self.queue_signal(SignalInFlight::ToRouter(session, s));
+        }
+    }
+
+    /// A peer's TCP frame: opens the connection on first use, then queues the framed bytes.
+    fn send_tcp_up(&mut self, session: SessionId, t: PeerTransmit) {
+        let route = (t.source, t.destination);
+        let conn = match self.tcp_routes.get(&route) {
+            Some(&conn) => conn,
+            None => {
+                if !self.router_tcp_addrs.contains(&t.destination) {
+                    self.undeliverable += 1;
+                    return;
+                }
+                let conn = ConnId(self.next_conn);
+                self.next_conn += 1;
+                let local = self.tcp_accept_local.unwrap_or(t.destination);
+                let accepted = self.router.tcp_accepted(conn, t.source, local);
+                self.drain_router();
+                if let Err(e) = accepted {
+                    self.tcp_errors.push((conn, e));
+                    return;
+                }
+                self.tcp_stats.opened += 1;
+                let c = SimTcpConn::new(conn, session, t.source, t.destination, self.seed);
+                self.tcp_conns.insert(conn, c);
+                self.tcp_routes.insert(route, conn);
+                conn
+            }
+        };
+        let delay = self.tcp_delay(t.source, t.destination);
+        let Some(c) = self.tcp_conns.get_mut(&conn).filter(|c| c.open) else {
+            self.tcp_stats.dropped_on_closed += 1;
+            return;
+        };
+        let jitter = delay.1.mul_f64(c.rng.f64());
+        c.up.send(tcp::frame(&t.contents), 1, self.now, delay.0 + jitter);
+    }
+
+    /// A router TCP transmit (already framed): queues it on its connection.
+    fn send_tcp_down(&mut self, conn: Option<ConnId>, destination: SocketAddr, bytes: Vec<u8>) {
+        let Some(c) = conn
+            .and_then(|id| self.tcp_conns.get(&id))
+            .filter(|c| c.open)
+        else {
+            self.tcp_stats.unroutable += 1;
+            return;
+        };
+        if c.peer != destination {
+            self.tcp_stats.misaddressed += 1;
+        }
+        let delay = self.tcp_delay(c.router, c.peer);
+        let Some(c) = conn.and_then(|id| self.tcp_conns.get_mut(&id)) else {
+            return;
+        };
+        let jitter = delay.1.mul_f64(c.rng.f64());
+        let frames = count_frames(&bytes);
+        c.down.send(bytes, frames, self.now, delay.0 + jitter);
+    }
+
+    /// Delay and jitter of a TCP direction: the network's impairment for that link (loss,
+    /// reordering and bandwidth caps do not apply to the simulated TCP).
+    fn tcp_delay(&self, from: SocketAddr, to: SocketAddr) -> (Duration, Duration) {
+        let imp = self.net.impairment(from, to);
+        (imp.delay, imp.jitter)
+    }
+
+    /// Hands everything due upstream to the router in random chunks.
+    fn deliver_tcp_up(&mut self, conn: ConnId) {
+        let now = self.now;
+        let max_chunk = self.tcp_max_chunk;
+        let Some(c) = self.tcp_conns.get_mut(&conn).filter(|c| c.open) else {
+            return;
+        };
+        let Some(bytes) = c.up.take_due(now, &mut c.rng) else {
+            return;
+        };
+        let lengths = tcp::chunk_lengths(&mut c.rng, bytes.len(), max_chunk);
+        let mut at = 0;
+        for n in lengths {
+            let chunk = &bytes[at..at + n];
+            at += n;
+            if let Some(c) = self.tcp_conns.get_mut(&conn) {
+                c.up.observe(chunk);
+            }
+            let result = self.router.handle_tcp_data(conn, chunk, now);
+            self.drain_router();
+            if let Err(e) = result {
+                self.on_tcp_error(conn, e);
+                return;
+            }
+        }
+    }
+
+    /// Hands everything due downstream to the peer: random chunks through the peer-side
+    /// de-framer, each completed frame as a TCP receive.
+    fn deliver_tcp_down(&mut self, conn: ConnId) {
+        let now = self.now;
+        let max_chunk = self.tcp_max_chunk;
+        let Some(c) = self.tcp_conns.get_mut(&conn).filter(|c| c.open) else {
+            return;
+        };
+        let Some(bytes) = c.down.take_due(now, &mut c.rng) else {
+            return;
+        };
+        let (session, from) = (c.session, c.router);
+        let lengths = tcp::chunk_lengths(&mut c.rng, bytes.len(), max_chunk);
+        let mut at = 0;
+        for n in lengths {
+            let chunk = &bytes[at..at + n];
+            at += n;
+            let Some(c) = self.tcp_conns.get_mut(&conn).filter(|c| c.open) else {
+                return;
+            };
+            c.down.observe(chunk);
+            let frames = c.peer_deframer.push(chunk);
+            for frame in frames {
+                if let Some(peer) = self.peers.get_mut(&session) {
+                    peer.handle_receive(Proto::Tcp, from, &frame, now);
+                }
+                self.flush_peer(session);
+            }
+        }
+    }
+
+    /// The router forgot `conn` after an error: record it and close the connection.
+    fn on_tcp_error(&mut self, conn: ConnId, error: TcpError) {
+        self.tcp_errors.push((conn, error));
+        if let Some(c) = self.tcp_conns.get_mut(&conn) {
+            if c.open {
+                c.close();
+                self.tcp_stats.reset += 1;
+            }
+        }
+    }
+
+    /// Closes the open TCP connections of a leaving session: `Router::tcp_closed`, in id order.
+    fn close_tcp_of(&mut self, session: SessionId) {
+        let conns: Vec<ConnId> = self
+            .tcp_conns
+            .iter()
+            .filter(|(_, c)| c.session == session && c.open)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in conns {
+            if let Some(c) = self.tcp_conns.get_mut(&conn) {
+                c.close();
+                let route = (c.peer, c.router);
+                if self.tcp_routes.get(&route) == Some(&conn) {
+                    self.tcp_routes.remove(&route);
+                }
+            }
+            self.tcp_stats.closed += 1;
+            if let Err(e) = self.router.tcp_closed(conn) {
+                self.tcp_errors.push((conn, e));
+            }
+            self.drain_router();
         }
     }
 
@@ -605,4 +886,15 @@ impl SimWorld {
         };
         SocketAddr::new(ip, PEER_PORT)
     }
+}
+
+/// Frames in a buffer of whole RFC 4571 frames.
+fn count_frames(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut at = 0;
+    while bytes.len() >= at + 2 {
+        at += 2 + u16::from_be_bytes([bytes[at], bytes[at + 1]]) as usize;
+        n += 1;
+    }
+    n
 }
