@@ -298,8 +298,10 @@ impl Router {
         );
         self.ufrags.insert(state.local_creds.ufrag.clone(), session);
         self.sessions.insert(session, state);
-        self.connect_deadlines
-            .push(Reverse((now + self.config.connect_timeout(), session)));
+        self.connect_deadlines.push(Reverse((
+            later(now, self.config.connect_timeout()),
+            session,
+        )));
         let members = &mut self.calls.entry(call.clone()).or_default().members;
         for other in members.iter() {
             self.outputs.push_back(Output::Signal(
@@ -650,7 +652,7 @@ impl Router {
             self.connect_deadlines.pop();
         }
         // Nothing scheduled: come back in a while (or on the next input).
-        Output::Timeout(next.unwrap_or(self.last_now + IDLE_TIMEOUT))
+        Output::Timeout(next.unwrap_or_else(|| later(self.last_now, IDLE_TIMEOUT)))
     }
 
     /// A snapshot of every counter and gauge.
@@ -1692,6 +1694,12 @@ fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack) -> bool 
         },
     );
     true
+}
+
+/// `at + by`, saturating at `at` where `Instant` cannot go further (an embedder's clock near
+/// the end of its range must not panic the router).
+fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).unwrap_or(at)
 }
 
 fn proto_of(proto: str0m::net::Protocol) -> Proto {

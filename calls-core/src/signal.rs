@@ -138,7 +138,7 @@ pub enum ServerMessage {
         /// Now sharing.
         on: bool,
     },
-    /// Something the client sent was refused; the session goes on unless `fatal`.
+    /// Something the client sent was refused; the session goes on.
     Error {
         /// Stable machine-readable code (`bad_json`, `bad_sdp`, `not_allowed`, …).
         code: String,

@@ -60,7 +60,10 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
         }
     };
     // quinn-udp made the socket non-blocking; wait for readiness with tokio on this thread.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("UDP runtime: {e}");
@@ -88,8 +91,10 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
             if io.readable().await.is_err() {
                 continue;
             }
-            let mut bufs: Vec<std::io::IoSliceMut<'_>> =
-                storage.chunks_mut(slot).map(std::io::IoSliceMut::new).collect();
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
+                .chunks_mut(slot)
+                .map(std::io::IoSliceMut::new)
+                .collect();
             let received = io.try_io(tokio::io::Interest::READABLE, || {
                 state.recv((&io).into(), &mut bufs, &mut meta)
             });
@@ -109,7 +114,12 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
                     match workers.route(Proto::Udp, m.addr, datagram) {
                         Some(w) => workers.send(
                             w,
-                            Cmd::Datagram { source: m.addr, destination: local, bytes: datagram.to_vec(), at },
+                            Cmd::Datagram {
+                                source: m.addr,
+                                destination: local,
+                                bytes: datagram.to_vec(),
+                                at,
+                            },
                         ),
                         None => tracing::trace!(source = %m.addr, "unroutable datagram dropped"),
                     }

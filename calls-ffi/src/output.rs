@@ -1,0 +1,256 @@
+//! `calls_output`: one item of the router's output queue, as a tagged struct.
+
+use std::time::Instant;
+
+use calls_core::{Event, LeaveReason, Output, Proto};
+use serde_json::json;
+
+use crate::address::calls_address;
+
+/// Which kind of output `calls_router_poll_output` returned.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum calls_output_kind {
+    /// Nothing more to do until `timeout_us` (or the next input): stop draining, wait, then
+    /// call `calls_router_handle_timeout`.
+    Timeout = 0,
+    /// Send the `len` bytes in the buffer from `source` to `destination` (UDP), or write them
+    /// to TCP connection `conn` as they are (TCP: they include the RFC 4571 length prefix).
+    Transmit = 1,
+    /// Deliver the JSON text in the buffer (a signaling message, NUL-terminated, `len` bytes
+    /// without the NUL) to session `session`'s signaling channel.
+    Signal = 2,
+    /// Something happened (`event` says what; the buffer holds it as JSON text,
+    /// NUL-terminated). The router has already acted on it: log it or update your state.
+    Event = 3,
+}
+
+/// Transport of a transmit.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum calls_proto {
+    /// Not a transmit.
+    None = 0,
+    /// A UDP datagram: send it from `source` to `destination`.
+    Udp = 1,
+    /// An ICE-TCP frame: write it to connection `conn`.
+    Tcp = 2,
+}
+
+/// What an event output reports. The JSON text has a `"type"` with the same name in
+/// snake_case, `"session"`, and the fields listed here.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum calls_event_kind {
+    /// Not an event.
+    None = 0,
+    /// `{"type":"joined","session":1,"call":"standup","user":"alice"}`
+    Joined = 1,
+    /// ICE and DTLS are up, media can flow: `{"type":"connected","session":1}`
+    Connected = 2,
+    /// The session is gone (`"reason"`: `"left"` after `calls_router_leave`, `"disconnected"`
+    /// when ICE/DTLS failed or timed out): `{"type":"left","session":1,"call":"standup",
+    /// "reason":"disconnected"}`. Close its signaling channel if it is still open.
+    Left = 3,
+    /// `{"type":"track_published","session":1,"mid":"0","source":"microphone"}` (`"source"`:
+    /// `"microphone"`, `"camera"` or `"screen"`)
+    TrackPublished = 4,
+    /// `{"type":"track_unpublished","session":1,"mid":"0"}`
+    TrackUnpublished = 5,
+    /// `{"type":"mute_changed","session":1,"muted":true}`
+    MuteChanged = 6,
+    /// A client address authenticated for a session (first contact, NAT rebinding, an ICE-TCP
+    /// connection): `{"type":"flow_admitted","session":1,"proto":"udp","remote":"192.0.2.7:5000",
+    /// "local":"10.0.0.1:8443"}`. A dispatcher in front of several routers routes that
+    /// (proto, remote) to this router from now on.
+    FlowAdmitted = 7,
+    /// An event this version of the C API has no kind for: `{"type":"other",
+    /// "session":0,"debug":"…"}`.
+    Other = 99,
+}
+
+/// One output of the router, filled in by `calls_router_poll_output`. Fields that do not
+/// apply to `kind` are zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct calls_output {
+    /// What this output is.
+    pub kind: calls_output_kind,
+    /// Transmit: UDP or TCP.
+    pub proto: calls_proto,
+    /// Event: which event.
+    pub event: calls_event_kind,
+    /// Signal: the session to deliver to. Event: the session it is about.
+    pub session: u64,
+    /// Transmit over TCP: the connection (as given to `calls_router_tcp_accepted`).
+    pub conn: u64,
+    /// Transmit: the local address to send from (an advertised candidate).
+    pub source: calls_address,
+    /// Transmit: where to send.
+    pub destination: calls_address,
+    /// Bytes in the caller's buffer: the datagram, or the JSON text without its NUL. After
+    /// `CALLS_RESULT_BUFFER_TOO_SMALL`: the buffer size needed.
+    pub len: usize,
+    /// Timeout: when to call `calls_router_handle_timeout`, on the caller's clock (the same
+    /// microseconds as `now_us`). Not relative: compare it with your current time.
+    pub timeout_us: u64,
+}
+
+/// An output taken from the router, ready to be copied to the caller (kept by the handle while
+/// the caller's buffer is too small).
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub header: calls_output,
+    /// What goes into the caller's buffer: datagram bytes, or JSON text with a trailing NUL.
+    pub bytes: Vec<u8>,
+    /// `bytes` ends with a NUL that `len` does not count.
+    pub text: bool,
+}
+
+impl Prepared {
+    /// Converts a router output; `to_us` maps the router's `Instant`s to the caller's clock.
+    pub fn new(output: Output, to_us: impl Fn(Instant) -> u64) -> Prepared {
+        let mut header = calls_output {
+            kind: calls_output_kind::Timeout,
+            proto: calls_proto::None,
+            event: calls_event_kind::None,
+            session: 0,
+            conn: 0,
+            source: calls_address::NONE,
+            destination: calls_address::NONE,
+            len: 0,
+            timeout_us: 0,
+        };
+        match output {
+            Output::Transmit(t) => {
+                header.kind = calls_output_kind::Transmit;
+                header.proto = match t.proto {
+                    Proto::Udp => calls_proto::Udp,
+                    Proto::Tcp => calls_proto::Tcp,
+                };
+                header.conn = t.conn.map_or(0, |c| c.0);
+                header.source = t.source.into();
+                header.destination = t.destination.into();
+                Prepared {
+                    header,
+                    bytes: t.contents,
+                    text: false,
+                }
+            }
+            Output::Signal(session, msg) => {
+                header.kind = calls_output_kind::Signal;
+                header.session = session.0;
+                Prepared::text(header, msg.to_json())
+            }
+            Output::Event(event) => {
+                header.kind = calls_output_kind::Event;
+                let (kind, session, json) = event_json(&event);
+                header.event = kind;
+                header.session = session;
+                Prepared::text(header, json)
+            }
+            Output::Timeout(at) => {
+                header.timeout_us = to_us(at);
+                Prepared {
+                    header,
+                    bytes: Vec::new(),
+                    text: false,
+                }
+            }
+            other => {
+                // A newer core output this mapping does not know: report it as an event.
+                header.kind = calls_output_kind::Event;
+                header.event = calls_event_kind::Other;
+                let json = json!({"type": "other", "session": 0, "debug": format!("{other:?}")});
+                Prepared::text(header, json.to_string())
+            }
+        }
+    }
+
+    fn text(header: calls_output, json: String) -> Prepared {
+        let mut bytes = json.into_bytes();
+        bytes.push(0);
+        Prepared {
+            header,
+            bytes,
+            text: true,
+        }
+    }
+
+    /// What `len` reports once copied.
+    pub fn len(&self) -> usize {
+        self.bytes.len() - usize::from(self.text)
+    }
+}
+
+/// The event as (kind, session, JSON text).
+fn event_json(event: &Event) -> (calls_event_kind, u64, String) {
+    let (kind, session, value) = match event {
+        Event::Joined {
+            session,
+            call,
+            user,
+        } => (
+            calls_event_kind::Joined,
+            session.0,
+            json!({"type": "joined", "session": session, "call": call, "user": user}),
+        ),
+        Event::Connected { session } => (
+            calls_event_kind::Connected,
+            session.0,
+            json!({"type": "connected", "session": session}),
+        ),
+        Event::Left {
+            session,
+            call,
+            reason,
+        } => {
+            let reason = match reason {
+                LeaveReason::Left => "left",
+                LeaveReason::Disconnected => "disconnected",
+                _ => "other",
+            };
+            (
+                calls_event_kind::Left,
+                session.0,
+                json!({"type": "left", "session": session, "call": call, "reason": reason}),
+            )
+        }
+        Event::TrackPublished {
+            session,
+            mid,
+            source,
+        } => (
+            calls_event_kind::TrackPublished,
+            session.0,
+            json!({"type": "track_published", "session": session, "mid": mid, "source": source}),
+        ),
+        Event::TrackUnpublished { session, mid } => (
+            calls_event_kind::TrackUnpublished,
+            session.0,
+            json!({"type": "track_unpublished", "session": session, "mid": mid}),
+        ),
+        Event::MuteChanged { session, muted } => (
+            calls_event_kind::MuteChanged,
+            session.0,
+            json!({"type": "mute_changed", "session": session, "muted": muted}),
+        ),
+        Event::FlowAdmitted {
+            session,
+            proto,
+            remote,
+            local,
+        } => (
+            calls_event_kind::FlowAdmitted,
+            session.0,
+            json!({"type": "flow_admitted", "session": session, "proto": proto,
+                   "remote": remote.to_string(), "local": local.to_string()}),
+        ),
+        other => (
+            calls_event_kind::Other,
+            0,
+            json!({"type": "other", "session": 0, "debug": format!("{other:?}")}),
+        ),
+    };
+    (kind, session, value.to_string())
+}
