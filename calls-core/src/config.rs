@@ -55,6 +55,14 @@ pub struct Config {
     /// Advertise passive ICE-TCP candidates on `tcp_port` (for clients whose UDP is blocked).
     /// Default `true`; turn off if the embedder does not accept TCP.
     pub enable_tcp: bool,
+    /// ICE ufrag of the media-port probe credential. With `probe_password` set, the router
+    /// answers authenticated STUN binding requests for it on UDP and TCP (rate-limited, never
+    /// larger than the request), so `calls probe` can tell an open port from a blocked one.
+    pub probe_ufrag: Option<String>,
+    /// Password of the probe credential (22+ characters, as ICE passwords).
+    pub probe_password: Option<String>,
+    /// Probe answers per second, router-wide. Default `20`.
+    pub probe_replies_per_second: u32,
     /// A session that has not completed ICE and DTLS this long after `join` is removed
     /// (reported as [`LeaveReason::Disconnected`](crate::LeaveReason)). Default `30000`.
     pub connect_timeout_ms: u64,
@@ -76,6 +84,9 @@ impl Default for Config {
             connect_timeout_ms: 30_000,
             enable_udp: true,
             enable_tcp: true,
+            probe_ufrag: None,
+            probe_password: None,
+            probe_replies_per_second: 20,
         }
     }
 }
@@ -143,6 +154,36 @@ impl Config {
             problems.push(format!(
                 "`max_flows_per_session` {} is outside 1..=64",
                 self.max_flows_per_session
+            ));
+        }
+        match (&self.probe_ufrag, &self.probe_password) {
+            (None, None) => {}
+            (Some(ufrag), Some(password)) => {
+                let ice_chars = |s: &str| {
+                    s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+                };
+                if ufrag.len() < 4 || ufrag.len() > 64 || !ice_chars(ufrag) {
+                    problems.push(
+                        "`probe_ufrag` must be 4–64 characters of A–Z, a–z, 0–9, + or /".to_owned(),
+                    );
+                }
+                if crate::demux::ufrag::worker(ufrag).is_some() {
+                    problems.push(format!("`probe_ufrag` {ufrag:?} looks like a session ufrag (w + two hex digits); pick another"));
+                }
+                if password.len() < 22 || password.len() > 256 || !ice_chars(password) {
+                    problems.push(
+                        "`probe_password` must be 22–256 characters of A–Z, a–z, 0–9, + or /"
+                            .to_owned(),
+                    );
+                }
+            }
+            _ => problems.push("`probe_ufrag` and `probe_password` go together".to_owned()),
+        }
+        if self.probe_replies_per_second == 0 || self.probe_replies_per_second > 10_000 {
+            problems.push(format!(
+                "`probe_replies_per_second` {} is outside 1..=10000",
+                self.probe_replies_per_second
             ));
         }
         if !self.enable_udp && !self.enable_tcp {

@@ -74,11 +74,13 @@ pub enum DropReason {
     SessionRejected,
     /// An ICE-TCP frame longer than any datagram (the connection is closed).
     TcpFrameTooLarge,
+    /// A probe request beyond `probe_replies_per_second`, or too small to answer.
+    ProbeRateLimited,
 }
 
 impl DropReason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Unclassified,
         DropReason::MalformedStun,
         DropReason::StunNotBindingRequest,
@@ -88,6 +90,7 @@ impl DropReason {
         DropReason::Oversized,
         DropReason::SessionRejected,
         DropReason::TcpFrameTooLarge,
+        DropReason::ProbeRateLimited,
     ];
 
     /// Label used in metrics.
@@ -102,6 +105,7 @@ impl DropReason {
             DropReason::Oversized => "oversized",
             DropReason::SessionRejected => "session_rejected",
             DropReason::TcpFrameTooLarge => "tcp_frame_too_large",
+            DropReason::ProbeRateLimited => "probe_rate_limited",
         }
     }
 }

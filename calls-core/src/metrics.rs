@@ -99,6 +99,8 @@ pub struct MetricsSnapshot {
     pub renegotiations: u64,
     /// Router offers abandoned because the client's offer crossed them (glare).
     pub glare_rollbacks: u64,
+    /// Media-port probe requests answered.
+    pub probe_replies: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -141,6 +143,7 @@ impl MetricsSnapshot {
         self.signal_errors += other.signal_errors;
         self.renegotiations += other.renegotiations;
         self.glare_rollbacks += other.glare_rollbacks;
+        self.probe_replies += other.probe_replies;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -325,6 +328,12 @@ mod prom {
             m.glare_rollbacks,
         );
 
+        counter(
+            &mut registry,
+            "probe_replies",
+            "Media-port probe requests answered",
+            m.probe_replies,
+        );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         for s in &m.session_stats {

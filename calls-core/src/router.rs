@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::crypto::Sha1HmacProvider;
-use str0m::ice::StunMessage;
+use str0m::ice::{StunMessage, StunMessageBuilder};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::Receive;
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
@@ -174,6 +174,8 @@ pub struct Router {
     /// Sessions to remove once the current input is done (str0m gave up on them).
     dead: Vec<SessionId>,
     counters: Counters,
+    /// Probe-answer token bucket: (tokens, last refill).
+    probe_bucket: (f64, Instant),
     draining: bool,
     last_now: Instant,
 }
@@ -192,6 +194,7 @@ impl Router {
     /// Creates a router. `now` is the embedder's monotonic clock at creation.
     pub fn new(config: Config, now: Instant) -> Result<Router, ConfigError> {
         config.validate()?;
+        let probe_burst = config.probe_replies_per_second;
         // The same provider str0m uses for its own STUN checks.
         let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
         Ok(Router {
@@ -211,6 +214,7 @@ impl Router {
             renegotiate: Vec::new(),
             dead: Vec::new(),
             counters: Counters::default(),
+            probe_bucket: (f64::from(probe_burst), now),
             draining: false,
             last_now: now,
         })
@@ -517,6 +521,9 @@ impl Router {
             destination: datagram.destination,
         };
         let known = self.flows.lookup(&key);
+        if class == Class::Stun && known.is_none() && self.answer_probe(&datagram, now) {
+            return;
+        }
         let session = match (class, known) {
             (Class::Stun, _) => match self.admit_stun(&datagram, key, known) {
                 Ok(session) => session,
@@ -747,6 +754,76 @@ impl Router {
             local: key.destination,
         }));
         Ok(session)
+    }
+
+    /// Answers a STUN binding request for the probe credential (see `Config::probe_ufrag`).
+    /// Returns false if the datagram is not a probe (it then takes the normal path).
+    fn answer_probe(&mut self, datagram: &Datagram<'_>, now: Instant) -> bool {
+        let (Some(ufrag), Some(password)) = (&self.config.probe_ufrag, &self.config.probe_password)
+        else {
+            return false;
+        };
+        let Ok(message) = StunMessage::parse(datagram.contents) else {
+            return false;
+        };
+        let is_probe = message.is_binding_request()
+            && message
+                .username()
+                .and_then(|u| u.split_once(':'))
+                .is_some_and(|(local, _)| local == ufrag.as_str());
+        if !is_probe {
+            return false;
+        }
+        let hmac = self.hmac;
+        if !message.verify(password.as_bytes(), |k, p| hmac.sha1_hmac(k, p)) {
+            self.count_drop(DropReason::StunAuthFailed);
+            return true;
+        }
+        // Token bucket: at most `probe_replies_per_second`, bursts of the same size.
+        let rate = f64::from(self.config.probe_replies_per_second);
+        let elapsed = now
+            .saturating_duration_since(self.probe_bucket.1)
+            .as_secs_f64();
+        let tokens = (self.probe_bucket.0 + elapsed * rate).min(rate);
+        self.probe_bucket = (tokens, now);
+        if tokens < 1.0 {
+            self.count_drop(DropReason::ProbeRateLimited);
+            return true;
+        }
+        self.probe_bucket.0 -= 1.0;
+        let reply = StunMessageBuilder::new()
+            .binding()
+            .success()
+            .xor_mapped_address(datagram.source)
+            .build(message.trans_id());
+        let mut buf = [0u8; 256];
+        let Ok(len) = reply.to_bytes(Some(password.as_bytes()), &mut buf, |k, p| {
+            hmac.sha1_hmac(k, p)
+        }) else {
+            return true;
+        };
+        if len > datagram.contents.len() {
+            // Never answer with more bytes than were sent (no amplification).
+            self.count_drop(DropReason::ProbeRateLimited);
+            return true;
+        }
+        let local = self.local_address(datagram.proto, datagram.destination);
+        let (conn, contents) = match datagram.proto {
+            Proto::Udp => (None, buf[..len].to_vec()),
+            Proto::Tcp => match self.tcp_by_addr.get(&(datagram.source, local)) {
+                Some(conn) => (Some(*conn), tcp::frame(&buf[..len])),
+                None => return true,
+            },
+        };
+        self.counters.snapshot.probe_replies += 1;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            proto: datagram.proto,
+            conn,
+            source: local,
+            destination: datagram.source,
+            contents,
+        }));
+        true
     }
 
     /// The advertised candidate address matching where a datagram arrived. Behind NAT or with

@@ -415,3 +415,56 @@ fn an_oversized_tcp_frame_closes_only_that_connection() {
     assert_eq!(m.dropped(DropReason::TcpFrameTooLarge), 1);
     assert_eq!(m.dropped(DropReason::Unclassified), 1);
 }
+
+#[test]
+fn the_probe_credential_gets_an_authenticated_reply_and_nothing_more() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let password = "probe-password-0123456789";
+    let config = Config::from_toml_str(&format!(
+        "probe_ufrag = \"probe\"\nprobe_password = \"{password}\"\nprobe_replies_per_second = 20"
+    ))
+    .unwrap_err();
+    // '-' is not an ICE password character: the config says so.
+    assert!(config.to_string().contains("probe_password"), "{config}");
+    let password = "probe0password0123456789";
+    let config = Config::from_toml_str(&format!(
+        "probe_ufrag = \"probe\"\nprobe_password = \"{password}\"\nprobe_replies_per_second = 20"
+    ))
+    .unwrap();
+    let mut router = Router::new(config, now).unwrap();
+
+    let request = binding_request("probe", "tester", password);
+    router.handle_datagram(datagram("192.0.2.40:7000", local, &request), now);
+    let replies = drain(&mut router).transmits;
+    assert_eq!(replies.len(), 1);
+    let reply = StunMessage::parse(&replies[0].contents).unwrap();
+    let hmac = calls_core::str0m::crypto::from_feature_flags().sha1_hmac_provider;
+    assert!(reply.verify(password.as_bytes(), |k, p| hmac.sha1_hmac(k, p)));
+    assert_eq!(
+        reply.mapped_address(),
+        Some("192.0.2.40:7000".parse().unwrap())
+    );
+    assert!(
+        replies[0].contents.len() <= request.len(),
+        "no amplification"
+    );
+    // No session, no flow: the probe is answered and forgotten.
+    assert_eq!(router.metrics().flows, 0);
+
+    // A wrong password gets nothing.
+    let forged = binding_request("probe", "tester", "not0the0password0000000000");
+    router.handle_datagram(datagram("192.0.2.41:7000", local, &forged), now);
+    assert!(drain(&mut router).transmits.is_empty());
+
+    // A flood is cut at the rate: 19 tokens left in this instant.
+    for i in 0..40u16 {
+        let source = format!("192.0.2.50:{}", 1000 + i);
+        router.handle_datagram(datagram(&source, local, &request), now);
+    }
+    assert_eq!(drain(&mut router).transmits.len(), 19);
+    let m = router.metrics();
+    assert_eq!(m.probe_replies, 20);
+    assert_eq!(m.dropped(DropReason::ProbeRateLimited), 21);
+    assert_eq!(m.dropped(DropReason::StunAuthFailed), 1);
+}

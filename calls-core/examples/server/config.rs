@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub ws_max_message_bytes: usize,
     /// Sustained WebSocket messages per second per connection (bursts of 4× allowed).
     pub ws_messages_per_second: u32,
+    /// Media-port probe credential (`calls probe`): ufrag and a 22+ character password.
+    pub probe_ufrag: Option<String>,
+    pub probe_password: Option<String>,
     /// Log filter (`info`, `debug`, `calls_core=debug,info`, …); `RUST_LOG` wins if set.
     pub log_level: String,
     /// Log as JSON lines instead of text.
@@ -96,6 +99,8 @@ impl Default for ServerConfig {
             drain_deadline_s: 60,
             ws_max_message_bytes: 256 * 1024,
             ws_messages_per_second: 50,
+            probe_ufrag: None,
+            probe_password: None,
             log_level: "info".to_owned(),
             log_json: false,
         }
@@ -180,6 +185,8 @@ impl ServerConfig {
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
+            "PROBE_UFRAG" => self.probe_ufrag = Some(value.to_owned()),
+            "PROBE_PASSWORD" => self.probe_password = Some(value.to_owned()),
             "LOG_LEVEL" => self.log_level = value.to_owned(),
             "LOG_JSON" => self.log_json = parse(value)?,
             other => return Err(format!("unknown setting CALLS_{other}")),
@@ -288,6 +295,8 @@ impl ServerConfig {
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
         config.enable_tcp = self.tcp_port != 0;
+        config.probe_ufrag = self.probe_ufrag.clone();
+        config.probe_password = self.probe_password.clone();
         config.validate().map_err(|e| e.problems)?;
         Ok(config)
     }

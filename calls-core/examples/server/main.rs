@@ -122,7 +122,11 @@ fn run(config: ServerConfig) -> Result<(), String> {
         );
         senders.push(tx);
     }
-    let workers = Workers { senders, flows };
+    let workers = Workers {
+        senders,
+        flows,
+        probe_ufrag: config.probe_ufrag.clone(),
+    };
     if let Some(udp) = udp {
         let w = workers.clone();
         std::thread::Builder::new()

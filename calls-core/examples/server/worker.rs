@@ -365,6 +365,8 @@ impl Worker {
 pub struct Workers {
     pub senders: Vec<Sender<Cmd>>,
     pub flows: FlowMap,
+    /// The probe credential's ufrag: probes go to worker 0.
+    pub probe_ufrag: Option<String>,
 }
 
 impl Workers {
@@ -388,6 +390,11 @@ impl Workers {
             .and_then(|f| f.get(&(proto, remote)).copied())
         {
             return Some(w);
+        }
+        if let Some(probe) = &self.probe_ufrag {
+            if calls_core::demux::stun_local_ufrag(datagram) == Some(probe.as_str()) {
+                return Some(0);
+            }
         }
         Router::worker_of_datagram(datagram)
             .map(usize::from)

@@ -285,6 +285,7 @@ pub struct SimPeer {
     pending_offer: Option<SdpPendingOffer>,
     queued_changes: VecDeque<LocalChange>,
     muted: bool,
+    silent: bool,
     connected_at: Option<Instant>,
     ice_state: Option<IceConnectionState>,
     rtc_timeout: Option<Instant>,
@@ -382,6 +383,7 @@ impl SimPeer {
             pending_offer: None,
             queued_changes: VecDeque::new(),
             muted: false,
+            silent: false,
             connected_at: None,
             ice_state: None,
             rtc_timeout: None,
@@ -621,6 +623,12 @@ impl SimPeer {
             ClientMessage::Unmute
         };
         self.signals_out.push(PeerSignal::Message(msg));
+    }
+
+    /// Speaks or stays silent without muting: a silent microphone keeps sending packets with
+    /// audio level -127 dBov and no voice activity (a participant who listens, unmuted).
+    pub fn set_silent(&mut self, silent: bool) {
+        self.silent = silent;
     }
 
     /// Starts a screen share: adds a sendonly video m-line and re-offers (after the current
@@ -944,7 +952,7 @@ impl SimPeer {
             payload[0] = 0x78;
             vec![(payload, false)]
         };
-        let audio_level = if self.muted {
+        let audio_level = if self.muted || self.silent {
             -127
         } else {
             -(self.rng.i8(20..50))
@@ -954,7 +962,7 @@ impl SimPeer {
         } else {
             ExtensionValues {
                 audio_level: Some(audio_level),
-                voice_activity: Some(!self.muted),
+                voice_activity: Some(!(self.muted || self.silent)),
                 ..ExtensionValues::default()
             }
         };

@@ -1,0 +1,121 @@
+//! The media-port probe against the reference server: it tells a reachable port from one where
+//! no server listens and from one where datagrams vanish (a firewall's silent drop).
+#![allow(clippy::unwrap_used)] // test: fail loudly
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const PASSWORD: &str = "probe0password0123456789";
+
+fn examples_dir() -> PathBuf {
+    // Build the two examples with the same profile this test runs in (cargo test builds
+    // examples too, so this is normally a no-op).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "calls-core",
+            "--example",
+            "server",
+            "--example",
+            "probe",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../debug/examples")
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(dir: &PathBuf, http: u16, media: u16, udp: bool) -> Server {
+    let child = Command::new(dir.join("server"))
+        .env("CALLS_HTTP_LISTEN", format!("127.0.0.1:{http}"))
+        .env("CALLS_UDP_PORT", media.to_string())
+        .env("CALLS_TCP_PORT", media.to_string())
+        .env("CALLS_DISABLE_UDP", (!udp).to_string())
+        .env("CALLS_PROBE_UFRAG", "probe")
+        .env("CALLS_PROBE_PASSWORD", PASSWORD)
+        .env("CALLS_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    // Ready when the TCP media port accepts.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", media)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not start");
+}
+
+fn probe(dir: &PathBuf, port: u16) -> (serde_json::Value, i32) {
+    let out = Command::new(dir.join("probe"))
+        .args([
+            &format!("127.0.0.1:{port}"),
+            "--ufrag",
+            "probe",
+            "--password",
+            PASSWORD,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    (
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+fn probe_tells_reachable_from_no_server_from_blocked() {
+    let dir = examples_dir();
+
+    // 1. Everything up: both reachable, with the address the server saw.
+    {
+        let _server = start_server(&dir, 18_610, 18_611, true);
+        let (report, code) = probe(&dir, 18_611);
+        assert_eq!(code, 0, "{report}");
+        for proto in ["udp", "tcp"] {
+            assert_eq!(report[proto]["result"], "reachable", "{report}");
+            assert!(report[proto]["seen_as"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:"));
+        }
+    }
+
+    // 2. The server runs without UDP: UDP has no server (ICMP unreachable), TCP still answers.
+    {
+        let _server = start_server(&dir, 18_620, 18_621, false);
+        let (report, code) = probe(&dir, 18_621);
+        assert_eq!(code, 1);
+        assert_eq!(report["udp"]["result"], "no server", "{report}");
+        assert_eq!(report["tcp"]["result"], "reachable", "{report}");
+    }
+
+    // 3. Datagrams to the UDP port vanish (what a firewall's drop rule looks like from outside):
+    //    a socket holds the port and never answers. The probe says blocked, not "open|filtered".
+    {
+        let _server = start_server(&dir, 18_630, 18_631, false);
+        let hole = UdpSocket::bind("127.0.0.1:18631").unwrap();
+        let (report, _) = probe(&dir, 18_631);
+        assert_eq!(report["udp"]["result"], "blocked", "{report}");
+        assert_eq!(report["tcp"]["result"], "reachable", "{report}");
+        drop(hole);
+    }
+}
