@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test: fail loudly
 
 use std::net::UdpSocket;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &PathBuf, http: u16, media: u16, udp: bool) -> Server {
+fn start_server(dir: &Path, http: u16, media: u16, udp: bool) -> Server {
     let child = Command::new(dir.join("server"))
         .env("CALLS_HTTP_LISTEN", format!("127.0.0.1:{http}"))
         .env("CALLS_UDP_PORT", media.to_string())
@@ -62,7 +62,7 @@ fn start_server(dir: &PathBuf, http: u16, media: u16, udp: bool) -> Server {
     panic!("server did not start");
 }
 
-fn probe(dir: &PathBuf, port: u16) -> (serde_json::Value, i32) {
+fn probe(dir: &Path, port: u16) -> (serde_json::Value, i32) {
     let out = Command::new(dir.join("probe"))
         .args([
             &format!("127.0.0.1:{port}"),
