@@ -357,7 +357,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                             break;
                         }
                         tokens -= 1.0;
-                        if text.as_str().contains("\"type\":\"leave\"") {
+                        if is_leave(text.as_str()) {
                             left_for_good = true;
                             break;
                         }
@@ -410,6 +410,13 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
             end_session(&app, &resume_token, worker, session, "signaling lost");
         }
     });
+}
+
+/// `{"type":"leave"}` in any JSON spelling (`json.dumps` puts a space after the colon).
+fn is_leave(text: &str) -> bool {
+    text.contains("leave")
+        && serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("leave"))
 }
 
 fn end_session(app: &App, resume_token: &str, worker: usize, session: SessionId, reason: &str) {

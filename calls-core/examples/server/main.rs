@@ -36,7 +36,7 @@ use crate::worker::{Worker, Workers};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: server [--config FILE]\n\nSettings come from FILE (TOML) and CALLS_* environment variables; see docs/server.md.");
+        println!("usage: server [--config FILE] [--check-config]\n\nSettings come from FILE (TOML) and CALLS_* environment variables; see docs/server.md.\n--check-config validates them and exits (0: valid, 2: every problem listed).");
         return;
     }
     let path = args
@@ -56,6 +56,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.iter().any(|a| a == "--check-config") {
+        println!("configuration ok");
+        return;
+    }
     init_logging(&config);
     if let Err(e) = run(config) {
         tracing::error!("{e}");

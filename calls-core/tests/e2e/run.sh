@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# End-to-end tests: headless Chromium (Debian package, driven by playwright-core) and an aiortc
+# participant against the reference server. Installs what is missing, builds the server, runs
+# every test; exits non-zero on any failure. Server logs land in calls-core/tests/e2e/logs/.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../../.." && pwd)"
+
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing chromium (apt)"
+  apt-get update && apt-get install -y chromium
+fi
+
+echo "== npm ci"
+(cd "$here" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+
+if ! python3 -c 'import aiortc, websockets' 2>/dev/null; then
+  echo "== installing aiortc and websockets (pip)"
+  python3 -m pip install -q aiortc websockets
+fi
+
+# The debug build reuses what `cargo test` built (dependencies are optimized in the dev
+# profile); CALLS_E2E_PROFILE=release tests the release binary instead.
+profile="${CALLS_E2E_PROFILE:-debug}"
+echo "== building the server ($profile)"
+if [ "$profile" = release ]; then
+  (cd "$root" && cargo build --release -p calls-core --example server)
+else
+  (cd "$root" && cargo build -p calls-core --example server)
+fi
+export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$profile/examples/server}"
+
+echo "== running the end-to-end tests"
+cd "$here"
+# One test at a time: this machine has two cores and a test runs up to three Chromium pages.
+exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs
