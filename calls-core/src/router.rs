@@ -26,6 +26,20 @@ use crate::session::{
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
 use crate::tcp::{self, ConnId, Framer, TcpConn, TcpError};
 
+/// An unanswered router offer is sent again after this long …
+const OFFER_RESEND_AFTER: Duration = Duration::from_secs(4);
+/// … at most this many times.
+const MAX_OFFER_RESENDS: u8 = 3;
+
+/// Router-level deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Deadline {
+    /// The session must be connected by now.
+    Connect,
+    /// The session's router offer should have been answered by now.
+    OfferResend,
+}
+
 /// The timeout reported when nothing is scheduled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A simulcast layer not seen for this long is considered stopped.
@@ -167,7 +181,8 @@ pub struct Router {
     outputs: VecDeque<Output>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// Sessions that must be connected by a deadline (join + `connect_timeout_ms`).
-    connect_deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Router-level deadlines (connect timeouts, unanswered offers), checked lazily.
+    deadlines: BinaryHeap<Reverse<(Instant, SessionId, Deadline)>>,
     touched: Vec<SessionId>,
     /// Sessions whose subscriptions may need a router offer.
     renegotiate: Vec<SessionId>,
@@ -209,7 +224,7 @@ impl Router {
             tcp_by_addr: HashMap::new(),
             outputs: VecDeque::new(),
             timers: BinaryHeap::new(),
-            connect_deadlines: BinaryHeap::new(),
+            deadlines: BinaryHeap::new(),
             touched: Vec::new(),
             renegotiate: Vec::new(),
             dead: Vec::new(),
@@ -302,9 +317,10 @@ impl Router {
         );
         self.ufrags.insert(state.local_creds.ufrag.clone(), session);
         self.sessions.insert(session, state);
-        self.connect_deadlines.push(Reverse((
+        self.deadlines.push(Reverse((
             later(now, self.config.connect_timeout()),
             session,
+            Deadline::Connect,
         )));
         let members = &mut self.calls.entry(call.clone()).or_default().members;
         for other in members.iter() {
@@ -604,14 +620,20 @@ impl Router {
     /// Advances time: runs every session whose timer is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        while let Some(Reverse((at, session))) = self.connect_deadlines.peek().copied() {
+        while let Some(Reverse((at, session, kind))) = self.deadlines.peek().copied() {
             if at > now {
                 break;
             }
-            self.connect_deadlines.pop();
-            if self.sessions.get(&session).is_some_and(|s| !s.connected) {
-                tracing::info!(%session, "never connected; removing");
-                self.dead.push(session);
+            self.deadlines.pop();
+            if !self.deadline_live(session, kind) {
+                continue;
+            }
+            match kind {
+                Deadline::Connect => {
+                    tracing::info!(%session, "never connected; removing");
+                    self.dead.push(session);
+                }
+                Deadline::OfferResend => self.resend_offer(session, now),
             }
         }
         while let Some(Reverse((at, session))) = self.timers.peek().copied() {
@@ -651,15 +673,54 @@ impl Router {
             }
             self.timers.pop();
         }
-        while let Some(Reverse((at, session))) = self.connect_deadlines.peek().copied() {
-            if self.sessions.get(&session).is_some_and(|s| !s.connected) {
+        while let Some(Reverse((at, session, kind))) = self.deadlines.peek().copied() {
+            if self.deadline_live(session, kind) {
                 next = Some(next.map_or(at, |n: Instant| n.min(at)));
                 break;
             }
-            self.connect_deadlines.pop();
+            self.deadlines.pop();
         }
         // Nothing scheduled: come back in a while (or on the next input).
         Output::Timeout(next.unwrap_or_else(|| later(self.last_now, IDLE_TIMEOUT)))
+    }
+
+    /// Whether a router-level deadline still means something.
+    fn deadline_live(&self, session: SessionId, kind: Deadline) -> bool {
+        let Some(state) = self.sessions.get(&session) else {
+            return false;
+        };
+        match kind {
+            Deadline::Connect => !state.connected,
+            Deadline::OfferResend => state.pending_offer.is_some(),
+        }
+    }
+
+    /// A router offer went unanswered for `OFFER_RESEND_AFTER`: the client may have lost it
+    /// (a dropped signaling connection, a client bug). Send it again, a few times, unchanged.
+    fn resend_offer(&mut self, session: SessionId, now: Instant) {
+        let Some(pending) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.pending_offer.as_mut())
+        else {
+            return;
+        };
+        if now.saturating_duration_since(pending.sent_at) < OFFER_RESEND_AFTER {
+            return;
+        }
+        if pending.resends >= MAX_OFFER_RESENDS {
+            tracing::info!(%session, "router offer never answered; giving up on re-sending it");
+            return;
+        }
+        pending.resends += 1;
+        pending.sent_at = now;
+        tracing::debug!(%session, resend = pending.resends, "re-sending an unanswered router offer");
+        self.deadlines.push(Reverse((
+            later(now, OFFER_RESEND_AFTER),
+            session,
+            Deadline::OfferResend,
+        )));
+        let _ = self.resend_signaling(session);
     }
 
     /// A snapshot of every counter and gauge.
@@ -1409,6 +1470,7 @@ impl Router {
                 }
             }
             self.counters.snapshot.glare_rollbacks += 1;
+            tracing::debug!(%session, "glare: the client's offer wins; ours is re-offered after the answer");
         }
         let state = self
             .sessions
@@ -1576,9 +1638,19 @@ impl Router {
                 pending,
                 added,
                 sdp: sdp.clone(),
+                sent_at: now,
+                resends: 0,
             });
             sdp
         });
+        if offer.is_some() {
+            tracing::debug!(%session, "router offer sent");
+            self.deadlines.push(Reverse((
+                later(now, OFFER_RESEND_AFTER),
+                session,
+                Deadline::OfferResend,
+            )));
+        }
         for key in attached.iter().copied() {
             if let Some(track) = self.tracks.get_mut(&key) {
                 track.subscribers.push(session);

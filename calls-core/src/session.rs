@@ -18,6 +18,12 @@ use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
 
 /// How often str0m reports per-session stats (RTT, loss).
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// Outgoing audio packets str0m keeps per stream. Our audio writes are not nackable, so this
+/// only holds packets between `write_rtp` and the next poll (str0m's default is 50).
+const SEND_BUFFER_AUDIO: usize = 16;
+/// Outgoing video packets str0m keeps per stream for NACK/RTX and BWE probing: at 1.5 Mbit/s
+/// of ~1100-byte packets, 300 packets are ~1.7 s of history (str0m's default is 1000).
+const SEND_BUFFER_VIDEO: usize = 300;
 
 /// A subscription: one publisher track written into this session's m-line `mid`.
 #[derive(Debug)]
@@ -56,6 +62,9 @@ pub(crate) struct PendingOffer {
     pub added: Vec<AddedLine>,
     /// The offer as sent, for [`Router::resend_signaling`](crate::Router::resend_signaling).
     pub sdp: String,
+    /// When it was (last) sent, and how often it was re-sent unanswered.
+    pub sent_at: Instant,
+    pub resends: u8,
 }
 
 #[derive(Debug)]
@@ -113,6 +122,8 @@ impl Session {
             .enable_h264(true)
             .enable_vp9(true)
             .set_stats_interval(Some(STATS_INTERVAL))
+            .set_send_buffer_audio(SEND_BUFFER_AUDIO)
+            .set_send_buffer_video(SEND_BUFFER_VIDEO)
             .build(now);
         let udp = config
             .udp_candidates()

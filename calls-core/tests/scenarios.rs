@@ -1335,3 +1335,26 @@ fn tcp_peer_connects_behind_port_forwarding() {
     assert_eq!((m.tcp_connections, m.tcp_unsent), (1, 0), "{m:?}");
     assert!(world.router_tcp_transmits_to(world.peer(tina).addr()) > 0);
 }
+
+/// A client that loses a router offer (its signaling hiccuped) still gets everyone's media: the
+/// router re-sends an unanswered offer after a few seconds instead of waiting forever.
+#[test]
+fn a_lost_router_offer_is_sent_again() {
+    let mut world = world(31);
+    let alice = world.add_peer("standup", "alice", PeerOptions::default());
+    world.run_for(secs(0.5));
+    let bob = world.add_peer("standup", "bob", PeerOptions::default());
+    // Bob's first router offer (carrying alice's tracks) never reaches him.
+    world.lose_offers_to(bob, 1);
+    world.run_for(secs(2.0));
+    assert_eq!(
+        stats(&world, bob, alice, MIC).packets,
+        0,
+        "{}",
+        describe(&world)
+    );
+    // Within the re-send interval (4 s) plus set-up, bob receives alice.
+    settle(&mut world, &[alice, bob], &[MIC, CAM]);
+    assert!(world.elapsed() < secs(9.0), "{}", describe(&world));
+    assert_eq!(stats(&world, bob, alice, CAM).gaps_after_keyframe, 0);
+}

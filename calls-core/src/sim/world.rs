@@ -87,6 +87,8 @@ pub struct SimWorld {
     signaling_delay: Duration,
     signals: BTreeMap<(Instant, u64), SignalInFlight>,
     signal_order: u64,
+    /// Router offers to lose per session (see `lose_offers_to`).
+    lost_offers: BTreeMap<SessionId, u32>,
     next_session: u64,
     next_host: u32,
     ipv6: bool,
@@ -143,6 +145,7 @@ impl SimWorld {
             signaling_delay: Duration::ZERO,
             signals: BTreeMap::new(),
             signal_order: 0,
+            lost_offers: BTreeMap::new(),
             next_session: 1,
             next_host: 0,
             ipv6,
@@ -428,6 +431,22 @@ impl SimWorld {
         self.steps
     }
 
+    /// Loses the next `count` router offers to `session` on the signaling channel (a client
+    /// that missed them: a dropped WebSocket, a buggy page).
+    pub fn lose_offers_to(&mut self, session: SessionId, count: u32) {
+        self.lost_offers.insert(session, count);
+    }
+
+    fn take_offer_drop(&mut self, session: SessionId) -> bool {
+        match self.lost_offers.get_mut(&session) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Server messages for `session` still on their way (with a signaling delay).
     pub fn signals_in_flight_to(&self, session: SessionId) -> impl Iterator<Item = &ServerMessage> {
         self.signals.values().filter_map(move |s| match s {
@@ -635,6 +654,8 @@ impl SimWorld {
                 }
                 self.drain_router();
             }
+            SignalInFlight::ToPeer(session, msg)
+                if matches!(msg, ServerMessage::Offer { .. }) && self.take_offer_drop(session) => {}
             SignalInFlight::ToPeer(session, msg) => match self.peers.get_mut(&session) {
                 Some(peer) => {
                     peer.handle_signal(msg, self.now);
