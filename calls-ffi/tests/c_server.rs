@@ -5,15 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{PeerOptions, PeerSignal, SimPeer};
-use calls_core::{ServerMessage, SessionId, TrackSource, UserId};
+use calls_core::sim::LineParticipant as Participant;
+use calls_core::TrackSource;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 /// Packets each participant must receive from the other, per track (≈ 1 s of audio).
@@ -139,123 +139,12 @@ impl Drop for Server {
     }
 }
 
-/// A str0m participant with a real UDP socket and a signaling connection to the server.
-struct Participant {
-    peer: SimPeer,
-    udp: UdpSocket,
-    signaling: TcpStream,
-    inbox: Vec<u8>,
-}
-
-impl Participant {
-    fn join(signal: SocketAddr, call: &str, user: &str, seed: u64) -> Participant {
-        let mut signaling = TcpStream::connect(signal).unwrap();
-        signaling
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        writeln!(
-            signaling,
-            r#"{{"join":{{"call":"{call}","user":"{user}"}}}}"#
-        )
-        .unwrap();
-        let mut inbox = Vec::new();
-        let ack = loop {
-            if let Some(line) = take_line(&mut inbox) {
-                break line;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = signaling.read(&mut chunk).unwrap();
-            assert!(n > 0, "server closed the signaling connection");
-            inbox.extend_from_slice(&chunk[..n]);
-        };
-        let ack: serde_json::Value = serde_json::from_str(&ack).unwrap();
-        let session = ack["joined"]["session"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("join refused: {ack}"));
-        signaling.set_nonblocking(true).unwrap();
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        udp.set_nonblocking(true).unwrap();
-        let now = Instant::now();
-        let mut peer = SimPeer::new(
-            SessionId(session),
-            UserId::from(user),
-            udp.local_addr().unwrap(),
-            &PeerOptions::default(),
-            seed,
-            now,
-        );
-        peer.start(now);
-        Participant {
-            peer,
-            udp,
-            signaling,
-            inbox,
-        }
-    }
-
-    /// Moves everything one step: signaling both ways, datagrams both ways, timers.
-    fn step(&mut self) {
-        let now = Instant::now();
-        // Signaling from the server, one JSON message per line.
-        let mut chunk = [0u8; 65536];
-        loop {
-            match self.signaling.read(&mut chunk) {
-                Ok(0) => panic!("server closed the signaling connection"),
-                Ok(n) => self.inbox.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("signaling read: {e}"),
-            }
-        }
-        while let Some(line) = take_line(&mut self.inbox) {
-            let msg = ServerMessage::from_json(&line).unwrap();
-            self.peer.handle_signal(msg, now);
-        }
-        // Datagrams from the server.
-        let mut datagram = [0u8; 2048];
-        loop {
-            match self.udp.recv_from(&mut datagram) {
-                Ok((n, source)) => self.peer.handle_datagram(source, &datagram[..n], now),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("udp recv: {e}"),
-            }
-        }
-        if self.peer.poll_timeout().is_some_and(|at| at <= now) {
-            self.peer.handle_timeout(now);
-        }
-        // What the peer wants sent.
-        for signal in self.peer.take_signals() {
-            let json = match signal {
-                PeerSignal::Message(msg) => msg.to_json(),
-                PeerSignal::Json(text) => text,
-            };
-            self.signaling.set_nonblocking(false).unwrap();
-            writeln!(self.signaling, "{json}").unwrap();
-            self.signaling.set_nonblocking(true).unwrap();
-        }
-        for transmit in self.peer.take_transmits() {
-            let _ = self.udp.send_to(&transmit.contents, transmit.destination);
-        }
-    }
-
-    fn received(&self, from: &Participant, source: TrackSource) -> u64 {
-        self.peer
-            .received_from(from.peer.session(), source)
-            .map_or(0, |t| t.packets)
-    }
-}
-
-fn take_line(inbox: &mut Vec<u8>) -> Option<String> {
-    let end = inbox.iter().position(|b| *b == b'\n')?;
-    let line: Vec<u8> = inbox.drain(..=end).collect();
-    Some(String::from_utf8_lossy(&line[..end]).into_owned())
-}
-
 #[test]
 fn two_str0m_participants_hear_and_see_each_other_through_the_c_server() {
     let binary = build_server();
     let (server, signal) = Server::start(&binary);
-    let mut alice = Participant::join(signal, "standup", "alice", 1);
-    let mut bob = Participant::join(signal, "standup", "bob", 2);
+    let mut alice = Participant::join(signal, "standup", "alice", 1, Instant::now());
+    let mut bob = Participant::join(signal, "standup", "bob", 2, Instant::now());
 
     let started = Instant::now();
     let done = |a: &Participant, b: &Participant| {
@@ -280,8 +169,8 @@ fn two_str0m_participants_hear_and_see_each_other_through_the_c_server() {
                 server.log_text()
             );
         }
-        alice.step();
-        bob.step();
+        alice.step(Instant::now());
+        bob.step(Instant::now());
         std::thread::sleep(Duration::from_millis(1));
     }
 
@@ -289,7 +178,7 @@ fn two_str0m_participants_hear_and_see_each_other_through_the_c_server() {
     drop(bob);
     let waited = Instant::now();
     while !server.log_text().contains("\"type\":\"left\"") && waited.elapsed() < DEADLINE {
-        alice.step();
+        alice.step(Instant::now());
         std::thread::sleep(Duration::from_millis(5));
     }
     let log = server.stop();

@@ -9,14 +9,18 @@
 //!   receives per publisher track.
 //! - [`tcp`]: simulated ICE-TCP connections (reliable, ordered, RFC 4571 frames split at
 //!   seeded-random points) for peers with [`Transport::Tcp`].
+//! - [`lines`]: [`LineParticipant`], a peer on real sockets with JSON-lines signaling, for
+//!   tests against real server processes.
 //! - [`world`]: [`SimWorld`], the router, the peers, the network, the TCP connections and
 //!   in-memory signaling on one event loop.
 
+pub mod lines;
 pub mod net;
 pub mod peer;
 pub mod tcp;
 pub mod world;
 
+pub use lines::LineParticipant;
 pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{
     NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, TrackStats,
