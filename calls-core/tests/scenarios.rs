@@ -93,6 +93,31 @@ fn describe(world: &SimWorld) -> String {
     out
 }
 
+/// Every stream each of `peers` received came from another of them, attributed to a track, with
+/// no sequence gap after its first keyframe, no late or duplicate packet and one SSRC throughout.
+fn assert_streams_clean(world: &SimWorld, peers: &[SessionId]) {
+    for &rx in peers {
+        let peer = world.peer(rx);
+        assert!(peer.unattributed().is_empty(), "{}", describe(world));
+        for (tx, src, t) in peer.received() {
+            assert!(peers.contains(&tx) && tx != rx);
+            let problems = [
+                ("gaps after keyframe", t.gaps_after_keyframe),
+                ("late or duplicate", t.late_or_duplicate),
+                ("SSRC changes", t.ssrc_changes),
+            ];
+            for (what, count) in problems {
+                assert_eq!(
+                    count,
+                    0,
+                    "{rx} from {tx} {src:?}: {what}{}",
+                    describe(world)
+                );
+            }
+        }
+    }
+}
+
 /// Packets of `tx`'s `src` that `rx` received during a window, against what `tx` sent in it.
 struct Window {
     received: u64,
@@ -165,31 +190,7 @@ fn three_participants_hear_and_see_each_other() {
             w.sent
         );
     }
-    for &rx in &peers {
-        let peer = world.peer(rx);
-        assert!(peer.unattributed().is_empty(), "{}", describe(&world));
-        for (tx, src, t) in peer.received() {
-            assert!(peers.contains(&tx) && tx != rx);
-            assert_eq!(
-                t.gaps_after_keyframe,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-            assert_eq!(
-                t.late_or_duplicate,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-            assert_eq!(
-                t.ssrc_changes,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-        }
-    }
+    assert_streams_clean(&world, &peers);
 }
 
 #[test]
@@ -1115,30 +1116,9 @@ fn tcp_only_participant_joins_a_udp_call() {
     }
     for &rx in &peers {
         let peer = world.peer(rx);
-        assert!(peer.unattributed().is_empty(), "{}", describe(&world));
         assert!(peer.rtc_errors().is_empty(), "{:?}", peer.rtc_errors());
-        for (tx, src, t) in peer.received() {
-            assert!(peers.contains(&tx) && tx != rx);
-            assert_eq!(
-                t.gaps_after_keyframe,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-            assert_eq!(
-                t.late_or_duplicate,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-            assert_eq!(
-                t.ssrc_changes,
-                0,
-                "{rx} from {tx} {src:?}{}",
-                describe(&world)
-            );
-        }
     }
+    assert_streams_clean(&world, &peers);
 
     let m = world.metrics();
     assert_eq!(m.tcp_connections, 1, "{m:?}");

@@ -440,17 +440,22 @@ impl SimPeer {
             };
             p.mid = Some(api.add_media(kind, Direction::SendOnly, None, None, None));
         }
-        if let Some((offer, pending)) = api.apply() {
-            self.pending_offer = Some(pending);
-            self.offers_sent += 1;
-            let screen_mid = self.mid_of(TrackSource::Screen).map(|m| m.to_string());
-            self.signals_out
-                .push(PeerSignal::Message(ClientMessage::Offer {
-                    sdp: offer.to_sdp_string(),
-                    screen_mid,
-                }));
+        if let Some(applied) = api.apply() {
+            self.send_offer(applied);
         }
         self.pump(now);
+    }
+
+    /// Sends an offer (naming the screen m-line, if any) and waits for its answer.
+    fn send_offer(&mut self, (offer, pending): (SdpOffer, SdpPendingOffer)) {
+        self.pending_offer = Some(pending);
+        self.offers_sent += 1;
+        let screen_mid = self.mid_of(TrackSource::Screen).map(|m| m.to_string());
+        self.signals_out
+            .push(PeerSignal::Message(ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                screen_mid,
+            }));
     }
 
     /// The router session this peer is.
@@ -847,15 +852,8 @@ impl SimPeer {
         }
         let applied = api.apply();
         self.publishers.extend(new_publisher);
-        if let Some((offer, pending)) = applied {
-            self.pending_offer = Some(pending);
-            self.offers_sent += 1;
-            let screen_mid = self.mid_of(TrackSource::Screen).map(|m| m.to_string());
-            self.signals_out
-                .push(PeerSignal::Message(ClientMessage::Offer {
-                    sdp: offer.to_sdp_string(),
-                    screen_mid,
-                }));
+        if let Some(applied) = applied {
+            self.send_offer(applied);
         }
         self.pump(now);
     }
