@@ -1,0 +1,224 @@
+"""Typed stubs of the compiled module ``calls._calls`` (calls-py/src/py.rs)."""
+
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
+
+from typing_extensions import final
+
+__version__: str
+__all__ = [
+    "__version__",
+    "Router",
+    "Transmit",
+    "Signal",
+    "Event",
+    "Timeout",
+    "Peer",
+    "Swarm",
+    "CallsError",
+    "ConfigError",
+    "SignalError",
+    "UnknownSessionError",
+    "SessionExistsError",
+    "CallFullError",
+    "RouterFullError",
+    "DrainingError",
+    "TcpError",
+    "SwarmError",
+]
+
+_Address = Tuple[str, int]
+
+class CallsError(Exception):
+    """Base class of every error raised by calls."""
+
+class ConfigError(CallsError):
+    """The configuration is invalid; ``problems`` lists every problem."""
+
+    problems: List[str]
+
+class SignalError(CallsError):
+    """A signaling message was refused (``code``, ``session``); the session goes on."""
+
+    code: str
+    session: int
+
+class UnknownSessionError(CallsError):
+    """No session with this id on this router (``session``)."""
+
+    session: int
+
+class SessionExistsError(CallsError):
+    """A session with this id already exists (``session``)."""
+
+    session: int
+
+class CallFullError(CallsError):
+    """The call has reached ``max_participants_per_call`` (``call``, ``max``)."""
+
+    call: str
+    max: int
+
+class RouterFullError(CallsError):
+    """The router has reached ``max_sessions`` (``max``)."""
+
+    max: int
+
+class DrainingError(CallsError):
+    """The router is draining and accepts no new joins."""
+
+class TcpError(CallsError):
+    """An ICE-TCP connection error (unknown or duplicate connection, oversized frame)."""
+
+class SwarmError(CallsError):
+    """A load-test swarm could not start (bad URL, non-loopback server, bad configuration)."""
+
+@final
+class Transmit:
+    """Bytes to send: a UDP datagram, or (proto ``"tcp"``) framed bytes for connection ``conn``."""
+
+    __match_args__: ClassVar[Tuple[str, str, str, str, str]]
+    @property
+    def proto(self) -> str: ...
+    @property
+    def source(self) -> _Address: ...
+    @property
+    def destination(self) -> _Address: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def conn(self) -> Optional[int]: ...
+
+@final
+class Signal:
+    """A message for one session's signaling channel: ``json`` as sent, ``message`` parsed."""
+
+    __match_args__: ClassVar[Tuple[str, str]]
+    @property
+    def session(self) -> int: ...
+    @property
+    def json(self) -> str: ...
+    @property
+    def message(self) -> Dict[str, Any]: ...
+    @property
+    def type(self) -> str: ...
+
+@final
+class Event:
+    """Something happened: ``kind``, the ``session``, and details in ``data``."""
+
+    __match_args__: ClassVar[Tuple[str, str, str]]
+    @property
+    def kind(self) -> str: ...
+    @property
+    def session(self) -> int: ...
+    @property
+    def data(self) -> Dict[str, Any]: ...
+
+@final
+class Timeout:
+    """Nothing more to do: call ``handle_timeout`` at ``at`` (caller seconds)."""
+
+    __match_args__: ClassVar[Tuple[str]]
+    @property
+    def at(self) -> float: ...
+
+_Output = Union[Transmit, Signal, Event, Timeout]
+
+@final
+class Router:
+    """The sans-IO media router."""
+
+    def __new__(
+        cls, config: Union[Mapping[str, Any], str, None] = None, now: float = 0.0
+    ) -> "Router": ...
+    def join(
+        self,
+        call: str,
+        session: int,
+        user: str,
+        now: float,
+        grants: Optional[Dict[str, bool]] = None,
+    ) -> None: ...
+    def leave(self, session: int, now: float) -> None: ...
+    def set_muted(self, session: int, muted: bool, now: float) -> None: ...
+    def handle_datagram(
+        self,
+        data: bytes,
+        source: _Address,
+        destination: _Address,
+        now: float,
+        proto: str = "udp",
+    ) -> None: ...
+    def handle_signal(
+        self, session: int, message: Union[str, Mapping[str, Any]], now: float
+    ) -> None: ...
+    def handle_timeout(self, now: float) -> None: ...
+    def tcp_accepted(self, conn: int, remote: _Address, local: _Address) -> None: ...
+    def handle_tcp_data(self, conn: int, data: bytes, now: float) -> None: ...
+    def tcp_closed(self, conn: int) -> None: ...
+    def poll_output(self) -> _Output: ...
+    def drain(self) -> List[_Output]: ...
+    def resend_signaling(self, session: int) -> None: ...
+    def start_draining(self) -> None: ...
+    def session_count(self) -> int: ...
+    def metrics(self) -> Dict[str, Any]: ...
+    def prometheus(self) -> str: ...
+    @staticmethod
+    def worker_of_datagram(data: bytes) -> Optional[int]: ...
+
+@final
+class Peer:
+    """A str0m client peer publishing synthetic Opus and VP8 (``calls.testing.Peer``)."""
+
+    def __new__(
+        cls,
+        session: int,
+        user: str,
+        addr: _Address,
+        now: float,
+        *,
+        audio: bool = True,
+        video: bool = True,
+        screen: bool = False,
+        seed: int = 1,
+    ) -> "Peer": ...
+    def start(self, now: float) -> None: ...
+    def handle_datagram(self, source: _Address, data: bytes, now: float) -> None: ...
+    def handle_signal(self, message: Union[str, Mapping[str, Any]], now: float) -> None: ...
+    def handle_timeout(self, now: float) -> None: ...
+    def poll_timeout(self) -> Optional[float]: ...
+    def take_transmits(self) -> List[Transmit]: ...
+    def take_signals(self) -> List[str]: ...
+    def set_muted(self, muted: bool) -> None: ...
+    def set_silent(self, silent: bool) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def session(self) -> int: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def packets_received(self) -> int: ...
+    def received(self) -> List[Dict[str, Any]]: ...
+    def errors(self) -> List[Tuple[str, str]]: ...
+
+@final
+class Swarm:
+    """Simulated participants on Rust threads (see ``calls.loadtest.Swarm``)."""
+
+    def __new__(
+        cls,
+        url: str,
+        participants: List[Dict[str, Any]],
+        duration: float,
+        threads: int = 0,
+        allow_remote: bool = False,
+    ) -> "Swarm": ...
+    def stats_json(self) -> str: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: Optional[float] = None) -> bool: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def duration(self) -> float: ...

@@ -1,0 +1,232 @@
+"""Load testing a calls server with simulated participants.
+
+The participants are str0m peers on Rust threads (``calls._calls.Swarm``): each opens the
+reference server's WebSocket (``/ws?call=&user=&token=``), waits for its ``welcome``, negotiates
+with the router, sends synthetic Opus (20 ms packets with audio levels) and VP8 (30 fps,
+keyframes every 3 s and on PLI) over its own UDP socket, and counts what it receives. Python
+only plans, watches and reports::
+
+    from calls.loadtest import Swarm, plan
+    swarm = Swarm("http://127.0.0.1:8080", plan(calls=1, participants=20, speakers=2), duration=10)
+    swarm.wait()
+    print(swarm.stats()[0].rx_kbps)
+
+``python -m calls.loadtest --help`` is the command-line face (progress bar and report).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from calls._calls import Swarm as _Swarm
+
+__all__ = [
+    "Participant",
+    "ParticipantStats",
+    "Swarm",
+    "TrackStats",
+    "mint_token",
+    "plan",
+]
+
+
+@dataclass(frozen=True)
+class Participant:
+    """What one simulated participant does."""
+
+    call: str
+    user: str
+    #: A join token (JWT) when the server has an ``auth_secret``; demo mode without.
+    token: Optional[str] = None
+    #: Publish a microphone (synthetic Opus).
+    audio: bool = True
+    #: Publish a camera (synthetic VP8, one layer).
+    video: bool = False
+    #: Publish a screen share (a second VP8 track).
+    screen: bool = False
+    #: Talk (speech audio levels). A non-speaker is muted, or sends silence if ``muted`` is False.
+    speaking: bool = False
+    #: How a non-speaker is quiet: muted (the router forwards nothing) or silent (forwarded).
+    muted: bool = True
+    #: Seconds after the swarm starts to join (ramp-up).
+    start_after: float = 0.0
+    #: Seed of its synthetic media.
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class TrackStats:
+    """What a participant received of one publisher track."""
+
+    publisher: int
+    source: str
+    packets: int
+    bytes: int
+    lost: int
+    keyframes: int
+    kbps: float
+    freezes: int
+    freeze_ms: float
+
+
+@dataclass(frozen=True)
+class ParticipantStats:
+    """One participant's measurements (times in ms from opening its WebSocket)."""
+
+    index: int
+    call: str
+    user: str
+    speaking: bool
+    #: waiting, joining, joined, connected, done or failed.
+    state: str
+    error: Optional[str]
+    session: Optional[int]
+    join_started_s: Optional[float]
+    welcome_ms: Optional[float]
+    connected_ms: Optional[float]
+    #: WebSocket open → first media packet received.
+    join_ms: Optional[float]
+    packets_sent: int
+    bytes_sent: int
+    packets_received: int
+    bytes_received: int
+    lost: int
+    loss: float
+    late_or_duplicate: int
+    media_s: float
+    rx_kbps: float
+    tx_kbps: float
+    freezes: int
+    keyframe_requests: int
+    signal_errors: int
+    tracks: List[TrackStats] = field(default_factory=list)
+
+    @staticmethod
+    def from_dict(d: Dict[str, Any]) -> "ParticipantStats":
+        fields = dict(d)
+        fields["tracks"] = [TrackStats(**t) for t in d.get("tracks", [])]
+        return ParticipantStats(**fields)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class Swarm:
+    """Runs participants against a server until ``duration`` seconds have passed.
+
+    Starts at once; ``threads`` media threads (0: one per core). Every participant stops at
+    the deadline or on :meth:`stop`, sends ``{"type":"leave"}`` and closes its sockets.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        participants: List[Participant],
+        duration: float,
+        threads: int = 0,
+        allow_remote: bool = False,
+    ) -> None:
+        self.participants = list(participants)
+        specs = [asdict(p) for p in self.participants]
+        self._swarm = _Swarm(url, specs, duration, threads, allow_remote)
+
+    def stats(self) -> List[ParticipantStats]:
+        """Every participant's statistics (at most 250 ms old)."""
+        raw: List[Dict[str, Any]] = json.loads(self._swarm.stats_json())
+        return [ParticipantStats.from_dict(d) for d in raw]
+
+    def stop(self) -> None:
+        """Asks everyone to leave now (see :meth:`wait`)."""
+        self._swarm.stop()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Waits for the end (at most ``timeout`` s); returns whether it has come."""
+        return self._swarm.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._swarm.running
+
+    @property
+    def elapsed(self) -> float:
+        return self._swarm.elapsed
+
+    @property
+    def duration(self) -> float:
+        return self._swarm.duration
+
+    def __enter__(self) -> "Swarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.wait(10.0)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint_token(
+    secret: str,
+    call: str,
+    user: str,
+    name: Optional[str] = None,
+    ttl: float = 3600.0,
+    grants: Optional[Dict[str, bool]] = None,
+) -> str:
+    """A join token (JWT, HS256) for the reference server: ``{call, sub, name, grants, exp}``."""
+    header = {"alg": "HS256", "typ": "JWT"}
+    claims: Dict[str, Any] = {"call": call, "sub": user, "exp": int(time.time() + ttl)}
+    if name is not None:
+        claims["name"] = name
+    if grants is not None:
+        claims["grants"] = grants
+    signing_input = ".".join(
+        _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+    )
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+def plan(
+    calls: int = 1,
+    participants: int = 10,
+    speakers: int = 2,
+    video: int = 0,
+    screen: int = 0,
+    ramp: float = 0.0,
+    secret: Optional[str] = None,
+    silent: bool = False,
+    call_prefix: str = "loadtest",
+    token_ttl: float = 3600.0,
+) -> List[Participant]:
+    """``calls`` calls of ``participants`` each. In every call the first ``speakers`` talk,
+    the first ``video`` publish a camera and the first ``screen`` share a screen; the others
+    are muted (or send silence with ``silent``). ``ramp``: joins per second (0: all at once).
+    With ``secret``, each participant gets a join token."""
+    out: List[Participant] = []
+    for c in range(calls):
+        call = f"{call_prefix}-{c}"
+        for i in range(participants):
+            n = len(out)
+            user = f"sim-{c}-{i}"
+            out.append(
+                Participant(
+                    call=call,
+                    user=user,
+                    token=mint_token(secret, call, user, ttl=token_ttl) if secret else None,
+                    audio=True,
+                    video=i < video,
+                    screen=i < screen,
+                    speaking=i < speakers,
+                    muted=not silent,
+                    start_after=n / ramp if ramp > 0 else 0.0,
+                    seed=n + 1,
+                )
+            )
+    return out

@@ -1,0 +1,271 @@
+"""``python -m calls.loadtest``: simulated participants against a calls server, a live progress
+bar, and a report (table and JSON)."""
+
+import argparse
+import ipaddress
+import json
+import resource
+import socket
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from calls import CallsError
+from calls.loadtest import ParticipantStats, Swarm, plan
+from calls.loadtest.report import (
+    ServerProbe,
+    ServerSample,
+    build_report,
+    find_pid_by_port,
+    scrape_metrics,
+    udp_receive_buffer_errors,
+)
+
+#: After the last join is due, wait this long before the steady-state window starts.
+SETTLE_S = 3.0
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m calls.loadtest",
+        description="Run simulated participants (str0m peers on Rust threads, real UDP) "
+        "against a calls server and report join time, bitrate, loss and server load.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the server's HTTP address")
+    p.add_argument("--calls", type=int, default=1, help="number of calls")
+    p.add_argument("--participants", type=int, default=10, help="participants per call")
+    p.add_argument("--speakers", type=int, default=2, help="talking participants per call")
+    p.add_argument("--video", type=int, default=0, help="camera publishers per call")
+    p.add_argument("--screen", type=int, default=0, help="screen sharers per call")
+    p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds, ramp-up included")
+    p.add_argument("--ramp", type=float, default=20.0, help="joins per second (0: all at once)")
+    p.add_argument("--secret", help="the server's auth_secret: mint join tokens")
+    p.add_argument("--threads", type=int, default=0, help="media threads (0: one per core)")
+    p.add_argument("--server-pid", type=int, help="the server process (default: found by port)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("calls", "participants"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    return args
+
+
+def loopback_target(url: str) -> Tuple[str, int]:
+    """(host, port) of a loopback URL; anything else is refused."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "ws"):
+        raise SystemExit(f"{url}: only http:// and ws:// URLs")
+    host, port = parts.hostname or "", parts.port or 80
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except OSError as e:
+        raise SystemExit(f"{url}: {e}") from None
+    if not addrs or not all(ipaddress.ip_address(a).is_loopback for a in addrs):
+        raise SystemExit(f"{url}: the load tester only targets loopback servers")
+    return host, port
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def summary(stats: List[ParticipantStats]) -> Dict[str, Any]:
+    return {
+        "joined": sum(1 for s in stats if s.session is not None),
+        "connected": sum(1 for s in stats if s.connected_ms is not None),
+        "receiving": sum(1 for s in stats if s.packets_received > 0),
+        "failed": sum(1 for s in stats if s.state == "failed"),
+        "rx_bytes": sum(s.bytes_received for s in stats),
+        "rx_packets": sum(s.packets_received for s in stats),
+    }
+
+
+def render(report: Dict[str, Any], console: Console) -> None:
+    parts = report["participants"]
+    console.print(
+        f"[bold]participants[/bold] {parts['total']}: joined {parts['joined']}, "
+        f"connected {parts['connected']}, receiving media {parts['receiving_media']}, "
+        f"failed {parts['failed']}" + ("  [yellow](interrupted)[/yellow]" if report["interrupted"] else "")
+    )
+    for e in parts["errors"]:
+        console.print(f"  [red]error[/red] {e}")
+    table = Table(title="per participant")
+    for col in ("metric", "n", "min", "p50", "p90", "p99", "max"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for name, d in report["per_participant"].items():
+        cells = [f"{d[k]:.1f}" if k in d else "-" for k in ("min", "p50", "p90", "p99", "max")]
+        table.add_row(name, str(d["n"]), *cells)
+    console.print(table)
+    totals = Table(title="totals")
+    totals.add_column("what")
+    totals.add_column("value", justify="right")
+    t = report["totals"]
+    totals.add_row("clients sent", f"{t['client_tx_packets_per_s']:.0f} pkt/s, {t['client_tx_mbit_s']:.2f} Mbit/s")
+    totals.add_row("clients received", f"{t['client_rx_packets_per_s']:.0f} pkt/s, {t['client_rx_mbit_s']:.2f} Mbit/s")
+    totals.add_row("lost packets / video freezes", f"{t['lost']} / {t['freezes']}")
+    if "udp_rcvbuf_errors" in t:
+        totals.add_row("UDP receive-buffer drops (this machine)", str(t["udp_rcvbuf_errors"]))
+    sm = report.get("server_metrics")
+    if sm and sm.get("datagrams_in_per_s") is not None:
+        totals.add_row(
+            f"server datagrams (steady {sm['window_s']:.0f} s)",
+            f"in {sm['datagrams_in_per_s']:.0f}/s ({sm['mbit_in_s']:.2f} Mbit/s), "
+            f"out {sm['datagrams_out_per_s']:.0f}/s ({sm['mbit_out_s']:.2f} Mbit/s)",
+        )
+    sp = report.get("server_process")
+    if sp:
+        cpu = sp["cpu_percent"]
+        totals.add_row(
+            f"server pid {sp['pid']}",
+            (f"CPU {cpu:.0f}% " if cpu is not None else "")
+            + f"RSS {sp['rss_before_mb']:.0f} → {sp['rss_peak_mb']:.0f} MB "
+            f"({sp['rss_per_participant_kb']:.0f} kB/participant)",
+        )
+    lt = report.get("load_tester")
+    if lt and lt.get("participants_per_core"):
+        totals.add_row(
+            "load tester",
+            f"{lt['cores_used']:.2f} cores, {lt['participants_per_core']:.0f} participants/core",
+        )
+    console.print(totals)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    _, port = loopback_target(args.url)
+    participants = plan(
+        calls=args.calls,
+        participants=args.participants,
+        speakers=args.speakers,
+        video=args.video,
+        screen=args.screen,
+        ramp=args.ramp,
+        secret=args.secret,
+        silent=args.silent,
+        token_ttl=args.duration + 3600,
+    )
+    pid = args.server_pid or find_pid_by_port(port)
+    probe = ServerProbe(pid) if pid else None
+    baseline: Optional[ServerSample] = probe.sample() if probe else None
+    if probe:
+        probe.samples.clear()
+    last_join = max(p.start_after for p in participants)
+    steady_at = min(last_join + SETTLE_S, args.duration * 0.5)
+    config = {k: v for k, v in vars(args).items() if k != "secret"}
+    config["server_pid"] = pid
+
+    try:
+        swarm = Swarm(args.url, participants, args.duration, threads=args.threads)
+    except CallsError as e:
+        console.print(f"[red]cannot start:[/red] {e}")
+        return 2
+    started = time.monotonic()
+    rcvbuf_errors_before = udp_receive_buffer_errors()
+    interrupted = False
+    metrics_before: Dict[str, float] = {}
+    metrics_after: Dict[str, float] = {}
+    steady_started: Optional[float] = None
+    window_end = 0.0
+    steady_cpu = 0.0
+    steady_snapshot: Optional[Dict[str, Any]] = None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    )
+    stats: List[ParticipantStats] = []
+    with progress:
+        task = progress.add_task("load test", total=args.duration, status="starting")
+        prev = (time.monotonic(), 0)
+        try:
+            while not swarm.wait(0.5):
+                now = time.monotonic()
+                stats = swarm.stats()
+                s = summary(stats)
+                rate = (s["rx_bytes"] - prev[1]) * 8 / max(now - prev[0], 1e-3) / 1e6
+                prev = (now, s["rx_bytes"])
+                progress.update(
+                    task,
+                    completed=min(swarm.elapsed, args.duration),
+                    status=f"joined {s['joined']}/{len(participants)} "
+                    f"receiving {s['receiving']} failed {s['failed']} rx {rate:.1f} Mbit/s",
+                )
+                if steady_started is None and now - started >= steady_at:
+                    steady_started = now
+                    steady_cpu = cpu_seconds()
+                    metrics_before = scrape_metrics(args.url)
+                    steady_snapshot = s
+                    if probe:
+                        probe.sample()
+                elif steady_started is not None:
+                    if probe:
+                        probe.sample()
+                    if args.duration - (now - started) > 0.6:
+                        metrics_after = scrape_metrics(args.url)
+                        window_end = now
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.update(task, status="stopping (Ctrl-C)")
+            swarm.stop()
+            try:
+                swarm.wait(10.0)
+            except KeyboardInterrupt:
+                pass
+    wall = time.monotonic() - started
+    stats = swarm.stats()
+    steady: Optional[Dict[str, Any]] = None
+    loadtester_cpu = None
+    loadtester_window = 0.0
+    window = 0.0
+    if steady_started is not None:
+        loadtester_cpu = cpu_seconds() - steady_cpu
+        loadtester_window = time.monotonic() - steady_started
+    if steady_started is not None and metrics_after:
+        window = window_end - steady_started
+        steady = {"started_s": steady_started - started, "window_s": window, "at_start": steady_snapshot}
+    report = build_report(
+        config,
+        stats,
+        wall,
+        steady=steady,
+        probe=probe,
+        metrics_before=metrics_before,
+        metrics_after=metrics_after,
+        metrics_window_s=window,
+        interrupted=interrupted,
+        loadtester_cpu_s=loadtester_cpu,
+        loadtester_window_s=loadtester_window,
+        baseline=baseline,
+    )
+    rcvbuf_errors_after = udp_receive_buffer_errors()
+    if rcvbuf_errors_before is not None and rcvbuf_errors_after is not None:
+        # Loss on loopback is almost always a full socket buffer (server or participants).
+        report["totals"]["udp_rcvbuf_errors"] = rcvbuf_errors_after - rcvbuf_errors_before
+    report["participants_detail"] = [s.to_dict() for s in stats]
+    render(report, console)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+        console.print(f"report written to {args.report}")
+    return 130 if interrupted else 0
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    sys.exit(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Measurements around a swarm: the server process (CPU, memory), the server's ``/metrics``
+counters, and the final report (percentiles over participants, totals)."""
+
+import math
+import os
+import re
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from calls.loadtest import ParticipantStats
+
+__all__ = [
+    "ServerProbe",
+    "ServerSample",
+    "build_report",
+    "find_pid_by_port",
+    "percentiles",
+    "scrape_metrics",
+    "udp_receive_buffer_errors",
+]
+
+
+def percentiles(values: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> Dict[str, Any]:
+    """``{"n", "min", "p50", …, "max", "mean"}`` (nearest-rank), or only ``n`` when empty."""
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    out: Dict[str, Any] = {"n": len(data)}
+    if not data:
+        return out
+    out["min"] = data[0]
+    for p in ps:
+        rank = max(1, math.ceil(p / 100 * len(data)))
+        out[f"p{p}"] = data[rank - 1]
+    out["max"] = data[-1]
+    out["mean"] = sum(data) / len(data)
+    return out
+
+
+def find_pid_by_port(port: int) -> Optional[int]:
+    """The process listening on TCP ``port`` on this machine, found through /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    local, state, inode = cols[1], cols[3], cols[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class ServerSample:
+    """One look at the server process."""
+
+    at: float
+    cpu_s: float
+    rss_bytes: int
+    threads: int
+
+
+class ServerProbe:
+    """Reads a local process's CPU time and resident memory from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.samples: List[ServerSample] = []
+
+    def sample(self) -> Optional[ServerSample]:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                # Fields after the command name (which may contain spaces).
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{self.pid}/status") as f:
+                status = f.read()
+        except OSError:
+            return None
+        cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+        rss = re.search(r"VmRSS:\s+(\d+) kB", status)
+        threads = re.search(r"Threads:\s+(\d+)", status)
+        s = ServerSample(
+            at=time.monotonic(),
+            cpu_s=cpu,
+            rss_bytes=int(rss.group(1)) * 1024 if rss else 0,
+            threads=int(threads.group(1)) if threads else 0,
+        )
+        self.samples.append(s)
+        return s
+
+
+def scrape_metrics(url: str, timeout: float = 5.0) -> Dict[str, float]:
+    """The server's ``/metrics`` as ``{name: value}`` (labels summed), or {} if unreachable."""
+    base = url.rstrip("/")
+    if base.startswith("ws://"):
+        base = "http://" + base[len("ws://") :]
+    if not base.startswith("http://"):
+        base = "http://" + base
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=timeout) as r:
+            text = r.read().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    out: Dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if m:
+            try:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+            except ValueError:
+                continue
+    return out
+
+
+def udp_receive_buffer_errors() -> Optional[int]:
+    """This machine's UDP datagrams dropped because a socket's receive buffer was full."""
+    try:
+        with open("/proc/net/snmp") as f:
+            lines = [line.split() for line in f if line.startswith("Udp:")]
+        header, values = lines[0], lines[1]
+        return int(values[header.index("RcvbufErrors")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _counter(metrics: Dict[str, float], name: str) -> Optional[float]:
+    for key in (f"calls_{name}_total", f"{name}_total", f"calls_{name}", name):
+        if key in metrics:
+            return metrics[key]
+    return None
+
+
+def _rate(
+    before: Dict[str, float], after: Dict[str, float], name: str, seconds: float
+) -> Optional[float]:
+    a, b = _counter(before, name), _counter(after, name)
+    if a is None or b is None or seconds <= 0:
+        return None
+    return (b - a) / seconds
+
+
+def build_report(
+    config: Dict[str, Any],
+    stats: List[ParticipantStats],
+    wall_s: float,
+    steady: Optional[Dict[str, Any]] = None,
+    probe: Optional[ServerProbe] = None,
+    metrics_before: Optional[Dict[str, float]] = None,
+    metrics_after: Optional[Dict[str, float]] = None,
+    metrics_window_s: float = 0.0,
+    interrupted: bool = False,
+    loadtester_cpu_s: Optional[float] = None,
+    loadtester_window_s: float = 0.0,
+    baseline: Optional[ServerSample] = None,
+) -> Dict[str, Any]:
+    """The report as a JSON-ready dict."""
+    n = len(stats)
+    receiving = [s for s in stats if s.packets_received > 0]
+    failed = [s for s in stats if s.state == "failed"]
+    rx_packets = sum(s.packets_received for s in stats)
+    tx_packets = sum(s.packets_sent for s in stats)
+    rx_bytes = sum(s.bytes_received for s in stats)
+    tx_bytes = sum(s.bytes_sent for s in stats)
+    report: Dict[str, Any] = {
+        "config": config,
+        "interrupted": interrupted,
+        "wall_s": wall_s,
+        "participants": {
+            "total": n,
+            "joined": sum(1 for s in stats if s.session is not None),
+            "connected": sum(1 for s in stats if s.connected_ms is not None),
+            "receiving_media": len(receiving),
+            "failed": len(failed),
+            "errors": sorted({s.error for s in failed if s.error})[:10],
+        },
+        "per_participant": {
+            "welcome_ms": percentiles([s.welcome_ms for s in stats if s.welcome_ms is not None]),
+            "connected_ms": percentiles(
+                [s.connected_ms for s in stats if s.connected_ms is not None]
+            ),
+            "join_ms": percentiles([s.join_ms for s in stats if s.join_ms is not None]),
+            "rx_kbps": percentiles([s.rx_kbps for s in receiving]),
+            "tx_kbps": percentiles([s.tx_kbps for s in stats if s.tx_kbps > 0]),
+            "loss_percent": percentiles([100.0 * s.loss for s in receiving]),
+            "freezes": percentiles([float(s.freezes) for s in receiving]),
+        },
+        "totals": {
+            "client_packets_sent": tx_packets,
+            "client_packets_received": rx_packets,
+            "client_bytes_sent": tx_bytes,
+            "client_bytes_received": rx_bytes,
+            "lost": sum(s.lost for s in stats),
+            "freezes": sum(s.freezes for s in stats),
+            "client_tx_packets_per_s": tx_packets / wall_s if wall_s > 0 else 0.0,
+            "client_rx_packets_per_s": rx_packets / wall_s if wall_s > 0 else 0.0,
+            "client_tx_mbit_s": tx_bytes * 8 / wall_s / 1e6 if wall_s > 0 else 0.0,
+            "client_rx_mbit_s": rx_bytes * 8 / wall_s / 1e6 if wall_s > 0 else 0.0,
+        },
+    }
+    if steady is not None:
+        report["steady_state"] = steady
+    if metrics_before and metrics_after:
+        window = metrics_window_s
+        report["server_metrics"] = {
+            "window_s": window,
+            "datagrams_in_per_s": _rate(metrics_before, metrics_after, "datagrams_in", window),
+            "datagrams_out_per_s": _rate(metrics_before, metrics_after, "datagrams_out", window),
+            "mbit_in_s": (_rate(metrics_before, metrics_after, "datagram_bytes_in", window) or 0)
+            * 8
+            / 1e6,
+            "mbit_out_s": (
+                _rate(metrics_before, metrics_after, "datagram_bytes_out", window) or 0
+            )
+            * 8
+            / 1e6,
+        }
+    if probe is not None and len(probe.samples) >= 2:
+        first, last = probe.samples[0], probe.samples[-1]
+        span = last.at - first.at
+        peak = max(s.rss_bytes for s in probe.samples)
+        base = baseline if baseline is not None else first
+        joined = max(1, report["participants"]["joined"])
+        report["server_process"] = {
+            "pid": probe.pid,
+            "cpu_percent": 100.0 * (last.cpu_s - first.cpu_s) / span if span > 0 else None,
+            "cpu_window_s": span,
+            "rss_before_mb": base.rss_bytes / 1e6,
+            "rss_peak_mb": peak / 1e6,
+            "rss_per_participant_kb": (peak - base.rss_bytes) / joined / 1e3,
+            "threads": last.threads,
+        }
+    if loadtester_cpu_s is not None and loadtester_window_s > 0:
+        cores = loadtester_cpu_s / loadtester_window_s
+        report["load_tester"] = {
+            "cpu_s": loadtester_cpu_s,
+            "window_s": loadtester_window_s,
+            "cores_used": cores,
+            "participants_per_core": n / cores if cores > 0 else None,
+        }
+    return report

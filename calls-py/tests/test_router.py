@@ -1,0 +1,77 @@
+"""The router scripted in-process: two str0m peers driven from Python in virtual time."""
+
+import calls
+from calls.testing import Network
+
+
+def test_two_participants_hear_and_see_each_other() -> None:
+    net = Network(calls.Router(), now=1000.0)
+    alice = net.add_peer("standup", "alice")
+    bob = net.add_peer("standup", "bob")
+
+    def both_receive() -> bool:
+        return all(
+            {t["source"] for t in p.received() if t["packets"] >= 25} >= {"microphone", "camera"}
+            for p in (alice, bob)
+        )
+
+    assert net.run_until(both_receive, limit=10.0), (alice.received(), bob.received())
+    assert alice.connected and bob.connected
+    from_bob = {t["source"]: t for t in alice.received()}
+    assert from_bob["camera"]["publisher"] == bob.session
+    assert from_bob["camera"]["keyframes"] >= 1
+    assert all(t["lost"] == 0 for t in alice.received() + bob.received())
+
+    kinds = [e.kind for e in net.events]
+    assert kinds.count("joined") == 2 and kinds.count("connected") == 2
+    published = [e for e in net.events if e.kind == "track_published"]
+    assert {e.data["source"] for e in published} == {"microphone", "camera"}
+    assert {s.type for s in net.signals} >= {"answer", "offer", "tracks", "participant_joined"}
+
+    metrics = net.router.metrics()
+    assert metrics["sessions"] == 2 and metrics["connected_sessions"] == 2
+    assert metrics["media_out"]["video_packets"] > 0
+    assert "calls_sessions 2" in net.router.prometheus()
+
+
+def test_outputs_are_python_values_on_the_callers_clock() -> None:
+    router = calls.Router("udp_port = 9000\nmax_participants_per_call = 5", now=50.0)
+    router.join("c", 7, "ann", 50.0, grants={"screen": False})
+    outputs = router.drain()
+    assert isinstance(outputs[-1], calls.Timeout)
+    # Times are on the caller's clock: the join's connect deadline is 30 s after it.
+    assert 50.0 < outputs[-1].at <= 80.0 + 1e-6
+    events = [o for o in outputs if isinstance(o, calls.Event)]
+    assert events and events[0].kind == "joined" and events[0].data == {"call": "c", "user": "ann"}
+    assert events[0].session == 7
+
+    router.set_muted(7, True, 50.1)
+    muted = [o for o in router.drain() if isinstance(o, calls.Event)]
+    assert [(e.kind, e.data) for e in muted] == [("mute_changed", {"muted": True})]
+
+    router.leave(7, 50.2)
+    left = [o for o in router.drain() if isinstance(o, calls.Event)]
+    assert left[0].kind == "left" and left[0].data["reason"] == "left"
+    assert router.session_count() == 0
+
+
+def test_garbage_datagrams_are_dropped_and_counted() -> None:
+    router = calls.Router()
+    router.handle_datagram(b"\xff" * 40, ("127.0.0.1", 5000), ("127.0.0.1", 8443), 0.1)
+    router.handle_datagram(b"\x00\x01" + b"\x00" * 18, ("127.0.0.1", 5000), ("127.0.0.1", 8443), 0.2)
+    assert not [o for o in router.drain() if isinstance(o, calls.Transmit)]
+    assert sum(router.metrics()["drops"].values()) == 2
+    assert calls.Router.worker_of_datagram(b"\xff") is None
+
+
+def test_a_muted_participant_is_not_forwarded() -> None:
+    net = Network(calls.Router())
+    alice = net.add_peer("c", "alice", video=False)
+    bob = net.add_peer("c", "bob", video=False)
+    assert net.run_until(lambda: alice.packets_received > 20 and bob.packets_received > 20)
+    net.router.set_muted(bob.session, True, net.now)
+    net.run_for(0.2)
+    before = alice.packets_received
+    net.run_for(1.0)
+    assert alice.packets_received == before
+    assert bob.packets_received > 60

@@ -1,0 +1,68 @@
+"""Simulated participants against the reference server (started by the `server` fixture)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SECRET, Server
+
+from calls.loadtest import Participant, Swarm, mint_token, plan
+
+
+def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -> None:
+    participants = plan(
+        calls=1, participants=20, speakers=2, video=1, ramp=20, secret=SECRET, call_prefix="swarm"
+    )
+    with Swarm(server.url, participants, duration=10.0, threads=2) as swarm:
+        assert swarm.running
+        assert swarm.wait(30.0), "the swarm did not stop at its deadline"
+        assert not swarm.running
+    stats = swarm.stats()
+    assert len(stats) == 20
+    failed = [(s.user, s.error) for s in stats if s.state != "done"]
+    assert not failed, failed
+    for s in stats:
+        assert s.join_ms is not None and s.join_ms < 5000, s
+        # Everyone hears at least one speaker; non-speakers also see the camera.
+        sources = {t.source for t in s.tracks if t.packets > 100}
+        assert "microphone" in sources, s
+        if s.index != 0:
+            assert "camera" in sources, s
+        assert s.loss < 0.01, s
+        assert s.rx_kbps > 30, s
+    speakers = [s for s in stats if s.speaking]
+    assert len(speakers) == 2
+    # The camera publisher got keyframe requests answered: every viewer has a keyframe.
+    assert all(t.keyframes > 0 for s in stats for t in s.tracks if t.source == "camera")
+
+
+def test_a_bad_token_is_refused(server: Server) -> None:
+    good = Participant(call="t", user="ok", token=mint_token(SECRET, "t", "ok"))
+    wrong_call = Participant(call="t", user="x", token=mint_token(SECRET, "other", "x"))
+    forged = Participant(call="t", user="y", token=mint_token("not-the-secret", "t", "y"))
+    with Swarm(server.url, [good, wrong_call, forged], duration=2.0) as swarm:
+        swarm.wait(10.0)
+    ok, bad_call, bad_sig = swarm.stats()
+    assert ok.state == "done" and ok.session is not None
+    assert bad_call.state == "failed" and "4001" in (bad_call.error or ""), bad_call
+    assert "another call" in (bad_call.error or "")
+    assert bad_sig.state == "failed" and "signature" in (bad_sig.error or ""), bad_sig
+
+
+def test_the_cli_reports(server: Server, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    cmd = [
+        sys.executable, "-m", "calls.loadtest", "--url", server.url, "--participants", "4",
+        "--speakers", "2", "--video", "1", "--duration", "4", "--ramp", "0",
+        "--secret", SECRET, "--report", str(report), "--quiet",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert data["participants"]["receiving_media"] == 4
+    assert data["per_participant"]["join_ms"]["n"] == 4
+    assert data["server_process"]["pid"] == server.pid
+    assert data["server_metrics"]["datagrams_out_per_s"] > 0
+    assert "secret" not in data["config"]
+    assert "per participant" in done.stderr
