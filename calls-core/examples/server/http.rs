@@ -368,7 +368,14 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         left_for_good = true;
                         break;
                     }
-                    Message::Close(_) => break,
+                    Message::Close(_) => {
+                        // Complete the closing handshake: tungstenite queued the reply to the
+                        // client's close but writes it only on the next read (a send is refused
+                        // after a close); without it browsers see 1006 instead of a clean close.
+                        // That read then ends the stream at once (None).
+                        let _ = tokio::time::timeout(Duration::from_secs(1), socket.recv()).await;
+                        break;
+                    }
                     _ => {}
                 }
             }

@@ -1,8 +1,9 @@
 // Shared helpers for the end-to-end tests: start the reference server, drive headless Chromium
 // (the Debian package, through playwright-core), read media statistics from the demo page.
 import { spawn } from 'node:child_process';
-import { createHmac } from 'node:crypto';
-import { mkdirSync, openSync, readFileSync } from 'node:fs';
+import { createHmac, randomBytes } from 'node:crypto';
+import { createSocket } from 'node:dgram';
+import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -79,7 +80,11 @@ export async function startServer(name, { http, media, env = {} }) {
   });
   running.add(child);
   let exited = null;
-  child.on('exit', (code, signal) => { exited = { code, signal }; running.delete(child); });
+  const exit = new Promise((r) => child.on('exit', (code, signal) => {
+    exited = { code, signal, at: Date.now() };
+    running.delete(child);
+    r(exited);
+  }));
   const url = `http://127.0.0.1:${http}`;
   await waitFor(`server ${name} to answer /healthz (log: ${log})`, async () => {
     if (exited) throw new Error(`server ${name} exited ${JSON.stringify(exited)}:\n${readFileSync(log, 'utf8')}`);
@@ -97,11 +102,126 @@ export async function startServer(name, { http, media, env = {} }) {
       const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       return (Number(f[11]) + Number(f[12])) / 100; // USER_HZ
     },
+    /** The server's log so far. */
+    logText() { return readFileSync(log, 'utf8'); },
+    /** GET /metrics as text. */
+    async metrics() {
+      const r = await fetch(`${url}/metrics`);
+      if (!r.ok) throw new Error(`/metrics: HTTP ${r.status}`);
+      return r.text();
+    },
+    /** Sends a signal (e.g. 'SIGTERM') to the server process. */
+    signal(sig) { child.kill(sig); },
+    /** null while running, else { code, signal, at }. */
+    exited: () => exited,
+    /** Resolves with { code, signal, at } when the process exits. */
+    exit,
     async stop() {
       if (exited) return;
       const gone = new Promise((r) => child.once('exit', r));
       child.kill('SIGKILL');
       await gone;
+    },
+  };
+}
+
+/**
+ * The value of one sample in Prometheus/OpenMetrics text, e.g. metric(text, 'calls_sessions') or
+ * metric(text, 'calls_rtp_in_packets_total{kind="video"}'); undefined when absent.
+ */
+export function metric(text, name) {
+  for (const line of text.split('\n')) {
+    if (line.startsWith('#')) continue;
+    const i = line.lastIndexOf(' ');
+    if (i > 0 && line.slice(0, i) === name) return Number(line.slice(i + 1));
+  }
+  return undefined;
+}
+
+// ------------------------------------------------------------------ TURN (coturn)
+
+export const TURNSERVER = process.env.CALLS_TURNSERVER || 'turnserver';
+
+/** Sends a STUN binding request to 127.0.0.1:port; resolves true when a success response comes. */
+function stunPing(port, timeout = 500) {
+  return new Promise((resolveP) => {
+    const sock = createSocket('udp4');
+    const tx = randomBytes(12);
+    const req = Buffer.concat([Buffer.from([0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42]), tx]);
+    const done = (ok) => { clearTimeout(timer); sock.close(); resolveP(ok); };
+    const timer = setTimeout(() => done(false), timeout);
+    sock.on('message', (m) => done(m.length >= 20 && m.readUInt16BE(0) === 0x0101 && m.subarray(8, 20).equals(tx)));
+    sock.on('error', () => done(false));
+    sock.send(req, port, '127.0.0.1');
+  });
+}
+
+/**
+ * The turnserver.conf lines for a coturn on loopback that accepts calls' TURN REST credentials:
+ * the same lines as docs/server.md "TURN with coturn", with this test's ports and secret.
+ */
+export function turnConfig({ port, secret, realm = 'calls.test', minPort, maxPort, peer = '127.0.0.1' }) {
+  return [
+    `listening-port=${port}`,
+    'listening-ip=127.0.0.1',
+    'relay-ip=127.0.0.1',
+    `min-port=${minPort}`,
+    `max-port=${maxPort}`,
+    'use-auth-secret',
+    `static-auth-secret=${secret}`,
+    `realm=${realm}`,
+    'fingerprint',
+    // Relay only to the calls server's media address (never an open relay into the network).
+    'denied-peer-ip=0.0.0.0-255.255.255.255',
+    `allowed-peer-ip=${peer}`,
+    // The calls server is on 127.0.0.1: coturn refuses loopback peers without this (tests only).
+    'allow-loopback-peers',
+    'no-cli',
+    'no-tls',
+    'no-dtls',
+  ];
+}
+
+/**
+ * Starts coturn on loopback with TURN REST credentials (`use-auth-secret`) from a turnserver.conf
+ * written to logs/<name>.conf (turnConfig's lines): listening on 127.0.0.1:`port` (UDP and TCP),
+ * relaying from 127.0.0.1 ports `minPort`..`maxPort`, to 127.0.0.1 only. Resolves once it answers
+ * a STUN binding request. Returns { port, log, conf, logText(), stop() }.
+ */
+export async function startTurn(name, opts) {
+  mkdirSync(LOG_DIR, { recursive: true });
+  const log = resolve(LOG_DIR, `${name}.log`);
+  const conf = resolve(LOG_DIR, `${name}.conf`);
+  writeFileSync(conf, [
+    ...turnConfig(opts),
+    // Test plumbing: log to stdout (our log file) with per-session lines, pid and sqlite files
+    // under logs/ rather than /var.
+    'log-file=stdout', 'simple-log', 'verbose',
+    `pidfile=${resolve(LOG_DIR, `${name}.pid`)}`,
+    `userdb=${resolve(LOG_DIR, `${name}.sqlite`)}`,
+  ].join('\n') + '\n');
+  const port = opts.port;
+  const fd = openSync(log, 'w');
+  const args = ['-c', conf];
+  const child = spawn(TURNSERVER, args, { stdio: ['ignore', fd, fd] });
+  running.add(child);
+  let exited = null;
+  child.on('exit', (code, signal) => { exited = { code, signal }; running.delete(child); });
+  child.on('error', (e) => { exited = { error: e.message }; });
+  await waitFor(`coturn ${name} to answer STUN on 127.0.0.1:${port} (log: ${log})`, async () => {
+    if (exited) throw new Error(`coturn exited ${JSON.stringify(exited)}:\n${readFileSync(log, 'utf8')}`);
+    return stunPing(port);
+  }, { timeout: 15000, interval: 200 });
+  return {
+    name, port, log, conf, args,
+    logText() { return readFileSync(log, 'utf8'); },
+    async stop() {
+      if (exited) return;
+      const gone = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
+      await gone;
+      clearTimeout(timer);
     },
   };
 }
@@ -128,8 +248,9 @@ export async function launchBrowser() {
  * Opens the demo page in its own context and joins `call` as `user`. Resolves after `goto`
  * (the join runs on its own); `openedAt` is when loading started.
  */
-export async function join(browser, server, call, user, { token, initScript } = {}) {
-  const context = await browser.newContext({ viewport: { width: 800, height: 600 } });
+export async function join(browser, server, call, user, { token, initScript, params, record, viewport } = {}) {
+  const context = await browser.newContext({ viewport: viewport || { width: 800, height: 600 } });
+  if (record) await context.addInitScript(recordSignaling);
   if (initScript) await context.addInitScript(initScript);
   const page = await context.newPage();
   const logs = [];
@@ -137,9 +258,42 @@ export async function join(browser, server, call, user, { token, initScript } = 
   page.on('pageerror', (e) => logs.push(`[${user}] pageerror: ${e.message}`));
   const q = new URLSearchParams({ call, user, autojoin: '1' });
   if (token) q.set('token', token);
+  for (const [k, v] of Object.entries(params || {})) q.set(k, v);
   const openedAt = Date.now();
   await page.goto(`${server.url}/?${q}`);
   return { page, context, user, call, openedAt, logs, close: () => context.close().catch(() => {}) };
+}
+
+/**
+ * Init script (join's `record` option): logs every signaling WebSocket's life into
+ * window.__signaling — { socket, event: 'open' | 'message' | 'close', type, msg, code, reason, clean }
+ * with `socket` counting the page's WebSockets from 1. Listens only; the page sees no change.
+ */
+function recordSignaling() {
+  const Native = window.WebSocket;
+  const log = [];
+  window.__signaling = log;
+  let n = 0;
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      const socket = ++n;
+      this.addEventListener('open', () => log.push({ socket, event: 'open' }));
+      this.addEventListener('message', (e) => {
+        let msg = null;
+        try { msg = JSON.parse(e.data); } catch { /* not JSON */ }
+        // Keep small messages whole; SDP is long and not needed.
+        const keep = msg && !msg.sdp ? msg : null;
+        log.push({ socket, event: 'message', type: msg && msg.type, msg: keep });
+      });
+      this.addEventListener('close', (e) => log.push({ socket, event: 'close', code: e.code, reason: e.reason, clean: e.wasClean }));
+    }
+  };
+}
+
+/** The page's signaling log (join with `record: true`). */
+export function signalingLog(p) {
+  return p.page.evaluate(() => window.__signaling || []);
 }
 
 /** Everything the tests look at, from one page: its session, roster, m-line map and inbound RTP. */

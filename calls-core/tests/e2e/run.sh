@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end tests: headless Chromium (Debian package, driven by playwright-core) and an aiortc
-# participant against the reference server. Installs what is missing, builds the server, runs
-# every test; exits non-zero on any failure. Server logs land in calls-core/tests/e2e/logs/.
+# End-to-end tests: headless Chromium (Debian package, driven by playwright-core), an aiortc
+# participant and a coturn TURN relay against the reference server. Installs what is missing,
+# builds the server, runs every test; exits non-zero on any failure. Server (and coturn) logs
+# land in calls-core/tests/e2e/logs/. screenshot.mjs (docs/demo-three-participants.png) is not
+# part of the run.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
@@ -9,6 +11,11 @@ root="$(cd "$here/../../.." && pwd)"
 if [ ! -x /usr/bin/chromium ]; then
   echo "== installing chromium (apt)"
   apt-get update && apt-get install -y chromium
+fi
+
+if ! command -v turnserver >/dev/null; then
+  echo "== installing coturn (apt; turn.test.mjs starts its own turnserver on loopback)"
+  apt-get update && apt-get install -y coturn
 fi
 
 echo "== npm ci"
@@ -33,4 +40,4 @@ export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$
 echo "== running the end-to-end tests"
 cd "$here"
 # One test at a time: this machine has two cores and a test runs up to three Chromium pages.
-exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs
+exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs turn.test.mjs ops.test.mjs
