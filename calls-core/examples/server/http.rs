@@ -345,7 +345,20 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
     loop {
         tokio::select! {
             incoming = socket.recv() => {
-                let Some(Ok(msg)) = incoming else { break };
+                let msg = match incoming {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        // A message over `ws_max_message_bytes` is abuse, not a network drop:
+                        // no resume for it. (tungstenite reports it as a capacity error.)
+                        let text = e.to_string();
+                        if text.contains("Space limit exceeded") || text.contains("too long") {
+                            tracing::info!(%session, "WebSocket message over the size limit; closing");
+                            left_for_good = true;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 match msg {
                     Message::Text(text) => {
                         let now = Instant::now();

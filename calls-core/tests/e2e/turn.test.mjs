@@ -23,8 +23,14 @@ test('TURN relay only (coturn, REST credentials): media both ways through the re
   try {
     server = await startServer('turn', {
       http: 18090, media: 18450,
-      env: { CALLS_TURN_URLS: `turn:127.0.0.1:${turnPort}?transport=udp`, CALLS_TURN_SECRET: secret },
+      env: {
+        CALLS_TURN_URLS: `turn:127.0.0.1:${turnPort}?transport=udp`,
+        CALLS_TURN_SECRET: secret,
+        // coturn answers plain STUN too: the server's public-IP discovery at start-up.
+        CALLS_STUN_SERVER: `127.0.0.1:${turnPort}`,
+      },
     });
+    assert.match(server.logText(), /STUN discovered the public address.*ip=127\.0\.0\.1/);
     pages = await Promise.all(['rita', 'ray'].map((u) => join(browser, server, 'relay-room', u, {
       params: { relay: '1' }, record: true,
     })));
