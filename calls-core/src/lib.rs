@@ -84,6 +84,8 @@ pub mod config;
 pub mod demux;
 pub mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 pub mod metrics;
 pub mod router;

@@ -1,0 +1,529 @@
+//! The bodies of the fuzz targets in `fuzz/fuzz_targets/`, shared with the corpus replay test
+//! (`benches/tests/fuzz_corpus.rs`) so CI replays every committed input through the same code
+//! without nightly. Each body takes arbitrary bytes, drives public API, and panics only on a
+//! real bug (an invariant broken, or a panic inside calls).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use calls_core::str0m::change::SdpOffer;
+use calls_core::str0m::ice::{StunMessage, TransId};
+use calls_core::str0m::media::{Direction, MediaKind};
+use calls_core::str0m::{Candidate, Rtc};
+use calls_core::{
+    CallId, ClientMessage, Config, ConnId, Datagram, Grants, Output, Proto, Router, ServerMessage,
+    SessionId,
+};
+
+/// A target body: arbitrary bytes in, a panic only for a bug.
+pub type Body = fn(&[u8]);
+
+/// Every target, by the name of its `fuzz/fuzz_targets/<name>.rs` and corpus directory.
+pub const TARGETS: &[(&str, Body)] = &[
+    ("datagram", datagram),
+    ("stun", stun),
+    ("tcp_frames", tcp_frames),
+    ("signal_json", signal_json),
+    ("sdp_offer", sdp_offer),
+    ("rewriter", rewriter),
+    ("config", config),
+    ("ffi", ffi),
+];
+
+/// The one clock read: a base instant for virtual time.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    #[allow(clippy::disallowed_methods)]
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn router_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8443))
+}
+
+fn peer_addr(selector: u8) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1 + selector % 4), 5000))
+}
+
+/// A str0m client's offer (one sendrecv audio, one sendonly video), made once per process.
+pub fn client_offer() -> &'static str {
+    static OFFER: OnceLock<String> = OnceLock::new();
+    OFFER.get_or_init(|| {
+        let mut rtc = Rtc::builder().build(epoch());
+        if let Ok(c) = Candidate::host(peer_addr(0), "udp") {
+            rtc.add_local_candidate(c);
+        }
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        match api.apply() {
+            Some((offer, _)) => offer.to_sdp_string(),
+            None => String::new(),
+        }
+    })
+}
+
+/// A router with session 1 joined to call "fuzz".
+fn router_with_session() -> Router {
+    let mut router = match Router::new(Config::default(), epoch()) {
+        Ok(r) => r,
+        Err(e) => panic!("default config refused: {e}"),
+    };
+    if let Err(e) = router.join(
+        CallId::from("fuzz"),
+        SessionId(1),
+        "u".into(),
+        Grants::ALL,
+        epoch(),
+    ) {
+        panic!("join refused: {e}");
+    }
+    drain(&mut router);
+    router
+}
+
+/// Drains every output; returns the signals' JSON. A runaway output queue is a bug.
+fn drain(router: &mut Router) -> Vec<ServerMessage> {
+    let mut signals = Vec::new();
+    for _ in 0..100_000 {
+        match router.poll_output() {
+            Output::Timeout(_) => return signals,
+            Output::Signal(_, msg) => signals.push(msg),
+            _ => {}
+        }
+    }
+    panic!("poll_output never reached Timeout");
+}
+
+/// Splits input into (selector, bytes) records: `[selector, len_hi, len_lo, bytes...]`.
+fn records(mut data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 3 {
+            return None;
+        }
+        let selector = data[0];
+        let len = usize::from(u16::from_be_bytes([data[1], data[2]])).min(data.len() - 3);
+        let record = &data[3..3 + len];
+        data = &data[3 + len..];
+        Some((selector, record))
+    })
+}
+
+/// Datagram demux and classification: arbitrary datagrams from a few sources (one of them a
+/// session's admitted peer after a `stun` record) into a router with one session.
+pub fn datagram(data: &[u8]) {
+    let mut router = router_with_session();
+    let mut now = epoch();
+    for (selector, bytes) in records(data) {
+        now += Duration::from_millis(u64::from(selector >> 4));
+        let proto = if selector & 0x08 != 0 {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        };
+        router.handle_datagram(
+            Datagram {
+                proto,
+                source: peer_addr(selector),
+                destination: router_addr(),
+                contents: bytes,
+            },
+            now,
+        );
+        drain(&mut router);
+        let _ = Router::worker_of_datagram(bytes);
+    }
+    router.handle_timeout(now + Duration::from_secs(60));
+    drain(&mut router);
+}
+
+fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+    let mut ctx = hmac::Context::with_key(&key);
+    for p in parts {
+        ctx.update(p);
+    }
+    let mut out = [0u8; 20];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// STUN admission: a session that has answered an offer, then binding requests built from the
+/// input (right or wrong ufrag/password, priority, USE-CANDIDATE, role) with optional byte
+/// flips after signing, from several sources; then arbitrary datagrams from those sources.
+pub fn stun(data: &[u8]) {
+    let mut router = router_with_session();
+    let offer = client_offer();
+    let _ = router.handle_signal(
+        SessionId(1),
+        ClientMessage::Offer {
+            sdp: offer.to_owned(),
+            screen_mid: None,
+        },
+        epoch(),
+    );
+    let answer = drain(&mut router).into_iter().find_map(|m| match m {
+        ServerMessage::Answer { sdp } => Some(sdp),
+        _ => None,
+    });
+    let Some(answer) = answer else {
+        return;
+    };
+    let attr = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let local_ufrag = attr(&answer, "a=ice-ufrag:");
+    let local_pwd = attr(&answer, "a=ice-pwd:");
+    let remote_ufrag = attr(offer, "a=ice-ufrag:");
+    let mut now = epoch();
+    for (selector, bytes) in records(data) {
+        now += Duration::from_millis(u64::from(selector >> 5));
+        let source = peer_addr(selector);
+        let contents = if selector & 0x10 != 0 {
+            bytes.to_vec()
+        } else {
+            let good_user = selector & 0x04 == 0;
+            let username = if good_user {
+                format!("{local_ufrag}:{remote_ufrag}")
+            } else {
+                String::from_utf8_lossy(bytes).into_owned()
+            };
+            let prio = bytes
+                .get(..4)
+                .map_or(1, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let msg = StunMessage::binding_request(
+                &username,
+                TransId::new(),
+                selector & 0x08 != 0,
+                u64::from(prio),
+                prio,
+                selector & 0x02 != 0,
+            );
+            let password = if selector & 0x01 == 0 {
+                local_pwd.as_bytes()
+            } else {
+                bytes
+            };
+            let mut buf = vec![0u8; 1500];
+            let Ok(len) = msg.to_bytes(Some(password), &mut buf, hmac_sha1) else {
+                continue;
+            };
+            buf.truncate(len);
+            // Flip one byte chosen by the input (tampering after signing).
+            if let Some(&at) = bytes.get(4) {
+                if selector & 0x40 != 0 && len > 0 {
+                    let i = usize::from(at) % len;
+                    buf[i] ^= bytes.get(5).copied().unwrap_or(1) | 1;
+                }
+            }
+            buf
+        };
+        router.handle_datagram(
+            Datagram {
+                proto: Proto::Udp,
+                source,
+                destination: router_addr(),
+                contents: &contents,
+            },
+            now,
+        );
+        drain(&mut router);
+    }
+}
+
+/// ICE-TCP reassembly: the input is a byte stream of RFC 4571 frames (whatever it holds),
+/// delivered in chunks whose sizes come from the input too; a second connection gets the same
+/// bytes in one piece. Errors are fine; panics and runaway buffers are not.
+pub fn tcp_frames(data: &[u8]) {
+    let mut router = router_with_session();
+    let local = router_addr();
+    let Some((&split_seed, stream)) = data.split_first() else {
+        return;
+    };
+    let conns = [(ConnId(1), peer_addr(1)), (ConnId(2), peer_addr(2))];
+    for (conn, remote) in conns {
+        if router.tcp_accepted(conn, remote, local).is_err() {
+            return;
+        }
+    }
+    let mut rest = stream;
+    let mut size = usize::from(split_seed).max(1);
+    let mut now = epoch();
+    while !rest.is_empty() {
+        let n = size.min(rest.len());
+        now += Duration::from_micros(100);
+        if router.handle_tcp_data(ConnId(1), &rest[..n], now).is_err() {
+            break;
+        }
+        drain(&mut router);
+        rest = &rest[n..];
+        // The next chunk size: a function of the bytes just sent, 1..=256.
+        size = usize::from(rest.first().copied().unwrap_or(0)).wrapping_mul(7) % 256 + 1;
+    }
+    let _ = router.handle_tcp_data(ConnId(2), stream, now);
+    drain(&mut router);
+    for (conn, _) in conns {
+        let _ = router.tcp_closed(conn);
+    }
+    drain(&mut router);
+}
+
+/// Signaling JSON: parsed alone, then handed to a router session (before and after its first
+/// offer) and to an unknown session.
+pub fn signal_json(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = ClientMessage::from_json(text);
+    if let Ok(msg) = &parsed {
+        // A parsed message survives a round trip.
+        let json = msg.to_json();
+        assert!(
+            ClientMessage::from_json(&json).is_ok(),
+            "round trip failed: {json}"
+        );
+    }
+    let _ = ServerMessage::from_json(text);
+    let mut router = router_with_session();
+    let _ = router.handle_signal_json(SessionId(1), text, epoch());
+    drain(&mut router);
+    let _ = router.handle_signal_json(SessionId(2), text, epoch());
+    drain(&mut router);
+}
+
+/// SDP offers: arbitrary text as a session's offer (with and without a screen mid), then the
+/// same text as an answer, with time passing in between.
+pub fn sdp_offer(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = SdpOffer::from_sdp_string(text);
+    let mut router = router_with_session();
+    let screen_mid = text.lines().find_map(|l| l.strip_prefix("a=mid:"));
+    let _ = router.handle_signal(
+        SessionId(1),
+        ClientMessage::Offer {
+            sdp: text.to_owned(),
+            screen_mid: screen_mid.map(str::to_owned),
+        },
+        epoch(),
+    );
+    drain(&mut router);
+    let later = epoch() + Duration::from_secs(1);
+    let _ = router.handle_signal(
+        SessionId(1),
+        ClientMessage::Answer {
+            sdp: text.to_owned(),
+        },
+        later,
+    );
+    drain(&mut router);
+    router.handle_timeout(later + Duration::from_secs(5));
+    drain(&mut router);
+}
+
+/// The RTP rewriter with arbitrary packet sequences, epochs and keyframes, including a
+/// switch to a reused m-line. Invariants: within one epoch, distinct incoming sequence
+/// numbers never map to the same outgoing one, and the first forward after a resync
+/// continues right after the highest number sent.
+pub fn rewriter(data: &[u8]) {
+    use calls_core::fuzzing::Rewriter;
+    use std::collections::HashMap;
+    let Some((&flags, packets)) = data.split_first() else {
+        return;
+    };
+    let is_video = flags & 1 != 0;
+    let clock_rate = if is_video { 90_000 } else { 48_000 };
+    let mut rw = Rewriter::new(clock_rate, is_video, 0);
+    let mut now = epoch();
+    let mut epoch_no = 0u32;
+    let mut base: u64 = 1 << 20;
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut highest: Option<u64> = None;
+    let mut resync = true;
+    for chunk in packets.chunks(4) {
+        let [a, b, c, d] = match *chunk {
+            [a, b, c, d] => [a, b, c, d],
+            _ => return,
+        };
+        now += Duration::from_millis(u64::from(d));
+        match a >> 6 {
+            // New epoch (unmute, source change): a resync.
+            0 if a & 0x20 != 0 => {
+                epoch_no += 1;
+                seen.clear();
+                resync = true;
+            }
+            // A reused m-line: a new rewriter continuing this one.
+            1 if a & 0x20 != 0 => {
+                rw = Rewriter::continuing(clock_rate, is_video, epoch_no, &rw);
+                seen.clear();
+                resync = true;
+            }
+            _ => {}
+        }
+        // Publisher sequence numbers: a walk with jumps back and forth (loss, reorder).
+        let step = i64::from(i8::from_ne_bytes([b]));
+        base = base.saturating_add_signed(step).clamp(0, 1 << 47);
+        let timestamp = u32::from_be_bytes([c, d, b, a]);
+        let keyframe = a & 0x10 != 0;
+        if let Some((out_seq, _)) = rw.rewrite(epoch_no, base, timestamp, keyframe, now) {
+            if resync {
+                assert_eq!(
+                    out_seq,
+                    highest.map_or(1, |h| h + 1),
+                    "a resync must continue right after the highest number sent"
+                );
+                resync = false;
+            }
+            if let Some(prev_in) = seen.insert(out_seq, base) {
+                assert_eq!(prev_in, base, "two packets got outgoing seq {out_seq}");
+            }
+            highest = Some(highest.map_or(out_seq, |h| h.max(out_seq)));
+        }
+    }
+}
+
+/// Config parsing: TOML and JSON, validation, and a serialize/parse round trip of what parsed.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for config in [Config::from_toml_str(text), Config::from_json_str(text)]
+        .into_iter()
+        .flatten()
+    {
+        let _ = config.validate();
+        let _ = Router::new(config, epoch());
+    }
+}
+
+/// The C API with arbitrary buffers: router creation from arbitrary config text, address
+/// parsing and formatting, datagrams, TCP bytes, signaling text, and output polling into
+/// buffers of input-chosen sizes (including too small).
+pub fn ffi(data: &[u8]) {
+    use calls::{calls_address, calls_output};
+    use std::ffi::CString;
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let text = CString::new(
+        rest.iter()
+            .copied()
+            .filter(|b| *b != 0)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap_or_default();
+    let mut address = calls_address::from(router_addr());
+    let _ = calls::address::calls_address_parse(text.as_ptr(), &mut address);
+    let mut small = vec![0 as std::ffi::c_char; usize::from(selector % 64)];
+    let mut len = 0usize;
+    let _ =
+        calls::address::calls_address_format(&address, small.as_mut_ptr(), small.len(), &mut len);
+    let _ = calls::result::calls_result_name(u32::from(selector), &mut std::ptr::null());
+    let mut worker = 0i32;
+    let _ = calls::router::calls_worker_of_datagram(rest.as_ptr(), rest.len(), &mut worker);
+
+    let mut router: *mut calls::calls_router = std::ptr::null_mut();
+    let config = if selector & 0x80 != 0 {
+        text.clone()
+    } else {
+        CString::default()
+    };
+    let created = if selector & 0x40 != 0 {
+        calls::router::calls_router_new_toml(config.as_ptr(), 0, &mut router)
+    } else {
+        calls::router::calls_router_new_json(c"{}".as_ptr(), 0, &mut router)
+    };
+    if created != calls::calls_result::Ok || router.is_null() {
+        return;
+    }
+    let call = c"fuzz";
+    let user = c"u";
+    let _ = calls::router::calls_router_join(router, call.as_ptr(), 1, user.as_ptr(), 0xff, 0);
+    let source = calls_address::from(peer_addr(selector));
+    let destination = calls_address::from(router_addr());
+    let mut now_us = 1u64;
+    let mut out = calls_output {
+        kind: calls::calls_output_kind::Timeout,
+        proto: calls::calls_proto::None,
+        event: calls::calls_event_kind::Other,
+        session: 0,
+        conn: 0,
+        source,
+        destination,
+        len: 0,
+        timeout_us: 0,
+    };
+    let mut buf = vec![0u8; 1 << (selector % 12)];
+    for (kind, bytes) in records(rest) {
+        now_us += 1000;
+        match kind % 6 {
+            0 => {
+                let _ = calls::router::calls_router_handle_datagram(
+                    router,
+                    &source,
+                    &destination,
+                    bytes.as_ptr(),
+                    bytes.len(),
+                    now_us,
+                );
+            }
+            1 => {
+                let _ = calls::router::calls_router_tcp_accepted(router, 7, &source, &destination);
+                let _ = calls::router::calls_router_handle_tcp_data(
+                    router,
+                    7,
+                    bytes.as_ptr(),
+                    bytes.len(),
+                    now_us,
+                );
+            }
+            2 => {
+                let json = CString::new(
+                    bytes
+                        .iter()
+                        .copied()
+                        .filter(|b| *b != 0)
+                        .collect::<Vec<u8>>(),
+                )
+                .unwrap_or_default();
+                let _ = calls::router::calls_router_handle_signal(router, 1, json.as_ptr(), now_us);
+            }
+            3 => {
+                let _ = calls::router::calls_router_handle_timeout(router, now_us);
+            }
+            4 => {
+                let _ =
+                    calls::router::calls_router_set_muted(router, 1, bytes.len() % 2 == 0, now_us);
+            }
+            _ => {
+                let _ = calls::router::calls_router_tcp_closed(router, 7);
+            }
+        }
+        // Drain with the chosen buffer; on "too small", grow it and retry.
+        for _ in 0..10_000 {
+            let r = calls::router::calls_router_poll_output(
+                router,
+                &mut out,
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+            if r == calls::calls_result::BufferTooSmall {
+                buf.resize(buf.len() * 2 + 64, 0);
+                continue;
+            }
+            if r != calls::calls_result::Ok || out.kind == calls::calls_output_kind::Timeout {
+                break;
+            }
+        }
+    }
+    let mut msg_len = 0usize;
+    let _ = calls::result::calls_last_error_message(small.as_mut_ptr(), small.len(), &mut msg_len);
+    let _ = calls::router::calls_router_free(router);
+}

@@ -1,0 +1,46 @@
+//! Hooks for the fuzz targets in `fuzz/` (not API: hidden from docs, may change at any time).
+//! Only what public API cannot reach is here.
+
+use std::time::Instant;
+
+use crate::forward::Verdict;
+
+/// The per-subscriber RTP rewriter (crate-private `forward::Rewriter`), for fuzzing sequences
+/// of packets, epochs (unmute, source change) and keyframes.
+#[derive(Debug)]
+pub struct Rewriter(crate::forward::Rewriter);
+
+impl Rewriter {
+    /// A rewriter for a new subscription.
+    pub fn new(clock_rate: u32, is_video: bool, epoch: u32) -> Self {
+        Rewriter(crate::forward::Rewriter::new(clock_rate, is_video, epoch))
+    }
+
+    /// A rewriter continuing where `previous` stopped (a reused m-line).
+    pub fn continuing(clock_rate: u32, is_video: bool, epoch: u32, previous: &Rewriter) -> Self {
+        let from = previous.0.continuation();
+        Rewriter(crate::forward::Rewriter::continuing(
+            clock_rate, is_video, epoch, from,
+        ))
+    }
+
+    /// One packet: `Some((seq, timestamp))` to forward, `None` to drop.
+    pub fn rewrite(
+        &mut self,
+        epoch: u32,
+        seq: u64,
+        timestamp: u32,
+        keyframe: bool,
+        now: Instant,
+    ) -> Option<(u64, u32)> {
+        match self.0.rewrite(epoch, seq, timestamp, keyframe, now) {
+            Verdict::Forward { seq, timestamp } => Some((seq, timestamp)),
+            Verdict::Drop => None,
+        }
+    }
+
+    /// Whether it still waits for a keyframe.
+    pub fn waits_for_keyframe(&self) -> bool {
+        self.0.waits_for_keyframe()
+    }
+}
