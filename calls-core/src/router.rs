@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::config::DtlsCert;
 use str0m::crypto::Sha1HmacProvider;
 use str0m::ice::{StunMessage, StunMessageBuilder};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
@@ -171,6 +172,8 @@ struct Counters {
 pub struct Router {
     config: Config,
     hmac: &'static dyn Sha1HmacProvider,
+    /// The DTLS certificate every session of this router presents.
+    dtls_cert: DtlsCert,
     sessions: HashMap<SessionId, Session>,
     calls: HashMap<CallId, Call>,
     tracks: HashMap<TrackKey, PublishedTrack>,
@@ -210,11 +213,21 @@ impl Router {
     pub fn new(config: Config, now: Instant) -> Result<Router, ConfigError> {
         config.validate()?;
         let probe_burst = config.probe_replies_per_second;
+        let provider = str0m::crypto::from_feature_flags();
         // The same provider str0m uses for its own STUN checks.
-        let hmac = str0m::crypto::from_feature_flags().sha1_hmac_provider;
+        let hmac = provider.sha1_hmac_provider;
+        // One DTLS certificate per router, shared by its sessions (as mediasoup does per
+        // worker): generating one per join costs ~1 ms of ECDSA key generation.
+        let dtls_cert = provider
+            .dtls_provider
+            .generate_certificate()
+            .ok_or_else(|| ConfigError {
+                problems: vec!["the crypto provider cannot generate a DTLS certificate".to_owned()],
+            })?;
         Ok(Router {
             config,
             hmac,
+            dtls_cert,
             sessions: HashMap::new(),
             calls: HashMap::new(),
             tracks: HashMap::new(),
@@ -313,6 +326,7 @@ impl Router {
             user.clone(),
             grants,
             &self.config,
+            &self.dtls_cert,
             now,
         );
         self.ufrags.insert(state.local_creds.ufrag.clone(), session);

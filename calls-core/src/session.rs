@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpPendingOffer;
+use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::net::TcpType;
@@ -105,6 +106,7 @@ impl Session {
         user: UserId,
         grants: Grants,
         config: &Config,
+        dtls_cert: &DtlsCert,
         now: Instant,
     ) -> Self {
         let random = IceCreds::new();
@@ -116,6 +118,7 @@ impl Session {
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .set_local_ice_credentials(local_creds.clone())
+            .set_dtls_cert(dtls_cert.clone())
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
