@@ -224,12 +224,28 @@ async fn ws(
 }
 
 async fn close(mut socket: WebSocket, reason: &str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: 4001,
-            reason: reason.to_owned().into(),
-        })))
-        .await;
+    close_with(&mut socket, 4001, reason).await;
+}
+
+/// Closes with a code and reason, then reads (and discards) until the client's close reply, for
+/// at most a second: closing a TCP socket with unread data sends a reset, and the browser would
+/// report 1006 instead of our code.
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// One participant's signaling connection, for its whole life (or until it drops).
@@ -365,7 +381,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate * 4.0);
                         last = now;
                         if tokens < 1.0 {
-                            let _ = socket.send(Message::Close(Some(CloseFrame { code: 4008, reason: "too many messages".into() }))).await;
+                            close_with(&mut socket, 4008, "too many messages").await;
                             left_for_good = true;
                             break;
                         }
@@ -377,7 +393,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         app.workers.send(worker, Cmd::Signal { session, text: text.to_string() });
                     }
                     Message::Binary(_) => {
-                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1003, reason: "text messages only".into() }))).await;
+                        close_with(&mut socket, 1003, "text messages only").await;
                         left_for_good = true;
                         break;
                     }
@@ -398,7 +414,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         if socket.send(Message::Text(text.into())).await.is_err() { break; }
                     }
                     Some(ToClient::Close(reason)) => {
-                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 4000, reason: reason.into() }))).await;
+                        close_with(&mut socket, 4000, &reason).await;
                         left_for_good = true;
                         break;
                     }
