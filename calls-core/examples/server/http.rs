@@ -121,13 +121,15 @@ async fn version() -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let snapshot = app.workers.metrics().await;
+    let (snapshot, unanswered) = app.workers.metrics_within(Duration::from_secs(2)).await;
     let mut text = snapshot.to_prometheus();
     // Process metrics before the OpenMetrics terminator.
     if let Some(stripped) = text.strip_suffix("# EOF\n") {
         text = stripped.to_owned();
     }
     text.push_str(&process_metrics(&app));
+    text.push_str("# TYPE calls_workers_unanswered gauge\n# HELP calls_workers_unanswered Router workers too busy to answer this scrape within 2 s (their counts are missing).\n");
+    text.push_str(&format!("calls_workers_unanswered {unanswered}\n"));
     text.push_str("# EOF\n");
     (
         [(

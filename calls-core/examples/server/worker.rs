@@ -413,6 +413,31 @@ impl Workers {
         total
     }
 
+    /// Like [`metrics`](Self::metrics), for scrapes: asks every worker at once and waits at most
+    /// `limit`, so one worker busy with a huge call cannot stall `/metrics`. Returns the sum of
+    /// the answers and how many workers did not answer in time.
+    pub async fn metrics_within(&self, limit: std::time::Duration) -> (MetricsSnapshot, usize) {
+        let pending: Vec<_> = self
+            .senders
+            .iter()
+            .map(|s| {
+                let (reply, rx) = oneshot::channel();
+                let _ = s.send(Cmd::Metrics { reply });
+                rx
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut total = MetricsSnapshot::default();
+        let mut unanswered = 0;
+        for rx in pending {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(m)) => total.merge(&m),
+                _ => unanswered += 1,
+            }
+        }
+        (total, unanswered)
+    }
+
     pub async fn calls(&self) -> Vec<CallInfo> {
         let mut all = Vec::new();
         for s in &self.senders {
