@@ -10,12 +10,12 @@ root="$(cd "$here/../../.." && pwd)"
 
 if [ ! -x /usr/bin/chromium ]; then
   echo "== installing chromium (apt)"
-  apt-get update && apt-get install -y chromium
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 fi
 
 if ! command -v turnserver >/dev/null; then
   echo "== installing coturn (apt; turn.test.mjs starts its own turnserver on loopback)"
-  apt-get update && apt-get install -y coturn
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y coturn
 fi
 
 echo "== npm ci"
