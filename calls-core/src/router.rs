@@ -174,6 +174,9 @@ pub struct Router {
     hmac: &'static dyn Sha1HmacProvider,
     /// The DTLS certificate every session of this router presents.
     dtls_cert: DtlsCert,
+    /// The advertised candidate addresses, computed once (consulted for every datagram).
+    udp_candidates: Vec<SocketAddr>,
+    tcp_candidates: Vec<SocketAddr>,
     sessions: HashMap<SessionId, Session>,
     calls: HashMap<CallId, Call>,
     tracks: HashMap<TrackKey, PublishedTrack>,
@@ -224,10 +227,13 @@ impl Router {
             .ok_or_else(|| ConfigError {
                 problems: vec!["the crypto provider cannot generate a DTLS certificate".to_owned()],
             })?;
+        let (udp_candidates, tcp_candidates) = (config.udp_candidates(), config.tcp_candidates());
         Ok(Router {
             config,
             hmac,
             dtls_cert,
+            udp_candidates,
+            tcp_candidates,
             sessions: HashMap::new(),
             calls: HashMap::new(),
             tracks: HashMap::new(),
@@ -906,8 +912,8 @@ impl Router {
     /// candidate address.
     fn local_address(&self, proto: Proto, arrived_on: SocketAddr) -> SocketAddr {
         let candidates = match proto {
-            Proto::Udp => self.config.udp_candidates(),
-            Proto::Tcp => self.config.tcp_candidates(),
+            Proto::Udp => &self.udp_candidates,
+            Proto::Tcp => &self.tcp_candidates,
         };
         if candidates.contains(&arrived_on) {
             return arrived_on;
