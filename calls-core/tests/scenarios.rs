@@ -93,6 +93,32 @@ fn describe(world: &SimWorld) -> String {
     out
 }
 
+/// Over a window, every receiver got what each sender sent, within `slack` packets still in
+/// flight (audio, video), and each sender sent at least `min_sent` packets (audio, video).
+fn assert_window_delivered(
+    world: &SimWorld,
+    before: &[(SessionId, SessionId, TrackSource, u64, u64)],
+    slack: (u64, u64),
+    min_sent: (u64, u64),
+) {
+    for (rx, tx, src, w) in window(before, world) {
+        let pick = |(audio, video): (u64, u64)| if src.is_audio() { audio } else { video };
+        let slack = pick(slack);
+        assert!(
+            w.received + slack >= w.sent && w.received <= w.sent + slack,
+            "{rx} got {} of {} packets of {tx} {src:?} in the window{}",
+            w.received,
+            w.sent,
+            describe(world)
+        );
+        assert!(
+            w.sent >= pick(min_sent),
+            "{tx} sent only {} {src:?} packets",
+            w.sent
+        );
+    }
+}
+
 /// Every stream each of `peers` received came from another of them, attributed to a track, with
 /// no sequence gap after its first keyframe, no late or duplicate packet and one SSRC throughout.
 fn assert_streams_clean(world: &SimWorld, peers: &[SessionId]) {
@@ -172,24 +198,9 @@ fn three_participants_hear_and_see_each_other() {
     let before = snapshot(&world, &peers, &[MIC, CAM]);
     world.run_for(secs(5.0));
 
-    for (rx, tx, src, w) in window(&before, &world) {
-        // On a perfect zero-delay wire only the packets of the last instant may be in flight:
-        // an audio packet or one video frame (a keyframe is 15 packets).
-        let slack = if src.is_audio() { 2 } else { 15 };
-        assert!(
-            w.received + slack >= w.sent && w.received <= w.sent + slack,
-            "{rx} got {} of {} packets of {tx} {src:?} in 5 s{}",
-            w.received,
-            w.sent,
-            describe(&world)
-        );
-        let expected_min = if src.is_audio() { 240 } else { 150 };
-        assert!(
-            w.sent >= expected_min,
-            "{tx} sent only {} {src:?} packets",
-            w.sent
-        );
-    }
+    // On a perfect zero-delay wire only the packets of the last instant may be in flight: an
+    // audio packet or one video frame (a keyframe is 15 packets).
+    assert_window_delivered(&world, &before, (2, 15), (240, 150));
     assert_streams_clean(&world, &peers);
 }
 
@@ -1100,20 +1111,9 @@ fn tcp_only_participant_joins_a_udp_call() {
     let before = snapshot(&world, &peers, &[MIC, CAM]);
     world.run_for(secs(3.0));
 
-    for (rx, tx, src, w) in window(&before, &world) {
-        // Up to ~40 ms one-way through the router: a few packets may still be on the way (an
-        // audio packet or two, a video frame — a keyframe is 15 packets).
-        let slack = if src.is_audio() { 3 } else { 20 };
-        assert!(
-            w.received + slack >= w.sent && w.received <= w.sent + slack,
-            "{rx} got {} of {} packets of {tx} {src:?} in 3 s{}",
-            w.received,
-            w.sent,
-            describe(&world)
-        );
-        let expected_min = if src.is_audio() { 140 } else { 90 };
-        assert!(w.sent >= expected_min, "{tx} sent only {} {src:?}", w.sent);
-    }
+    // Up to ~40 ms one-way through the router: a few packets may still be on the way (an
+    // audio packet or two, a video frame — a keyframe is 15 packets).
+    assert_window_delivered(&world, &before, (3, 20), (140, 90));
     for &rx in &peers {
         let peer = world.peer(rx);
         assert!(peer.rtc_errors().is_empty(), "{:?}", peer.rtc_errors());
