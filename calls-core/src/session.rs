@@ -97,6 +97,8 @@ pub(crate) struct Session {
     pub rtt_ms: Option<f64>,
     pub egress_loss: Option<f64>,
     pub ingress_loss: Option<f64>,
+    /// [`Router::set_bandwidth_cap`](crate::Router::set_bandwidth_cap).
+    pub bandwidth_cap: Option<u64>,
 }
 
 impl Session {
@@ -173,6 +175,7 @@ impl Session {
             rtt_ms: None,
             egress_loss: None,
             ingress_loss: None,
+            bandwidth_cap: None,
         }
     }
 

@@ -53,6 +53,19 @@ pub enum ClientMessage {
     },
     /// The screen share has stopped.
     ScreenOff,
+    /// How this client wants one of the tracks it receives: `paused` stops its video (a hidden
+    /// tile), `max_layer` caps the simulcast layer (0 = lowest) whatever the bandwidth allows.
+    /// Sent again to change; both fields default to "no restriction".
+    Preference {
+        /// The receiving client's m-line of the track (as in [`ServerMessage::Tracks`]).
+        mid: String,
+        /// Forward nothing on this track until set back to `false`.
+        #[serde(default)]
+        paused: bool,
+        /// Highest simulcast layer to forward (0 = lowest); `None` = as high as bandwidth allows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_layer: Option<u8>,
+    },
 }
 
 impl ClientMessage {
@@ -137,6 +150,21 @@ pub enum ServerMessage {
         user: UserId,
         /// Now sharing.
         on: bool,
+    },
+    /// Dynacast: the simulcast layers of one of this client's own tracks that someone watches.
+    /// The client should send exactly these (`RTCRtpSender.setParameters`, `active` per
+    /// encoding) and may stop encoding the others until they are listed again.
+    Layers {
+        /// The client's own m-line of the track.
+        mid: String,
+        /// The RIDs to keep sending (empty: nobody watches this track's video now).
+        active: Vec<String>,
+    },
+    /// The call's active speaker changed (voice activity measured from the RFC 6464 audio
+    /// levels, with a hold time). `session` is `None` when nobody has spoken for a while.
+    Speaker {
+        /// The loudest sustained speaker.
+        session: Option<SessionId>,
     },
     /// Something the client sent was refused; the session goes on.
     Error {

@@ -342,6 +342,8 @@ fn message_kind(msg: &ServerMessage) -> &'static str {
         ServerMessage::ParticipantLeft { .. } => "participant_left",
         ServerMessage::Muted { .. } => "muted",
         ServerMessage::Screen { .. } => "screen",
+        ServerMessage::Layers { .. } => "layers",
+        ServerMessage::Speaker { .. } => "speaker",
         ServerMessage::Error { .. } => "error",
     }
 }
