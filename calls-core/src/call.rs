@@ -6,6 +6,8 @@ use str0m::media::{MediaKind, Mid, Rid};
 
 use crate::forward::VideoCodec;
 use crate::ids::{SessionId, TrackSource};
+use crate::layers::{rid_rank, Layer};
+use crate::speaker::SpeakerDetector;
 
 /// One published track: a publisher's m-line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,12 +17,24 @@ pub(crate) struct TrackKey {
 }
 
 /// Members of one call and the tracks they publish.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Call {
     /// Sessions in join order.
     pub members: Vec<SessionId>,
     /// Tracks in publish order.
     pub tracks: Vec<TrackKey>,
+    /// Voice activity, active speaker and top-N audio.
+    pub speakers: SpeakerDetector,
+}
+
+impl Call {
+    pub fn new(top_n_audio: usize) -> Self {
+        Call {
+            members: Vec::new(),
+            tracks: Vec::new(),
+            speakers: SpeakerDetector::new(top_n_audio),
+        }
+    }
 }
 
 /// A track a publisher sends, and who receives it.
@@ -28,22 +42,20 @@ pub(crate) struct Call {
 pub(crate) struct PublishedTrack {
     pub kind: MediaKind,
     pub source: TrackSource,
-    /// Bumped on every discontinuity subscribers must resync over (unmute, layer switch).
+    /// Bumped on every discontinuity subscribers must resync over (unmute).
     pub epoch: u32,
     /// Subscribers whose answer has been accepted, in subscription order.
     pub subscribers: Vec<SessionId>,
-    /// Keyframe request throttling: when we last asked the publisher.
-    pub last_keyframe_request: Option<Instant>,
-    /// A subscriber waits for a keyframe that has not come yet.
-    pub keyframe_wanted: bool,
-    /// Simulcast: the layer being forwarded now, and the one we want to switch to at its next
-    /// keyframe. `None` for a single-layer track.
-    pub current_rid: Option<Rid>,
-    pub target_rid: Option<Rid>,
-    /// Simulcast layers seen recently, with the time of their last packet.
-    pub layers: Vec<(Rid, Instant)>,
+    /// Video: the layers received, lowest first (one layer with `rid: None` without
+    /// simulcast). Bounded by [`MAX_LAYERS`].
+    pub layers: Vec<Layer>,
+    /// Dynacast: the RIDs the publisher was last told to send (`None`: never told).
+    pub announced: Option<Vec<Rid>>,
     pub codec: VideoCodec,
 }
+
+/// Most simulcast layers accepted per track (browsers send up to 3).
+pub(crate) const MAX_LAYERS: usize = 4;
 
 impl PublishedTrack {
     pub fn new(kind: MediaKind, source: TrackSource) -> Self {
@@ -52,16 +64,40 @@ impl PublishedTrack {
             source,
             epoch: 0,
             subscribers: Vec::new(),
-            last_keyframe_request: None,
-            keyframe_wanted: false,
-            current_rid: None,
-            target_rid: None,
             layers: Vec::new(),
+            announced: None,
             codec: VideoCodec::Other,
         }
     }
 
     pub fn is_audio(&self) -> bool {
         self.kind == MediaKind::Audio
+    }
+
+    pub fn is_simulcast(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.rid.is_some())
+    }
+
+    /// The index of `rid`'s layer, adding it (in rank order) on first sight. `None` when the
+    /// track already has [`MAX_LAYERS`] others. Returns also whether the layer is new.
+    pub fn layer_index(&mut self, rid: Option<Rid>, now: Instant) -> Option<(usize, bool)> {
+        if let Some(i) = self.layers.iter().position(|l| l.rid == rid) {
+            return Some((i, false));
+        }
+        if self.layers.len() >= MAX_LAYERS {
+            return None;
+        }
+        let rank = rid.as_ref().map_or(0, rid_rank);
+        let at = self
+            .layers
+            .iter()
+            .position(|l| l.rid.as_ref().map_or(0, rid_rank) > rank)
+            .unwrap_or(self.layers.len());
+        self.layers.insert(at, Layer::new(rid, rank, now));
+        // Ranks are positions (unknown names sort after the known ones).
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.rank = i as u8;
+        }
+        Some((at, true))
     }
 }

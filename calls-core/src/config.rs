@@ -66,6 +66,10 @@ pub struct Config {
     /// A session that has not completed ICE and DTLS this long after `join` is removed
     /// (reported as [`LeaveReason::Disconnected`](crate::LeaveReason)). Default `30000`.
     pub connect_timeout_ms: u64,
+    /// Audio streams forwarded per call: the loudest this many speakers (plus anyone who just
+    /// unmuted), so a big call does not forward every silent microphone. Default `3`; `0`
+    /// forwards every unmuted microphone.
+    pub top_n_audio: usize,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             probe_ufrag: None,
             probe_password: None,
             probe_replies_per_second: 20,
+            top_n_audio: 3,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use str0m::format::{detect_h264_keyframe, detect_vp8_keyframe, detect_vp9_keyframe};
+use str0m::rtp::{Vp8Descriptor, Vp8Patch};
 
 /// Video codecs we know how to find keyframes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,8 @@ pub(crate) struct Rewriter {
     last_out_at: Option<Instant>,
     /// The publisher track's epoch when we last synced; a change forces a resync.
     epoch: u32,
+    /// Highest publisher sequence number forwarded or deliberately skipped since the resync.
+    highest_in: Option<u64>,
 }
 
 impl Rewriter {
@@ -93,6 +96,7 @@ impl Rewriter {
             last_out_ts: 0,
             last_out_at: None,
             epoch,
+            highest_in: None,
         }
     }
 
@@ -118,6 +122,32 @@ impl Rewriter {
     /// Whether this subscriber still waits for a keyframe (so one should be requested).
     pub fn waits_for_keyframe(&self) -> bool {
         self.wait_keyframe
+    }
+
+    /// Nothing was (or will be) forwarded for a while (paused): video restarts at a keyframe,
+    /// numbering continues without a gap.
+    pub fn pause(&mut self) {
+        self.resync = true;
+        self.wait_keyframe = self.is_video;
+    }
+
+    /// A simulcast layer switch at a keyframe of the new layer: the next packet (that keyframe)
+    /// continues this stream's numbering; the new layer's own numbers are rebased onto it.
+    pub fn switch_layer(&mut self) {
+        self.resync = true;
+        self.wait_keyframe = false;
+    }
+
+    /// A packet deliberately not forwarded (an upper temporal layer this subscriber does not
+    /// get): later packets are renumbered so the subscriber sees no gap (and sends no NACK).
+    pub fn skip(&mut self, seq: u64) {
+        if self.resync || self.wait_keyframe {
+            return;
+        }
+        if self.highest_in.is_some_and(|h| seq == h + 1) {
+            self.highest_in = Some(seq);
+            self.seq_offset -= 1;
+        }
     }
 
     /// Decides about one packet of the publisher's stream.
@@ -159,9 +189,13 @@ impl Rewriter {
             };
             self.ts_offset = next_ts.wrapping_sub(timestamp);
             self.base_in_seq = seq;
+            self.highest_in = Some(seq);
         } else if seq < self.base_in_seq {
             // From before the last resync: it would map onto numbers already used.
             return Verdict::Drop;
+        }
+        if self.highest_in.is_none_or(|h| seq > h) {
+            self.highest_in = Some(seq);
         }
         let out_seq = (seq as i64 + self.seq_offset) as u64;
         let out_ts = timestamp.wrapping_add(self.ts_offset);
@@ -174,6 +208,68 @@ impl Rewriter {
             seq: out_seq,
             timestamp: out_ts,
         }
+    }
+}
+
+/// Keeps a subscriber's VP8 picture ids and TL0PICIDX continuous across simulcast layer
+/// switches (each layer numbers its own pictures) and over dropped temporal-layer pictures.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Vp8Munger {
+    /// Set at a layer switch: the next picture is rebased onto the last one sent.
+    rebase: bool,
+    pic_offset: u16,
+    tl0_offset: u8,
+    last_pic: Option<u16>,
+    last_tl0: Option<u8>,
+}
+
+/// 15-bit picture ids.
+const PIC_ID_MASK: u16 = 0x7fff;
+
+impl Vp8Munger {
+    /// The next packet starts another layer's keyframe.
+    pub fn switch_layer(&mut self) {
+        self.rebase = true;
+    }
+
+    /// A whole picture of an upper temporal layer was dropped: close its picture-id gap.
+    pub fn dropped_picture(&mut self) {
+        self.pic_offset = self.pic_offset.wrapping_sub(1) & PIC_ID_MASK;
+    }
+
+    /// The descriptor patch for one forwarded packet, if its ids must change.
+    pub fn patch(&mut self, desc: &Vp8Descriptor) -> Option<Vp8Patch> {
+        let pic = desc.picture_id();
+        let tl0 = desc.tl0_pic_idx();
+        if self.rebase {
+            self.rebase = false;
+            if let (Some(p), Some(last)) = (pic, self.last_pic) {
+                self.pic_offset = last.wrapping_add(1).wrapping_sub(p) & PIC_ID_MASK;
+            }
+            if let (Some(t), Some(last)) = (tl0, self.last_tl0) {
+                self.tl0_offset = last.wrapping_add(1).wrapping_sub(t);
+            }
+        }
+        let out_pic = pic.map(|p| p.wrapping_add(self.pic_offset) & PIC_ID_MASK);
+        let out_tl0 = tl0.map(|t| t.wrapping_add(self.tl0_offset));
+        if out_pic.is_some() {
+            self.last_pic = out_pic;
+        }
+        if out_tl0.is_some() {
+            self.last_tl0 = out_tl0;
+        }
+        if self.pic_offset == 0 && self.tl0_offset == 0 {
+            return None;
+        }
+        let mut builder = desc.patch();
+        if let Some(p) = out_pic {
+            builder = builder.picture_id(p);
+        }
+        if let Some(t) = out_tl0 {
+            builder = builder.tl0_pic_idx(t);
+        }
+        // A 7-bit picture id cannot carry every 15-bit value: send that packet unpatched.
+        builder.build().ok()
     }
 }
 

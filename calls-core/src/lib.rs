@@ -24,7 +24,9 @@
 //! | [`tcp`] | ICE-TCP: RFC 4571 framing per connection, bounded reassembly |
 //! | `session` | one str0m `Rtc` per participant, grant enforcement on offers |
 //! | `call` | who is in a call and what they publish |
-//! | `forward` | per-subscriber RTP rewriting, keyframe detection |
+//! | `forward` | per-subscriber RTP rewriting, keyframe detection, VP8 picture-id continuity |
+//! | `layers` | simulcast/temporal layer measurement and the per-subscriber bandwidth allocator |
+//! | `speaker` | voice activity from RFC 6464 audio levels, active speaker, top-N audio |
 //! | [`signal`] | typed JSON signaling messages |
 //! | [`metrics`] | counters, snapshot, Prometheus text |
 //! | [`config`] | [`Config`] with defaults and `validate()` |
@@ -87,12 +89,14 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod ids;
+mod layers;
 pub mod metrics;
 pub mod router;
 mod session;
 pub mod signal;
 #[cfg(feature = "sim")]
 pub mod sim;
+mod speaker;
 pub mod tcp;
 
 pub use config::Config;

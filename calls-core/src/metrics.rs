@@ -20,6 +20,37 @@ pub struct MediaCounts {
     pub video_bytes: u64,
 }
 
+/// Count, sum and maximum of a duration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationStats {
+    /// How many.
+    pub count: u64,
+    /// Their sum, in milliseconds.
+    pub total_ms: u64,
+    /// The longest, in milliseconds.
+    pub max_ms: u64,
+}
+
+impl DurationStats {
+    pub(crate) fn record(&mut self, d: std::time::Duration) {
+        let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
+        self.count += 1;
+        self.total_ms = self.total_ms.saturating_add(ms);
+        self.max_ms = self.max_ms.max(ms);
+    }
+
+    fn merge(&mut self, other: &DurationStats) {
+        self.count += other.count;
+        self.total_ms = self.total_ms.saturating_add(other.total_ms);
+        self.max_ms = self.max_ms.max(other.max_ms);
+    }
+
+    /// The mean in milliseconds (`None` without samples).
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.total_ms as f64 / self.count as f64)
+    }
+}
+
 impl MediaCounts {
     pub(crate) fn add(&mut self, is_audio: bool, bytes: usize) {
         if is_audio {
@@ -101,6 +132,17 @@ pub struct MetricsSnapshot {
     pub glare_rollbacks: u64,
     /// Media-port probe requests answered.
     pub probe_replies: u64,
+    /// Audio packets not forwarded because their speaker is not among the call's loudest
+    /// (`top_n_audio`).
+    pub audio_not_forwarded: u64,
+    /// Simulcast layer switches done (at a keyframe of the new layer).
+    pub layer_switches: u64,
+    /// Time from deciding a layer switch to the new layer's keyframe reaching the subscriber.
+    pub layer_switch_time: DurationStats,
+    /// Dynacast messages sent to publishers (layers paused or resumed).
+    pub dynacast_updates: u64,
+    /// Active speaker changes announced.
+    pub speaker_changes: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -144,6 +186,11 @@ impl MetricsSnapshot {
         self.renegotiations += other.renegotiations;
         self.glare_rollbacks += other.glare_rollbacks;
         self.probe_replies += other.probe_replies;
+        self.audio_not_forwarded += other.audio_not_forwarded;
+        self.layer_switches += other.layer_switches;
+        self.layer_switch_time.merge(&other.layer_switch_time);
+        self.dynacast_updates += other.dynacast_updates;
+        self.speaker_changes += other.speaker_changes;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -333,6 +380,36 @@ mod prom {
             "probe_replies",
             "Media-port probe requests answered",
             m.probe_replies,
+        );
+        counter(
+            &mut registry,
+            "audio_not_forwarded",
+            "Audio packets not forwarded: their speaker is not among the loudest (top_n_audio)",
+            m.audio_not_forwarded,
+        );
+        counter(
+            &mut registry,
+            "layer_switches",
+            "Simulcast layer switches (at a keyframe of the new layer)",
+            m.layer_switches,
+        );
+        counter(
+            &mut registry,
+            "layer_switch_milliseconds",
+            "Total time from a layer-switch decision to the new layer's keyframe",
+            m.layer_switch_time.total_ms,
+        );
+        counter(
+            &mut registry,
+            "dynacast_updates",
+            "Messages telling publishers which simulcast layers to send",
+            m.dynacast_updates,
+        );
+        counter(
+            &mut registry,
+            "speaker_changes",
+            "Active speaker changes announced",
+            m.speaker_changes,
         );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();

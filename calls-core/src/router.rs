@@ -5,24 +5,28 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use str0m::bwe::BweKind;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::crypto::Sha1HmacProvider;
 use str0m::ice::{StunMessage, StunMessageBuilder};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::Receive;
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Candidate, Event as RtcEvent, Input, Output as RtcOutput};
 
 use crate::call::{Call, PublishedTrack, TrackKey};
+
+mod simulcast;
 use crate::config::Config;
 use crate::demux::{self, Class, DropReason, FlowKey, FlowTable, Proto, MAX_DATAGRAM_BYTES};
 use crate::error::{ConfigError, RouterError, SignalError};
 use crate::forward::{Rewriter, Verdict, VideoCodec};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
+use crate::layers;
 use crate::metrics::{MetricsSnapshot, SessionStats};
 use crate::session::{
-    pt_for, restrict_offer, AddedLine, IdleLine, OutTrack, PendingOffer, Session,
+    pt_for, restrict_offer, AddedLine, IdleLine, OutTrack, PendingOffer, Selection, Session,
 };
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
 use crate::tcp::{self, ConnId, Framer, TcpConn, TcpError};
@@ -41,10 +45,13 @@ enum Deadline {
     OfferResend,
 }
 
+/// Shortest wait the router asks for (see `drain`).
+const MIN_WAKE: Duration = Duration::from_millis(1);
 /// The timeout reported when nothing is scheduled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
-/// A simulcast layer not seen for this long is considered stopped.
-const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Period of the router's tick: layer allocation (upgrades after their hold time, stalled
+/// layers), dynacast pauses, active speaker.
+const TICK: Duration = Duration::from_millis(250);
 
 /// An incoming datagram (or, for ICE-TCP, one de-framed RFC 4571 frame).
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +153,14 @@ pub enum Event {
         /// Now muted.
         muted: bool,
     },
+    /// A call's active speaker changed (also sent to its members as
+    /// [`ServerMessage::Speaker`]).
+    SpeakerChanged {
+        /// The call.
+        call: CallId,
+        /// The new active speaker; `None` when nobody speaks.
+        session: Option<SessionId>,
+    },
 }
 
 /// What [`Router::poll_output`] yields.
@@ -199,6 +214,14 @@ pub struct Router {
     probe_bucket: (f64, Instant),
     draining: bool,
     last_now: Instant,
+    /// Next periodic tick (layer allocation, dynacast, active speaker).
+    next_tick: Instant,
+    /// Scratch list of sessions whose timeout is due (kept to avoid an allocation per call).
+    due: Vec<SessionId>,
+    /// Subscribers whose layer allocation must be recomputed after the current input.
+    reallocate: Vec<SessionId>,
+    /// Video tracks whose dynacast state must be recomputed after the current input.
+    dynacast: Vec<TrackKey>,
 }
 
 impl std::fmt::Debug for Router {
@@ -251,6 +274,10 @@ impl Router {
             probe_bucket: (f64::from(probe_burst), now),
             draining: false,
             last_now: now,
+            next_tick: later(now, TICK),
+            due: Vec::new(),
+            reallocate: Vec::new(),
+            dynacast: Vec::new(),
         })
     }
 
@@ -342,7 +369,12 @@ impl Router {
             session,
             Deadline::Connect,
         )));
-        let members = &mut self.calls.entry(call.clone()).or_default().members;
+        let top_n = self.config.top_n_audio;
+        let members = &mut self
+            .calls
+            .entry(call.clone())
+            .or_insert_with(|| Call::new(top_n))
+            .members;
         for other in members.iter() {
             self.outputs.push_back(Output::Signal(
                 *other,
@@ -408,6 +440,9 @@ impl Router {
         state.muted = muted;
         let user = state.user.clone();
         let call = state.call.clone();
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.speakers.set_muted(session, muted, now);
+        }
         let published = state.published.clone();
         if !muted {
             // Subscribers resync their audio rewriters: the stream continues without a gap.
@@ -453,19 +488,6 @@ impl Router {
         state.bandwidth_cap = bps;
         self.allocate(session, now);
         self.finish(now);
-        Ok(())
-    }
-
-    fn allocate(&mut self, _session: SessionId, _now: Instant) {}
-
-    fn set_preference(
-        &mut self,
-        _session: SessionId,
-        _mid: &str,
-        _paused: bool,
-        _max_layer: Option<u8>,
-        _now: Instant,
-    ) -> Result<(), SignalError> {
         Ok(())
     }
 
@@ -689,22 +711,36 @@ impl Router {
                 Deadline::OfferResend => self.resend_offer(session, now),
             }
         }
+        // Each due session is woken once per call: one that asks again for a time not after
+        // `now` (str0m's pacer does) is woken on the next call, not in a loop here.
+        let mut due = std::mem::take(&mut self.due);
         while let Some(Reverse((at, session))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
+            let live = self
+                .sessions
+                .get_mut(&session)
+                .is_some_and(|state| state.next_timeout == Some(at));
+            if live {
+                due.push(session);
+            }
+        }
+        for session in due.drain(..) {
             let Some(state) = self.sessions.get_mut(&session) else {
                 continue;
             };
-            if state.next_timeout != Some(at) {
-                continue; // superseded by a later schedule
-            }
             state.next_timeout = None;
             if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(%session, "timeout failed: {e}");
             }
             self.drain(session, now);
+        }
+        self.due = due;
+        if now >= self.next_tick {
+            self.next_tick = later(now, TICK);
+            self.tick(now);
         }
         self.finish(now);
     }
@@ -732,6 +768,9 @@ impl Router {
                 break;
             }
             self.deadlines.pop();
+        }
+        if !self.sessions.is_empty() {
+            next = Some(next.map_or(self.next_tick, |n: Instant| n.min(self.next_tick)));
         }
         // Nothing scheduled: come back in a while (or on the next input).
         Output::Timeout(next.unwrap_or_else(|| later(self.last_now, IDLE_TIMEOUT)))
@@ -980,6 +1019,9 @@ impl Router {
                         self.dead.push(session);
                         return;
                     }
+                    // "Again at once" becomes a millisecond later: the embedder's loop must
+                    // not spin (str0m's pacer can ask for `now` again).
+                    let at = if at <= now { later(now, MIN_WAKE) } else { at };
                     if state.next_timeout != Some(at) {
                         state.next_timeout = Some(at);
                         self.timers.push(Reverse((at, session)));
@@ -1041,6 +1083,14 @@ impl Router {
                 self.offer_if_needed(session, now);
                 continue;
             }
+            if let Some(session) = self.reallocate.pop() {
+                self.allocate(session, now);
+                continue;
+            }
+            if let Some(key) = self.dynacast.pop() {
+                self.update_dynacast(key, now);
+                continue;
+            }
             break;
         }
         if self.timers.len() > 4 * self.sessions.len() + 1024 {
@@ -1066,12 +1116,30 @@ impl Router {
             RtcEvent::RtpPacket(packet) => self.forward(session, packet, now),
             RtcEvent::KeyframeRequest(req) => {
                 self.counters.snapshot.keyframe_requests_in += 1;
-                let key = self
-                    .sessions
-                    .get(&session)
-                    .and_then(|s| s.out_by_mid.get(&req.mid).copied());
-                if let Some(key) = key {
-                    self.request_keyframe(key, now, false);
+                let wanted = self.sessions.get(&session).and_then(|s| {
+                    let key = s.out_by_mid.get(&req.mid).copied()?;
+                    let out = s.outgoing.get(&key)?;
+                    // The layer this subscriber decodes (or is about to).
+                    let rid = out.sel.current.or(out.sel.target.and_then(|t| t.0));
+                    Some((key, rid))
+                });
+                if let Some((key, rid)) = wanted {
+                    self.request_keyframe(key, rid, now, false);
+                }
+            }
+            RtcEvent::EgressBitrateEstimate(estimate) => {
+                let bps = match estimate {
+                    BweKind::Twcc { estimate, .. } => estimate.as_u64(),
+                    BweKind::Remb { estimate, .. } => estimate.as_u64(),
+                    _ => return,
+                };
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    let before = state.bwe_estimate.replace(bps);
+                    // Re-share at once when the estimate falls (or first arrives); rises are
+                    // picked up by the tick, after the upgrade hold.
+                    if before.is_none_or(|b| bps < b) && !self.reallocate.contains(&session) {
+                        self.reallocate.push(session);
+                    }
                 }
             }
             RtcEvent::Connected => {
@@ -1197,6 +1265,9 @@ impl Router {
         for sub in &track.subscribers {
             if let Some(s) = self.sessions.get_mut(sub) {
                 if let Some(out) = s.outgoing.remove(&key) {
+                    if !track.is_audio() {
+                        s.video_out -= 1;
+                    }
                     s.out_by_mid.remove(&out.mid);
                     s.idle.push(IdleLine {
                         mid: out.mid,
@@ -1237,7 +1308,8 @@ impl Router {
 
     // ---------------------------------------------------------------- forwarding
 
-    /// One RTP packet from a publisher: choose the layer, rewrite, write to every subscriber.
+    /// One RTP packet from a publisher: measure its layer, then for every subscriber decide
+    /// (its layer, its temporal cap, keyframe gating), rewrite and write.
     fn forward(&mut self, publisher: SessionId, packet: RtpPacket, now: Instant) {
         let Some(state) = self.sessions.get_mut(&publisher) else {
             return;
@@ -1255,11 +1327,9 @@ impl Router {
             return;
         };
         let payload_len = packet.payload.len();
-        self.counters
-            .snapshot
-            .media_in
-            .add(track.is_audio(), payload_len);
-        if track.is_audio() && muted {
+        let is_audio = track.is_audio();
+        self.counters.snapshot.media_in.add(is_audio, payload_len);
+        if is_audio && muted {
             self.counters.snapshot.media_dropped += 1;
             return;
         }
@@ -1267,20 +1337,59 @@ impl Router {
             self.counters.snapshot.media_dropped += 1;
             return;
         };
-        let mut keyframe = false;
-        if !track.is_audio() {
-            track.codec = VideoCodec::from_str0m(codec);
-            keyframe = track.codec.is_keyframe(&packet.payload);
-            if !select_layer(track, rid, keyframe, now) {
-                return; // another simulcast layer than the one forwarded now
-            }
-            if keyframe {
-                track.keyframe_wanted = false;
+        if is_audio {
+            if let Some(call) = self.calls.get_mut(&state.call) {
+                if let Some(level) = packet.header.ext_vals.audio_level {
+                    call.speakers.observe(
+                        publisher,
+                        level,
+                        packet.header.ext_vals.voice_activity,
+                        now,
+                    );
+                }
+                if !call.speakers.is_forwarded(publisher, now) {
+                    // Not among the loudest: nobody needs this packet (top-N audio).
+                    self.counters.snapshot.audio_not_forwarded += 1;
+                    return;
+                }
             }
         }
-        let is_audio = track.is_audio();
+        let mut keyframe = false;
+        let mut tid = None;
+        let mut starts_picture = false;
+        let mut vp8 = None;
+        if !is_audio {
+            track.codec = VideoCodec::from_str0m(codec);
+            keyframe = track.codec.is_keyframe(&packet.payload);
+            if track.codec == VideoCodec::Vp8 {
+                (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
+                vp8 = Vp8Descriptor::parse(&packet.payload).ok();
+            }
+            let Some((index, new_layer)) = track.layer_index(rid, now) else {
+                self.counters.snapshot.media_dropped += 1;
+                return;
+            };
+            let layer = &mut track.layers[index];
+            layer.last_seen = now;
+            layer.max_tid = layer
+                .max_tid
+                .max(tid.unwrap_or(0).min(layers::MAX_TID as u8));
+            layer
+                .meter
+                .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
+            if new_layer {
+                // Every subscriber of this track can be given the new layer.
+                for sub in &track.subscribers {
+                    if !self.reallocate.contains(sub) {
+                        self.reallocate.push(*sub);
+                    }
+                }
+            }
+        }
+        let simulcast = rid.is_some();
         let epoch = track.epoch;
         let mut need_keyframe = false;
+        let mut switches = 0;
         let subscribers = std::mem::take(&mut track.subscribers);
         for sub in &subscribers {
             let Some(s) = self.sessions.get_mut(sub) else {
@@ -1289,6 +1398,47 @@ impl Router {
             let Some(out) = s.outgoing.get_mut(&key) else {
                 continue;
             };
+            if !is_audio {
+                let sel = &mut out.sel;
+                let Some((target_rid, target_tid)) = sel.target else {
+                    continue; // paused: no budget, or the subscriber hid it
+                };
+                if simulcast && sel.current != rid {
+                    if target_rid != rid {
+                        continue; // another layer than this subscriber's
+                    }
+                    if !keyframe {
+                        need_keyframe = true; // switching waits for this layer's keyframe
+                        continue;
+                    }
+                    // The switch: this keyframe starts the new layer, seamlessly.
+                    if sel.current.is_some() {
+                        out.rewriter.switch_layer();
+                    }
+                    sel.current = rid;
+                    sel.vp8.switch_layer();
+                    sel.tid_cap = target_tid;
+                    if let Some(started) = sel.switch_started.take() {
+                        self.counters
+                            .snapshot
+                            .layer_switch_time
+                            .record(now.saturating_duration_since(started));
+                    }
+                    switches += 1;
+                }
+                // Temporal layers: raise the cap only where the stream can be decoded from
+                // (a TL0 picture), lower it at any picture start.
+                if starts_picture && (tid == Some(0) || target_tid < sel.tid_cap) {
+                    sel.tid_cap = target_tid;
+                }
+                if tid.is_some_and(|t| t > sel.tid_cap) {
+                    out.rewriter.skip(*packet.seq_no);
+                    if starts_picture {
+                        sel.vp8.dropped_picture();
+                    }
+                    continue;
+                }
+            }
             let in_pt = packet.header.payload_type;
             let out_pt = match out.pt_map.iter().find(|(i, _)| *i == in_pt) {
                 Some(&(_, pt)) => pt,
@@ -1311,6 +1461,7 @@ impl Router {
                 need_keyframe |= out.rewriter.waits_for_keyframe();
                 continue;
             };
+            let patch = vp8.as_ref().and_then(|d| out.sel.vp8.patch(d));
             let ssrc = out.ssrc;
             // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
             let ext = ExtensionValues {
@@ -1323,18 +1474,20 @@ impl Router {
             let Some(tx) = api.stream_tx(&ssrc) else {
                 continue;
             };
-            tx.write_rtp(
-                RtpWrite::new(
-                    out_pt,
-                    seq.into(),
-                    timestamp,
-                    packet.timestamp,
-                    packet.payload.clone(),
-                )
-                .marker(packet.header.marker)
-                .ext_vals(ext)
-                .nackable(!is_audio),
-            );
+            let mut write = RtpWrite::new(
+                out_pt,
+                seq.into(),
+                timestamp,
+                packet.timestamp,
+                packet.payload.clone(),
+            )
+            .marker(packet.header.marker)
+            .ext_vals(ext)
+            .nackable(!is_audio);
+            if let Some(patch) = patch {
+                write = write.vp8_patch(patch);
+            }
+            tx.write_rtp(write);
             self.counters.snapshot.media_out.add(is_audio, payload_len);
             if !s.touched {
                 s.touched = true;
@@ -1343,19 +1496,20 @@ impl Router {
         }
         if let Some(track) = self.tracks.get_mut(&key) {
             track.subscribers = subscribers;
-            if need_keyframe {
-                track.keyframe_wanted = true;
-            }
+        }
+        if switches > 0 {
+            self.counters.snapshot.layer_switches += switches;
+            self.dynacast.push(key);
         }
         if need_keyframe {
-            self.request_keyframe(key, now, false);
+            self.request_keyframe(key, rid, now, false);
         }
     }
 
-    /// Asks a publisher for a keyframe, at most once per `keyframe_request_interval` per track
-    /// (all subscribers' requests are aggregated into one). `urgent` (a new subscriber) allows
-    /// a request after a fifth of the interval.
-    fn request_keyframe(&mut self, key: TrackKey, now: Instant, urgent: bool) {
+    /// Asks a publisher for a keyframe of one layer, at most once per
+    /// `keyframe_request_interval` per layer (all subscribers' requests are aggregated into
+    /// one). `urgent` (a new subscriber) allows a request after a fifth of the interval.
+    fn request_keyframe(&mut self, key: TrackKey, rid: Option<Rid>, now: Instant, urgent: bool) {
         let interval = self.config.keyframe_request_interval();
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
@@ -1364,15 +1518,15 @@ impl Router {
             return;
         }
         let min_gap = if urgent { interval / 5 } else { interval };
-        if track
-            .last_keyframe_request
-            .is_some_and(|last| now.saturating_duration_since(last) < min_gap)
-        {
-            return;
+        if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == rid) {
+            if layer
+                .last_keyframe_request
+                .is_some_and(|last| now.saturating_duration_since(last) < min_gap)
+            {
+                return;
+            }
+            layer.last_keyframe_request = Some(now);
         }
-        track.last_keyframe_request = Some(now);
-        track.keyframe_wanted = true;
-        let rid = track.target_rid.or(track.current_rid);
         let Some(publisher) = self.sessions.get_mut(&key.publisher) else {
             return;
         };
@@ -1592,11 +1746,7 @@ impl Router {
         }
         self.drain(session, now);
         for key in attached {
-            if let Some(track) = self.tracks.get_mut(&key) {
-                track.subscribers.push(session);
-            }
-            // A new subscriber gets a keyframe promptly.
-            self.request_keyframe(key, now, true);
+            self.subscribed(session, key, now);
         }
         if !self.renegotiate.contains(&session) {
             self.renegotiate.push(session);
@@ -1710,10 +1860,7 @@ impl Router {
             )));
         }
         for key in attached.iter().copied() {
-            if let Some(track) = self.tracks.get_mut(&key) {
-                track.subscribers.push(session);
-            }
-            self.request_keyframe(key, now, true);
+            self.subscribed(session, key, now);
         }
         if offer.is_none() && attached.is_empty() {
             return;
@@ -1808,6 +1955,7 @@ impl Router {
         self.renegotiate.retain(|s| *s != session);
         if let Some(c) = self.calls.get_mut(&call) {
             c.members.retain(|m| *m != session);
+            c.speakers.remove(session);
             if c.members.is_empty() {
                 self.calls.remove(&call);
             }
@@ -1825,52 +1973,6 @@ impl Router {
         }));
         tracing::debug!(%session, ?reason, "left");
     }
-}
-
-/// Simulcast layer choice for issue-3 scope: forward the highest-bitrate layer that is active,
-/// switching only at a keyframe of the new layer. Returns whether this packet's layer is the
-/// one forwarded. (Per-subscriber choice from bandwidth estimates replaces this.)
-fn select_layer(
-    track: &mut PublishedTrack,
-    rid: Option<Rid>,
-    keyframe: bool,
-    now: Instant,
-) -> bool {
-    let Some(rid) = rid else {
-        return true;
-    };
-    if let Some(entry) = track.layers.iter_mut().find(|(r, _)| *r == rid) {
-        entry.1 = now;
-    } else if track.layers.len() < 8 {
-        track.layers.push((rid, now));
-    } else {
-        return false;
-    }
-    track
-        .layers
-        .retain(|(_, seen)| now.saturating_duration_since(*seen) < LAYER_TIMEOUT);
-    // Browsers list simulcast layers low to high (q/h/f, l/m/h, 0/1/2): the last-seen order of
-    // first appearance is not reliable, so rank by a fixed name order, unknown names last.
-    let best = track.layers.iter().map(|(r, _)| *r).max_by_key(layer_rank);
-    track.target_rid = best;
-    if track
-        .current_rid
-        .is_none_or(|c| !track.layers.iter().any(|(r, _)| *r == c))
-        || track.current_rid != track.target_rid
-    {
-        if Some(rid) == track.target_rid && keyframe {
-            track.current_rid = Some(rid);
-            track.epoch = track.epoch.wrapping_add(1);
-        } else if track
-            .current_rid
-            .is_some_and(|c| track.layers.iter().any(|(r, _)| *r == c))
-        {
-            // Keep forwarding the current layer until the target's keyframe arrives.
-        } else {
-            track.keyframe_wanted = true;
-        }
-    }
-    track.current_rid == Some(rid)
 }
 
 /// Starts writing `line.key`'s track into the subscriber's m-line `line.mid`. Returns false if
@@ -1898,8 +2000,12 @@ fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack) -> bool 
             ssrc,
             rewriter,
             pt_map: Vec::new(),
+            sel: Selection::default(),
         },
     );
+    if !track.is_audio() {
+        state.video_out += 1;
+    }
     true
 }
 
@@ -1913,14 +2019,5 @@ fn proto_of(proto: str0m::net::Protocol) -> Proto {
     match proto {
         str0m::net::Protocol::Udp => Proto::Udp,
         _ => Proto::Tcp,
-    }
-}
-
-fn layer_rank(rid: &Rid) -> u8 {
-    match &**rid {
-        "q" | "l" | "0" | "low" => 1,
-        "h" | "m" | "1" | "mid" => 2,
-        "f" | "2" | "high" | "full" => 3,
-        _ => 0,
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use str0m::bwe::Bitrate;
 use str0m::change::SdpPendingOffer;
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
@@ -14,7 +15,7 @@ use str0m::{Candidate, IceCreds, Rtc};
 
 use crate::call::TrackKey;
 use crate::config::Config;
-use crate::forward::{Continuation, Rewriter};
+use crate::forward::{Continuation, Rewriter, Vp8Munger};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
 
 /// How often str0m reports per-session stats (RTT, loss).
@@ -26,6 +27,10 @@ const SEND_BUFFER_AUDIO: usize = 16;
 /// of ~1100-byte packets, 300 packets are ~1.7 s of history (str0m's default is 1000).
 const SEND_BUFFER_VIDEO: usize = 300;
 
+/// The bandwidth assumed towards a new session until its estimator knows better: enough for
+/// a middle simulcast layer or two low ones; the estimator probes upwards from here.
+pub(crate) const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
+
 /// A subscription: one publisher track written into this session's m-line `mid`.
 #[derive(Debug)]
 pub(crate) struct OutTrack {
@@ -34,6 +39,28 @@ pub(crate) struct OutTrack {
     pub rewriter: Rewriter,
     /// Publisher payload type → this session's payload type (filled lazily).
     pub pt_map: Vec<(Pt, Pt)>,
+    /// Video: which layer this subscriber gets.
+    pub sel: Selection,
+}
+
+/// Video layer selection for one subscription.
+#[derive(Debug, Default)]
+pub(crate) struct Selection {
+    /// The allocator's choice: the simulcast layer (`None` rid without simulcast) and the
+    /// highest temporal layer. `None`: nothing (no budget, or paused by the subscriber).
+    pub target: Option<(Option<Rid>, u8)>,
+    /// The simulcast layer forwarded now; the switch to `target` waits for its keyframe.
+    pub current: Option<Rid>,
+    /// The temporal cap in force (changed at picture starts).
+    pub tid_cap: u8,
+    /// The subscriber's preferences.
+    pub paused: bool,
+    pub max_layer: Option<u8>,
+    /// Since when an upgrade has been affordable (hysteresis).
+    pub upgrade_since: Option<Instant>,
+    /// When the target last changed to another spatial layer (for switch-time metrics).
+    pub switch_started: Option<Instant>,
+    pub vp8: Vp8Munger,
 }
 
 /// A subscription m-line whose track is gone, kept for the next track of the same kind instead
@@ -99,6 +126,12 @@ pub(crate) struct Session {
     pub ingress_loss: Option<f64>,
     /// [`Router::set_bandwidth_cap`](crate::Router::set_bandwidth_cap).
     pub bandwidth_cap: Option<u64>,
+    /// The congestion controller's latest estimate towards this session (bits per second).
+    pub bwe_estimate: Option<u64>,
+    /// Video subscriptions (the allocator skips sessions without any).
+    pub video_out: usize,
+    /// The (minimum, desired) bitrates last given to str0m's estimator.
+    pub bwe_asked: (u64, u64),
 }
 
 impl Session {
@@ -129,6 +162,7 @@ impl Session {
             .set_stats_interval(Some(STATS_INTERVAL))
             .set_send_buffer_audio(SEND_BUFFER_AUDIO)
             .set_send_buffer_video(SEND_BUFFER_VIDEO)
+            .enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)))
             .build(now);
         let udp = config
             .udp_candidates()
@@ -176,6 +210,9 @@ impl Session {
             egress_loss: None,
             ingress_loss: None,
             bandwidth_cap: None,
+            bwe_estimate: None,
+            video_out: 0,
+            bwe_asked: (0, 0),
         }
     }
 

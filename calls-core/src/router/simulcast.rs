@@ -1,0 +1,329 @@
+//! The router's bandwidth side: sharing each subscriber's estimate among its video tracks
+//! (with hysteresis), subscriber preferences, dynacast and the periodic tick.
+
+use std::time::Instant;
+
+use str0m::bwe::Bitrate;
+use str0m::media::{Mid, Rid};
+
+use super::{Event, Output, Router};
+use crate::call::TrackKey;
+use crate::error::SignalError;
+use crate::ids::{SessionId, TrackSource};
+use crate::layers::{
+    self, Choice, Want, AUDIO_RESERVE_BPS, DYNACAST_PAUSE_AFTER, UPGRADE_HOLD, UPGRADE_MARGIN,
+};
+use crate::session::INITIAL_ESTIMATE_BPS;
+use crate::signal::ServerMessage;
+
+/// Allocation priority of a video track for one subscriber.
+fn priority(source: TrackSource, publisher: SessionId, speaker: Option<SessionId>) -> u8 {
+    match source {
+        TrackSource::Screen => 3,
+        _ if speaker == Some(publisher) => 2,
+        _ => 1,
+    }
+}
+
+impl Router {
+    /// A subscription's answer was accepted: the track starts flowing to `session` at the
+    /// layer its bandwidth allows, from a promptly requested keyframe.
+    pub(super) fn subscribed(&mut self, session: SessionId, key: TrackKey, now: Instant) {
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        track.subscribers.push(session);
+        if track.is_audio() {
+            return;
+        }
+        self.allocate(session, now);
+        let rid = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.outgoing.get(&key))
+            .and_then(|out| out.sel.target)
+            .and_then(|(rid, _)| rid);
+        self.request_keyframe(key, rid, now, true);
+        self.dynacast.push(key);
+    }
+
+    /// Shares `session`'s bandwidth among the video tracks it receives (see
+    /// [`layers::allocate`]): downgrades at once, upgrades after [`UPGRADE_HOLD`] above the
+    /// new cost × [`UPGRADE_MARGIN`]. Tells str0m's estimator what to probe for.
+    pub(super) fn allocate(&mut self, session: SessionId, now: Instant) {
+        let Some(state) = self.sessions.get(&session) else {
+            return;
+        };
+        if state.video_out == 0 {
+            return;
+        }
+        let estimate = state.bwe_estimate.unwrap_or(INITIAL_ESTIMATE_BPS);
+        let budget = state
+            .bandwidth_cap
+            .map_or(estimate, |cap| cap.min(estimate));
+        let speaker = self
+            .calls
+            .get(&state.call)
+            .and_then(|c| c.speakers.active());
+        let audio = state.outgoing.len() - state.video_out;
+        let top_n = self.config.top_n_audio;
+        let audio = if top_n == 0 { audio } else { audio.min(top_n) };
+        let reserve = AUDIO_RESERVE_BPS * audio as u64;
+        let mut keys: Vec<TrackKey> = Vec::with_capacity(state.video_out);
+        let mut wants: Vec<Want> = Vec::with_capacity(state.video_out);
+        for (key, out) in &state.outgoing {
+            let Some(track) = self.tracks.get(key) else {
+                continue;
+            };
+            if track.is_audio() || track.layers.is_empty() {
+                continue;
+            }
+            let mut choices = Vec::new();
+            layers::choices(&track.layers, now, &mut choices);
+            if choices.is_empty() {
+                continue; // every layer stalled: keep waiting on the current one
+            }
+            let max = layers::max_choice(&track.layers, &choices, out.sel.max_layer);
+            keys.push(*key);
+            wants.push(Want {
+                priority: priority(track.source, key.publisher, speaker),
+                choices,
+                max,
+                paused: out.sel.paused,
+            });
+        }
+        let video_budget = budget.saturating_sub(reserve);
+        let down = layers::allocate(video_budget, &wants);
+        let up = layers::allocate((video_budget as f64 / UPGRADE_MARGIN) as u64, &wants);
+
+        let mut wanted_bps = reserve;
+        let mut allocated_bps = reserve;
+        let mut next_step = u64::MAX;
+        let mut changed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let Some(track) = self.tracks.get(key) else {
+                continue;
+            };
+            let Some(out) = state.outgoing.get_mut(key) else {
+                continue;
+            };
+            let w = &wants[i];
+            let rid_of = |c: &Choice| track.layers.get(c.layer).and_then(|l| l.rid);
+            let current = out.sel.target.and_then(|(rid, tid)| {
+                w.choices
+                    .iter()
+                    .position(|c| rid_of(c) == rid && c.tid == tid)
+            });
+            let new = match current {
+                // Fresh, or its layer stopped: whatever fits now.
+                None => down[i],
+                Some(c) if down[i].is_none_or(|d| d < c) => down[i],
+                Some(c) if up[i].is_some_and(|u| u > c) => {
+                    let since = *out.sel.upgrade_since.get_or_insert(now);
+                    if now.saturating_duration_since(since) >= UPGRADE_HOLD {
+                        up[i]
+                    } else {
+                        Some(c)
+                    }
+                }
+                Some(c) => {
+                    out.sel.upgrade_since = None;
+                    Some(c)
+                }
+            };
+            if new != current || (new.is_none() && out.sel.target.is_some()) {
+                out.sel.upgrade_since = None;
+                let before = out.sel.target;
+                out.sel.target = new.map(|k| (rid_of(&w.choices[k]), w.choices[k].tid));
+                if out.sel.target.is_none() {
+                    out.sel.current = None;
+                    out.rewriter.pause();
+                } else if before.is_none() && !track.is_simulcast() {
+                    out.rewriter.pause(); // resumes at the next keyframe
+                }
+                let new_rid = out.sel.target.and_then(|t| t.0);
+                if out.sel.target.is_some()
+                    && (out.sel.current != new_rid || before.is_none())
+                    && track.is_simulcast()
+                {
+                    out.sel.switch_started = Some(now);
+                }
+                if out.sel.target.is_some() && before.map(|b| b.0) != Some(new_rid) {
+                    changed.push((*key, new_rid));
+                }
+                self.dynacast.push(*key);
+            }
+            let top = w
+                .max
+                .unwrap_or(usize::MAX)
+                .min(w.choices.len().saturating_sub(1));
+            if let Some(top) = w.choices.get(top).filter(|_| !w.paused) {
+                wanted_bps += top.bps;
+            }
+            if let Some(k) = new {
+                allocated_bps += w.choices[k].bps;
+                if let Some(next) = w.choices.get(k + 1) {
+                    next_step = next_step.min(next.bps - w.choices[k].bps.min(next.bps));
+                }
+            }
+        }
+        // Probe for what the subscriber would like; keep at least the next step's rate on the
+        // wire (padding) so the estimate can show it fits.
+        let minimum = if next_step == u64::MAX {
+            allocated_bps
+        } else {
+            allocated_bps.saturating_add(next_step)
+        }
+        .min(wanted_bps);
+        if state.bwe_asked != (minimum, wanted_bps) {
+            state.bwe_asked = (minimum, wanted_bps);
+            state
+                .rtc
+                .bwe()
+                .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(wanted_bps.max(1)));
+            self.touch(session);
+        }
+        for (key, rid) in changed {
+            self.request_keyframe(key, rid, now, true);
+        }
+    }
+
+    /// [`ClientMessage::Preference`](crate::ClientMessage::Preference).
+    pub(super) fn set_preference(
+        &mut self,
+        session: SessionId,
+        mid: &str,
+        paused: bool,
+        max_layer: Option<u8>,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return Ok(());
+        };
+        let line = Mid::from(mid);
+        let key = state
+            .out_by_mid
+            .get(&line)
+            .copied()
+            .ok_or_else(|| SignalError::UnknownMid(mid.to_owned()))?;
+        let Some(out) = state.outgoing.get_mut(&key) else {
+            return Err(SignalError::UnknownMid(mid.to_owned()));
+        };
+        out.sel.paused = paused;
+        out.sel.max_layer = max_layer;
+        self.allocate(session, now);
+        Ok(())
+    }
+
+    /// Dynacast for one simulcast track: layers no subscriber has wanted for
+    /// [`DYNACAST_PAUSE_AFTER`] are paused at the publisher; a wanted layer is resumed at once.
+    pub(super) fn update_dynacast(&mut self, key: TrackKey, now: Instant) {
+        let Some(track) = self.tracks.get(&key) else {
+            return;
+        };
+        if !track.is_simulcast() {
+            return;
+        }
+        let mut needed = [false; crate::call::MAX_LAYERS];
+        for sub in &track.subscribers {
+            let Some(out) = self.sessions.get(sub).and_then(|s| s.outgoing.get(&key)) else {
+                continue;
+            };
+            for (i, layer) in track.layers.iter().enumerate() {
+                let wanted = out.sel.target.is_some_and(|t| t.0 == layer.rid)
+                    || (out.sel.target.is_some() && out.sel.current == layer.rid);
+                needed[i] |= wanted;
+            }
+        }
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        let mut active: Vec<Rid> = Vec::with_capacity(track.layers.len());
+        let mut pause_pending = false;
+        for (i, layer) in track.layers.iter_mut().enumerate() {
+            let keep = if needed[i] {
+                layer.unneeded_since = None;
+                true
+            } else {
+                let since = *layer.unneeded_since.get_or_insert(now);
+                let keep = now.saturating_duration_since(since) < DYNACAST_PAUSE_AFTER;
+                pause_pending |= keep && layer.sending;
+                keep && layer.sending
+            };
+            if let Some(rid) = layer.rid {
+                if keep {
+                    active.push(rid);
+                }
+            }
+        }
+        let all_sending = track.announced.is_none();
+        let everything = active.len() == track.layers.len();
+        if (all_sending && everything) || track.announced.as_ref() == Some(&active) {
+            let _ = pause_pending; // the tick comes back for it
+            return;
+        }
+        for layer in &mut track.layers {
+            let sending = layer.rid.is_some_and(|r| active.contains(&r));
+            if sending && !layer.sending {
+                // Give the publisher time to start it before calling it stalled.
+                layer.last_seen = now;
+            }
+            layer.sending = sending;
+        }
+        track.announced = Some(active.clone());
+        self.counters.snapshot.dynacast_updates += 1;
+        let msg = ServerMessage::Layers {
+            mid: key.mid.to_string(),
+            active: active.iter().map(|r| r.to_string()).collect(),
+        };
+        self.outputs.push_back(Output::Signal(key.publisher, msg));
+    }
+
+    /// Every [`super::TICK`]: active speakers, allocation (pending upgrades, stalled layers),
+    /// dynacast pauses.
+    pub(super) fn tick(&mut self, now: Instant) {
+        let mut speaker_changes: Vec<(crate::ids::CallId, Option<SessionId>)> = Vec::new();
+        for (id, call) in &mut self.calls {
+            if let Some(change) = call.speakers.tick(now) {
+                speaker_changes.push((id.clone(), change));
+            }
+        }
+        for (call, session) in speaker_changes {
+            self.counters.snapshot.speaker_changes += 1;
+            self.broadcast(&call, None, ServerMessage::Speaker { session });
+            self.outputs.push_back(Output::Event(Event::SpeakerChanged {
+                call: call.clone(),
+                session,
+            }));
+            // The speaker's camera gets priority: re-share everyone's bandwidth in that call.
+            if let Some(c) = self.calls.get(&call) {
+                for member in &c.members {
+                    if !self.reallocate.contains(member) {
+                        self.reallocate.push(*member);
+                    }
+                }
+            }
+        }
+        let sessions: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.video_out > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for session in sessions {
+            self.allocate(session, now);
+        }
+        let tracks: Vec<TrackKey> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.is_simulcast())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in tracks {
+            self.update_dynacast(key, now);
+        }
+    }
+}
