@@ -232,7 +232,8 @@ pub struct TrackStats {
     /// layer received. The latest 1024 changes are kept.
     pub layer_changes: Vec<(Instant, u8)>,
     /// Video: the longest time between two consecutive in-order frames (marker packets) after
-    /// the first keyframe — how long the picture froze at worst.
+    /// the first keyframe — how long the picture froze at worst. Measured when the next frame
+    /// arrives: a freeze still going on shows in [`TrackStats::fps_over`] instead.
     pub max_frame_gap: Duration,
     /// Video: consecutive frames whose VP8 PictureIDs did not differ by exactly one (mod
     /// 2^15) — a frame the router dropped without renumbering, or a layer switch it did not
