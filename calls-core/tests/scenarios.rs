@@ -11,7 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats, Transport};
+use calls_core::sim::{
+    simulcast_layers, Impairment, PeerOptions, SentStats, SimWorld, TrackStats, Transport,
+};
 use calls_core::{
     ClientMessage, Config, DropReason, Grants, RouterError, ServerMessage, SessionId, SignalError,
     TcpError, TrackSource,
@@ -81,9 +83,20 @@ fn describe(world: &SimWorld) -> String {
         );
         for (tx, src, t) in p.received() {
             out += &format!(
-                "\n    from {tx} {src:?}: {} pkts, gaps {} (after kf {}), late/dup {}, kf {}, ssrc changes {}",
-                t.packets, t.gaps, t.gaps_after_keyframe, t.late_or_duplicate, t.keyframes, t.ssrc_changes
+                "\n    from {tx} {src:?}: {} pkts, gaps {} (after kf {}), missing {}, late/dup {}, kf {}, ssrc changes {}",
+                t.packets, t.gaps, t.gaps_after_keyframe, t.missing, t.late_or_duplicate, t.keyframes, t.ssrc_changes
             );
+            if !src.is_audio() {
+                out += &format!(
+                    "\n      frames by layer {:?} by tid {:?}, layer changes {:?}, max frame gap {:?}, picture id breaks {}, tl0 breaks {}",
+                    t.frames_by_layer,
+                    t.frames_by_tid,
+                    t.layer_changes.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+                    t.max_frame_gap,
+                    t.picture_id_breaks,
+                    t.tl0_breaks
+                );
+            }
         }
         for (mid, t) in p.unattributed() {
             out += &format!("\n    unattributed mid {mid}: {} pkts", t.packets);
@@ -257,6 +270,67 @@ fn late_joiner_gets_keyframe_quickly() {
             "{publisher} sent no extra keyframe"
         );
     }
+}
+
+#[test]
+fn simulcast_publisher_reaches_subscriber() {
+    let mut world = world(31);
+    let alice = world.add_peer("standup", "alice", PeerOptions::default().with_simulcast());
+    let bob = world.add_peer("standup", "bob", PeerOptions::audio_only());
+    let seeing = world.run_until(|w| stats(w, bob, alice, CAM).keyframes > 0, secs(5.0));
+    assert!(seeing, "bob never saw alice{}", describe(&world));
+
+    let layers = simulcast_layers(CAM);
+    let sent_before: Vec<SentStats> = layers
+        .iter()
+        .map(|l| world.peer(alice).sent_layer(CAM, l.rid))
+        .collect();
+    let received_before = stats(&world, bob, alice, CAM);
+    let window = secs(5.0);
+    world.run_for(window);
+
+    // Alice sends every layer at its own rate: 30 fps, keyframes included.
+    for (layer, before) in layers.iter().zip(&sent_before) {
+        let now = world.peer(alice).sent_layer(CAM, layer.rid);
+        let bps = (now.bytes - before.bytes) as f64 * 8.0 / window.as_secs_f64();
+        let target = f64::from(layer.bitrate_bps);
+        assert!(
+            (bps - target).abs() <= target * 0.25,
+            "layer {} sent {bps:.0} bit/s, target {target}",
+            layer.rid
+        );
+        let frames = now.frames - before.frames;
+        assert!(
+            (148..=152).contains(&frames),
+            "layer {}: {frames} frames",
+            layer.rid
+        );
+    }
+    assert_eq!(world.peer(alice).sent_layer(CAM, "").packets, 0);
+
+    // Bob sees one continuous stream of whichever layer (and temporal layers) the router
+    // picks for him: at least the TL0 rate (7.5 fps), still flowing at the end.
+    let t = stats(&world, bob, alice, CAM);
+    let frames = |t: &TrackStats| t.frames_by_layer.iter().sum::<u64>();
+    assert!(
+        frames(&t) - frames(&received_before) >= 35,
+        "bob got {} frames in 5 s{}",
+        frames(&t) - frames(&received_before),
+        describe(&world)
+    );
+    assert!(
+        t.fps_over(secs(1.0), world.now()) >= 7.0,
+        "video stalled at the end{}",
+        describe(&world)
+    );
+    assert_eq!(t.missing, 0, "{}", describe(&world));
+    assert!(
+        t.max_frame_gap < Duration::from_millis(200),
+        "video froze for {:?}{}",
+        t.max_frame_gap,
+        describe(&world)
+    );
+    assert!(t.last_layer.is_some_and(|l| usize::from(l) < layers.len()));
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! iterated in a fixed order, and no wall clock is read (the caller passes the start `Instant`).
 //!
 //! - [`net`]: [`SimNet`], datagrams in flight ordered by arrival time.
-//! - [`peer`]: [`SimPeer`], a participant publishing synthetic Opus and VP8 and counting what it
-//!   receives per publisher track.
+//! - [`peer`]: [`SimPeer`], a participant publishing synthetic Opus and VP8 (optionally as
+//!   simulcast, with temporal layers) and measuring what it receives per publisher track.
+//! - [`encoder`]: the synthetic VP8 behind it: simulcast layer targets ([`simulcast_layers`]),
+//!   the RFC 7741 payload descriptor, frame sizes.
 //! - [`tcp`]: simulated ICE-TCP connections (reliable, ordered, RFC 4571 frames split at
 //!   seeded-random points) for peers with [`Transport::Tcp`].
 //! - [`lines`]: [`LineParticipant`], a peer on real sockets with JSON-lines signaling, for
@@ -14,12 +16,14 @@
 //! - [`world`]: [`SimWorld`], the router, the peers, the network, the TCP connections and
 //!   in-memory signaling on one event loop.
 
+pub mod encoder;
 pub mod lines;
 pub mod net;
 pub mod peer;
 pub mod tcp;
 pub mod world;
 
+pub use encoder::{simulcast_layers, LayerSpec};
 pub use lines::LineParticipant;
 pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{

@@ -6,21 +6,60 @@
 //! [`SimPeer::handle_datagram`], [`SimPeer::handle_signal`] and [`SimPeer::handle_timeout`], and
 //! leaves what it wants to send in an outbox ([`SimPeer::take_transmits`],
 //! [`SimPeer::take_signals`]).
+//!
+//! # What a peer publishes ([`PeerOptions`])
+//!
+//! - `audio`: Opus, one 60–120-byte packet per 20 ms, with RFC 6464 audio levels.
+//! - `video` (camera) and `screen`: VP8 with an RFC 7741 payload descriptor on every packet
+//!   (see [`super::encoder`]): a 15-bit PictureID, and with `temporal_layers` = 3 (the default)
+//!   TL0PICIDX and TID in the L1T3 pattern 0,2,1,2 (keyframes are TID0); with
+//!   `temporal_layers` = 1 only the PictureID. The last payload byte is the spatial layer index
+//!   and the one before it the TID, so receivers can tell what they got.
+//! - `simulcast` ([`PeerOptions::with_simulcast`]): the camera is offered with
+//!   `a=simulcast:send q;h;f` (≈150 kbit/s, 500 kbit/s, 1.5 Mbit/s, 30 fps) and a screen share
+//!   with `h;f` (≈300 kbit/s, 1.2 Mbit/s, 15 fps) — [`super::encoder::simulcast_layers`]. Each
+//!   layer is its own RTP stream (SSRC, sequence numbers, RTP time, PictureID) written with
+//!   `direct_api().stream_tx_by_mid(mid, Some(rid))`, with its own keyframes. Without
+//!   simulcast a video track is one stream at 30 fps with the harness's original frame sizes.
+//!
+//! # How a peer reacts
+//!
+//! - A keyframe request (PLI/FIR) forces a keyframe on the layer it names (all layers when it
+//!   names none), at most one per layer per 100 ms.
+//! - Dynacast, `ServerMessage::Layers { mid, active }`: layers of that m-line not in `active`
+//!   stop being written; a layer that comes back starts with a keyframe. For a single-layer
+//!   track an empty `active` pauses it and any other list resumes it. Every message is logged
+//!   ([`SimPeer::layers_log`]).
+//!
+//! # What a peer measures
+//!
+//! Per publisher track ([`TrackStats`]): packets, sequence gaps and holes never filled
+//! (`missing`), keyframes, and for video frames per spatial and temporal layer, layer switches,
+//! the longest time without a frame (freezes), PictureID / TL0PICIDX discontinuities and the
+//! frame rate over a trailing window ([`TrackStats::fps_over`]). Per own track and layer what
+//! was sent ([`SimPeer::sent`], [`SimPeer::sent_layer`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{detect_vp8_keyframe, Codec};
-use str0m::media::{Direction, KeyframeRequest, MediaKind, Mid, Pt};
+use str0m::media::{
+    Direction, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive, TcpType};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::ids::{SessionId, TrackSource, UserId};
 use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
 use crate::Proto;
+
+use super::encoder::{
+    frames_per_interval, keyframe_due, layer_and_tid, simulcast_frame_interval, simulcast_layers,
+    Frame, Vp8Encoder,
+};
 
 /// Audio packet interval (Opus 20 ms frames).
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -28,14 +67,26 @@ const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
 const VIDEO_INTERVAL: Duration = Duration::from_nanos(33_333_333);
 /// Opus RTP clock ticks per 20 ms frame at 48 kHz.
 const AUDIO_TICKS: u32 = 960;
-/// VP8 RTP clock ticks per frame at 90 kHz and 30 fps.
-const VIDEO_TICKS: u32 = 3000;
+/// VP8 RTP clock rate.
+const VIDEO_CLOCK_RATE: f64 = 90_000.0;
 /// Least time between two keyframes sent because of keyframe requests.
 const KEYFRAME_REQUEST_THROTTLE: Duration = Duration::from_millis(100);
-/// Packets in a synthetic keyframe.
-const KEYFRAME_PACKETS: usize = 15;
 /// Server messages kept in [`SimPeer::signal_log`].
 const SIGNAL_LOG_LEN: usize = 256;
+/// `Layers` messages kept in [`SimPeer::layers_log`].
+const LAYERS_LOG_LEN: usize = 4096;
+/// Sequence numbers behind the highest one received that are still watched for a late
+/// (retransmitted) arrival; holes further behind stay counted in [`TrackStats::missing`].
+const HOLE_WINDOW: u64 = 2048;
+/// Frame arrival times kept per track for [`TrackStats::fps_over`] (17 s at 30 fps).
+const FRAME_TIMES_LEN: usize = 512;
+/// Entries kept in [`TrackStats::layer_changes`].
+const LAYER_CHANGES_LEN: usize = 1024;
+/// VP8 PictureIDs are 15 bits (RFC 7741 §4.2, M=1).
+const PICTURE_ID_MASK: u16 = 0x7FFF;
+/// Seed salt of the synthetic encoders' RNG, which is separate from the peer's main RNG so a
+/// peer without simulcast draws exactly the numbers it always did.
+const ENCODER_SEED_SALT: u64 = 0xD1B5_4A32_D192_ED03;
 
 /// How a simulated participant reaches the router.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,6 +117,12 @@ pub struct PeerOptions {
     pub grants: crate::ids::Grants,
     /// UDP, or ICE-TCP only.
     pub transport: Transport,
+    /// Send the camera as three simulcast layers `q`, `h`, `f` and a screen share as `h`, `f`
+    /// (see the [module docs](self)); default off: one stream per video track.
+    pub simulcast: bool,
+    /// VP8 temporal layers per video stream: 1 (every frame TID0), or 3 (default: the L1T3
+    /// pattern 0,2,1,2 with TL0PICIDX and TID in the payload descriptor).
+    pub temporal_layers: u8,
 }
 
 impl Default for PeerOptions {
@@ -78,6 +135,8 @@ impl Default for PeerOptions {
             addr: None,
             grants: crate::ids::Grants::ALL,
             transport: Transport::Udp,
+            simulcast: false,
+            temporal_layers: 3,
         }
     }
 }
@@ -108,9 +167,25 @@ impl PeerOptions {
         self.transport = Transport::Tcp;
         self
     }
+
+    /// Sends video as simulcast: camera layers `q`, `h`, `f`, screen layers `h`, `f`.
+    pub fn with_simulcast(mut self) -> Self {
+        self.simulcast = true;
+        self
+    }
+
+    /// Sets the VP8 temporal layers per video stream. Panics unless `n` is 1 or 3.
+    pub fn temporal_layers(mut self, n: u8) -> Self {
+        assert!(n == 1 || n == 3, "temporal_layers is 1 or 3, not {n}");
+        self.temporal_layers = n;
+        self
+    }
 }
 
 /// What one peer received on one track.
+///
+/// Audio fills the packet, sequence and timing fields; video also the frame and layer fields,
+/// read from the synthetic payloads' VP8 descriptor and tail (see the [module docs](self)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrackStats {
     /// The local mid the packets arrived on (the last one, if the track moved).
@@ -130,6 +205,10 @@ pub struct TrackStats {
     pub gaps_after_keyframe: u64,
     /// Packets at or below the highest sequence number seen (duplicates, reordered, repaired).
     pub late_or_duplicate: u64,
+    /// Sequence numbers after the first packet not received so far: [`TrackStats::gaps`] minus
+    /// the holes a late packet (a retransmission) filled. Holes more than 2048 sequence numbers
+    /// behind the highest are no longer watched and stay counted.
+    pub missing: u64,
     /// Packets that start a VP8 keyframe.
     pub keyframes: u64,
     /// When the first packet arrived.
@@ -142,15 +221,117 @@ pub struct TrackStats {
     pub ssrc: u32,
     /// How often the SSRC changed (continuity is restarted each time, not counted as a gap).
     pub ssrc_changes: u64,
+    /// Video frames (packets with the marker bit, duplicates not counted) by spatial layer, as
+    /// the payload's last byte says (0 = lowest; higher indices count as 2).
+    pub frames_by_layer: [u64; 3],
+    /// Video frames by VP8 temporal layer id, as the payload's second-to-last byte says.
+    pub frames_by_tid: [u64; 4],
+    /// The spatial layer of the last in-order video packet.
+    pub last_layer: Option<u8>,
+    /// When the received spatial layer changed, and to which; the first entry is the first
+    /// layer received. The latest 1024 changes are kept.
+    pub layer_changes: Vec<(Instant, u8)>,
+    /// Video: the longest time between two consecutive in-order frames (marker packets) after
+    /// the first keyframe — how long the picture froze at worst. Measured when the next frame
+    /// arrives: a freeze still going on shows in [`TrackStats::fps_over`] instead.
+    pub max_frame_gap: Duration,
+    /// Video: consecutive frames whose VP8 PictureIDs did not differ by exactly one (mod
+    /// 2^15) — a frame the router dropped without renumbering, or a layer switch it did not
+    /// smooth over. Judged on packets with adjacent sequence numbers once both arrived (the
+    /// next frame's first packet must carry the last one's PictureID + 1, packets within a
+    /// frame the same), so network loss repaired by retransmission is no break.
+    pub picture_id_breaks: u64,
+    /// Video: TL0PICIDX went up by more than one (or back) between packets with adjacent
+    /// sequence numbers.
+    pub tl0_breaks: u64,
+    /// Bookkeeping behind the counters above.
+    continuity: Continuity,
+}
+
+/// What [`TrackStats`] reads from one received RTP packet.
+#[derive(Debug, Clone, Copy)]
+struct Received<'a> {
+    /// Extended sequence number.
+    seq: u64,
+    ssrc: u32,
+    marker: bool,
+    payload: &'a [u8],
+}
+
+/// What [`TrackStats`] remembers between packets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Continuity {
+    /// Sequence numbers skipped and not (yet) filled, within [`HOLE_WINDOW`].
+    holes: BTreeSet<u64>,
+    /// Arrival times of the latest frames, oldest first.
+    frame_times: VecDeque<Instant>,
+    last_frame_at: Option<Instant>,
+    /// VP8 descriptor fields by extended sequence number, within [`HOLE_WINDOW`].
+    descriptors: BTreeMap<u64, Vp8Mark>,
+}
+
+/// What a packet's VP8 descriptor said, for continuity checks against its neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Vp8Mark {
+    picture_id: Option<u16>,
+    tl0_pic_idx: Option<u8>,
+    /// The packet ends a frame.
+    marker: bool,
+}
+
+impl Vp8Mark {
+    /// (PictureID break, TL0PICIDX break) between this packet and the `next` one.
+    fn breaks(&self, next: &Vp8Mark) -> (bool, bool) {
+        let picture_id = match (self.picture_id, next.picture_id) {
+            (Some(a), Some(b)) if self.marker => b != (a + 1) & PICTURE_ID_MASK,
+            (Some(a), Some(b)) => b != a,
+            _ => false,
+        };
+        let tl0 = match (self.tl0_pic_idx, next.tl0_pic_idx) {
+            (Some(a), Some(b)) => b.wrapping_sub(a) > 1,
+            _ => false,
+        };
+        (picture_id, tl0)
+    }
 }
 
 impl TrackStats {
+    /// Frames per second received over the `window` before `now`: frames (marker packets)
+    /// that arrived after `now - window`, divided by the window. Only the latest 512 frames
+    /// are remembered, so a window longer than that many frames reads low.
+    pub fn fps_over(&self, window: Duration, now: Instant) -> f64 {
+        if window.is_zero() {
+            return 0.0;
+        }
+        let frames = self
+            .continuity
+            .frame_times
+            .iter()
+            .rev()
+            .take_while(|t| now.saturating_duration_since(**t) < window)
+            .filter(|t| **t <= now)
+            .count();
+        frames as f64 / window.as_secs_f64()
+    }
+
     fn record(&mut self, mid: &str, pkt: &RtpPacket, is_video: bool, now: Instant) {
-        let seq = *pkt.seq_no;
-        let ssrc = *pkt.header.ssrc;
+        let packet = Received {
+            seq: *pkt.seq_no,
+            ssrc: *pkt.header.ssrc,
+            marker: pkt.header.marker,
+            payload: &pkt.payload,
+        };
+        self.record_packet(mid, packet, is_video, now);
+    }
+
+    fn record_packet(&mut self, mid: &str, pkt: Received<'_>, is_video: bool, now: Instant) {
+        let Received { seq, ssrc, .. } = pkt;
         if self.packets > 0 && ssrc != self.ssrc {
             self.ssrc_changes += 1;
             self.last_seq = None;
+            // A new stream: its numbering has nothing to do with the old one's.
+            self.continuity.holes.clear();
+            self.continuity.descriptors.clear();
         }
         self.ssrc = ssrc;
         if self.mid != mid {
@@ -161,21 +342,105 @@ impl TrackStats {
         self.first_packet_at.get_or_insert(now);
         self.last_packet_at = Some(now);
         self.first_seq.get_or_insert(seq);
+        let mut in_order = true;
+        let mut duplicate = false;
         match self.last_seq {
             None => self.last_seq = Some(seq),
             Some(last) if seq > last => {
-                let missing = seq - last - 1;
-                self.gaps += missing;
+                let skipped = seq - last - 1;
+                self.gaps += skipped;
                 if !is_video || self.keyframes > 0 {
-                    self.gaps_after_keyframe += missing;
+                    self.gaps_after_keyframe += skipped;
+                }
+                self.missing += skipped;
+                let floor = seq.saturating_sub(HOLE_WINDOW);
+                let holes = &mut self.continuity.holes;
+                holes.extend((last + 1).max(floor)..seq);
+                if holes.first().is_some_and(|h| *h < floor) {
+                    *holes = holes.split_off(&floor);
                 }
                 self.last_seq = Some(seq);
             }
-            Some(_) => self.late_or_duplicate += 1,
+            Some(_) => {
+                self.late_or_duplicate += 1;
+                in_order = false;
+                if self.continuity.holes.remove(&seq) {
+                    self.missing -= 1;
+                } else {
+                    duplicate = true;
+                }
+            }
         }
-        if is_video && detect_vp8_keyframe(&pkt.payload) {
+        if is_video && detect_vp8_keyframe(pkt.payload) {
             self.keyframes += 1;
             self.first_keyframe_at.get_or_insert(now);
+        }
+        if is_video && !duplicate {
+            self.record_video(pkt, in_order, now);
+        }
+    }
+
+    /// PictureID and TL0PICIDX continuity with the packets just before and after this one.
+    fn record_descriptor(&mut self, pkt: Received<'_>) {
+        let Ok(descriptor) = Vp8Descriptor::parse(pkt.payload) else {
+            return;
+        };
+        let mark = Vp8Mark {
+            picture_id: descriptor.picture_id(),
+            tl0_pic_idx: descriptor.tl0_pic_idx(),
+            marker: pkt.marker,
+        };
+        let marks = &mut self.continuity.descriptors;
+        let before = pkt.seq.checked_sub(1).and_then(|s| marks.get(&s));
+        let after = marks.get(&(pkt.seq + 1));
+        let pairs = [
+            before.map(|b| b.breaks(&mark)),
+            after.map(|a| mark.breaks(a)),
+        ];
+        for (picture_id, tl0) in pairs.into_iter().flatten() {
+            self.picture_id_breaks += u64::from(picture_id);
+            self.tl0_breaks += u64::from(tl0);
+        }
+        marks.insert(pkt.seq, mark);
+        let floor = self.last_seq.unwrap_or(pkt.seq).saturating_sub(HOLE_WINDOW);
+        if marks.first_key_value().is_some_and(|(s, _)| *s < floor) {
+            *marks = marks.split_off(&floor);
+        }
+    }
+
+    /// Frame and layer bookkeeping for a video packet seen for the first time.
+    fn record_video(&mut self, pkt: Received<'_>, in_order: bool, now: Instant) {
+        self.record_descriptor(pkt);
+        let tail = layer_and_tid(pkt.payload);
+        if let (true, Some((layer, _))) = (in_order, tail) {
+            if self.last_layer != Some(layer) {
+                self.last_layer = Some(layer);
+                if self.layer_changes.len() == LAYER_CHANGES_LEN {
+                    self.layer_changes.remove(0);
+                }
+                self.layer_changes.push((now, layer));
+            }
+        }
+        if !pkt.marker {
+            return;
+        }
+        if let Some((layer, tid)) = tail {
+            self.frames_by_layer[usize::from(layer.min(2))] += 1;
+            self.frames_by_tid[usize::from(tid.min(3))] += 1;
+        }
+        let c = &mut self.continuity;
+        if c.frame_times.len() == FRAME_TIMES_LEN {
+            c.frame_times.pop_front();
+        }
+        c.frame_times.push_back(now);
+        if !in_order {
+            return;
+        }
+        if self.keyframes > 0 {
+            if let Some(prev) = c.last_frame_at {
+                self.max_frame_gap = self.max_frame_gap.max(now.saturating_duration_since(prev));
+            }
+            c.last_frame_at = Some(now);
         }
     }
 }
@@ -195,6 +460,18 @@ pub struct SentStats {
     pub keyframe_requests: u64,
     /// Writes skipped because str0m had no send stream for the mid yet.
     pub skipped: u64,
+}
+
+impl SentStats {
+    /// Adds `other`'s packets, bytes, frames, keyframes and skipped writes (not its keyframe
+    /// requests, which callers count per track or per layer).
+    fn add(&mut self, other: &SentStats) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.frames += other.frames;
+        self.keyframes += other.keyframes;
+        self.skipped += other.skipped;
+    }
 }
 
 /// A message the peer wants to hand to the router's signaling input.
@@ -226,36 +503,113 @@ enum LocalChange {
     Stop(TrackSource),
 }
 
-/// One published track and its synthetic encoder.
+/// One RTP stream of a published track: a simulcast layer, or the track's only stream.
+#[derive(Debug)]
+struct Encoding {
+    /// The VP8 encoder (video only).
+    vp8: Option<Vp8Encoder>,
+    rid: Option<Rid>,
+    seq: u64,
+    rtp_time: u32,
+    last_keyframe_at: Option<Instant>,
+    force_keyframe: bool,
+    /// Dynacast: whether the router wants this stream now.
+    active: bool,
+    sent: SentStats,
+}
+
+impl Encoding {
+    fn new(vp8: Option<Vp8Encoder>, seq: u64, rtp_time: u32) -> Self {
+        Encoding {
+            rid: vp8.as_ref().and_then(|e| e.rid()),
+            vp8,
+            seq,
+            rtp_time,
+            last_keyframe_at: None,
+            force_keyframe: true,
+            active: true,
+            sent: SentStats::default(),
+        }
+    }
+}
+
+/// One published track and its synthetic encoders.
 #[derive(Debug)]
 struct Publisher {
     source: TrackSource,
     /// Set when the m-line is added to an offer.
     mid: Option<Mid>,
     next_at: Option<Instant>,
-    seq: u64,
-    rtp_time: u32,
+    /// Time between frames (audio: packets).
+    interval: Duration,
+    /// RTP clock ticks per frame.
+    ticks: u32,
     keyframe_interval: Duration,
-    last_keyframe_at: Option<Instant>,
-    force_keyframe: bool,
     stopped: bool,
-    sent: SentStats,
+    /// Sent as simulcast layers (one [`Encoding`] per rid).
+    simulcast: bool,
+    encodings: Vec<Encoding>,
+    /// Keyframe requests received for this track (whichever layer they named).
+    keyframe_requests: u64,
 }
 
 impl Publisher {
-    fn new(source: TrackSource, keyframe_interval: Duration, rng: &mut fastrand::Rng) -> Self {
+    /// A publisher of `source`. The first stream's sequence number and RTP time come from
+    /// `rng` (as they always did); everything the encoders add comes from `encoder_rng`.
+    fn new(
+        source: TrackSource,
+        options: &PeerOptions,
+        rng: &mut fastrand::Rng,
+        encoder_rng: &mut fastrand::Rng,
+    ) -> Self {
+        let is_video = !source.is_audio();
+        // A random start, low enough to stay at SRTP rollover counter 0.
+        let seq = rng.u64(1000..30_000);
+        let rtp_time = rng.u32(..);
+        let layers = if is_video && options.simulcast {
+            simulcast_layers(source)
+        } else {
+            &[]
+        };
+        let encodings = if layers.is_empty() {
+            let vp8 = is_video.then(|| Vp8Encoder::new(None, options.temporal_layers, encoder_rng));
+            vec![Encoding::new(vp8, seq, rtp_time)]
+        } else {
+            layers
+                .iter()
+                .enumerate()
+                .map(|(n, layer)| {
+                    let (seq, rtp_time) = if n == 0 {
+                        (seq, rtp_time)
+                    } else {
+                        (encoder_rng.u64(1000..30_000), encoder_rng.u32(..))
+                    };
+                    let vp8 = Vp8Encoder::new(Some(*layer), options.temporal_layers, encoder_rng);
+                    Encoding::new(Some(vp8), seq, rtp_time)
+                })
+                .collect()
+        };
+        let interval = match (is_video, layers.is_empty()) {
+            (false, _) => AUDIO_INTERVAL,
+            (true, true) => VIDEO_INTERVAL,
+            (true, false) => simulcast_frame_interval(source),
+        };
+        let ticks = if is_video {
+            (interval.as_secs_f64() * VIDEO_CLOCK_RATE).round() as u32
+        } else {
+            AUDIO_TICKS
+        };
         Publisher {
             source,
             mid: None,
             next_at: None,
-            // A random start, low enough to stay at SRTP rollover counter 0.
-            seq: rng.u64(1000..30_000),
-            rtp_time: rng.u32(..),
-            keyframe_interval,
-            last_keyframe_at: None,
-            force_keyframe: true,
+            interval,
+            ticks,
+            keyframe_interval: options.keyframe_interval,
             stopped: false,
-            sent: SentStats::default(),
+            simulcast: !layers.is_empty(),
+            encodings,
+            keyframe_requests: 0,
         }
     }
 
@@ -263,12 +617,20 @@ impl Publisher {
         !self.source.is_audio()
     }
 
-    fn interval(&self) -> Duration {
-        if self.is_video() {
-            VIDEO_INTERVAL
-        } else {
-            AUDIO_INTERVAL
+    /// The `a=simulcast` send layers to offer, low to high.
+    fn simulcast_offer(&self) -> Option<Simulcast> {
+        if !self.simulcast {
+            return None;
         }
+        let mut simulcast = Simulcast::new();
+        for rid in self.encodings.iter().filter_map(|e| e.rid) {
+            simulcast.add_send_layer(SimulcastLayer::new(&rid));
+        }
+        Some(simulcast)
+    }
+
+    fn frames_written(&self) -> u64 {
+        self.encodings.iter().map(|e| e.sent.frames).sum()
     }
 }
 
@@ -281,6 +643,10 @@ pub struct SimPeer {
     transport: Transport,
     rtc: Rtc,
     rng: fastrand::Rng,
+    /// Draws of the synthetic encoders (separate so single-layer peers keep their numbers).
+    encoder_rng: fastrand::Rng,
+    /// What this peer publishes, and how (for tracks added later, such as a screen share).
+    options: PeerOptions,
     publishers: Vec<Publisher>,
     pending_offer: Option<SdpPendingOffer>,
     queued_changes: VecDeque<LocalChange>,
@@ -300,6 +666,7 @@ pub struct SimPeer {
     unattributed: BTreeMap<String, TrackStats>,
     ssrc_mids: BTreeMap<u32, Mid>,
     signal_log: VecDeque<ServerMessage>,
+    layers_log: Vec<(Instant, String, Vec<String>)>,
     signal_counts: BTreeMap<&'static str, u64>,
     participants_left: Vec<SessionId>,
     participants_joined: Vec<SessionId>,
@@ -381,6 +748,8 @@ impl SimPeer {
             transport: options.transport,
             rtc,
             rng: fastrand::Rng::with_seed(seed),
+            encoder_rng: fastrand::Rng::with_seed(seed ^ ENCODER_SEED_SALT),
+            options: options.clone(),
             publishers: Vec::new(),
             pending_offer: None,
             queued_changes: VecDeque::new(),
@@ -398,6 +767,7 @@ impl SimPeer {
             unattributed: BTreeMap::new(),
             ssrc_mids: BTreeMap::new(),
             signal_log: VecDeque::new(),
+            layers_log: Vec::new(),
             signal_counts: BTreeMap::new(),
             participants_left: Vec::new(),
             participants_joined: Vec::new(),
@@ -420,7 +790,7 @@ impl SimPeer {
         .into_iter()
         .filter_map(|(on, source)| on.then_some(source))
         {
-            let publisher = Publisher::new(source, options.keyframe_interval, &mut peer.rng);
+            let publisher = Publisher::new(source, options, &mut peer.rng, &mut peer.encoder_rng);
             peer.publishers.push(publisher);
         }
         peer
@@ -440,7 +810,8 @@ impl SimPeer {
             } else {
                 MediaKind::Audio
             };
-            p.mid = Some(api.add_media(kind, Direction::SendOnly, None, None, None));
+            let simulcast = p.simulcast_offer();
+            p.mid = Some(api.add_media(kind, Direction::SendOnly, None, None, simulcast));
         }
         if let Some(applied) = api.apply() {
             self.send_offer(applied);
@@ -541,20 +912,41 @@ impl SimPeer {
             + self.unattributed.values().map(|s| s.packets).sum::<u64>()
     }
 
-    /// What we sent on `source`.
+    /// What we sent on `source`, all simulcast layers together. `keyframe_requests` counts
+    /// requests for the track, whichever layer they named.
     pub fn sent(&self, source: TrackSource) -> SentStats {
-        self.publishers.iter().filter(|p| p.source == source).fold(
-            SentStats::default(),
-            |mut acc, p| {
-                acc.packets += p.sent.packets;
-                acc.bytes += p.sent.bytes;
-                acc.frames += p.sent.frames;
-                acc.keyframes += p.sent.keyframes;
-                acc.keyframe_requests += p.sent.keyframe_requests;
-                acc.skipped += p.sent.skipped;
-                acc
-            },
-        )
+        let mut total = SentStats::default();
+        for p in self.publishers.iter().filter(|p| p.source == source) {
+            for e in &p.encodings {
+                total.add(&e.sent);
+            }
+            total.keyframe_requests += p.keyframe_requests;
+        }
+        total
+    }
+
+    /// What we sent on simulcast layer `rid` of `source` (`""` names the only stream of a
+    /// track sent without simulcast). `keyframe_requests` counts requests that named this
+    /// layer or no layer.
+    pub fn sent_layer(&self, source: TrackSource, rid: &str) -> SentStats {
+        let mut total = SentStats::default();
+        for p in self.publishers.iter().filter(|p| p.source == source) {
+            for e in p
+                .encodings
+                .iter()
+                .filter(|e| e.rid.as_deref().unwrap_or("") == rid)
+            {
+                total.add(&e.sent);
+                total.keyframe_requests += e.sent.keyframe_requests;
+            }
+        }
+        total
+    }
+
+    /// The `Layers` (dynacast) messages received, as (when, mid, active rids), oldest first;
+    /// the latest 4096 are kept.
+    pub fn layers_log(&self) -> &[(Instant, String, Vec<String>)] {
+        &self.layers_log
     }
 
     /// The last server messages (bounded), oldest first.
@@ -563,7 +955,8 @@ impl SimPeer {
     }
 
     /// How many server messages of a kind arrived (`"offer"`, `"answer"`, `"tracks"`,
-    /// `"participant_joined"`, `"participant_left"`, `"muted"`, `"screen"`, `"error"`).
+    /// `"participant_joined"`, `"participant_left"`, `"muted"`, `"screen"`, `"layers"`,
+    /// `"speaker"`, `"error"`).
     pub fn signal_count(&self, kind: &str) -> u64 {
         self.signal_counts.get(kind).copied().unwrap_or(0)
     }
@@ -743,6 +1136,7 @@ impl SimPeer {
             ServerMessage::Error { code, message } => {
                 self.errors.push((code.clone(), message.clone()))
             }
+            ServerMessage::Layers { mid, active } => self.on_layers(mid, active, now),
             _ => {}
         }
         // Keep the log small: SDP bodies of a thousand renegotiations add up.
@@ -827,14 +1221,15 @@ impl SimPeer {
         let mut new_publisher = None;
         match change {
             LocalChange::StartScreen => {
-                let mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
-                let keyframe_interval = self
-                    .publishers
-                    .iter()
-                    .find(|p| p.is_video())
-                    .map(|p| p.keyframe_interval)
-                    .unwrap_or(Duration::from_secs(3));
-                let mut p = Publisher::new(TrackSource::Screen, keyframe_interval, &mut self.rng);
+                let mut p = Publisher::new(
+                    TrackSource::Screen,
+                    &self.options,
+                    &mut self.rng,
+                    &mut self.encoder_rng,
+                );
+                let simulcast = p.simulcast_offer();
+                let mid =
+                    api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast);
                 p.mid = Some(mid);
                 new_publisher = Some(p);
             }
@@ -866,7 +1261,7 @@ impl SimPeer {
             return;
         }
         for p in &mut self.publishers {
-            if p.next_at.is_none() && p.mid.is_some() && !p.stopped && p.sent.frames == 0 {
+            if p.next_at.is_none() && p.mid.is_some() && !p.stopped && p.frames_written() == 0 {
                 p.next_at = Some(now);
             }
         }
@@ -890,7 +1285,7 @@ impl SimPeer {
                 if at > now {
                     break;
                 }
-                let interval = self.publishers[i].interval();
+                let interval = self.publishers[i].interval;
                 self.publishers[i].next_at = Some(at + interval);
                 wrote |= self.write_frame(i, now);
             }
@@ -903,8 +1298,8 @@ impl SimPeer {
         }
     }
 
-    /// Writes one audio packet or one video frame of publisher `i`. Returns whether anything
-    /// was written.
+    /// Writes one audio packet, or one video frame on each active layer, of publisher `i`.
+    /// Returns whether anything was written.
     fn write_frame(&mut self, i: usize, now: Instant) -> bool {
         let is_video = self.publishers[i].is_video();
         let Some(mid) = self.publishers[i].mid else {
@@ -912,89 +1307,103 @@ impl SimPeer {
         };
         let codec = if is_video { Codec::Vp8 } else { Codec::Opus };
         let Some(pt) = self.payload_type(mid, codec) else {
-            self.publishers[i].sent.skipped += 1;
+            for e in self.publishers[i].encodings.iter_mut().filter(|e| e.active) {
+                e.sent.skipped += 1;
+            }
             return false;
         };
-        let packets: Vec<(Vec<u8>, bool)> = if is_video {
-            let p = &mut self.publishers[i];
-            let due = p
-                .last_keyframe_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= p.keyframe_interval);
-            let keyframe = p.force_keyframe || due;
-            if keyframe {
-                p.force_keyframe = false;
-                p.last_keyframe_at = Some(now);
+        let SimPeer {
+            rtc,
+            rng,
+            encoder_rng,
+            publishers,
+            muted,
+            silent,
+            ..
+        } = self;
+        let p = &mut publishers[i];
+        let mut frames: Vec<(usize, Frame)> = Vec::with_capacity(p.encodings.len());
+        if is_video {
+            let frames_per_keyframe = frames_per_interval(p.keyframe_interval, p.interval);
+            for (n, e) in p.encodings.iter_mut().enumerate() {
+                if !e.active {
+                    continue;
+                }
+                let Some(vp8) = &mut e.vp8 else {
+                    continue;
+                };
+                let keyframe =
+                    e.force_keyframe || keyframe_due(e.last_keyframe_at, p.keyframe_interval, now);
+                if keyframe {
+                    e.force_keyframe = false;
+                    e.last_keyframe_at = Some(now);
+                }
+                let frame = vp8.encode(keyframe, p.interval, frames_per_keyframe, encoder_rng, rng);
+                frames.push((n, frame));
             }
-            let count = if keyframe {
-                KEYFRAME_PACKETS
-            } else {
-                self.rng.usize(1..=3)
-            };
-            (0..count)
-                .map(|n| {
-                    let len = if keyframe {
-                        1100
-                    } else {
-                        self.rng.usize(600..=1100)
-                    };
-                    let mut payload = vec![0xA5u8; len];
-                    // RFC 7741 §4.2: payload descriptor, S=1 PID=0 on the first packet only.
-                    payload[0] = if n == 0 { 0x10 } else { 0x00 };
-                    // RFC 7741 §4.3: VP8 payload header; lowest bit P is 0 for a keyframe.
-                    payload[1] = if keyframe { 0x10 } else { 0x11 };
-                    (payload, n + 1 == count)
-                })
-                .collect()
         } else {
-            let len = self.rng.usize(60..=120);
+            let len = rng.usize(60..=120);
             // An Opus TOC byte (SILK/CELT config is irrelevant to the router).
             let mut payload = vec![0x5Au8; len];
             payload[0] = 0x78;
-            vec![(payload, false)]
-        };
-        let audio_level = if self.muted || self.silent {
-            -127
-        } else {
-            -(self.rng.i8(20..50))
-        };
+            frames.push((
+                0,
+                Frame {
+                    keyframe: false,
+                    tid: 0,
+                    packets: vec![(payload, false)],
+                },
+            ));
+        }
+        let quiet = *muted || *silent;
+        let audio_level = if quiet { -127 } else { -(rng.i8(20..50)) };
         let ext_vals = if is_video {
             ExtensionValues::default()
         } else {
             ExtensionValues {
                 audio_level: Some(audio_level),
-                voice_activity: Some(!(self.muted || self.silent)),
+                voice_activity: Some(!quiet),
                 ..ExtensionValues::default()
             }
         };
 
-        let p = &mut self.publishers[i];
-        let mut direct = self.rtc.direct_api();
-        let Some(stream) = direct.stream_tx_by_mid(mid, None) else {
-            p.sent.skipped += 1;
-            return false;
-        };
-        let keyframe = is_video && packets.first().is_some_and(|(b, _)| b[1] & 0x01 == 0);
-        for (payload, marker) in packets {
-            p.sent.packets += 1;
-            p.sent.bytes += payload.len() as u64;
-            stream.write_rtp(
-                RtpWrite::new(pt, p.seq.into(), p.rtp_time, now, payload)
-                    .marker(marker)
-                    .ext_vals(ext_vals.clone())
-                    .nackable(is_video),
-            );
-            p.seq += 1;
+        let mut direct = rtc.direct_api();
+        let mut wrote = false;
+        for (n, frame) in frames {
+            let e = &mut p.encodings[n];
+            let Some(stream) = direct.stream_tx_by_mid(mid, e.rid) else {
+                e.sent.skipped += 1;
+                continue;
+            };
+            for (payload, marker) in frame.packets {
+                e.sent.packets += 1;
+                e.sent.bytes += payload.len() as u64;
+                stream.write_rtp(
+                    RtpWrite::new(pt, e.seq.into(), e.rtp_time, now, payload)
+                        .marker(marker)
+                        .ext_vals(ext_vals.clone())
+                        .nackable(is_video),
+                );
+                e.seq += 1;
+            }
+            e.sent.frames += 1;
+            if frame.keyframe {
+                e.sent.keyframes += 1;
+            }
+            wrote = true;
         }
-        p.sent.frames += 1;
-        if keyframe {
-            p.sent.keyframes += 1;
+        // RTP time follows the capture clock, also on layers paused by dynacast.
+        for e in &mut p.encodings {
+            if e.sent.frames > 0 {
+                e.rtp_time = e.rtp_time.wrapping_add(p.ticks);
+            }
         }
-        p.rtp_time = p
-            .rtp_time
-            .wrapping_add(if is_video { VIDEO_TICKS } else { AUDIO_TICKS });
-        true
+        wrote
     }
 
+    /// A PLI or FIR for one of our video tracks: a keyframe on the layer it names (every layer
+    /// when it names none) with the next frame. A single-layer track sends that frame at once,
+    /// as the harness always did; simulcast layers keep their frame clock.
     fn on_keyframe_request(&mut self, req: KeyframeRequest, now: Instant) {
         self.keyframe_requests += 1;
         let Some(p) = self
@@ -1004,13 +1413,51 @@ impl SimPeer {
         else {
             return;
         };
-        p.sent.keyframe_requests += 1;
-        let throttled = p
-            .last_keyframe_at
-            .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_REQUEST_THROTTLE);
-        if !throttled && p.next_at.is_some() {
-            p.force_keyframe = true;
+        p.keyframe_requests += 1;
+        let running = p.next_at.is_some();
+        let mut forced = false;
+        for e in p
+            .encodings
+            .iter_mut()
+            .filter(|e| req.rid.is_none() || e.rid == req.rid)
+        {
+            e.sent.keyframe_requests += 1;
+            let throttled = e
+                .last_keyframe_at
+                .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_REQUEST_THROTTLE);
+            if !throttled && running {
+                e.force_keyframe = true;
+                forced = true;
+            }
+        }
+        if forced && !p.simulcast {
             p.next_at = Some(now);
+        }
+    }
+
+    /// Dynacast: keep sending only the layers in `active` of our m-line `mid`.
+    fn on_layers(&mut self, mid: &str, active: &[String], now: Instant) {
+        if self.layers_log.len() == LAYERS_LOG_LEN {
+            self.layers_log.remove(0);
+        }
+        self.layers_log.push((now, mid.to_owned(), active.to_vec()));
+        let Some(p) = self
+            .publishers
+            .iter_mut()
+            .find(|p| p.is_video() && !p.stopped && p.mid.is_some_and(|m| m.to_string() == mid))
+        else {
+            return;
+        };
+        for e in &mut p.encodings {
+            let on = match &e.rid {
+                Some(rid) => active.iter().any(|a| a.as_str() == &**rid),
+                None => !active.is_empty(),
+            };
+            if on && !e.active {
+                // A decoder can only join a resumed stream at a keyframe.
+                e.force_keyframe = true;
+            }
+            e.active = on;
         }
     }
 
@@ -1116,4 +1563,510 @@ pub struct NegotiationCounts {
     pub answers_received: u64,
     /// Answers we sent.
     pub answers_sent: u64,
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a base instant for virtual time
+mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use str0m::change::SdpOffer;
+    use str0m::media::{KeyframeRequestKind, Mid, Rid};
+    use str0m::net::{Protocol, Receive};
+    use str0m::{Candidate, Event, Input, Output, Rtc};
+
+    use super::super::encoder::{Vp8Encoder, CAMERA_LAYERS};
+    use super::*;
+
+    const CAM: TrackSource = TrackSource::Camera;
+    const SCREEN: TrackSource = TrackSource::Screen;
+
+    fn peer_addr() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 2], 5000))
+    }
+
+    fn sfu_addr() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 443))
+    }
+
+    fn new_peer(options: &PeerOptions, now: Instant) -> SimPeer {
+        SimPeer::new(
+            SessionId(1),
+            UserId::from("alice"),
+            peer_addr(),
+            options,
+            9,
+            now,
+        )
+    }
+
+    /// The SDP of the first offer a peer with `options` sends.
+    fn first_offer(options: &PeerOptions) -> String {
+        let mut peer = new_peer(options, Instant::now());
+        peer.start(Instant::now());
+        match peer.take_signals().into_iter().next() {
+            Some(PeerSignal::Message(ClientMessage::Offer { sdp, .. })) => sdp,
+            other => panic!("first signal is no offer: {other:?}"),
+        }
+    }
+
+    /// What the receiving end saw of one (mid, rid) stream.
+    #[derive(Debug, Default)]
+    struct Got {
+        packets: u64,
+        frames: u64,
+        keyframes: u64,
+        /// Whether each received frame started with a keyframe, in order.
+        frame_starts: Vec<bool>,
+        layers: Vec<u8>,
+        tids: [u64; 4],
+    }
+
+    /// One simulated peer and a bare str0m session in RTP mode answering it (as the router's
+    /// session would), on a perfect zero-delay wire, stepped one millisecond at a time.
+    struct Loopback {
+        now: Instant,
+        peer: SimPeer,
+        sfu: Rtc,
+        got: HashMap<(Mid, Option<Rid>), Got>,
+        /// Per stream: whether the next packet starts a frame.
+        frame_start: HashMap<(Mid, Option<Rid>), bool>,
+    }
+
+    impl Loopback {
+        fn new(options: PeerOptions) -> Self {
+            let now = Instant::now();
+            let mut sfu = Rtc::builder()
+                .set_rtp_mode(true)
+                .set_ice_lite(true)
+                .build(now);
+            let candidate = Candidate::host(sfu_addr(), "udp").expect("host candidate");
+            sfu.add_local_candidate(candidate);
+            let mut peer = new_peer(&options, now);
+            peer.start(now);
+            let offer = match peer.take_signals().into_iter().next() {
+                Some(PeerSignal::Message(ClientMessage::Offer { sdp, .. })) => sdp,
+                other => panic!("first signal is no offer: {other:?}"),
+            };
+            let offer = SdpOffer::from_sdp_string(&offer).expect("offer parses");
+            let answer = sfu.sdp_api().accept_offer(offer).expect("offer accepted");
+            let sdp = answer.to_sdp_string();
+            peer.handle_signal(ServerMessage::Answer { sdp }, now);
+            let mut lo = Loopback {
+                now,
+                peer,
+                sfu,
+                got: HashMap::new(),
+                frame_start: HashMap::new(),
+            };
+            lo.exchange();
+            lo
+        }
+
+        /// Moves datagrams both ways until neither side has anything to send.
+        fn exchange(&mut self) {
+            loop {
+                let up = self.peer.take_transmits();
+                let mut moved = !up.is_empty();
+                for t in up {
+                    let receive = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
+                        .expect("datagram");
+                    self.sfu
+                        .handle_input(Input::Receive(self.now, receive))
+                        .expect("sfu input");
+                    moved |= self.drain_sfu();
+                }
+                moved |= self.drain_sfu();
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        /// Drains the SFU session: datagrams go to the peer, packets are counted. Returns
+        /// whether anything went to the peer.
+        fn drain_sfu(&mut self) -> bool {
+            let mut sent = false;
+            loop {
+                match self.sfu.poll_output().expect("sfu output") {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        self.peer.handle_datagram(t.source, &t.contents, self.now);
+                        sent = true;
+                    }
+                    Output::Event(Event::RtpPacket(pkt)) => self.count(pkt),
+                    Output::Event(_) => {}
+                }
+            }
+            sent
+        }
+
+        fn count(&mut self, pkt: RtpPacket) {
+            let mut api = self.sfu.direct_api();
+            let Some(rx) = api.stream_rx(&pkt.header.ssrc) else {
+                return;
+            };
+            let key = (rx.mid(), rx.rid());
+            let got = self.got.entry(key).or_default();
+            got.packets += 1;
+            let starts = self.frame_start.entry(key).or_insert(true);
+            if *starts {
+                got.frame_starts.push(detect_vp8_keyframe(&pkt.payload));
+            }
+            *starts = pkt.header.marker;
+            if detect_vp8_keyframe(&pkt.payload) {
+                got.keyframes += 1;
+            }
+            if let Some((layer, tid)) = layer_and_tid(&pkt.payload) {
+                if got.layers.last() != Some(&layer) {
+                    got.layers.push(layer);
+                }
+                if pkt.header.marker {
+                    got.frames += 1;
+                    got.tids[usize::from(tid.min(3))] += 1;
+                }
+            }
+        }
+
+        fn run_for(&mut self, duration: Duration) {
+            let end = self.now + duration;
+            while self.now < end {
+                self.now += Duration::from_millis(1);
+                if self.peer.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.peer.handle_timeout(self.now);
+                }
+                self.sfu
+                    .handle_input(Input::Timeout(self.now))
+                    .expect("sfu timeout");
+                self.drain_sfu();
+                self.exchange();
+            }
+        }
+
+        fn got(&self, mid: Mid, rid: Option<&str>) -> &Got {
+            let key = (mid, rid.map(Rid::from));
+            self.got.get(&key).unwrap_or_else(|| {
+                panic!("nothing received on {mid} {rid:?}: {:?}", self.got.keys())
+            })
+        }
+
+        fn camera(&self) -> Mid {
+            self.peer.mid_of(CAM).expect("camera mid")
+        }
+
+        fn signal(&mut self, msg: ServerMessage) {
+            self.peer.handle_signal(msg, self.now);
+            self.exchange();
+        }
+    }
+
+    #[test]
+    fn simulcast_offer_names_layers_low_to_high() {
+        let sdp = first_offer(&PeerOptions::default().with_simulcast().with_screen());
+        assert!(sdp.contains("a=simulcast:send q;h;f"), "{sdp}");
+        assert!(sdp.contains("a=simulcast:send h;f"), "{sdp}");
+        for rid in ["q", "h", "f"] {
+            assert!(sdp.contains(&format!("a=rid:{rid} send")), "{sdp}");
+        }
+        let plain = first_offer(&PeerOptions::default().with_screen());
+        assert!(!plain.contains("a=simulcast"), "{plain}");
+        assert!(!plain.contains("a=rid"), "{plain}");
+    }
+
+    #[test]
+    fn every_layer_is_its_own_stream_at_its_own_rate() {
+        let mut lo = Loopback::new(PeerOptions::default().with_simulcast().with_screen());
+        lo.run_for(Duration::from_secs(3));
+        let cam = lo.camera();
+        let screen = lo.peer.mid_of(SCREEN).expect("screen mid");
+        for (mid, source, rids, fps) in [
+            (cam, CAM, &["q", "h", "f"][..], 30),
+            (screen, SCREEN, &["h", "f"][..], 15),
+        ] {
+            for (index, rid) in rids.iter().enumerate() {
+                let got = lo.got(mid, Some(rid));
+                let sent = lo.peer.sent_layer(source, rid);
+                assert_eq!(got.packets, sent.packets, "{source:?} {rid}");
+                assert_eq!(got.layers, [index as u8], "{source:?} {rid}: layer tail");
+                assert!(
+                    got.frames.abs_diff(3 * fps) <= 2,
+                    "{source:?} {rid}: {} frames in 3 s",
+                    got.frames
+                );
+                assert_eq!(
+                    got.frame_starts.first(),
+                    Some(&true),
+                    "starts with a keyframe"
+                );
+                // L1T3: half the frames TID2, a quarter each TID0 and TID1.
+                assert!(got.tids[2].abs_diff(got.frames / 2) <= 2, "{:?}", got.tids);
+                assert!(got.tids[0].abs_diff(got.frames / 4) <= 2, "{:?}", got.tids);
+            }
+            assert_eq!(lo.peer.sent_layer(source, "").packets, 0);
+        }
+        let total = lo.peer.sent(CAM);
+        let layers: u64 = ["q", "h", "f"]
+            .iter()
+            .map(|r| lo.peer.sent_layer(CAM, r).bytes)
+            .sum();
+        assert_eq!(total.bytes, layers);
+        let f = lo.peer.sent_layer(CAM, "f").bytes;
+        let q = lo.peer.sent_layer(CAM, "q").bytes;
+        assert!(f > 8 * q, "f {f} bytes, q {q} bytes");
+    }
+
+    #[test]
+    fn keyframe_request_names_one_layer() {
+        let mut lo = Loopback::new(PeerOptions::default().with_simulcast());
+        lo.run_for(Duration::from_millis(500));
+        let cam = lo.camera();
+        let before: Vec<SentStats> = ["q", "h", "f"]
+            .iter()
+            .map(|r| lo.peer.sent_layer(CAM, r))
+            .collect();
+        let mut api = lo.sfu.direct_api();
+        let rx = api
+            .stream_rx_by_mid(cam, Some(Rid::from("h")))
+            .expect("h receive stream");
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        lo.run_for(Duration::from_millis(200));
+        for (rid, before) in ["q", "h", "f"].iter().zip(&before) {
+            let now = lo.peer.sent_layer(CAM, rid);
+            let (requests, keyframes) = if *rid == "h" { (1, 1) } else { (0, 0) };
+            assert_eq!(
+                now.keyframe_requests - before.keyframe_requests,
+                requests,
+                "{rid}"
+            );
+            assert_eq!(now.keyframes - before.keyframes, keyframes, "{rid}");
+        }
+        assert_eq!(lo.peer.sent(CAM).keyframe_requests, 1);
+    }
+
+    #[test]
+    fn dynacast_pauses_layers_and_resumes_with_a_keyframe() {
+        let mut lo = Loopback::new(PeerOptions::default().with_simulcast());
+        lo.run_for(Duration::from_millis(500));
+        let cam = lo.camera();
+        let only_f = vec!["f".to_owned()];
+        lo.signal(ServerMessage::Layers {
+            mid: cam.to_string(),
+            active: only_f.clone(),
+        });
+        let paused = ["q", "h"].map(|r| lo.got(cam, Some(r)).packets);
+        let f_before = lo.got(cam, Some("f")).packets;
+        lo.run_for(Duration::from_secs(1));
+        assert_eq!(["q", "h"].map(|r| lo.got(cam, Some(r)).packets), paused);
+        assert!(lo.got(cam, Some("f")).packets > f_before);
+
+        let all: Vec<String> = ["q", "h", "f"].map(String::from).to_vec();
+        lo.signal(ServerMessage::Layers {
+            mid: cam.to_string(),
+            active: all.clone(),
+        });
+        let q_frames = lo.got(cam, Some("q")).frame_starts.len();
+        lo.run_for(Duration::from_millis(200));
+        let q = lo.got(cam, Some("q"));
+        assert_eq!(
+            q.frame_starts.get(q_frames),
+            Some(&true),
+            "resumes at a keyframe"
+        );
+        assert!(q.frame_starts[q_frames + 1..].iter().all(|k| !k));
+        let f = lo.got(cam, Some("f"));
+        assert_eq!(f.keyframes, 1, "f never paused: no extra keyframe");
+
+        let log: Vec<(String, Vec<String>)> = lo
+            .peer
+            .layers_log()
+            .iter()
+            .map(|(_, mid, active)| (mid.clone(), active.clone()))
+            .collect();
+        assert_eq!(log, [(cam.to_string(), only_f), (cam.to_string(), all)]);
+        assert_eq!(lo.peer.signal_count("layers"), 2);
+    }
+
+    #[test]
+    fn single_layer_track_pauses_on_empty_layers() {
+        let mut lo = Loopback::new(PeerOptions::default().temporal_layers(1));
+        lo.run_for(Duration::from_millis(300));
+        let cam = lo.camera();
+        let got = lo.got(cam, None);
+        assert_eq!(got.tids[1..], [0, 0, 0], "one temporal layer: all TID0");
+        assert_eq!(lo.peer.sent_layer(CAM, ""), lo.peer.sent(CAM));
+        lo.signal(ServerMessage::Layers {
+            mid: cam.to_string(),
+            active: vec![],
+        });
+        let paused = lo.got(cam, None).packets;
+        lo.run_for(Duration::from_millis(300));
+        assert_eq!(lo.got(cam, None).packets, paused);
+        lo.signal(ServerMessage::Layers {
+            mid: cam.to_string(),
+            active: vec!["any".into()],
+        });
+        let frames = lo.got(cam, None).frame_starts.len();
+        lo.run_for(Duration::from_millis(300));
+        assert_eq!(lo.got(cam, None).frame_starts.get(frames), Some(&true));
+    }
+
+    #[test]
+    fn speaker_messages_are_logged() {
+        let mut lo = Loopback::new(PeerOptions::audio_only());
+        lo.signal(ServerMessage::Speaker {
+            session: Some(SessionId(4)),
+        });
+        assert_eq!(lo.peer.signal_count("speaker"), 1);
+        assert!(lo.peer.signal_log().any(|m| matches!(
+            m,
+            ServerMessage::Speaker {
+                session: Some(SessionId(4))
+            }
+        )));
+    }
+
+    /// Synthetic frames of one layer, as (extended seq, marker, payload) packets.
+    fn packets(layer: usize, frames: usize, first_seq: u64) -> Vec<(u64, bool, Vec<u8>)> {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut legacy = fastrand::Rng::with_seed(6);
+        let mut enc = Vp8Encoder::new(Some(CAMERA_LAYERS[layer]), 3, &mut rng);
+        let frame = Duration::from_nanos(33_333_333);
+        let mut seq = first_seq;
+        let mut out = Vec::new();
+        for n in 0..frames {
+            for (payload, marker) in enc
+                .encode(n == 0, frame, 90.0, &mut rng, &mut legacy)
+                .packets
+            {
+                out.push((seq, marker, payload));
+                seq += 1;
+            }
+        }
+        out
+    }
+
+    fn feed(stats: &mut TrackStats, packets: &[(u64, bool, Vec<u8>)], at: Instant) {
+        for (seq, marker, payload) in packets {
+            let pkt = Received {
+                seq: *seq,
+                ssrc: 1,
+                marker: *marker,
+                payload,
+            };
+            stats.record_packet("0", pkt, true, at);
+        }
+    }
+
+    #[test]
+    fn missing_counts_holes_a_retransmission_did_not_fill() {
+        let start = Instant::now();
+        let all = packets(0, 30, 100);
+        let (lost, kept): (Vec<_>, Vec<_>) = all
+            .iter()
+            .cloned()
+            .enumerate()
+            .partition(|(n, _)| *n == 5 || *n == 6 || *n == 20);
+        let kept: Vec<_> = kept.into_iter().map(|(_, p)| p).collect();
+        let lost: Vec<_> = lost.into_iter().map(|(_, p)| p).collect();
+        let mut stats = TrackStats::default();
+        feed(&mut stats, &kept, start);
+        assert_eq!((stats.gaps, stats.missing), (3, 3));
+        // A retransmission fills one hole; a duplicate of a received packet changes nothing.
+        feed(&mut stats, &lost[..1], start);
+        feed(&mut stats, &kept[..1], start);
+        assert_eq!((stats.gaps, stats.missing), (3, 2));
+        assert_eq!(stats.late_or_duplicate, 2);
+    }
+
+    #[test]
+    fn frames_layers_and_breaks_are_measured() {
+        let start = Instant::now();
+        let frame = Duration::from_nanos(33_333_333);
+        let mut stats = TrackStats::default();
+        // Ten frames of q, one frame each 33 ms.
+        let q = packets(0, 10, 1);
+        let mut at = start;
+        for p in &q {
+            feed(&mut stats, std::slice::from_ref(p), at);
+            if p.1 {
+                at += frame;
+            }
+        }
+        assert_eq!(stats.frames_by_layer, [10, 0, 0]);
+        assert_eq!(stats.frames_by_tid, [3, 2, 5, 0]);
+        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (0, 0));
+        assert_eq!(stats.max_frame_gap, frame);
+        // A 300 ms freeze, then a switch to f (its own picture ids: a break).
+        at += Duration::from_millis(300);
+        let last_seq = q.last().map(|p| p.0).unwrap_or(0);
+        let f = packets(2, 4, last_seq + 1);
+        feed(&mut stats, &f, at);
+        assert_eq!(stats.frames_by_layer, [10, 0, 4]);
+        assert_eq!(stats.last_layer, Some(2));
+        let changes: Vec<u8> = stats.layer_changes.iter().map(|(_, l)| *l).collect();
+        assert_eq!(changes, [0, 2]);
+        assert_eq!(stats.layer_changes[1].0, at);
+        assert_eq!(stats.max_frame_gap, frame + Duration::from_millis(300));
+        assert_eq!(stats.picture_id_breaks, 1);
+        assert_eq!(stats.missing, 0);
+        // Frames within the last second: the 4 f frames at `at`, and the q frames after
+        // `at - 1 s` (all of them: they span 300 ms before the freeze).
+        let fps = stats.fps_over(Duration::from_secs(1), at);
+        assert!((fps - 14.0).abs() < 1e-9, "{fps}");
+        let fps = stats.fps_over(Duration::from_millis(100), at);
+        assert!((fps - 40.0).abs() < 1e-9, "{fps}");
+    }
+
+    /// Frames 0..9 of layer h (TIDs 0,2,1,2,0,2,1,2,0), packets grouped by frame.
+    fn frames_of_h() -> Vec<Vec<(u64, bool, Vec<u8>)>> {
+        let mut frames = Vec::new();
+        let mut frame = Vec::new();
+        for p in packets(1, 9, 1) {
+            let end = p.1;
+            frame.push(p);
+            if end {
+                frames.push(std::mem::take(&mut frame));
+            }
+        }
+        frames
+    }
+
+    #[test]
+    fn frames_dropped_without_renumbering_are_breaks() {
+        // A router that drops frames 4..=7 and closes the sequence gap: PictureID jumps by
+        // five, and TL0PICIDX by two (a whole TL0 picture is skipped).
+        let mut stats = TrackStats::default();
+        let mut seq = 1;
+        for (n, frame) in frames_of_h().into_iter().enumerate() {
+            if (4..8).contains(&n) {
+                continue;
+            }
+            for (_, marker, payload) in frame {
+                feed(&mut stats, &[(seq, marker, payload)], Instant::now());
+                seq += 1;
+            }
+        }
+        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (1, 1));
+        assert_eq!(stats.missing, 0);
+    }
+
+    #[test]
+    fn loss_repaired_out_of_order_is_no_break() {
+        // Frames 4..=7 are lost on the wire and arrive later, retransmitted.
+        let start = Instant::now();
+        let frames = frames_of_h();
+        let mut stats = TrackStats::default();
+        for frame in frames[..4].iter().chain(&frames[8..]) {
+            feed(&mut stats, frame, start);
+        }
+        assert!(stats.missing > 0);
+        for frame in &frames[4..8] {
+            feed(&mut stats, frame, start + Duration::from_millis(50));
+        }
+        assert_eq!(stats.missing, 0);
+        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (0, 0));
+        assert_eq!(stats.frames_by_layer, [0, 9, 0]);
+    }
 }
