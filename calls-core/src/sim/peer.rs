@@ -11,9 +11,9 @@
 //!
 //! - `audio`: Opus, one 60–120-byte packet per 20 ms, with RFC 6464 audio levels.
 //! - `video` (camera) and `screen`: VP8 with an RFC 7741 payload descriptor on every packet
-//!   (see [`super::encoder`]): a 15-bit PictureID, and with `temporal_layers` = 3 (the default)
-//!   TL0PICIDX and TID in the L1T3 pattern 0,2,1,2 (keyframes are TID0); with
-//!   `temporal_layers` = 1 only the PictureID. The last payload byte is the spatial layer index
+//!   (see [`super::encoder`]): a 15-bit PictureID, and with `temporal_layers` = 3 (the default
+//!   with simulcast) TL0PICIDX and TID in the L1T3 pattern 0,2,1,2 (keyframes are TID0); with
+//!   `temporal_layers` = 1 (the default without simulcast) only the PictureID. The last payload byte is the spatial layer index
 //!   and the one before it the TID, so receivers can tell what they got.
 //! - `simulcast` ([`PeerOptions::with_simulcast`]): the camera is offered with
 //!   `a=simulcast:send q;h;f` (≈150 kbit/s, 500 kbit/s, 1.5 Mbit/s, 30 fps) and a screen share
@@ -120,8 +120,9 @@ pub struct PeerOptions {
     /// Send the camera as three simulcast layers `q`, `h`, `f` and a screen share as `h`, `f`
     /// (see the [module docs](self)); default off: one stream per video track.
     pub simulcast: bool,
-    /// VP8 temporal layers per video stream: 1 (every frame TID0), or 3 (default: the L1T3
-    /// pattern 0,2,1,2 with TL0PICIDX and TID in the payload descriptor).
+    /// VP8 temporal layers per video stream: 1 (every frame TID0; the default), or 3 (the L1T3
+    /// pattern 0,2,1,2 with TL0PICIDX and TID in the payload descriptor; the default set by
+    /// [`PeerOptions::with_simulcast`], as browsers send VP8 simulcast).
     pub temporal_layers: u8,
 }
 
@@ -136,7 +137,7 @@ impl Default for PeerOptions {
             grants: crate::ids::Grants::ALL,
             transport: Transport::Udp,
             simulcast: false,
-            temporal_layers: 3,
+            temporal_layers: 1,
         }
     }
 }
@@ -168,9 +169,11 @@ impl PeerOptions {
         self
     }
 
-    /// Sends video as simulcast: camera layers `q`, `h`, `f`, screen layers `h`, `f`.
+    /// Sends video as simulcast: camera layers `q`, `h`, `f`, screen layers `h`, `f`, each
+    /// with three temporal layers (change with [`PeerOptions::temporal_layers`] afterwards).
     pub fn with_simulcast(mut self) -> Self {
         self.simulcast = true;
+        self.temporal_layers = 3;
         self
     }
 
@@ -231,6 +234,9 @@ pub struct TrackStats {
     /// When the received spatial layer changed, and to which; the first entry is the first
     /// layer received. The latest 1024 changes are kept.
     pub layer_changes: Vec<(Instant, u8)>,
+    /// Layer changes whose first packet was not the start of a keyframe (a decoder could not
+    /// continue there: the router must switch only at keyframes).
+    pub switches_off_keyframe: u64,
     /// Video: the longest time between two consecutive in-order frames (marker packets) after
     /// the first keyframe — how long the picture froze at worst. Measured when the next frame
     /// arrives: a freeze still going on shows in [`TrackStats::fps_over`] instead.
@@ -277,6 +283,8 @@ struct Vp8Mark {
     tl0_pic_idx: Option<u8>,
     /// The packet ends a frame.
     marker: bool,
+    /// The packet starts a keyframe.
+    keyframe: bool,
 }
 
 impl Vp8Mark {
@@ -284,6 +292,9 @@ impl Vp8Mark {
     fn breaks(&self, next: &Vp8Mark) -> (bool, bool) {
         let picture_id = match (self.picture_id, next.picture_id) {
             (Some(a), Some(b)) if self.marker => b != (a + 1) & PICTURE_ID_MASK,
+            // A picture cut short by a layer switch, followed by the new layer's keyframe: the
+            // decoder drops the unfinished picture and starts again, as after a loss.
+            (Some(a), Some(b)) if next.keyframe => b != (a + 1) & PICTURE_ID_MASK && b != a,
             (Some(a), Some(b)) => b != a,
             _ => false,
         };
@@ -389,6 +400,7 @@ impl TrackStats {
             picture_id: descriptor.picture_id(),
             tl0_pic_idx: descriptor.tl0_pic_idx(),
             marker: pkt.marker,
+            keyframe: descriptor.starts_keyframe(pkt.payload),
         };
         let marks = &mut self.continuity.descriptors;
         let before = pkt.seq.checked_sub(1).and_then(|s| marks.get(&s));
@@ -414,6 +426,9 @@ impl TrackStats {
         let tail = layer_and_tid(pkt.payload);
         if let (true, Some((layer, _))) = (in_order, tail) {
             if self.last_layer != Some(layer) {
+                if self.last_layer.is_some() && !detect_vp8_keyframe(pkt.payload) {
+                    self.switches_off_keyframe += 1;
+                }
                 self.last_layer = Some(layer);
                 if self.layer_changes.len() == LAYER_CHANGES_LEN {
                     self.layer_changes.remove(0);

@@ -507,6 +507,17 @@ impl SimWorld {
         result
     }
 
+    /// [`Router::set_bandwidth_cap`] now, and delivers what the router does about it.
+    pub fn set_bandwidth_cap(
+        &mut self,
+        session: SessionId,
+        bps: Option<u64>,
+    ) -> Result<(), RouterError> {
+        let result = self.router.set_bandwidth_cap(session, bps, self.now);
+        self.drain_router();
+        result
+    }
+
     /// Delivers raw JSON to the router now and returns the router's answer.
     pub fn signal_json_now(&mut self, session: SessionId, text: &str) -> Result<(), RouterError> {
         let result = self.router.handle_signal_json(session, text, self.now);
