@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router as Http};
-use calls_core::{CallId, SessionId, UserId};
+use calls_core::{CallId, RouterError, SessionId, UserId};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -96,6 +97,7 @@ pub fn admin(app: Arc<App>) -> Http {
         .route("/api/calls", get(admin_calls))
         .route("/api/calls/{call}", delete(admin_end_call))
         .route("/api/sessions/{session}", delete(admin_kick))
+        .route("/api/sessions/{session}/bandwidth", post(admin_bandwidth))
         .route("/api/drain", post(admin_drain))
         .with_state(app)
 }
@@ -535,6 +537,54 @@ async fn admin_kick(
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// The body of `POST /api/sessions/{id}/bandwidth`: `{"bps": 250000}` caps, `{"bps": null}`
+/// uncaps. `bps` is required (`deserialize_with` keeps serde from reading a missing field as
+/// `None`, which would silently remove a cap).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BandwidthBody {
+    #[serde(deserialize_with = "Option::deserialize")]
+    bps: Option<u64>,
+}
+
+fn parse_bandwidth_body(body: &[u8]) -> Result<Option<u64>, String> {
+    let expected = |e: &dyn std::fmt::Display| {
+        format!("expected {{\"bps\": <bits per second> | null}}: {e}\n")
+    };
+    // Only an object: serde would also read a struct from a sequence (`[250000]`).
+    let map = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+        .map_err(|e| expected(&e))?;
+    serde_json::from_value::<BandwidthBody>(serde_json::Value::Object(map))
+        .map(|b| b.bps)
+        .map_err(|e| expected(&e))
+}
+
+async fn admin_bandwidth(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(session): Path<String>,
+    body: Bytes,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    // Parsed here rather than by the extractor, so that a bad id is 404 after the key check.
+    let Ok(session) = session.parse::<u64>().map(SessionId) else {
+        return (StatusCode::NOT_FOUND, "unknown session\n").into_response();
+    };
+    let bps = match parse_bandwidth_body(&body) {
+        Ok(bps) => bps,
+        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    match app.workers.set_bandwidth_cap(session, bps).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(RouterError::UnknownSession(_)) => {
+            (StatusCode::NOT_FOUND, "unknown session\n").into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
 async fn admin_drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !admin_authorized(&app, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
@@ -557,4 +607,34 @@ pub async fn serve(
         let _ = shutdown.wait_for(|s| *s).await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bandwidth_body;
+
+    #[test]
+    fn bandwidth_body_caps_uncaps_and_refuses_the_rest() {
+        assert_eq!(
+            parse_bandwidth_body(br#"{"bps": 250000}"#),
+            Ok(Some(250_000))
+        );
+        assert_eq!(parse_bandwidth_body(br#"{"bps": null}"#), Ok(None));
+        for bad in [
+            &br#"{}"#[..],
+            br#"{"bps": -1}"#,
+            br#"{"bps": "250k"}"#,
+            br#"{"bps": 1.5}"#,
+            br#"{"bps": 1, "extra": 2}"#,
+            br#"[250000]"#,
+            b"",
+            b"{",
+        ] {
+            assert!(
+                parse_bandwidth_body(bad).is_err(),
+                "{:?} was accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use calls_core::{
-    CallId, ConnId, Datagram, Event, Grants, MetricsSnapshot, Output, Proto, Router, SessionId,
-    UserId,
+    CallId, ConnId, Datagram, Event, Grants, MetricsSnapshot, Output, Proto, Router, RouterError,
+    SessionId, UserId,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
@@ -73,6 +73,13 @@ pub enum Cmd {
     },
     EndCall {
         call: CallId,
+    },
+    /// Admin API: cap (or uncap, `None`) the bandwidth the router assumes towards `session`.
+    /// Workers that do not host the session reply `UnknownSession`.
+    SetBandwidthCap {
+        session: SessionId,
+        bps: Option<u64>,
+        reply: oneshot::Sender<Result<(), RouterError>>,
     },
     Drain,
     Metrics {
@@ -248,6 +255,17 @@ impl Worker {
                     }
                     let _ = self.router.leave(session, now);
                 }
+            }
+            Cmd::SetBandwidthCap {
+                session,
+                bps,
+                reply,
+            } => {
+                let result = self.router.set_bandwidth_cap(session, bps, now);
+                if result.is_ok() {
+                    tracing::info!(worker = self.index, %session, ?bps, "bandwidth cap set by an administrator");
+                }
+                let _ = reply.send(result);
             }
             Cmd::Drain => self.router.start_draining(),
             Cmd::Metrics { reply } => {
@@ -436,6 +454,38 @@ impl Workers {
             }
         }
         (total, unanswered)
+    }
+
+    /// Caps (or, with `None`, uncaps) the bandwidth towards `session` on whichever worker hosts
+    /// it. `Err(UnknownSession)` when no worker does.
+    pub async fn set_bandwidth_cap(
+        &self,
+        session: SessionId,
+        bps: Option<u64>,
+    ) -> Result<(), RouterError> {
+        let pending: Vec<_> = self
+            .senders
+            .iter()
+            .map(|s| {
+                let (reply, rx) = oneshot::channel();
+                let _ = s.send(Cmd::SetBandwidthCap {
+                    session,
+                    bps,
+                    reply,
+                });
+                rx
+            })
+            .collect();
+        let mut outcome = Err(RouterError::UnknownSession(session));
+        for rx in pending {
+            match rx.await {
+                Ok(Ok(())) => outcome = Ok(()),
+                Ok(Err(RouterError::UnknownSession(_))) | Err(_) => {}
+                Ok(Err(e)) if outcome.is_err() => outcome = Err(e),
+                Ok(Err(_)) => {}
+            }
+        }
+        outcome
     }
 
     pub async fn calls(&self) -> Vec<CallInfo> {

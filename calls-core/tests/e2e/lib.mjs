@@ -296,7 +296,12 @@ export function signalingLog(p) {
   return p.page.evaluate(() => window.__signaling || []);
 }
 
-/** Everything the tests look at, from one page: its session, roster, m-line map and inbound RTP. */
+/**
+ * Everything the tests look at, from one page: its session, roster, m-line map, inbound RTP (with
+ * the decoded video size), outbound RTP per simulcast encoding (`rid`, `active`, `frameWidth`),
+ * the sender encodings as the page set them (`encodings`), the `layers` the server asked for
+ * (dynacast) and the active `speaker`.
+ */
 export async function snapshot(p) {
   return p.page.evaluate(async () => {
     const s = window.callState;
@@ -310,8 +315,18 @@ export async function snapshot(p) {
       pair: null,
       connection: pc ? pc.connectionState : null,
       tiles: [...document.querySelectorAll('.tile')].map((e) => e.id),
+      speaker: s.speaker ?? null,
+      speakerTiles: [...document.querySelectorAll('.tile.speaking')].map((e) => e.id),
+      layers: [...(s.layers || new Map()).entries()],
+      encodings: [],
     };
     if (!pc) return out;
+    for (const t of pc.getTransceivers()) {
+      if (!t.sender || !t.sender.track || !t.mid) continue;
+      for (const e of t.sender.getParameters().encodings || []) {
+        out.encodings.push({ mid: t.mid, kind: t.sender.track.kind, rid: e.rid ?? null, active: e.active !== false });
+      }
+    }
     const report = await pc.getStats();
     const midOfTrack = new Map();
     for (const t of pc.getTransceivers()) if (t.receiver && t.receiver.track) midOfTrack.set(t.receiver.track.id, t.mid);
@@ -322,9 +337,17 @@ export async function snapshot(p) {
         out.inbound.push({
           mid, kind: r.kind, session: info.session, user: info.user, source: info.source,
           packets: r.packetsReceived || 0, frames: r.framesDecoded || 0, bytes: r.bytesReceived || 0,
+          frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
         });
       }
-      if (r.type === 'outbound-rtp') out.outbound.push({ mid: r.mid, kind: r.kind, packets: r.packetsSent || 0 });
+      if (r.type === 'outbound-rtp') {
+        out.outbound.push({
+          mid: r.mid, kind: r.kind, packets: r.packetsSent || 0, bytes: r.bytesSent || 0,
+          rid: r.rid ?? null, active: r.active ?? null,
+          frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
+          limitation: r.qualityLimitationReason ?? null,
+        });
+      }
       if (r.type === 'transport' && r.selectedCandidatePairId) {
         const pair = report.get(r.selectedCandidatePairId);
         const local = pair && report.get(pair.localCandidateId);
