@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use str0m::format::{detect_h264_keyframe, detect_vp8_keyframe, detect_vp9_keyframe};
+use str0m::format::{
+    detect_av1_keyframe, detect_h264_keyframe, detect_vp8_keyframe, detect_vp9_keyframe,
+};
 use str0m::rtp::{Vp8Descriptor, Vp8Patch};
 
 /// Video codecs we know how to find keyframes in.
@@ -12,6 +14,7 @@ pub(crate) enum VideoCodec {
     Vp8,
     Vp9,
     H264,
+    Av1,
     Other,
 }
 
@@ -22,6 +25,7 @@ impl VideoCodec {
             Codec::Vp8 => VideoCodec::Vp8,
             Codec::Vp9 => VideoCodec::Vp9,
             Codec::H264 => VideoCodec::H264,
+            Codec::Av1 => VideoCodec::Av1,
             _ => VideoCodec::Other,
         }
     }
@@ -32,6 +36,7 @@ impl VideoCodec {
             VideoCodec::Vp8 => detect_vp8_keyframe(payload),
             VideoCodec::Vp9 => detect_vp9_keyframe(payload),
             VideoCodec::H264 => detect_h264_keyframe(payload),
+            VideoCodec::Av1 => detect_av1_keyframe(payload),
             VideoCodec::Other => false,
         }
     }

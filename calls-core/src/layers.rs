@@ -314,6 +314,35 @@ pub(crate) fn vp8_temporal(payload: &[u8]) -> (Option<u8>, bool) {
     (payload.get(at).map(|b| b >> 6), starts)
 }
 
+/// The temporal layer id of a VP9 packet and whether it starts a picture (B=1 on spatial
+/// layer 0), from the payload descriptor (draft-ietf-payload-vp9): `None` for the TID when
+/// the descriptor carries no layer indices (L=0).
+pub(crate) fn vp9_temporal(payload: &[u8]) -> (Option<u8>, bool) {
+    let Some(&first) = payload.first() else {
+        return (None, false);
+    };
+    let has_picture_id = first & 0x80 != 0;
+    let has_layers = first & 0x20 != 0;
+    let begins = first & 0x08 != 0;
+    let mut at = 1;
+    if has_picture_id {
+        match payload.get(at) {
+            Some(b) if b & 0x80 != 0 => at += 2,
+            Some(_) => at += 1,
+            None => return (None, false),
+        }
+    }
+    if !has_layers {
+        return (None, begins);
+    }
+    let Some(&layers) = payload.get(at) else {
+        return (None, false);
+    };
+    let tid = layers >> 5;
+    let sid = (layers >> 1) & 0x07;
+    (Some(tid), begins && sid == 0)
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // a base instant for virtual time
 mod tests {
@@ -417,6 +446,20 @@ mod tests {
         assert!((100_000..140_000).contains(&t0_bps), "{t0_bps}");
         assert!((200_000..280_000).contains(&all), "{all}");
         assert!((25.0..35.0).contains(&m.fps()), "{}", m.fps());
+    }
+
+    #[test]
+    fn vp9_temporal_ids_are_read_from_the_descriptor() {
+        // I=1 (15-bit picture id), L=1, B=1; TID 2, SID 0; TL0PICIDX.
+        let p = [0xA8, 0x80, 0x11, 0b0100_0000, 0x07, 0x00];
+        assert_eq!(vp9_temporal(&p), (Some(2), true));
+        // SID 1 does not start the picture.
+        let p = [0xA8, 0x80, 0x11, 0b0100_0010, 0x07, 0x00];
+        assert_eq!(vp9_temporal(&p), (Some(2), false));
+        // No layer indices.
+        assert_eq!(vp9_temporal(&[0x88, 0x05, 0x00]), (None, true));
+        assert_eq!(vp9_temporal(&[0xA8]), (None, false));
+        assert_eq!(vp9_temporal(&[]), (None, false));
     }
 
     #[test]

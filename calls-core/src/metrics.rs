@@ -76,6 +76,10 @@ pub struct SessionStats {
     pub egress_loss: Option<f64>,
     /// Fraction of the publisher's packets we lost (0.0–1.0).
     pub ingress_loss: Option<f64>,
+    /// The bandwidth the router uses towards this session, bits per second: the congestion
+    /// controller's estimate, or the session's cap if lower (`None` before the first estimate).
+    #[serde(default)]
+    pub bandwidth_bps: Option<u64>,
 }
 
 /// A point-in-time copy of every metric of one router.
@@ -425,6 +429,21 @@ mod prom {
                 loss.get_or_create(&labels).set(v);
             }
         }
+        let bandwidth = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for s in &m.session_stats {
+            if let Some(v) = s.bandwidth_bps {
+                let labels = vec![
+                    ("call", s.call.to_string()),
+                    ("session", s.session.0.to_string()),
+                ];
+                bandwidth.get_or_create(&labels).set(v as f64);
+            }
+        }
+        registry.register(
+            "session_bandwidth_bits_per_second",
+            "Bandwidth towards each session: congestion-control estimate (or its cap)",
+            bandwidth,
+        );
         registry.register("session_rtt_seconds", "Round-trip time per session", rtt);
         registry.register(
             "session_egress_loss_ratio",

@@ -832,6 +832,10 @@ impl Router {
                 rtt_ms: s.rtt_ms,
                 egress_loss: s.egress_loss,
                 ingress_loss: s.ingress_loss,
+                bandwidth_bps: match (s.bwe_estimate, s.bandwidth_cap) {
+                    (Some(e), Some(c)) => Some(e.min(c)),
+                    (e, c) => e.or(c),
+                },
             })
             .collect();
         stats.sort_by_key(|s| s.session);
@@ -1361,9 +1365,13 @@ impl Router {
         if !is_audio {
             track.codec = VideoCodec::from_str0m(codec);
             keyframe = track.codec.is_keyframe(&packet.payload);
-            if track.codec == VideoCodec::Vp8 {
-                (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
-                vp8 = Vp8Descriptor::parse(&packet.payload).ok();
+            match track.codec {
+                VideoCodec::Vp8 => {
+                    (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
+                    vp8 = Vp8Descriptor::parse(&packet.payload).ok();
+                }
+                VideoCodec::Vp9 => (tid, starts_picture) = layers::vp9_temporal(&packet.payload),
+                _ => {}
             }
             let Some((index, new_layer)) = track.layer_index(rid, now) else {
                 self.counters.snapshot.media_dropped += 1;

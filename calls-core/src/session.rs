@@ -159,6 +159,7 @@ impl Session {
             .enable_vp8(true)
             .enable_h264(true)
             .enable_vp9(true)
+            .enable_av1(true)
             .set_stats_interval(Some(STATS_INTERVAL))
             .set_send_buffer_audio(SEND_BUFFER_AUDIO)
             .set_send_buffer_video(SEND_BUFFER_VIDEO)

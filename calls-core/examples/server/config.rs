@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Participants per call.
     pub max_participants_per_call: usize,
+    /// Audio streams forwarded per call (the loudest; 0 = every unmuted microphone).
+    pub top_n_audio: usize,
     /// Router worker threads (0: one per core).
     pub workers: usize,
     /// How long a dropped WebSocket may reconnect and resume its session, seconds.
@@ -94,6 +96,7 @@ impl Default for ServerConfig {
             demo_mode_anywhere: false,
             allowed_origins: Vec::new(),
             max_participants_per_call: 100,
+            top_n_audio: 3,
             workers: 0,
             reconnect_grace_s: 10,
             drain_deadline_s: 60,
@@ -182,6 +185,7 @@ impl ServerConfig {
             "DEMO_MODE_ANYWHERE" => self.demo_mode_anywhere = parse(value)?,
             "ALLOWED_ORIGINS" => self.allowed_origins = list(value).map(str::to_owned).collect(),
             "MAX_PARTICIPANTS_PER_CALL" => self.max_participants_per_call = parse(value)?,
+            "TOP_N_AUDIO" => self.top_n_audio = parse(value)?,
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
@@ -292,6 +296,7 @@ impl ServerConfig {
         }
         config.ice_port_override = self.ice_port_override;
         config.max_participants_per_call = self.max_participants_per_call;
+        config.top_n_audio = self.top_n_audio;
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
         config.enable_tcp = self.tcp_port != 0;
