@@ -106,6 +106,7 @@ fn forwarding(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("ours", n), |b| {
                 b.iter_custom(|iters| run(&mut ours, iters))
             });
+            ours.flush();
             check(&format!("ours {name} 1->{n}"), &ours, n as u64);
             let mut chat = BaselineCall::new(media, 1, n);
             group.bench_function(BenchmarkId::new("chat-baseline", n), |b| {
@@ -132,6 +133,7 @@ fn big_call(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("ours", participants), |b| {
         b.iter_custom(|iters| run(&mut ours, iters))
     });
+    ours.flush();
     check("ours big call", &ours, fanout);
     let with_clients = live_bytes() - before;
     let router = ours.into_router();

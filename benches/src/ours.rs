@@ -29,6 +29,8 @@ pub struct OursCall {
     pub forwarded: u64,
     /// Media datagrams routed.
     pub routed: u64,
+    /// Media the router had written to subscribers before the bench began (setup).
+    media_out_before: u64,
 }
 
 impl OursCall {
@@ -96,7 +98,19 @@ impl OursCall {
             to_publishers: Vec::new(),
             forwarded: 0,
             routed: 0,
+            media_out_before: 0,
         }
+        .with_baseline()
+    }
+
+    fn media_out(&self) -> u64 {
+        let out = self.world.router().metrics().media_out;
+        out.audio_packets + out.video_packets
+    }
+
+    fn with_baseline(mut self) -> Self {
+        self.media_out_before = self.media_out();
+        self
     }
 
     /// Participants in the call.
@@ -163,6 +177,25 @@ impl OursCall {
             &mut self.to_publishers,
             &mut self.forwarded,
         );
+    }
+
+    /// Untimed: lets the router's pacer send what it still holds (str0m paces video at the
+    /// bandwidth estimate, so the last packets of a run may leave a few milliseconds later),
+    /// then takes `forwarded` from the router's own count of media written to subscribers
+    /// (the transmits also carry the estimator's padding and probes, which are not media).
+    pub fn flush(&mut self) {
+        for _ in 0..10 {
+            self.now += Duration::from_millis(10);
+            let router = self.world.router_mut();
+            router.handle_timeout(self.now);
+            self.deadline = drain(
+                router,
+                &self.publishers,
+                &mut self.to_publishers,
+                &mut self.forwarded,
+            );
+        }
+        self.forwarded = self.media_out() - self.media_out_before;
     }
 
     /// Untimed: replies reach the publishers; subscribers run their timers (ICE consent,

@@ -1386,14 +1386,17 @@ impl Router {
                 .meter
                 .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
             if new_layer {
-                // Every subscriber of this track can be given the new layer.
-                for sub in &track.subscribers {
-                    if !self.reallocate.contains(sub) {
-                        self.reallocate.push(*sub);
-                    }
+                // Every subscriber of this track can be given the new layer — before this
+                // packet (often the keyframe that starts the layer) is fanned out.
+                let subscribers = track.subscribers.clone();
+                for sub in subscribers {
+                    self.allocate(sub, now);
                 }
             }
         }
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
         let simulcast = rid.is_some();
         let epoch = track.epoch;
         let mut need_keyframe = false;
