@@ -499,3 +499,46 @@ fn only_top_n_audio_streams_are_forwarded() {
         "the unmuted participant was not forwarded at once"
     );
 }
+
+#[test]
+fn active_speakers_camera_gets_the_better_layer() {
+    let mut world = SimWorld::new(60, epoch());
+    let alice = world.add_peer("room", "alice", PeerOptions::default().with_simulcast());
+    let carol = world.add_peer("room", "carol", PeerOptions::default().with_simulcast());
+    let bob = world.add_peer("room", "bob", PeerOptions::audio_only());
+    for p in [carol, bob] {
+        world.peer_mut(p).set_silent(true);
+    }
+    // Room for one middle layer and one low one.
+    world.set_bandwidth_cap(bob, Some(900_000)).unwrap();
+    let spoke = world.run_until(
+        |w| speaker_announced(w, bob) == Some(Some(alice)),
+        secs(5.0),
+    );
+    assert!(spoke, "alice never became the speaker{}", describe(&world));
+    world.run_for(secs(4.0));
+    let (a, c) = (
+        layer(&world, bob, alice, CAM),
+        layer(&world, bob, carol, CAM),
+    );
+    println!("# speaker alice on layer {a:?}, carol on {c:?} under 900 kbit/s");
+    assert!(
+        a > c,
+        "the speaker's camera is not preferred: {a:?} vs {c:?}{}",
+        describe(&world)
+    );
+
+    // The turn passes to carol: the better layer follows her.
+    world.peer_mut(alice).set_silent(true);
+    world.peer_mut(carol).set_silent(false);
+    let turned = world.run_until(
+        |w| layer(w, bob, carol, CAM) > layer(w, bob, alice, CAM),
+        secs(8.0),
+    );
+    assert!(
+        turned,
+        "the better layer did not follow the speaker{}",
+        describe(&world)
+    );
+    assert_clean_video(&world, bob, carol, CAM);
+}
