@@ -328,9 +328,10 @@ pub fn sdp_offer(data: &[u8]) {
 }
 
 /// The RTP rewriter with arbitrary packet sequences, epochs and keyframes, including a
-/// switch to a reused m-line. Invariants: within one epoch, distinct incoming sequence
-/// numbers never map to the same outgoing one, and the first forward after a resync
-/// continues right after the highest number sent.
+/// switch to a reused m-line, simulcast layer switches, pauses and skipped (temporal-layer)
+/// packets. Invariants: within one epoch, distinct incoming sequence numbers never map to the
+/// same outgoing one, and the first forward after a resync continues right after the highest
+/// number sent.
 pub fn rewriter(data: &[u8]) {
     use calls_core::fuzzing::Rewriter;
     use std::collections::HashMap;
@@ -365,6 +366,18 @@ pub fn rewriter(data: &[u8]) {
                 seen.clear();
                 resync = true;
             }
+            // A simulcast switch: another layer's numbers from here on.
+            2 if a & 0x20 != 0 => {
+                rw.switch_layer();
+                seen.clear();
+                resync = true;
+            }
+            // Paused by the allocator or the subscriber.
+            3 if a & 0x20 != 0 => {
+                rw.pause();
+                seen.clear();
+                resync = true;
+            }
             _ => {}
         }
         // Publisher sequence numbers: a walk with jumps back and forth (loss, reorder).
@@ -372,6 +385,10 @@ pub fn rewriter(data: &[u8]) {
         base = base.saturating_add_signed(step).clamp(0, 1 << 47);
         let timestamp = u32::from_be_bytes([c, d, b, a]);
         let keyframe = a & 0x10 != 0;
+        if a & 0x08 != 0 && !resync {
+            rw.skip(base); // an upper temporal layer this subscriber does not get
+            continue;
+        }
         if let Some((out_seq, _)) = rw.rewrite(epoch_no, base, timestamp, keyframe, now) {
             if resync {
                 assert_eq!(

@@ -85,6 +85,9 @@ pub(crate) struct Rewriter {
     epoch: u32,
     /// Highest publisher sequence number forwarded or deliberately skipped since the resync.
     highest_in: Option<u64>,
+    /// The last deliberately skipped sequence number: older packets (late, reordered) would
+    /// map onto numbers already used, since the offset changed at the skip.
+    last_skip: Option<u64>,
 }
 
 impl Rewriter {
@@ -102,6 +105,7 @@ impl Rewriter {
             last_out_at: None,
             epoch,
             highest_in: None,
+            last_skip: None,
         }
     }
 
@@ -152,6 +156,7 @@ impl Rewriter {
         if self.highest_in.is_some_and(|h| seq == h + 1) {
             self.highest_in = Some(seq);
             self.seq_offset -= 1;
+            self.last_skip = Some(seq);
         }
     }
 
@@ -195,8 +200,9 @@ impl Rewriter {
             self.ts_offset = next_ts.wrapping_sub(timestamp);
             self.base_in_seq = seq;
             self.highest_in = Some(seq);
-        } else if seq < self.base_in_seq {
-            // From before the last resync: it would map onto numbers already used.
+            self.last_skip = None;
+        } else if seq < self.base_in_seq || self.last_skip.is_some_and(|s| seq < s) {
+            // From before the last resync or skip: it would map onto numbers already used.
             return Verdict::Drop;
         }
         if self.highest_in.is_none_or(|h| seq > h) {
@@ -354,6 +360,26 @@ mod tests {
                 timestamp: 1_960 + 24_000
             }
         );
+    }
+
+    #[test]
+    fn skipped_packets_leave_no_gap_and_late_ones_cannot_collide() {
+        let now = Instant::now();
+        let mut rw = Rewriter::new(90_000, true, 0);
+        let fwd = |v| match v {
+            Verdict::Forward { seq, .. } => Some(seq),
+            Verdict::Drop => None,
+        };
+        assert_eq!(fwd(rw.rewrite(0, 100, 0, true, now)), Some(1));
+        assert_eq!(fwd(rw.rewrite(0, 102, 0, false, now)), Some(3)); // 101 lost: a gap
+        rw.skip(103); // an upper temporal layer
+        rw.skip(104);
+        assert_eq!(fwd(rw.rewrite(0, 105, 0, false, now)), Some(4));
+        // 101 arrives late (a retransmission): its old number (2) is gone with the offset.
+        assert_eq!(fwd(rw.rewrite(0, 101, 0, false, now)), None);
+        // A skip after a gap cannot be closed (the gap may be loss): numbering stays.
+        rw.skip(107);
+        assert_eq!(fwd(rw.rewrite(0, 108, 0, false, now)), Some(7));
     }
 
     #[test]

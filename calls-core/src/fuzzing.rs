@@ -39,6 +39,21 @@ impl Rewriter {
         }
     }
 
+    /// A simulcast layer switch at a keyframe of the new layer.
+    pub fn switch_layer(&mut self) {
+        self.0.switch_layer();
+    }
+
+    /// Paused (no budget, hidden tile): resumes at a keyframe.
+    pub fn pause(&mut self) {
+        self.0.pause();
+    }
+
+    /// A packet deliberately not forwarded (an upper temporal layer).
+    pub fn skip(&mut self, seq: u64) {
+        self.0.skip(seq);
+    }
+
     /// Whether it still waits for a keyframe.
     pub fn waits_for_keyframe(&self) -> bool {
         self.0.waits_for_keyframe()
