@@ -252,7 +252,7 @@ typedef uint32_t calls_proto;
 
 /**
  * What an event output reports. The JSON text has a `"type"` with the same name in
- * snake_case, `"session"`, and the fields listed here.
+ * snake_case, `"session"` (the output's `session`), and the fields listed here.
  */
 enum calls_event_kind
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -297,6 +297,13 @@ enum calls_event_kind
    * (proto, remote) to this router from now on.
    */
   CALLS_EVENT_KIND_FLOW_ADMITTED = 7,
+  /**
+   * The active speaker of a call changed (its members also get a `speaker` signaling
+   * message): `{"type":"speaker_changed","session":2,"call":"standup","speaker":2}`.
+   * `"speaker"` (and the output's `session`) is the new speaker's session, or `null` (and
+   * `session` 0) when nobody speaks any more.
+   */
+  CALLS_EVENT_KIND_SPEAKER_CHANGED = 8,
   /**
    * An event this version of the C API has no kind for: `{"type":"other",
    * "session":0,"debug":"…"}`.
@@ -365,7 +372,8 @@ typedef struct calls_output {
    */
   calls_event_kind event;
   /**
-   * Signal: the session to deliver to. Event: the session it is about.
+   * Signal: the session to deliver to. Event: the session it is about (for
+   * `CALLS_EVENT_KIND_SPEAKER_CHANGED` the new speaker, 0 when nobody speaks).
    */
   uint64_t session;
   /**

@@ -378,6 +378,8 @@ static void version_and_result_names(void) {
     CHECK(name != NULL && strcmp(name, "CALLS_RESULT_BUFFER_TOO_SMALL") == 0);
     CHECK_OK(calls_result_name(CALLS_RESULT_TCP_REFUSED, &name));
     CHECK(strcmp(name, "CALLS_RESULT_TCP_REFUSED") == 0);
+    /* Event kinds are stable numbers too (the speaker event cannot be provoked without media). */
+    CHECK(CALLS_EVENT_KIND_FLOW_ADMITTED == 7 && CALLS_EVENT_KIND_SPEAKER_CHANGED == 8);
     CHECK_RESULT(calls_result_name(12345, &name), CALLS_RESULT_INVALID_ARGUMENT);
     CHECK(strstr(last_error(), "12345") != NULL);
     CHECK_RESULT(calls_result_name(0, NULL), CALLS_RESULT_NULL_PARAMETER);
