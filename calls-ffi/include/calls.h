@@ -252,7 +252,7 @@ typedef uint32_t calls_proto;
 
 /**
  * What an event output reports. The JSON text has a `"type"` with the same name in
- * snake_case, `"session"`, and the fields listed here.
+ * snake_case, `"session"` (the output's `session`), and the fields listed here.
  */
 enum calls_event_kind
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -297,6 +297,13 @@ enum calls_event_kind
    * (proto, remote) to this router from now on.
    */
   CALLS_EVENT_KIND_FLOW_ADMITTED = 7,
+  /**
+   * The active speaker of a call changed (its members also get a `speaker` signaling
+   * message): `{"type":"speaker_changed","session":2,"call":"standup","speaker":2}`.
+   * `"speaker"` (and the output's `session`) is the new speaker's session, or `null` (and
+   * `session` 0) when nobody speaks any more.
+   */
+  CALLS_EVENT_KIND_SPEAKER_CHANGED = 8,
   /**
    * An event this version of the C API has no kind for: `{"type":"other",
    * "session":0,"debug":"…"}`.
@@ -365,7 +372,8 @@ typedef struct calls_output {
    */
   calls_event_kind event;
   /**
-   * Signal: the session to deliver to. Event: the session it is about.
+   * Signal: the session to deliver to. Event: the session it is about (for
+   * `CALLS_EVENT_KIND_SPEAKER_CHANGED` the new speaker, 0 when nobody speaks).
    */
   uint64_t session;
   /**
@@ -543,6 +551,23 @@ calls_result calls_router_set_muted(struct calls_router *router,
                                     uint64_t now_us);
 
 /**
+ * Caps the bandwidth the router assumes towards participant `session` at `bps` bits per
+ * second, below its congestion-controller estimate: the router then picks lower simulcast
+ * layers for what it sends to that participant (at once, and until the cap changes). For an
+ * admin limiting one participant, or for tests. **`bps` 0 removes the cap** (the estimate
+ * alone decides again). Drain `calls_router_poll_output` afterwards.
+ *
+ * Router: one thread at a time.
+ *
+ * Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_UNKNOWN_SESSION`,
+ * `CALLS_RESULT_INVALID_ARGUMENT` (`now_us`), `CALLS_RESULT_POISONED`.
+ */
+calls_result calls_router_set_bandwidth_cap(struct calls_router *router,
+                                            uint64_t session,
+                                            uint64_t bps,
+                                            uint64_t now_us);
+
+/**
  * Stops accepting joins (`calls_router_join` returns `CALLS_RESULT_DRAINING`); sessions
  * already in calls go on. For a graceful shutdown or a rolling upgrade.
  *
@@ -649,9 +674,10 @@ calls_result calls_router_handle_timeout(struct calls_router *router, uint64_t n
  * Takes the next output into `*out`, copying its bytes (a datagram, or NUL-terminated JSON
  * text) into the caller's buffer `buf` of `buf_len` bytes; `out->len` tells how many.
  *
- * **After every input** (join, leave, set_muted, handle_datagram, handle_tcp_data,
- * handle_signal, handle_timeout) call this until `out->kind` is `CALLS_OUTPUT_KIND_TIMEOUT`;
- * then wait for the next input or until `out->timeout_us`. Skipping the drain loses media.
+ * **After every input** (join, leave, set_muted, set_bandwidth_cap, handle_datagram,
+ * handle_tcp_data, handle_signal, handle_timeout) call this until `out->kind` is
+ * `CALLS_OUTPUT_KIND_TIMEOUT`; then wait for the next input or until `out->timeout_us`.
+ * Skipping the drain loses media.
  *
  * If the buffer is too small, the result is `CALLS_RESULT_BUFFER_TOO_SMALL`, `out->kind` and
  * `out->len` (the size needed) are set, and the output stays queued: call again with a

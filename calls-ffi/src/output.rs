@@ -38,7 +38,7 @@ pub enum calls_proto {
 }
 
 /// What an event output reports. The JSON text has a `"type"` with the same name in
-/// snake_case, `"session"`, and the fields listed here.
+/// snake_case, `"session"` (the output's `session`), and the fields listed here.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum calls_event_kind {
@@ -64,6 +64,11 @@ pub enum calls_event_kind {
     /// "local":"10.0.0.1:8443"}`. A dispatcher in front of several routers routes that
     /// (proto, remote) to this router from now on.
     FlowAdmitted = 7,
+    /// The active speaker of a call changed (its members also get a `speaker` signaling
+    /// message): `{"type":"speaker_changed","session":2,"call":"standup","speaker":2}`.
+    /// `"speaker"` (and the output's `session`) is the new speaker's session, or `null` (and
+    /// `session` 0) when nobody speaks any more.
+    SpeakerChanged = 8,
     /// An event this version of the C API has no kind for: `{"type":"other",
     /// "session":0,"debug":"…"}`.
     Other = 99,
@@ -80,7 +85,8 @@ pub struct calls_output {
     pub proto: calls_proto,
     /// Event: which event.
     pub event: calls_event_kind,
-    /// Signal: the session to deliver to. Event: the session it is about.
+    /// Signal: the session to deliver to. Event: the session it is about (for
+    /// `CALLS_EVENT_KIND_SPEAKER_CHANGED` the new speaker, 0 when nobody speaks).
     pub session: u64,
     /// Transmit over TCP: the connection (as given to `calls_router_tcp_accepted`).
     pub conn: u64,
@@ -246,6 +252,12 @@ fn event_json(event: &Event) -> (calls_event_kind, u64, String) {
             json!({"type": "flow_admitted", "session": session, "proto": proto,
                    "remote": remote.to_string(), "local": local.to_string()}),
         ),
+        Event::SpeakerChanged { call, session } => (
+            calls_event_kind::SpeakerChanged,
+            session.map_or(0, |s| s.0),
+            json!({"type": "speaker_changed", "session": session.map_or(0, |s| s.0),
+                   "call": call, "speaker": session}),
+        ),
         other => (
             calls_event_kind::Other,
             0,
@@ -253,4 +265,55 @@ fn event_json(event: &Event) -> (calls_event_kind, u64, String) {
         ),
     };
     (kind, session, value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use calls_core::{CallId, SessionId};
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Converts an event the way `calls_router_poll_output` does: (header, parsed JSON).
+    fn prepared_event(event: Event) -> (calls_output, Value) {
+        let prepared = Prepared::new(Output::Event(event), |_| 0);
+        assert_eq!(
+            prepared.bytes.last(),
+            Some(&0),
+            "event text is NUL-terminated"
+        );
+        let json = serde_json::from_slice(&prepared.bytes[..prepared.len()]).unwrap();
+        (prepared.header, json)
+    }
+
+    #[test]
+    fn a_new_speaker_is_reported_with_its_session() {
+        let (header, json) = prepared_event(Event::SpeakerChanged {
+            call: CallId::from("standup"),
+            session: Some(SessionId(2)),
+        });
+        assert_eq!(header.kind, calls_output_kind::Event);
+        assert_eq!(header.event, calls_event_kind::SpeakerChanged);
+        assert_eq!(header.session, 2);
+        assert_eq!(
+            json,
+            json!({"type": "speaker_changed", "session": 2, "call": "standup", "speaker": 2})
+        );
+    }
+
+    #[test]
+    fn silence_is_reported_as_no_speaker_and_session_zero() {
+        let (header, json) = prepared_event(Event::SpeakerChanged {
+            call: CallId::from("standup"),
+            session: None,
+        });
+        assert_eq!(header.event, calls_event_kind::SpeakerChanged);
+        assert_eq!(header.session, 0);
+        assert_eq!(
+            json,
+            json!({"type": "speaker_changed", "session": 0, "call": "standup", "speaker": null})
+        );
+    }
 }

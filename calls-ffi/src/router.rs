@@ -336,6 +336,33 @@ pub extern "C" fn calls_router_set_muted(
     })
 }
 
+/// Caps the bandwidth the router assumes towards participant `session` at `bps` bits per
+/// second, below its congestion-controller estimate: the router then picks lower simulcast
+/// layers for what it sends to that participant (at once, and until the cap changes). For an
+/// admin limiting one participant, or for tests. **`bps` 0 removes the cap** (the estimate
+/// alone decides again). Drain `calls_router_poll_output` afterwards.
+///
+/// Router: one thread at a time.
+///
+/// Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_UNKNOWN_SESSION`,
+/// `CALLS_RESULT_INVALID_ARGUMENT` (`now_us`), `CALLS_RESULT_POISONED`.
+#[no_mangle]
+pub extern "C" fn calls_router_set_bandwidth_cap(
+    router: *mut calls_router,
+    session: u64,
+    bps: u64,
+    now_us: u64,
+) -> calls_result {
+    with_router(router, |handle| {
+        let now = handle.clock.instant(now_us)?;
+        let cap = (bps != 0).then_some(bps);
+        handle
+            .router
+            .set_bandwidth_cap(SessionId(session), cap, now)?;
+        Ok(())
+    })
+}
+
 /// Stops accepting joins (`calls_router_join` returns `CALLS_RESULT_DRAINING`); sessions
 /// already in calls go on. For a graceful shutdown or a rolling upgrade.
 ///
@@ -502,9 +529,10 @@ pub extern "C" fn calls_router_handle_timeout(
 /// Takes the next output into `*out`, copying its bytes (a datagram, or NUL-terminated JSON
 /// text) into the caller's buffer `buf` of `buf_len` bytes; `out->len` tells how many.
 ///
-/// **After every input** (join, leave, set_muted, handle_datagram, handle_tcp_data,
-/// handle_signal, handle_timeout) call this until `out->kind` is `CALLS_OUTPUT_KIND_TIMEOUT`;
-/// then wait for the next input or until `out->timeout_us`. Skipping the drain loses media.
+/// **After every input** (join, leave, set_muted, set_bandwidth_cap, handle_datagram,
+/// handle_tcp_data, handle_signal, handle_timeout) call this until `out->kind` is
+/// `CALLS_OUTPUT_KIND_TIMEOUT`; then wait for the next input or until `out->timeout_us`.
+/// Skipping the drain loses media.
 ///
 /// If the buffer is too small, the result is `CALLS_RESULT_BUFFER_TOO_SMALL`, `out->kind` and
 /// `out->len` (the size needed) are set, and the output stays queued: call again with a

@@ -378,6 +378,8 @@ static void version_and_result_names(void) {
     CHECK(name != NULL && strcmp(name, "CALLS_RESULT_BUFFER_TOO_SMALL") == 0);
     CHECK_OK(calls_result_name(CALLS_RESULT_TCP_REFUSED, &name));
     CHECK(strcmp(name, "CALLS_RESULT_TCP_REFUSED") == 0);
+    /* Event kinds are stable numbers too (the speaker event cannot be provoked without media). */
+    CHECK(CALLS_EVENT_KIND_FLOW_ADMITTED == 7 && CALLS_EVENT_KIND_SPEAKER_CHANGED == 8);
     CHECK_RESULT(calls_result_name(12345, &name), CALLS_RESULT_INVALID_ARGUMENT);
     CHECK(strstr(last_error(), "12345") != NULL);
     CHECK_RESULT(calls_result_name(0, NULL), CALLS_RESULT_NULL_PARAMETER);
@@ -437,6 +439,7 @@ static void null_handles_are_errors(void) {
     CHECK(strstr(last_error(), "router") != NULL);
     CHECK_RESULT(calls_router_leave(NULL, 1, T0), CALLS_RESULT_NULL_PARAMETER);
     CHECK_RESULT(calls_router_set_muted(NULL, 1, true, T0), CALLS_RESULT_NULL_PARAMETER);
+    CHECK_RESULT(calls_router_set_bandwidth_cap(NULL, 1, 250000, T0), CALLS_RESULT_NULL_PARAMETER);
     CHECK_RESULT(calls_router_start_draining(NULL), CALLS_RESULT_NULL_PARAMETER);
     CHECK_RESULT(calls_router_handle_datagram(NULL, &addr, &addr, buf, 1, T0),
                  CALLS_RESULT_NULL_PARAMETER);
@@ -645,6 +648,21 @@ static void a_participant_joins_offers_and_gets_an_answer(void) {
     CHECK(d.event_kinds[CALLS_EVENT_KIND_MUTE_CHANGED] == 1);
     CHECK(d.signal_text != NULL && strstr(d.signal_text, "\"type\":\"muted\"") != NULL);
     CHECK_RESULT(calls_router_set_muted(router, 42, true, T0), CALLS_RESULT_UNKNOWN_SESSION);
+
+    /* Bandwidth cap: set, changed, removed (0); unknown session; `now_us` out of range. */
+    CHECK_OK(calls_router_set_bandwidth_cap(router, 1, 250000, T0 + 5000));
+    drain(router, &d);
+    CHECK_OK(calls_router_set_bandwidth_cap(router, 1, 1000, T0 + 5000));
+    drain(router, &d);
+    CHECK_OK(calls_router_set_bandwidth_cap(router, 1, 0, T0 + 5000));
+    drain(router, &d);
+    CHECK_RESULT(calls_router_set_bandwidth_cap(router, 42, 250000, T0 + 5000),
+                 CALLS_RESULT_UNKNOWN_SESSION);
+    CHECK(strstr(last_error(), "s42") != NULL);
+    CHECK_RESULT(calls_router_set_bandwidth_cap(router, 42, 0, T0 + 5000),
+                 CALLS_RESULT_UNKNOWN_SESSION);
+    CHECK_RESULT(calls_router_set_bandwidth_cap(router, 1, 250000, UINT64_MAX),
+                 CALLS_RESULT_INVALID_ARGUMENT);
     CHECK_OK(calls_router_handle_timeout(router, d.timeout_us));
     drain(router, &d);
     CHECK(d.timeout_us > T0);
