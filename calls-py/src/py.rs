@@ -334,7 +334,8 @@ impl Signal {
 }
 
 /// Something happened: `kind` (`joined`, `connected`, `left`, `track_published`,
-/// `track_unpublished`, `flow_admitted`, `mute_changed`), the session, and the details.
+/// `track_unpublished`, `flow_admitted`, `mute_changed`, `speaker_changed`), the session (0
+/// for call-wide events), and the details.
 #[pyclass(frozen, get_all, module = "calls._calls")]
 #[derive(Debug)]
 struct Event {
@@ -437,6 +438,12 @@ fn event_to_py(py: Python<'_>, event: CoreEvent) -> PyResult<Event> {
         CoreEvent::MuteChanged { session, muted } => {
             data.set_item("muted", muted)?;
             ("mute_changed", session)
+        }
+        // About a call, not one session: the speaker (or None) is in the data.
+        CoreEvent::SpeakerChanged { call, session } => {
+            data.set_item("call", call.as_str())?;
+            data.set_item("speaker", session.map(|s| s.0))?;
+            ("speaker_changed", SessionId(0))
         }
         other => {
             data.set_item("debug", format!("{other:?}"))?;
@@ -585,6 +592,23 @@ impl Router {
         let at = self.clock.instant(now)?;
         let result = py.allow_threads(|| {
             lock(&self.inner).map(|mut r| r.set_muted(SessionId(session), muted, at))
+        })?;
+        result.map_err(|e| router_error(py, e))
+    }
+
+    /// Caps the bandwidth the router assumes towards a participant (bits per second), below
+    /// its congestion-controller estimate: the subscriber's simulcast layers follow at once.
+    /// `None` lifts the cap. For tests, and for an admin limiting one participant.
+    fn set_bandwidth_cap(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        bps: Option<u64>,
+        now: f64,
+    ) -> PyResult<()> {
+        let at = self.clock.instant(now)?;
+        let result = py.allow_threads(|| {
+            lock(&self.inner).map(|mut r| r.set_bandwidth_cap(SessionId(session), bps, at))
         })?;
         result.map_err(|e| router_error(py, e))
     }
