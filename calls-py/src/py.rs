@@ -975,13 +975,14 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             _ => Ok(default),
         }
     }
-    const KEYS: [&str; 10] = [
+    const KEYS: [&str; 11] = [
         "call",
         "user",
         "token",
         "audio",
         "video",
         "screen",
+        "simulcast",
         "speaking",
         "muted",
         "start_after",
@@ -1003,6 +1004,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         audio: get(d, "audio", true)?,
         video: get(d, "video", false)?,
         screen: get(d, "screen", false)?,
+        simulcast: get(d, "simulcast", true)?,
         speaking: get(d, "speaking", false)?,
         muted: get(d, "muted", true)?,
         start_after: Duration::try_from_secs_f64(start_after).map_err(|_| {
@@ -1023,7 +1025,8 @@ struct Swarm {
 #[pymethods]
 impl Swarm {
     /// Starts at once. `participants`: dicts with `call`, `user`, `token`, `audio`, `video`,
-    /// `screen`, `speaking`, `muted`, `start_after` (s), `seed`. `threads` 0 = one per core.
+    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `start_after` (s), `seed`.
+    /// `threads` 0 = one per core.
     #[new]
     #[pyo3(signature = (url, participants, duration, threads = 0, allow_remote = false))]
     fn new(
