@@ -334,7 +334,8 @@ impl Signal {
 }
 
 /// Something happened: `kind` (`joined`, `connected`, `left`, `track_published`,
-/// `track_unpublished`, `flow_admitted`, `mute_changed`), the session, and the details.
+/// `track_unpublished`, `flow_admitted`, `mute_changed`, `speaker_changed`), the session (0
+/// for call-wide events), and the details.
 #[pyclass(frozen, get_all, module = "calls._calls")]
 #[derive(Debug)]
 struct Event {
@@ -437,6 +438,12 @@ fn event_to_py(py: Python<'_>, event: CoreEvent) -> PyResult<Event> {
         CoreEvent::MuteChanged { session, muted } => {
             data.set_item("muted", muted)?;
             ("mute_changed", session)
+        }
+        // About a call, not one session: the speaker (or None) is in the data.
+        CoreEvent::SpeakerChanged { call, session } => {
+            data.set_item("call", call.as_str())?;
+            data.set_item("speaker", session.map(|s| s.0))?;
+            ("speaker_changed", SessionId(0))
         }
         other => {
             data.set_item("debug", format!("{other:?}"))?;
@@ -585,6 +592,23 @@ impl Router {
         let at = self.clock.instant(now)?;
         let result = py.allow_threads(|| {
             lock(&self.inner).map(|mut r| r.set_muted(SessionId(session), muted, at))
+        })?;
+        result.map_err(|e| router_error(py, e))
+    }
+
+    /// Caps the bandwidth the router assumes towards a participant (bits per second), below
+    /// its congestion-controller estimate: the subscriber's simulcast layers follow at once.
+    /// `None` lifts the cap. For tests, and for an admin limiting one participant.
+    fn set_bandwidth_cap(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        bps: Option<u64>,
+        now: f64,
+    ) -> PyResult<()> {
+        let at = self.clock.instant(now)?;
+        let result = py.allow_threads(|| {
+            lock(&self.inner).map(|mut r| r.set_bandwidth_cap(SessionId(session), bps, at))
         })?;
         result.map_err(|e| router_error(py, e))
     }
@@ -951,13 +975,14 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             _ => Ok(default),
         }
     }
-    const KEYS: [&str; 10] = [
+    const KEYS: [&str; 11] = [
         "call",
         "user",
         "token",
         "audio",
         "video",
         "screen",
+        "simulcast",
         "speaking",
         "muted",
         "start_after",
@@ -979,6 +1004,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         audio: get(d, "audio", true)?,
         video: get(d, "video", false)?,
         screen: get(d, "screen", false)?,
+        simulcast: get(d, "simulcast", true)?,
         speaking: get(d, "speaking", false)?,
         muted: get(d, "muted", true)?,
         start_after: Duration::try_from_secs_f64(start_after).map_err(|_| {
@@ -999,7 +1025,8 @@ struct Swarm {
 #[pymethods]
 impl Swarm {
     /// Starts at once. `participants`: dicts with `call`, `user`, `token`, `audio`, `video`,
-    /// `screen`, `speaking`, `muted`, `start_after` (s), `seed`. `threads` 0 = one per core.
+    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `start_after` (s), `seed`.
+    /// `threads` 0 = one per core.
     #[new]
     #[pyo3(signature = (url, participants, duration, threads = 0, allow_remote = false))]
     fn new(

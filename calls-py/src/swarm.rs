@@ -8,10 +8,17 @@
 //! VP8, str0m's own), and sends what it wants sent. One `mio` poll per media thread waits for
 //! all of its sockets. Statistics are published to a shared table four times a second.
 //!
+//! Video is simulcast by default ([`ParticipantSpec::simulcast`]): the router picks one layer
+//! per subscriber. Most measurements come from the peer's [`TrackStats`]; two are taken here,
+//! where datagrams are read, because the peer keeps no per-packet record: the RFC 3550
+//! interarrival jitter (from the clear-text RTP header of each SRTP packet and its arrival
+//! time) and the payload bytes per simulcast layer (the peer's byte count, attributed to the
+//! layer it was receiving when each packet arrived).
+//!
 //! Everything is bounded: each participant stops at the swarm's deadline (or on
 //! [`Swarm::stop`]), says `{"type":"leave"}`, closes its WebSocket and drops its socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -21,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{PeerOptions, PeerSignal, SimPeer};
+use calls_core::sim::{simulcast_layers, PeerOptions, PeerSignal, SimPeer, TrackStats};
 use calls_core::{ServerMessage, SessionId, TrackSource, UserId};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -40,6 +47,10 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 const UDP_RECV_BUFFER: usize = 1 << 20;
 /// How long a WebSocket connect + handshake + `welcome` may take.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// RTP clock rate of Opus (RFC 7587 §4.1: always 48 kHz).
+const OPUS_CLOCK_RATE: f64 = 48_000.0;
+/// RTP clock rate of VP8 (RFC 7741 §4.1).
+const VP8_CLOCK_RATE: f64 = 90_000.0;
 
 /// What one simulated participant does.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +67,10 @@ pub struct ParticipantSpec {
     pub video: bool,
     /// Publish a screen share (a second synthetic VP8 track).
     pub screen: bool,
+    /// Send video as simulcast: the camera as layers `q`, `h`, `f` (≈150 k, 500 k,
+    /// 1.5 Mbit/s), a screen share as `h`, `f`, each with three temporal layers. Off: one VP8
+    /// stream per track (≈520 kbit/s).
+    pub simulcast: bool,
     /// Talk: audio levels of speech. A non-speaker sends silence (level -127) or is muted.
     pub speaking: bool,
     /// A non-speaker is muted (`{"type":"mute"}`; the router forwards nothing) instead of
@@ -105,6 +120,29 @@ impl std::fmt::Display for SwarmError {
 
 impl std::error::Error for SwarmError {}
 
+/// Received payload bitrate by simulcast layer (RID), kbit/s. A camera's layers are `q`, `h`,
+/// `f`; a screen share's `h`, `f`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LayerKbps {
+    /// The lowest camera layer.
+    pub q: f64,
+    /// The middle camera layer, or the lower screen-share layer.
+    pub h: f64,
+    /// The top layer.
+    pub f: f64,
+}
+
+impl LayerKbps {
+    fn add(&mut self, rid: &str, kbps: f64) {
+        match rid {
+            "q" => self.q += kbps,
+            "h" => self.h += kbps,
+            "f" => self.f += kbps,
+            _ => {}
+        }
+    }
+}
+
 /// What one participant received from one publisher track.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TrackReport {
@@ -126,6 +164,24 @@ pub struct TrackReport {
     pub freezes: u64,
     /// Their total length, ms.
     pub freeze_ms: f64,
+    /// Whether the publisher sends this track as simulcast (a swarm participant with
+    /// [`ParticipantSpec::simulcast`] and video).
+    pub simulcast: bool,
+    /// Simulcast video: `kbps` split by the layer the packets arrived on (`None` for audio
+    /// and single-layer video).
+    pub kbps_by_layer: Option<LayerKbps>,
+    /// Video frames by spatial layer index (0 = lowest).
+    pub frames_by_layer: [u64; 3],
+    /// Simulcast video: the RID of the layer received last.
+    pub layer: Option<&'static str>,
+    /// How often the received spatial layer changed (of the latest 1024 changes).
+    pub layer_switches: u64,
+    /// Video: the longest time between two consecutive frames after the first keyframe, ms.
+    pub max_frame_gap_ms: f64,
+    /// RFC 3550 §6.4.1 interarrival jitter at the end (or now), ms; `None` before two packets.
+    pub jitter_ms: Option<f64>,
+    /// The largest value the jitter estimate reached, ms.
+    pub jitter_max_ms: Option<f64>,
 }
 
 /// One participant's statistics (times in seconds since the swarm started, or milliseconds).
@@ -139,6 +195,8 @@ pub struct ParticipantStats {
     pub user: String,
     /// Whether it talks.
     pub speaking: bool,
+    /// Whether it publishes its video as simulcast.
+    pub simulcast: bool,
     /// `waiting`, `joining`, `joined` (welcome received), `connected` (ICE+DTLS up),
     /// `done` or `failed`.
     pub state: &'static str,
@@ -182,6 +240,19 @@ pub struct ParticipantStats {
     pub signal_errors: u64,
     /// Per publisher track.
     pub tracks: Vec<TrackReport>,
+    /// Received simulcast video payload bitrate by layer over `media_s`, kbit/s (single-layer
+    /// video is only in `rx_kbps`).
+    pub rx_kbps_by_layer: LayerKbps,
+    /// The largest RFC 3550 jitter among its received audio tracks, ms.
+    pub audio_jitter_ms: Option<f64>,
+    /// The largest RFC 3550 jitter among its received video tracks, ms.
+    pub video_jitter_ms: Option<f64>,
+    /// The longest frame gap among its received video tracks, ms.
+    pub max_frame_gap_ms: f64,
+    /// `speaker` messages (active speaker changes) received.
+    pub speaker_messages: u64,
+    /// `layers` (dynacast) messages received about its own video.
+    pub layers_messages: u64,
 }
 
 /// Shared between the swarm handle and its threads.
@@ -190,6 +261,9 @@ struct Shared {
     stop: AtomicBool,
     running_threads: AtomicUsize,
     stats: Mutex<Vec<ParticipantStats>>,
+    /// Sessions of joined participants that publish simulcast video: their tracks' layers are
+    /// named by RID in everyone's report.
+    simulcast_sessions: Mutex<HashSet<u64>>,
 }
 
 /// A running set of simulated participants. Dropping it stops them and waits for the threads.
@@ -226,6 +300,7 @@ impl Swarm {
                 call: p.call.clone(),
                 user: p.user.clone(),
                 speaking: p.speaking,
+                simulcast: p.simulcast,
                 state: "waiting",
                 ..ParticipantStats::default()
             })
@@ -234,6 +309,7 @@ impl Swarm {
             stop: AtomicBool::new(false),
             running_threads: AtomicUsize::new(threads),
             stats: Mutex::new(stats),
+            simulcast_sessions: Mutex::new(HashSet::new()),
         });
         let mut handles = Vec::new();
         for t in 0..threads {
@@ -432,6 +508,11 @@ impl Connector {
                         s.session = Some(session);
                         s.welcome_ms = Some(millis(welcome));
                     });
+                    if spec.simulcast && (spec.video || spec.screen) {
+                        if let Ok(mut sessions) = self.shared.simulcast_sessions.lock() {
+                            sessions.insert(session);
+                        }
+                    }
                     let joined = Joined {
                         index,
                         spec,
@@ -512,6 +593,92 @@ struct FreezeWatch {
     frozen: Duration,
 }
 
+/// RFC 3550 §6.4.1 interarrival jitter of one received RTP stream.
+#[derive(Debug, Default, Clone, Copy)]
+struct Jitter {
+    /// SSRC, arrival time and RTP timestamp of the previous packet.
+    last: Option<(u32, Instant, u32)>,
+    /// Packets of the current SSRC seen.
+    packets: u64,
+    /// The estimate J, seconds.
+    estimate: f64,
+    /// The largest estimate so far, seconds.
+    max: f64,
+}
+
+impl Jitter {
+    fn on_packet(&mut self, ssrc: u32, arrival: Instant, rtp_time: u32, clock_rate: f64) {
+        match self.last {
+            Some((last_ssrc, prev_arrival, prev_rtp_time)) if last_ssrc == ssrc => {
+                // D(i,j) = (Rj - Ri) - (Sj - Si), in seconds; the RTP difference is signed so a
+                // reordered packet or a timestamp wrap counts right.
+                let sent = f64::from(rtp_time.wrapping_sub(prev_rtp_time) as i32) / clock_rate;
+                let received = arrival
+                    .saturating_duration_since(prev_arrival)
+                    .as_secs_f64();
+                let d = received - sent;
+                self.estimate += (d.abs() - self.estimate) / 16.0;
+                self.max = self.max.max(self.estimate);
+                self.packets += 1;
+            }
+            // A new stream starts a new estimate.
+            _ => {
+                *self = Jitter {
+                    packets: 1,
+                    ..Jitter::default()
+                }
+            }
+        }
+        self.last = Some((ssrc, arrival, rtp_time));
+    }
+
+    /// (the estimate, its maximum) in ms, once there are two packets.
+    fn millis(&self) -> Option<(f64, f64)> {
+        (self.packets >= 2).then_some((self.estimate * 1000.0, self.max * 1000.0))
+    }
+}
+
+/// What the media thread measures itself about one received track, next to its `TrackStats`.
+#[derive(Debug, Default, Clone, Copy)]
+struct TrackWatch {
+    freeze: FreezeWatch,
+    jitter: Jitter,
+    /// The peer's `TrackStats::bytes` when the last packet was attributed to a layer.
+    bytes_seen: u64,
+    /// Payload bytes by the spatial layer index being received when they arrived.
+    bytes_by_layer: [u64; 3],
+}
+
+/// SSRC and RTP timestamp of an SRTP packet (RFC 3711 §3.1: the RTP header is not
+/// encrypted), or `None` for STUN, DTLS and RTCP.
+fn rtp_header(datagram: &[u8]) -> Option<(u32, u32)> {
+    let header = datagram.get(..12)?;
+    // RFC 7983 §7: a first byte of 128–191 is RTP or RTCP; RFC 5761 §4: a second byte of
+    // 192–223 (payload type 64–95 with the marker bit) is RTCP.
+    if !(128..=191).contains(&header[0]) || (192..=223).contains(&header[1]) {
+        return None;
+    }
+    let rtp_time = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let ssrc = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+    Some((ssrc, rtp_time))
+}
+
+fn clock_rate(source: TrackSource) -> f64 {
+    if source.is_audio() {
+        OPUS_CLOCK_RATE
+    } else {
+        VP8_CLOCK_RATE
+    }
+}
+
+/// The RID of `source`'s simulcast layer `index` (camera `q`/`h`/`f`, screen `h`/`f`).
+fn layer_rid(source: TrackSource, index: usize) -> Option<&'static str> {
+    simulcast_layers(source)
+        .iter()
+        .find(|l| usize::from(l.index) == index)
+        .map(|l| l.rid)
+}
+
 /// A participant owned by a media thread.
 struct Live {
     index: usize,
@@ -522,7 +689,13 @@ struct Live {
     opened_at: Instant,
     connected_at: Option<Instant>,
     first_media_at: Option<Instant>,
-    freezes: HashMap<(u64, &'static str), FreezeWatch>,
+    /// Per received track, by (publisher session, source).
+    watches: HashMap<(u64, TrackSource), TrackWatch>,
+    /// Which received track an SSRC carries (learnt from the peer's `TrackStats::ssrc`).
+    ssrcs: HashMap<u32, (u64, TrackSource)>,
+    /// SSRCs no received track carries (RTX, or not yet attributed); forgotten every
+    /// publish, so a track attributed later is found.
+    unknown_ssrcs: HashSet<u32>,
     signal_errors: u64,
     failed: Option<String>,
     done: bool,
@@ -667,11 +840,16 @@ impl MediaThread {
         };
         let addr = udp.local_addr()?;
         let spec = &joined.spec;
+        let base = if spec.simulcast {
+            PeerOptions::default().with_simulcast()
+        } else {
+            PeerOptions::default()
+        };
         let options = PeerOptions {
             audio: spec.audio,
             video: spec.video,
             screen: spec.screen,
-            ..PeerOptions::default()
+            ..base
         };
         let mut peer = SimPeer::new(
             SessionId(joined.session),
@@ -698,7 +876,9 @@ impl MediaThread {
             opened_at: joined.opened_at,
             connected_at: None,
             first_media_at: None,
-            freezes: HashMap::new(),
+            watches: HashMap::new(),
+            ssrcs: HashMap::new(),
+            unknown_ssrcs: HashSet::new(),
             signal_errors: 0,
             failed: None,
             done: false,
@@ -707,9 +887,15 @@ impl MediaThread {
 
     /// Copies every participant's statistics to the shared table (one lock).
     fn publish(&self, live: &mut [Live], now: Instant) {
+        let simulcast = self
+            .shared
+            .simulcast_sessions
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         let reports: Vec<(usize, ParticipantStats)> = live
             .iter_mut()
-            .map(|l| (l.index, l.report(now, self.deadline)))
+            .map(|l| (l.index, l.report(now, self.deadline, &simulcast)))
             .collect();
         if let Ok(mut stats) = self.shared.stats.lock() {
             for (index, report) in reports {
@@ -720,6 +906,7 @@ impl MediaThread {
                         call: std::mem::take(&mut s.call),
                         user: std::mem::take(&mut s.user),
                         speaking: s.speaking,
+                        simulcast: s.simulcast,
                         join_started_s: keep.0,
                         welcome_ms: keep.1,
                         ..report
@@ -739,10 +926,6 @@ fn local_ip_towards(server: SocketAddr) -> std::io::Result<std::net::IpAddr> {
     })?;
     probe.connect(server)?;
     Ok(probe.local_addr()?.ip())
-}
-
-fn source_name(source: TrackSource) -> &'static str {
-    source.as_str()
 }
 
 impl Live {
@@ -797,7 +980,11 @@ impl Live {
         loop {
             match self.udp.recv_from(buf) {
                 Ok((n, source)) => {
+                    let arrival = Instant::now();
                     self.peer.handle_datagram(source, &buf[..n], now);
+                    if let Some((ssrc, rtp_time)) = rtp_header(&buf[..n]) {
+                        self.on_rtp(ssrc, rtp_time, arrival);
+                    }
                     got = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -818,10 +1005,11 @@ impl Live {
             if source.is_audio() {
                 continue;
             }
-            let watch = self
-                .freezes
-                .entry((publisher.0, source_name(source)))
-                .or_default();
+            let watch = &mut self
+                .watches
+                .entry((publisher.0, source))
+                .or_default()
+                .freeze;
             if let (Some(prev), Some(last)) = (watch.last, stats.last_packet_at) {
                 let gap = last.saturating_duration_since(prev);
                 if gap > FREEZE {
@@ -830,6 +1018,40 @@ impl Live {
                 }
             }
             watch.last = stats.last_packet_at;
+        }
+    }
+
+    /// An RTP packet of `ssrc` was just handed to the peer: its jitter, and for video the
+    /// bytes it added, counted on the layer the track is on.
+    fn on_rtp(&mut self, ssrc: u32, rtp_time: u32, arrival: Instant) {
+        let key = match self.ssrcs.get(&ssrc) {
+            Some(key) => *key,
+            None if self.unknown_ssrcs.contains(&ssrc) => return,
+            None => {
+                let found = self
+                    .peer
+                    .received()
+                    .find(|(_, _, stats)| stats.packets > 0 && stats.ssrc == ssrc)
+                    .map(|(publisher, source, _)| (publisher.0, source));
+                let Some(key) = found else {
+                    self.unknown_ssrcs.insert(ssrc);
+                    return;
+                };
+                self.ssrcs.insert(ssrc, key);
+                key
+            }
+        };
+        let Some(stats) = self.peer.received_from(SessionId(key.0), key.1) else {
+            return;
+        };
+        let watch = self.watches.entry(key).or_default();
+        watch
+            .jitter
+            .on_packet(ssrc, arrival, rtp_time, clock_rate(key.1));
+        if !key.1.is_audio() {
+            let layer = usize::from(stats.last_layer.unwrap_or(0).min(2));
+            watch.bytes_by_layer[layer] += stats.bytes.saturating_sub(watch.bytes_seen);
+            watch.bytes_seen = stats.bytes;
         }
     }
 
@@ -895,7 +1117,7 @@ impl Live {
     }
 
     fn freeze_check_at_end(&mut self, now: Instant) {
-        for watch in self.freezes.values_mut() {
+        for watch in self.watches.values_mut().map(|w| &mut w.freeze) {
             if let Some(last) = watch.last {
                 let gap = now.saturating_duration_since(last);
                 if gap > FREEZE {
@@ -906,7 +1128,14 @@ impl Live {
         }
     }
 
-    fn report(&mut self, now: Instant, deadline: Instant) -> ParticipantStats {
+    fn report(
+        &mut self,
+        now: Instant,
+        deadline: Instant,
+        simulcast: &HashSet<u64>,
+    ) -> ParticipantStats {
+        // A track attributed since the last look can be found by its SSRC now.
+        self.unknown_ssrcs.clear();
         let end = now.min(deadline);
         let mut r = ParticipantStats {
             state: if self.failed.is_some() {
@@ -928,6 +1157,8 @@ impl Live {
                 .map(|t| millis(t.saturating_duration_since(self.opened_at))),
             keyframe_requests: self.peer.keyframe_requests(),
             signal_errors: self.signal_errors,
+            speaker_messages: self.peer.signal_count("speaker"),
+            layers_messages: self.peer.signal_count("layers"),
             ..ParticipantStats::default()
         };
         for source in [
@@ -945,37 +1176,38 @@ impl Live {
                 r.tx_kbps = r.bytes_sent as f64 * 8.0 / secs / 1000.0;
             }
         }
+        // Simulcast payload bytes by RID, over all tracks.
+        let mut layer_bytes = LayerKbps::default();
         for (publisher, source, stats) in self.peer.received() {
-            let name = source_name(source);
             let watch = self
-                .freezes
-                .get(&(publisher.0, name))
+                .watches
+                .get(&(publisher.0, source))
                 .copied()
                 .unwrap_or_default();
-            let span = match (stats.first_packet_at, stats.last_packet_at) {
-                (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
-                _ => 0.0,
+            let is_simulcast = !source.is_audio() && simulcast.contains(&publisher.0);
+            let track = track_report(publisher.0, source, stats, &watch, is_simulcast);
+            if is_simulcast {
+                for (index, bytes) in watch.bytes_by_layer.iter().enumerate() {
+                    if let Some(rid) = layer_rid(source, index) {
+                        layer_bytes.add(rid, *bytes as f64);
+                    }
+                }
+            }
+            let jitter = if source.is_audio() {
+                &mut r.audio_jitter_ms
+            } else {
+                &mut r.video_jitter_ms
             };
+            if let Some(j) = track.jitter_ms {
+                *jitter = Some(jitter.map_or(j, |worst| worst.max(j)));
+            }
+            r.max_frame_gap_ms = r.max_frame_gap_ms.max(track.max_frame_gap_ms);
             r.packets_received += stats.packets;
             r.bytes_received += stats.bytes;
             r.lost += stats.gaps;
             r.late_or_duplicate += stats.late_or_duplicate;
-            r.freezes += watch.freezes;
-            r.tracks.push(TrackReport {
-                publisher: publisher.0,
-                source: name,
-                packets: stats.packets,
-                bytes: stats.bytes,
-                lost: stats.gaps,
-                keyframes: stats.keyframes,
-                kbps: if span > 0.0 {
-                    stats.bytes as f64 * 8.0 / span / 1000.0
-                } else {
-                    0.0
-                },
-                freezes: watch.freezes,
-                freeze_ms: millis(watch.frozen),
-            });
+            r.freezes += watch.freeze.freezes;
+            r.tracks.push(track);
         }
         for stats in self.peer.unattributed().values() {
             r.packets_received += stats.packets;
@@ -989,9 +1221,68 @@ impl Live {
             r.media_s = end.saturating_duration_since(t).as_secs_f64();
             if r.media_s > 0.0 {
                 r.rx_kbps = r.bytes_received as f64 * 8.0 / r.media_s / 1000.0;
+                let kbps = |bytes: f64| bytes * 8.0 / r.media_s / 1000.0;
+                r.rx_kbps_by_layer = LayerKbps {
+                    q: kbps(layer_bytes.q),
+                    h: kbps(layer_bytes.h),
+                    f: kbps(layer_bytes.f),
+                };
             }
         }
         r
+    }
+}
+
+/// One received track's report from the peer's statistics and the media thread's own.
+fn track_report(
+    publisher: u64,
+    source: TrackSource,
+    stats: &TrackStats,
+    watch: &TrackWatch,
+    is_simulcast: bool,
+) -> TrackReport {
+    let span = match (stats.first_packet_at, stats.last_packet_at) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let kbps = |bytes: u64| {
+        if span > 0.0 {
+            bytes as f64 * 8.0 / span / 1000.0
+        } else {
+            0.0
+        }
+    };
+    let kbps_by_layer = is_simulcast.then(|| {
+        let mut by_layer = LayerKbps::default();
+        for (index, bytes) in watch.bytes_by_layer.iter().enumerate() {
+            if let Some(rid) = layer_rid(source, index) {
+                by_layer.add(rid, kbps(*bytes));
+            }
+        }
+        by_layer
+    });
+    let jitter = watch.jitter.millis();
+    TrackReport {
+        publisher,
+        source: source.as_str(),
+        packets: stats.packets,
+        bytes: stats.bytes,
+        lost: stats.gaps,
+        keyframes: stats.keyframes,
+        kbps: kbps(stats.bytes),
+        freezes: watch.freeze.freezes,
+        freeze_ms: millis(watch.freeze.frozen),
+        simulcast: is_simulcast,
+        kbps_by_layer,
+        frames_by_layer: stats.frames_by_layer,
+        layer: stats
+            .last_layer
+            .filter(|_| is_simulcast)
+            .and_then(|l| layer_rid(source, usize::from(l))),
+        layer_switches: stats.layer_changes.len().saturating_sub(1) as u64,
+        max_frame_gap_ms: millis(stats.max_frame_gap),
+        jitter_ms: jitter.map(|(j, _)| j),
+        jitter_max_ms: jitter.map(|(_, max)| max),
     }
 }
 
@@ -1018,6 +1309,69 @@ mod tests {
     }
 
     #[test]
+    fn rtp_headers_are_read_and_everything_else_skipped() {
+        let mut rtp = vec![0x80, 111, 0, 7, 0, 0, 0x03, 0xC0, 0xDE, 0xAD, 0xBE, 0xEF];
+        rtp.extend_from_slice(&[0; 20]);
+        assert_eq!(rtp_header(&rtp), Some((0xDEAD_BEEF, 960)));
+        // The marker bit is not RTCP.
+        rtp[1] = 0x80 | 96;
+        assert!(rtp_header(&rtp).is_some());
+        let mut rtcp_rr = rtp.clone();
+        rtcp_rr[1] = 201;
+        assert_eq!(rtp_header(&rtcp_rr), None);
+        let stun = [0u8; 20];
+        assert_eq!(rtp_header(&stun), None);
+        let dtls = [22u8; 20];
+        assert_eq!(rtp_header(&dtls), None);
+        assert_eq!(rtp_header(&rtp[..11]), None);
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        let start = Instant::now();
+        // Opus: 960 ticks per 20 ms, starting just before the 32-bit timestamp wraps.
+        let packet = |i: u32, late_ms: u64| {
+            let at = start + Duration::from_millis(20 * u64::from(i) + late_ms);
+            (at, (u32::MAX - 5000).wrapping_add(i * 960))
+        };
+        let mut jitter = Jitter::default();
+        assert_eq!(jitter.millis(), None);
+        for i in 0..50 {
+            let (at, rtp_time) = packet(i, 0);
+            jitter.on_packet(1, at, rtp_time, 48_000.0);
+        }
+        assert_eq!(jitter.millis(), Some((0.0, 0.0)), "on time: no jitter");
+        // 16 ms late: J += (16 - J) / 16 → 1 ms. The next is on time, 16 ms early relative to
+        // it: J += (16 - 1) / 16.
+        let (at, rtp_time) = packet(50, 16);
+        jitter.on_packet(1, at, rtp_time, 48_000.0);
+        let (j, max) = jitter.millis().expect("an estimate");
+        assert!(
+            (j - 1.0).abs() < 1e-9 && (max - 1.0).abs() < 1e-9,
+            "{j} {max}"
+        );
+        let (at, rtp_time) = packet(51, 0);
+        jitter.on_packet(1, at, rtp_time, 48_000.0);
+        let (j, max) = jitter.millis().expect("an estimate");
+        assert!(
+            (j - (1.0 + 15.0 / 16.0)).abs() < 1e-9 && j == max,
+            "{j} {max}"
+        );
+        // Another SSRC (the track was published again) starts over.
+        jitter.on_packet(2, start + Duration::from_secs(5), 7, 48_000.0);
+        assert_eq!(jitter.millis(), None);
+    }
+
+    #[test]
+    fn layers_are_named_by_rid() {
+        assert_eq!(layer_rid(TrackSource::Camera, 0), Some("q"));
+        assert_eq!(layer_rid(TrackSource::Camera, 2), Some("f"));
+        assert_eq!(layer_rid(TrackSource::Screen, 0), Some("h"));
+        assert_eq!(layer_rid(TrackSource::Screen, 2), None);
+        assert_eq!(layer_rid(TrackSource::Microphone, 0), None);
+    }
+
+    #[test]
     fn a_swarm_refuses_a_remote_server() {
         let spec = ParticipantSpec {
             call: "c".into(),
@@ -1026,6 +1380,7 @@ mod tests {
             audio: true,
             video: false,
             screen: false,
+            simulcast: true,
             speaking: true,
             muted: false,
             start_after: Duration::ZERO,

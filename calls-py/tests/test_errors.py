@@ -34,6 +34,18 @@ def test_config_errors_list_every_problem() -> None:
         calls.Router(42)  # type: ignore[arg-type]
 
 
+def test_a_bandwidth_cap_is_for_a_known_session() -> None:
+    router = calls.Router()
+    router.join("a", 1, "ann", 0.0)
+    router.set_bandwidth_cap(1, 250_000, 0.1)
+    router.set_bandwidth_cap(1, None, 0.2)
+    with pytest.raises(calls.UnknownSessionError) as unknown:
+        router.set_bandwidth_cap(99, 250_000, 0.3)
+    assert unknown.value.session == 99
+    with pytest.raises(OverflowError):
+        router.set_bandwidth_cap(1, -1, 0.4)
+
+
 def test_router_command_errors() -> None:
     router = calls.Router({"max_participants_per_call": 2, "max_sessions": 3})
     router.join("a", 1, "ann", 0.0)

@@ -1,5 +1,7 @@
 """The router scripted in-process: two str0m peers driven from Python in virtual time."""
 
+from typing import List
+
 import calls
 from calls.testing import Network
 
@@ -75,3 +77,28 @@ def test_a_muted_participant_is_not_forwarded() -> None:
     net.run_for(1.0)
     assert alice.packets_received == before
     assert bob.packets_received > 60
+
+
+def test_the_active_speaker_is_announced_to_the_embedder_and_the_call() -> None:
+    net = Network(calls.Router())
+    alice = net.add_peer("c", "alice", video=False)
+    bob = net.add_peer("c", "bob", video=False)
+    bob.set_silent(True)
+
+    def speaker_events() -> List[calls.Event]:
+        return [e for e in net.events if e.kind == "speaker_changed"]
+
+    assert net.run_until(lambda: bool(speaker_events()), limit=5.0)
+    first = speaker_events()[0]
+    assert first.session == 0
+    assert first.data == {"call": "c", "speaker": alice.session}
+    told = {s.session for s in net.signals if s.type == "speaker"}
+    assert told == {alice.session, bob.session}
+    assert all(
+        s.message["session"] == alice.session for s in net.signals if s.type == "speaker"
+    )
+
+    # Silence for a while: nobody is the active speaker.
+    alice.set_silent(True)
+    assert net.run_until(lambda: len(speaker_events()) == 2, limit=5.0)
+    assert speaker_events()[1].data == {"call": "c", "speaker": None}

@@ -37,6 +37,37 @@ def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -
     assert all(t.keyframes > 0 for s in stats for t in s.tracks if t.source == "camera")
 
 
+def test_simulcast_viewers_report_layer_bitrates_jitter_and_the_speaker(server: Server) -> None:
+    participants = plan(
+        calls=1, participants=3, speakers=1, video=2, secret=SECRET, call_prefix="simulcast"
+    )
+    assert all(p.simulcast for p in participants)
+    with Swarm(server.url, participants, duration=6.0, threads=1) as swarm:
+        assert swarm.wait(30.0), "the swarm did not stop at its deadline"
+    stats = swarm.stats()
+    failed = [(s.user, s.error) for s in stats if s.state != "done"]
+    assert not failed, failed
+    for s in stats:
+        assert s.simulcast
+        cameras = [t for t in s.tracks if t.source == "camera" and t.packets > 0]
+        assert cameras, s
+        for t in cameras:
+            assert t.simulcast and t.kbps_by_layer is not None, t
+            # The layers split the track's bitrate; the router forwards one at a time.
+            assert abs(sum(t.kbps_by_layer.values()) - t.kbps) < 0.01 * t.kbps + 1e-6, t
+            assert t.layer in ("q", "h", "f"), t
+            assert t.jitter_ms is not None and t.jitter_max_ms is not None, t
+            assert t.max_frame_gap_ms > 0, t
+        assert set(s.rx_kbps_by_layer) == {"q", "h", "f"}
+        assert max(s.rx_kbps_by_layer.values()) > 0, s
+        assert s.video_jitter_ms is not None and s.video_jitter_ms >= 0, s
+        assert s.max_frame_gap_ms > 0, s
+        # The one speaker became the active speaker; everyone was told.
+        assert s.speaker_messages >= 1, s
+    listeners = [s for s in stats if not s.speaking]
+    assert listeners and all(s.audio_jitter_ms is not None for s in listeners)
+
+
 def test_a_bad_token_is_refused(server: Server) -> None:
     good = Participant(call="t", user="ok", token=mint_token(SECRET, "t", "ok"))
     wrong_call = Participant(call="t", user="x", token=mint_token(SECRET, "other", "x"))
@@ -65,4 +96,11 @@ def test_the_cli_reports(server: Server, tmp_path: Path) -> None:
     assert data["server_process"]["pid"] == server.pid
     assert data["server_metrics"]["datagrams_out_per_s"] > 0
     assert "secret" not in data["config"]
+    assert data["config"]["simulcast"] is True
+    assert sum(data["totals"]["rx_mbit_s_by_layer"].values()) > 0
+    assert data["per_participant"]["rx_kbps_q"]["n"] == 3
+    assert data["per_participant"]["video_jitter_ms"]["n"] == 3
+    assert data["per_participant"]["audio_jitter_ms"]["n"] >= 2
+    detail = data["participants_detail"]
+    assert all("jitter_ms" in t and "kbps_by_layer" in t for p in detail for t in p["tracks"])
     assert "per participant" in done.stderr

@@ -104,7 +104,8 @@ class Signal:
 
 @final
 class Event:
-    """Something happened: ``kind``, the ``session``, and details in ``data``."""
+    """Something happened: ``kind``, the ``session`` (0 for call-wide events such as
+    ``speaker_changed``), and details in ``data``."""
 
     __match_args__: ClassVar[Tuple[str, str, str]]
     @property
@@ -141,6 +142,7 @@ class Router:
     ) -> None: ...
     def leave(self, session: int, now: float) -> None: ...
     def set_muted(self, session: int, muted: bool, now: float) -> None: ...
+    def set_bandwidth_cap(self, session: int, bps: Optional[int], now: float) -> None: ...
     def handle_datagram(
         self,
         data: bytes,

@@ -3,7 +3,8 @@
 The participants are str0m peers on Rust threads (``calls._calls.Swarm``): each opens the
 reference server's WebSocket (``/ws?call=&user=&token=``), waits for its ``welcome``, negotiates
 with the router, sends synthetic Opus (20 ms packets with audio levels) and VP8 (30 fps,
-keyframes every 3 s and on PLI) over its own UDP socket, and counts what it receives. Python
+keyframes every 3 s and on PLI; simulcast layers ``q``/``h``/``f`` by default) over its own
+UDP socket, and counts what it receives: bitrate per layer, RFC 3550 jitter, freezes. Python
 only plans, watches and reports::
 
     from calls.loadtest import Swarm, plan
@@ -44,10 +45,13 @@ class Participant:
     token: Optional[str] = None
     #: Publish a microphone (synthetic Opus).
     audio: bool = True
-    #: Publish a camera (synthetic VP8, one layer).
+    #: Publish a camera (synthetic VP8).
     video: bool = False
     #: Publish a screen share (a second VP8 track).
     screen: bool = False
+    #: Send video as simulcast: camera layers ``q``/``h``/``f`` (≈150 k / 500 k / 1.5 Mbit/s),
+    #: screen ``h``/``f``, three temporal layers each. False: one stream per track (≈520 kbit/s).
+    simulcast: bool = True
     #: Talk (speech audio levels). A non-speaker is muted, or sends silence if ``muted`` is False.
     speaking: bool = False
     #: How a non-speaker is quiet: muted (the router forwards nothing) or silent (forwarded).
@@ -71,6 +75,22 @@ class TrackStats:
     kbps: float
     freezes: int
     freeze_ms: float
+    #: Whether the publisher sends it as simulcast.
+    simulcast: bool = False
+    #: Simulcast video: ``kbps`` split by the layer received, ``{"q", "h", "f"}``.
+    kbps_by_layer: Optional[Dict[str, float]] = None
+    #: Video frames by spatial layer index (0 = lowest).
+    frames_by_layer: List[int] = field(default_factory=lambda: [0, 0, 0])
+    #: Simulcast video: the RID of the layer received last.
+    layer: Optional[str] = None
+    #: How often the received layer changed.
+    layer_switches: int = 0
+    #: Video: the longest time between two frames after the first keyframe.
+    max_frame_gap_ms: float = 0.0
+    #: RFC 3550 interarrival jitter at the end (None before two packets).
+    jitter_ms: Optional[float] = None
+    #: The largest value the jitter estimate reached.
+    jitter_max_ms: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,19 @@ class ParticipantStats:
     keyframe_requests: int
     signal_errors: int
     tracks: List[TrackStats] = field(default_factory=list)
+    #: Whether it publishes video as simulcast.
+    simulcast: bool = False
+    #: Received simulcast video bitrate by layer over ``media_s``: ``{"q", "h", "f"}`` kbit/s.
+    rx_kbps_by_layer: Dict[str, float] = field(default_factory=dict)
+    #: The largest RFC 3550 jitter among its received audio / video tracks.
+    audio_jitter_ms: Optional[float] = None
+    video_jitter_ms: Optional[float] = None
+    #: The longest frame gap among its received video tracks.
+    max_frame_gap_ms: float = 0.0
+    #: ``speaker`` messages (active speaker changes) received.
+    speaker_messages: int = 0
+    #: ``layers`` (dynacast) messages received about its own video.
+    layers_messages: int = 0
 
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "ParticipantStats":
@@ -199,6 +232,7 @@ def plan(
     speakers: int = 2,
     video: int = 0,
     screen: int = 0,
+    simulcast: bool = True,
     ramp: float = 0.0,
     secret: Optional[str] = None,
     silent: bool = False,
@@ -206,8 +240,9 @@ def plan(
     token_ttl: float = 3600.0,
 ) -> List[Participant]:
     """``calls`` calls of ``participants`` each. In every call the first ``speakers`` talk,
-    the first ``video`` publish a camera and the first ``screen`` share a screen; the others
-    are muted (or send silence with ``silent``). ``ramp``: joins per second (0: all at once).
+    the first ``video`` publish a camera and the first ``screen`` share a screen (as simulcast
+    unless ``simulcast`` is False); the others are muted (or send silence with ``silent``).
+    ``ramp``: joins per second (0: all at once).
     With ``secret``, each participant gets a join token."""
     out: List[Participant] = []
     for c in range(calls):
@@ -223,6 +258,7 @@ def plan(
                     audio=True,
                     video=i < video,
                     screen=i < screen,
+                    simulcast=simulcast,
                     speaking=i < speakers,
                     muted=not silent,
                     start_after=n / ramp if ramp > 0 else 0.0,

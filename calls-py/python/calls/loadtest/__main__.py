@@ -34,7 +34,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m calls.loadtest",
         description="Run simulated participants (str0m peers on Rust threads, real UDP) "
-        "against a calls server and report join time, bitrate, loss and server load.",
+        "against a calls server and report join time, bitrate (per simulcast layer), loss, "
+        "jitter, freezes and server load.",
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the server's HTTP address")
     p.add_argument("--calls", type=int, default=1, help="number of calls")
@@ -42,6 +43,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--speakers", type=int, default=2, help="talking participants per call")
     p.add_argument("--video", type=int, default=0, help="camera publishers per call")
     p.add_argument("--screen", type=int, default=0, help="screen sharers per call")
+    p.add_argument(
+        "--simulcast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="publish video as simulcast: camera q/h/f, screen h/f (default: on)",
+    )
     p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
     p.add_argument("--duration", type=float, default=60.0, help="seconds, ramp-up included")
     p.add_argument("--ramp", type=float, default=20.0, help="joins per second (0: all at once)")
@@ -113,6 +120,15 @@ def render(report: Dict[str, Any], console: Console) -> None:
     totals.add_row("clients sent", f"{t['client_tx_packets_per_s']:.0f} pkt/s, {t['client_tx_mbit_s']:.2f} Mbit/s")
     totals.add_row("clients received", f"{t['client_rx_packets_per_s']:.0f} pkt/s, {t['client_rx_mbit_s']:.2f} Mbit/s")
     totals.add_row("lost packets / video freezes", f"{t['lost']} / {t['freezes']}")
+    by_layer = t["rx_mbit_s_by_layer"]
+    totals.add_row(
+        "clients received by layer q / h / f",
+        " / ".join(f"{by_layer[rid]:.2f}" for rid in ("q", "h", "f")) + " Mbit/s",
+    )
+    totals.add_row("longest video frame gap", f"{t['max_frame_gap_ms']:.0f} ms")
+    totals.add_row(
+        "speaker / layers messages received", f"{t['speaker_messages']} / {t['layers_messages']}"
+    )
     if "udp_rcvbuf_errors" in t:
         totals.add_row("UDP receive-buffer drops (this machine)", str(t["udp_rcvbuf_errors"]))
     sm = report.get("server_metrics")
@@ -149,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         speakers=args.speakers,
         video=args.video,
         screen=args.screen,
+        simulcast=args.simulcast,
         ramp=args.ramp,
         secret=args.secret,
         silent=args.silent,

@@ -21,6 +21,9 @@ __all__ = [
     "udp_receive_buffer_errors",
 ]
 
+#: Simulcast layers by RID, lowest first (a screen share has only ``h`` and ``f``).
+LAYERS = ("q", "h", "f")
+
 
 def percentiles(values: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> Dict[str, Any]:
     """``{"n", "min", "p50", …, "max", "mean"}`` (nearest-rank), or only ``n`` when empty."""
@@ -177,6 +180,9 @@ def build_report(
     tx_packets = sum(s.packets_sent for s in stats)
     rx_bytes = sum(s.bytes_received for s in stats)
     tx_bytes = sum(s.bytes_sent for s in stats)
+    # Per-layer bitrates over the participants that receive simulcast video at all.
+    simulcast_viewers = [s for s in receiving if any(t.simulcast for t in s.tracks)]
+    video_viewers = [s for s in receiving if any(t.source != "microphone" for t in s.tracks)]
     report: Dict[str, Any] = {
         "config": config,
         "interrupted": interrupted,
@@ -199,6 +205,22 @@ def build_report(
             "tx_kbps": percentiles([s.tx_kbps for s in stats if s.tx_kbps > 0]),
             "loss_percent": percentiles([100.0 * s.loss for s in receiving]),
             "freezes": percentiles([float(s.freezes) for s in receiving]),
+            **{
+                f"rx_kbps_{rid}": percentiles(
+                    [s.rx_kbps_by_layer.get(rid, 0.0) for s in simulcast_viewers]
+                )
+                for rid in LAYERS
+            },
+            "audio_jitter_ms": percentiles(
+                [s.audio_jitter_ms for s in stats if s.audio_jitter_ms is not None]
+            ),
+            "video_jitter_ms": percentiles(
+                [s.video_jitter_ms for s in stats if s.video_jitter_ms is not None]
+            ),
+            "max_frame_gap_ms": percentiles([s.max_frame_gap_ms for s in video_viewers]),
+            "speaker_messages": percentiles(
+                [float(s.speaker_messages) for s in stats if s.session is not None]
+            ),
         },
         "totals": {
             "client_packets_sent": tx_packets,
@@ -211,6 +233,12 @@ def build_report(
             "client_rx_packets_per_s": rx_packets / wall_s if wall_s > 0 else 0.0,
             "client_tx_mbit_s": tx_bytes * 8 / wall_s / 1e6 if wall_s > 0 else 0.0,
             "client_rx_mbit_s": rx_bytes * 8 / wall_s / 1e6 if wall_s > 0 else 0.0,
+            "rx_mbit_s_by_layer": {
+                rid: sum(s.rx_kbps_by_layer.get(rid, 0.0) for s in stats) / 1e3 for rid in LAYERS
+            },
+            "max_frame_gap_ms": max((s.max_frame_gap_ms for s in stats), default=0.0),
+            "speaker_messages": sum(s.speaker_messages for s in stats),
+            "layers_messages": sum(s.layers_messages for s in stats),
         },
     }
     if steady is not None:
