@@ -180,11 +180,12 @@ impl OursCall {
     }
 
     /// Untimed: lets the router's pacer send what it still holds (str0m paces video at the
-    /// bandwidth estimate, so the last packets of a run may leave a few milliseconds later),
+    /// bandwidth estimate, and the bench feeds packets far faster than any camera, so up to
+    /// the pacer's 2 s queue limit may be waiting),
     /// then takes `forwarded` from the router's own count of media written to subscribers
     /// (the transmits also carry the estimator's padding and probes, which are not media).
     pub fn flush(&mut self) {
-        for _ in 0..10 {
+        for _ in 0..300 {
             self.now += Duration::from_millis(10);
             let router = self.world.router_mut();
             router.handle_timeout(self.now);
