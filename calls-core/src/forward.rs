@@ -201,8 +201,9 @@ impl Rewriter {
             self.base_in_seq = seq;
             self.highest_in = Some(seq);
             self.last_skip = None;
-        } else if seq < self.base_in_seq || self.last_skip.is_some_and(|s| seq < s) {
-            // From before the last resync or skip: it would map onto numbers already used.
+        } else if seq < self.base_in_seq || self.last_skip.is_some_and(|s| seq <= s) {
+            // From before the last resync, or at or before the last skip: it would map onto
+            // numbers already used.
             return Verdict::Drop;
         }
         if self.highest_in.is_none_or(|h| seq > h) {
@@ -377,6 +378,8 @@ mod tests {
         assert_eq!(fwd(rw.rewrite(0, 105, 0, false, now)), Some(4));
         // 101 arrives late (a retransmission): its old number (2) is gone with the offset.
         assert_eq!(fwd(rw.rewrite(0, 101, 0, false, now)), None);
+        // A skipped packet arriving again (RTX) would take 105's number.
+        assert_eq!(fwd(rw.rewrite(0, 104, 0, false, now)), None);
         // A skip after a gap cannot be closed (the gap may be loss): numbering stays.
         rw.skip(107);
         assert_eq!(fwd(rw.rewrite(0, 108, 0, false, now)), Some(7));
