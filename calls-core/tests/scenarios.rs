@@ -108,6 +108,8 @@ fn describe(world: &SimWorld) -> String {
 
 /// Over a window, every receiver got what each sender sent, within `slack` packets still in
 /// flight (audio, video), and each sender sent at least `min_sent` packets (audio, video).
+/// Video slack covers the router's pacer: while a subscriber's bandwidth estimate is still
+/// rising, packets sent before the window may leave it during the window (and vice versa).
 fn assert_window_delivered(
     world: &SimWorld,
     before: &[(SessionId, SessionId, TrackSource, u64, u64)],
@@ -213,7 +215,7 @@ fn three_participants_hear_and_see_each_other() {
 
     // On a perfect zero-delay wire only the packets of the last instant may be in flight: an
     // audio packet or one video frame (a keyframe is 15 packets).
-    assert_window_delivered(&world, &before, (2, 15), (240, 150));
+    assert_window_delivered(&world, &before, (2, 40), (240, 150));
     assert_streams_clean(&world, &peers);
 }
 
@@ -1198,7 +1200,7 @@ fn tcp_only_participant_joins_a_udp_call() {
 
     // Up to ~40 ms one-way through the router: a few packets may still be on the way (an
     // audio packet or two, a video frame — a keyframe is 15 packets).
-    assert_window_delivered(&world, &before, (3, 20), (140, 90));
+    assert_window_delivered(&world, &before, (3, 40), (140, 90));
     for &rx in &peers {
         let peer = world.peer(rx);
         assert!(peer.rtc_errors().is_empty(), "{:?}", peer.rtc_errors());
