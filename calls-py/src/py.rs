@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{PeerOptions, PeerSignal, SimPeer};
+use calls_core::sim::{PeerOptions, PeerSignal, SimPeer, Transport};
 use calls_core::{
     CallId, ConnId, Datagram, Event as CoreEvent, Grants, LeaveReason, Output, Proto,
     Router as CoreRouter, RouterError, ServerMessage, SessionId, TcpError as CoreTcpError, UserId,
@@ -975,7 +975,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             _ => Ok(default),
         }
     }
-    const KEYS: [&str; 11] = [
+    const KEYS: [&str; 12] = [
         "call",
         "user",
         "token",
@@ -987,6 +987,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         "muted",
         "start_after",
         "seed",
+        "transport",
     ];
     for key in d.keys() {
         let key: String = key.extract()?;
@@ -997,6 +998,15 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         }
     }
     let start_after: f64 = get(d, "start_after", 0.0)?;
+    let transport = match get(d, "transport", "udp".to_owned())?.as_str() {
+        "udp" => Transport::Udp,
+        "tcp" => Transport::Tcp,
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "participant {index}: transport {other:?} is neither \"udp\" nor \"tcp\""
+            )))
+        }
+    };
     Ok(ParticipantSpec {
         call: get(d, "call", "loadtest".to_owned())?,
         user: get(d, "user", format!("sim-{index}"))?,
@@ -1013,6 +1023,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             ))
         })?,
         seed: get(d, "seed", index as u64 + 1)?,
+        transport,
     })
 }
 
@@ -1025,7 +1036,8 @@ struct Swarm {
 #[pymethods]
 impl Swarm {
     /// Starts at once. `participants`: dicts with `call`, `user`, `token`, `audio`, `video`,
-    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `start_after` (s), `seed`.
+    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `start_after` (s), `seed`,
+    /// `transport` (`"udp"`, the default, or `"tcp"`: ICE-TCP only).
     /// `threads` 0 = one per core.
     #[new]
     #[pyo3(signature = (url, participants, duration, threads = 0, allow_remote = false))]

@@ -1,12 +1,14 @@
 //! The load tester's engine: simulated participants ([`SimPeer`]s) on Rust threads, each with a
-//! real UDP socket and a WebSocket to the reference server's `/ws` signaling.
+//! real UDP socket (or, with [`Transport::Tcp`], an ICE-TCP connection: see [`crate::ice_tcp`])
+//! and a WebSocket to the reference server's `/ws` signaling.
 //!
 //! A [`Swarm`] splits its participants over `threads` media threads. Each media thread has a
 //! connector thread that opens the WebSockets in start order (ramp-up) and waits for the
 //! server's `welcome`; the media thread then owns the participant: it feeds the WebSocket's
-//! messages and the socket's datagrams to the peer, wakes it on its timers (20 ms Opus, 30 fps
-//! VP8, str0m's own), and sends what it wants sent. One `mio` poll per media thread waits for
-//! all of its sockets. Statistics are published to a shared table four times a second.
+//! messages and the socket's datagrams (or RFC 4571 frames) to the peer, wakes it on its
+//! timers (20 ms Opus, 30 fps VP8, str0m's own), and sends what it wants sent. One `mio` poll
+//! per media thread waits for all of its sockets. Statistics are published to a shared table
+//! four times a second.
 //!
 //! Video is simulcast by default ([`ParticipantSpec::simulcast`]): the router picks one layer
 //! per subscriber. Most measurements come from the peer's [`TrackStats`]; two are taken here,
@@ -28,13 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{simulcast_layers, PeerOptions, PeerSignal, SimPeer, TrackStats};
-use calls_core::{ServerMessage, SessionId, TrackSource, UserId};
+use calls_core::sim::{simulcast_layers, PeerOptions, PeerSignal, SimPeer, TrackStats, Transport};
+use calls_core::{Proto, ServerMessage, SessionId, TrackSource, UserId};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 use serde::Serialize;
 use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
+
+use crate::ice_tcp::{Deframer, TcpLink, TcpLinkError};
 
 /// A gap longer than this between two packets of a video track is a freeze.
 const FREEZE: Duration = Duration::from_millis(500);
@@ -42,6 +46,8 @@ const FREEZE: Duration = Duration::from_millis(500);
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// The longest a media thread sleeps (it also wakes for peers' timers and sockets).
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// A media thread's read buffer (one UDP datagram, or one read of an ICE-TCP stream).
+const READ_BUFFER: usize = 16 * 1024;
 /// Receive buffer asked for each participant's UDP socket (the kernel caps it at
 /// `net.core.rmem_max`): a media thread that is descheduled for a while must not lose packets.
 const UDP_RECV_BUFFER: usize = 1 << 20;
@@ -80,6 +86,9 @@ pub struct ParticipantSpec {
     pub start_after: Duration,
     /// Seed of the peer's synthetic media.
     pub seed: u64,
+    /// How its media reaches the server: UDP, or ICE-TCP only (an active TCP candidate; one
+    /// connection to the server's TCP candidate, opened on the peer's first TCP transmit).
+    pub transport: Transport,
 }
 
 /// What runs and for how long.
@@ -197,6 +206,8 @@ pub struct ParticipantStats {
     pub speaking: bool,
     /// Whether it publishes its video as simulcast.
     pub simulcast: bool,
+    /// `udp`, or `tcp` (ICE-TCP only).
+    pub transport: &'static str,
     /// `waiting`, `joining`, `joined` (welcome received), `connected` (ICE+DTLS up),
     /// `done` or `failed`.
     pub state: &'static str,
@@ -253,6 +264,11 @@ pub struct ParticipantStats {
     pub speaker_messages: u64,
     /// `layers` (dynacast) messages received about its own video.
     pub layers_messages: u64,
+    /// ICE-TCP: the connection failed (closed or reset by the server, refused, or a frame
+    /// longer than [`crate::ice_tcp::MAX_FRAME`]); the participant's media ended there.
+    pub tcp_errors: u64,
+    /// ICE-TCP: frames not sent (the send queue was full, or another destination).
+    pub tcp_frames_dropped: u64,
 }
 
 /// Shared between the swarm handle and its threads.
@@ -301,6 +317,7 @@ impl Swarm {
                 user: p.user.clone(),
                 speaking: p.speaking,
                 simulcast: p.simulcast,
+                transport: transport_name(p.transport),
                 state: "waiting",
                 ..ParticipantStats::default()
             })
@@ -461,6 +478,14 @@ fn update(shared: &Shared, index: usize, f: impl FnOnce(&mut ParticipantStats)) 
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// `udp` or `tcp`, as in the report.
+fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+    }
 }
 
 /// A participant whose WebSocket is open and whose `welcome` arrived.
@@ -679,12 +704,24 @@ fn layer_rid(source: TrackSource, index: usize) -> Option<&'static str> {
         .map(|l| l.rid)
 }
 
+/// How a participant's media reaches the server.
+enum MediaSocket {
+    Udp(mio::net::UdpSocket),
+    /// Registered with the poll when it connects (the peer's first TCP transmit).
+    Tcp(TcpLink),
+}
+
 /// A participant owned by a media thread.
 struct Live {
     index: usize,
     ws: WebSocket<TcpStream>,
     ws_open: bool,
-    udp: mio::net::UdpSocket,
+    media: MediaSocket,
+    /// The poll token of `media`.
+    media_token: Token,
+    /// ICE-TCP: the partial frame between reads.
+    deframer: Deframer,
+    tcp_errors: u64,
     peer: SimPeer,
     opened_at: Instant,
     connected_at: Option<Instant>,
@@ -727,7 +764,7 @@ impl MediaThread {
         let mut live: Vec<Live> = Vec::with_capacity(expected);
         let mut ready: Vec<bool> = Vec::with_capacity(expected);
         let mut next_publish = Instant::now();
-        let mut buf = vec![0u8; 2048];
+        let mut buf = vec![0u8; READ_BUFFER];
         let mut connector_gone = false;
         loop {
             let now = Instant::now();
@@ -739,12 +776,11 @@ impl MediaThread {
                 match joins.try_recv() {
                     Ok(joined) => {
                         let slot = live.len();
-                        let mut l = self.adopt(joined, now)?;
-                        poll.registry().register(
-                            &mut l.udp,
-                            Token(slot * 2),
-                            Interest::READABLE,
-                        )?;
+                        let mut l = self.adopt(joined, Token(slot * 2), now)?;
+                        if let MediaSocket::Udp(udp) = &mut l.media {
+                            poll.registry()
+                                .register(udp, l.media_token, Interest::READABLE)?;
+                        }
                         let fd = l.ws.get_ref().as_raw_fd();
                         poll.registry().register(
                             &mut SourceFd(&fd),
@@ -799,7 +835,7 @@ impl MediaThread {
                 if l.peer.poll_timeout().is_some_and(|at| at <= now) {
                     l.peer.handle_timeout(now);
                 }
-                l.flush(self.server);
+                l.flush(self.server, poll.registry());
                 if l.failed.is_some() {
                     l.finish(now);
                 }
@@ -817,7 +853,7 @@ impl MediaThread {
         Ok(())
     }
 
-    fn adopt(&self, joined: Joined, now: Instant) -> std::io::Result<Live> {
+    fn adopt(&self, joined: Joined, media_token: Token, now: Instant) -> std::io::Result<Live> {
         let bind: SocketAddr = if self.server.is_ipv4() {
             "127.0.0.1:0"
         } else {
@@ -830,16 +866,25 @@ impl MediaThread {
         } else {
             SocketAddr::new(local_ip_towards(self.server)?, 0)
         };
-        let udp = UdpSocket::bind(bind)?;
-        udp.set_nonblocking(true)?;
-        let udp = {
-            let socket = socket2::Socket::from(udp);
-            // Best effort: the default buffer still works, it only drops sooner.
-            let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
-            UdpSocket::from(socket)
-        };
-        let addr = udp.local_addr()?;
         let spec = &joined.spec;
+        let (media, addr) = match spec.transport {
+            Transport::Udp => {
+                let udp = UdpSocket::bind(bind)?;
+                udp.set_nonblocking(true)?;
+                let udp = {
+                    let socket = socket2::Socket::from(udp);
+                    // Best effort: the default buffer still works, it only drops sooner.
+                    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+                    UdpSocket::from(socket)
+                };
+                let addr = udp.local_addr()?;
+                (MediaSocket::Udp(mio::net::UdpSocket::from_std(udp)), addr)
+            }
+            Transport::Tcp => {
+                let (link, addr) = TcpLink::bind(bind.ip())?;
+                (MediaSocket::Tcp(link), addr)
+            }
+        };
         let base = if spec.simulcast {
             PeerOptions::default().with_simulcast()
         } else {
@@ -849,6 +894,7 @@ impl MediaThread {
             audio: spec.audio,
             video: spec.video,
             screen: spec.screen,
+            transport: spec.transport,
             ..base
         };
         let mut peer = SimPeer::new(
@@ -871,7 +917,10 @@ impl MediaThread {
             index: joined.index,
             ws: joined.ws,
             ws_open: true,
-            udp: mio::net::UdpSocket::from_std(udp),
+            media,
+            media_token,
+            deframer: Deframer::default(),
+            tcp_errors: 0,
             peer,
             opened_at: joined.opened_at,
             connected_at: None,
@@ -907,6 +956,7 @@ impl MediaThread {
                         user: std::mem::take(&mut s.user),
                         speaking: s.speaking,
                         simulcast: s.simulcast,
+                        transport: s.transport,
                         join_started_s: keep.0,
                         welcome_ms: keep.1,
                         ..report
@@ -976,22 +1026,10 @@ impl Live {
     }
 
     fn read_media(&mut self, buf: &mut [u8], now: Instant) {
-        let mut got = false;
-        loop {
-            match self.udp.recv_from(buf) {
-                Ok((n, source)) => {
-                    let arrival = Instant::now();
-                    self.peer.handle_datagram(source, &buf[..n], now);
-                    if let Some((ssrc, rtp_time)) = rtp_header(&buf[..n]) {
-                        self.on_rtp(ssrc, rtp_time, arrival);
-                    }
-                    got = true;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                // ICMP port unreachable and the like: keep going.
-                Err(_) => break,
-            }
-        }
+        let got = match self.media {
+            MediaSocket::Udp(_) => self.read_udp(buf, now),
+            MediaSocket::Tcp(_) => self.read_tcp(buf, now),
+        };
         if !got {
             return;
         }
@@ -1018,6 +1056,75 @@ impl Live {
                 }
             }
             watch.last = stats.last_packet_at;
+        }
+    }
+
+    /// Every datagram waiting on the UDP socket; whether there was one.
+    fn read_udp(&mut self, buf: &mut [u8], now: Instant) -> bool {
+        let mut got = false;
+        while let MediaSocket::Udp(udp) = &self.media {
+            match udp.recv_from(buf) {
+                Ok((n, source)) => {
+                    self.receive(Proto::Udp, source, &buf[..n], now);
+                    got = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                // ICMP port unreachable and the like: keep going.
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Everything waiting on the ICE-TCP connection, frame by frame; whether there was
+    /// anything. A closed connection or an oversized frame ends the participant's media.
+    fn read_tcp(&mut self, buf: &mut [u8], now: Instant) -> bool {
+        let mut got = false;
+        while let MediaSocket::Tcp(link) = &mut self.media {
+            let Some(server) = link.server() else {
+                break;
+            };
+            let n = match link.read(buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    self.tcp_failed(e);
+                    break;
+                }
+            };
+            got = true;
+            // The peer is handed each frame as it completes, like a datagram.
+            let mut deframer = std::mem::take(&mut self.deframer);
+            let deframed = deframer.push(&buf[..n], |frame| {
+                self.receive(Proto::Tcp, server, frame, now);
+            });
+            self.deframer = deframer;
+            if let Err(len) = deframed {
+                self.tcp_failed(TcpLinkError::FrameTooLarge(len));
+                break;
+            }
+        }
+        got
+    }
+
+    /// The ICE-TCP connection failed: count it, close it, and end the participant's media.
+    fn tcp_failed(&mut self, error: TcpLinkError) {
+        self.tcp_errors += 1;
+        if let MediaSocket::Tcp(link) = &mut self.media {
+            link.close();
+        }
+        if !self.done && self.failed.is_none() {
+            self.failed = Some(format!("ICE-TCP: {error}"));
+        }
+    }
+
+    /// One datagram (or ICE-TCP frame) from the server, to the peer and the jitter/layer
+    /// bookkeeping.
+    fn receive(&mut self, proto: Proto, source: SocketAddr, datagram: &[u8], now: Instant) {
+        let arrival = Instant::now();
+        self.peer.handle_receive(proto, source, datagram, now);
+        if let Some((ssrc, rtp_time)) = rtp_header(datagram) {
+            self.on_rtp(ssrc, rtp_time, arrival);
         }
     }
 
@@ -1055,7 +1162,7 @@ impl Live {
         }
     }
 
-    fn flush(&mut self, server: SocketAddr) {
+    fn flush(&mut self, server: SocketAddr, registry: &Registry) {
         if self.ws_open {
             for signal in self.peer.take_signals() {
                 let json = match signal {
@@ -1078,8 +1185,24 @@ impl Live {
         for transmit in self.peer.take_transmits() {
             // Only to the server: a peer never sends elsewhere on a loopback test.
             let to = transmit.destination;
-            if to.ip() == server.ip() || to.ip().is_loopback() {
-                let _ = self.udp.send_to(&transmit.contents, to);
+            if to.ip() != server.ip() && !to.ip().is_loopback() {
+                continue;
+            }
+            match (&mut self.media, transmit.proto) {
+                (MediaSocket::Udp(udp), Proto::Udp) => {
+                    let _ = udp.send_to(&transmit.contents, to);
+                }
+                (MediaSocket::Tcp(link), Proto::Tcp) => {
+                    if let Err(e) = link.send(to, &transmit.contents, registry, self.media_token) {
+                        self.tcp_failed(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let MediaSocket::Tcp(link) = &mut self.media {
+            if let Err(e) = link.write() {
+                self.tcp_failed(e);
             }
         }
     }
@@ -1114,6 +1237,9 @@ impl Live {
             self.ws_open = false;
         }
         self.peer.close();
+        if let MediaSocket::Tcp(link) = &mut self.media {
+            link.close();
+        }
     }
 
     fn freeze_check_at_end(&mut self, now: Instant) {
@@ -1159,6 +1285,11 @@ impl Live {
             signal_errors: self.signal_errors,
             speaker_messages: self.peer.signal_count("speaker"),
             layers_messages: self.peer.signal_count("layers"),
+            tcp_errors: self.tcp_errors,
+            tcp_frames_dropped: match &self.media {
+                MediaSocket::Tcp(link) => link.frames_dropped(),
+                MediaSocket::Udp(_) => 0,
+            },
             ..ParticipantStats::default()
         };
         for source in [
@@ -1385,6 +1516,7 @@ mod tests {
             muted: false,
             start_after: Duration::ZERO,
             seed: 1,
+            transport: Transport::Udp,
         };
         let config = SwarmConfig {
             url: "http://192.0.2.1:8080".into(),

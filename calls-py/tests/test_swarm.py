@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SECRET, Server
 
 from calls.loadtest import Participant, Swarm, mint_token, plan
+from calls.loadtest.report import by_transport
 
 
 def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -> None:
@@ -68,6 +70,38 @@ def test_simulcast_viewers_report_layer_bitrates_jitter_and_the_speaker(server: 
     assert listeners and all(s.audio_jitter_ms is not None for s in listeners)
 
 
+def test_an_ice_tcp_participant_sends_and_receives_media(server: Server) -> None:
+    participants = plan(
+        calls=1, participants=3, speakers=2, video=2, secret=SECRET, call_prefix="tcp",
+        transport="mixed",
+    )
+    assert [p.transport for p in participants] == ["tcp", "udp", "udp"]
+    with Swarm(server.url, participants, duration=6.0, threads=1) as swarm:
+        assert swarm.wait(30.0), "the swarm did not stop at its deadline"
+    stats = swarm.stats()
+    failed = [(s.user, s.error) for s in stats if s.state != "done"]
+    assert not failed, failed
+    tcp, *udp = stats
+    assert tcp.transport == "tcp" and all(s.transport == "udp" for s in udp)
+    # Over ICE-TCP it hears and sees the other publisher…
+    assert {t.source for t in tcp.tracks if t.packets > 50} == {"microphone", "camera"}, tcp
+    assert tcp.loss < 0.01 and tcp.tcp_errors == 0 and tcp.tcp_frames_dropped == 0, tcp
+    # …and what it publishes over ICE-TCP reaches the UDP participants.
+    for s in udp:
+        from_tcp = {t.source for t in s.tracks if t.publisher == tcp.session and t.packets > 50}
+        assert from_tcp == {"microphone", "camera"}, s
+    totals = by_transport(stats)
+    assert totals["tcp"]["receiving_media"] == 1 and totals["udp"]["receiving_media"] == 2
+    assert totals["tcp"]["tcp_errors"] == 0
+
+
+def test_an_unknown_transport_is_refused() -> None:
+    with pytest.raises(ValueError, match="transport"):
+        plan(transport="sctp")
+    with pytest.raises(ValueError, match="neither"):
+        Swarm("http://127.0.0.1:9", [Participant(call="c", user="u", transport="sctp")], 1.0)
+
+
 def test_a_bad_token_is_refused(server: Server) -> None:
     good = Participant(call="t", user="ok", token=mint_token(SECRET, "t", "ok"))
     wrong_call = Participant(call="t", user="x", token=mint_token(SECRET, "other", "x"))
@@ -86,7 +120,7 @@ def test_the_cli_reports(server: Server, tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "calls.loadtest", "--url", server.url, "--participants", "4",
         "--speakers", "2", "--video", "1", "--duration", "4", "--ramp", "0",
-        "--secret", SECRET, "--report", str(report), "--quiet",
+        "--secret", SECRET, "--report", str(report), "--quiet", "--transport", "mixed",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -97,6 +131,10 @@ def test_the_cli_reports(server: Server, tmp_path: Path) -> None:
     assert data["server_metrics"]["datagrams_out_per_s"] > 0
     assert "secret" not in data["config"]
     assert data["config"]["simulcast"] is True
+    # Participant 0 (a speaker with the camera) on ICE-TCP, the others on UDP.
+    by_transport = data["totals"]["by_transport"]
+    assert by_transport["tcp"]["participants"] == 1 and by_transport["tcp"]["receiving_media"] == 1
+    assert by_transport["udp"]["receiving_media"] == 3
     assert sum(data["totals"]["rx_mbit_s_by_layer"].values()) > 0
     assert data["per_participant"]["rx_kbps_q"]["n"] == 3
     assert data["per_participant"]["video_jitter_ms"]["n"] == 3

@@ -4,8 +4,9 @@ The participants are str0m peers on Rust threads (``calls._calls.Swarm``): each 
 reference server's WebSocket (``/ws?call=&user=&token=``), waits for its ``welcome``, negotiates
 with the router, sends synthetic Opus (20 ms packets with audio levels) and VP8 (30 fps,
 keyframes every 3 s and on PLI; simulcast layers ``q``/``h``/``f`` by default) over its own
-UDP socket, and counts what it receives: bitrate per layer, RFC 3550 jitter, freezes. Python
-only plans, watches and reports::
+UDP socket (or, with ``transport="tcp"``, an ICE-TCP connection to the server's TCP candidate),
+and counts what it receives: bitrate per layer, RFC 3550 jitter, freezes. Python only plans,
+watches and reports::
 
     from calls.loadtest import Swarm, plan
     swarm = Swarm("http://127.0.0.1:8080", plan(calls=1, participants=20, speakers=2), duration=10)
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional
 from calls._calls import Swarm as _Swarm
 
 __all__ = [
+    "TRANSPORTS",
     "Participant",
     "ParticipantStats",
     "Swarm",
@@ -33,6 +35,10 @@ __all__ = [
     "mint_token",
     "plan",
 ]
+
+#: What :func:`plan` accepts as ``transport``: everyone on UDP, everyone on ICE-TCP, or mixed
+#: (participants 0, 4, 8, … of each call on ICE-TCP, the others on UDP).
+TRANSPORTS = ("udp", "tcp", "mixed")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class Participant:
     start_after: float = 0.0
     #: Seed of its synthetic media.
     seed: int = 1
+    #: ``"udp"``, or ``"tcp"``: ICE-TCP only (an active TCP candidate; one RFC 4571-framed
+    #: connection to the server's TCP candidate, opened on the first ICE check).
+    transport: str = "udp"
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,14 @@ class ParticipantStats:
     speaker_messages: int = 0
     #: ``layers`` (dynacast) messages received about its own video.
     layers_messages: int = 0
+    #: ``"udp"`` or ``"tcp"`` (ICE-TCP only).
+    transport: str = "udp"
+    #: ICE-TCP: the connection failed (closed or reset by the server, refused, or a frame
+    #: longer than 2048 bytes); the participant's media ended there and it is ``failed``.
+    tcp_errors: int = 0
+    #: ICE-TCP: frames not sent (the 256 KiB send queue was full, or they were for another
+    #: address than the connection's).
+    tcp_frames_dropped: int = 0
 
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "ParticipantStats":
@@ -238,12 +255,17 @@ def plan(
     silent: bool = False,
     call_prefix: str = "loadtest",
     token_ttl: float = 3600.0,
+    transport: str = "udp",
 ) -> List[Participant]:
     """``calls`` calls of ``participants`` each. In every call the first ``speakers`` talk,
     the first ``video`` publish a camera and the first ``screen`` share a screen (as simulcast
     unless ``simulcast`` is False); the others are muted (or send silence with ``silent``).
     ``ramp``: joins per second (0: all at once).
-    With ``secret``, each participant gets a join token."""
+    With ``secret``, each participant gets a join token.
+    ``transport``: ``"udp"``, ``"tcp"`` (everyone ICE-TCP only) or ``"mixed"`` (participants
+    0, 4, 8, … of each call ICE-TCP only: a quarter, including a publisher)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
     out: List[Participant] = []
     for c in range(calls):
         call = f"{call_prefix}-{c}"
@@ -263,6 +285,13 @@ def plan(
                     muted=not silent,
                     start_after=n / ramp if ramp > 0 else 0.0,
                     seed=n + 1,
+                    transport=_transport_of(transport, i),
                 )
             )
     return out
+
+
+def _transport_of(transport: str, index_in_call: int) -> str:
+    if transport == "mixed":
+        return "tcp" if index_in_call % 4 == 0 else "udp"
+    return transport

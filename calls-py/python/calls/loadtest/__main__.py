@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from calls import CallsError
-from calls.loadtest import ParticipantStats, Swarm, plan
+from calls.loadtest import TRANSPORTS, ParticipantStats, Swarm, plan
 from calls.loadtest.report import (
     ServerProbe,
     ServerSample,
@@ -33,9 +33,9 @@ SETTLE_S = 3.0
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m calls.loadtest",
-        description="Run simulated participants (str0m peers on Rust threads, real UDP) "
-        "against a calls server and report join time, bitrate (per simulcast layer), loss, "
-        "jitter, freezes and server load.",
+        description="Run simulated participants (str0m peers on Rust threads, real UDP or "
+        "ICE-TCP) against a calls server and report join time, bitrate (per simulcast layer), "
+        "loss, jitter, freezes and server load.",
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the server's HTTP address")
     p.add_argument("--calls", type=int, default=1, help="number of calls")
@@ -48,6 +48,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="publish video as simulcast: camera q/h/f, screen h/f (default: on)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="udp",
+        help="media over UDP, ICE-TCP only (RFC 4571 framing to the server's TCP candidate), "
+        "or mixed: every 4th participant of a call (0, 4, 8, …) on ICE-TCP (default: udp)",
     )
     p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
     p.add_argument("--duration", type=float, default=60.0, help="seconds, ramp-up included")
@@ -129,6 +136,17 @@ def render(report: Dict[str, Any], console: Console) -> None:
     totals.add_row(
         "speaker / layers messages received", f"{t['speaker_messages']} / {t['layers_messages']}"
     )
+    for transport, g in t["by_transport"].items():
+        totals.add_row(
+            f"{transport}: joined / receiving / failed",
+            f"{g['joined']} / {g['receiving_media']} / {g['failed']} of {g['participants']}, "
+            f"loss {g['loss_percent']:.2f} %"
+            + (
+                f", ICE-TCP errors {g['tcp_errors']}, frames dropped {g['tcp_frames_dropped']}"
+                if transport == "tcp"
+                else ""
+            ),
+        )
     if "udp_rcvbuf_errors" in t:
         totals.add_row("UDP receive-buffer drops (this machine)", str(t["udp_rcvbuf_errors"]))
     sm = report.get("server_metrics")
@@ -170,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         secret=args.secret,
         silent=args.silent,
         token_ttl=args.duration + 3600,
+        transport=args.transport,
     )
     pid = args.server_pid or find_pid_by_port(port)
     probe = ServerProbe(pid) if pid else None

@@ -15,6 +15,7 @@ __all__ = [
     "ServerProbe",
     "ServerSample",
     "build_report",
+    "by_transport",
     "find_pid_by_port",
     "percentiles",
     "scrape_metrics",
@@ -158,6 +159,30 @@ def _rate(
     return (b - a) / seconds
 
 
+def by_transport(stats: List[ParticipantStats]) -> Dict[str, Dict[str, Any]]:
+    """Totals per transport (``udp``, ``tcp``; only those in use): participants, joined,
+    connected, receiving media, failed, packets received and lost, loss percent, ICE-TCP
+    errors and dropped frames."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for transport in sorted({s.transport for s in stats}):
+        group = [s for s in stats if s.transport == transport]
+        received = sum(s.packets_received for s in group)
+        lost = sum(s.lost for s in group)
+        out[transport] = {
+            "participants": len(group),
+            "joined": sum(1 for s in group if s.session is not None),
+            "connected": sum(1 for s in group if s.connected_ms is not None),
+            "receiving_media": sum(1 for s in group if s.packets_received > 0),
+            "failed": sum(1 for s in group if s.state == "failed"),
+            "packets_received": received,
+            "lost": lost,
+            "loss_percent": 100.0 * lost / (received + lost) if received + lost > 0 else 0.0,
+            "tcp_errors": sum(s.tcp_errors for s in group),
+            "tcp_frames_dropped": sum(s.tcp_frames_dropped for s in group),
+        }
+    return out
+
+
 def build_report(
     config: Dict[str, Any],
     stats: List[ParticipantStats],
@@ -239,6 +264,7 @@ def build_report(
             "max_frame_gap_ms": max((s.max_frame_gap_ms for s in stats), default=0.0),
             "speaker_messages": sum(s.speaker_messages for s in stats),
             "layers_messages": sum(s.layers_messages for s in stats),
+            "by_transport": by_transport(stats),
         },
     }
     if steady is not None:
