@@ -499,6 +499,24 @@ impl Router {
         self.finish(now);
     }
 
+    /// Feeds a batch of received datagrams (what one `recvmmsg` returned), then drain
+    /// [`Router::poll_output`] once. Same as [`Router::handle_datagram`] for each, except that
+    /// every subscriber session touched by the batch is given its timeout once, not once per
+    /// datagram: with a bandwidth estimator and pacer per session (str0m's `handle_timeout`),
+    /// that is most of the per-packet cost in a big call. Keep batches small (≤ 32): writes to
+    /// one subscriber wait in str0m until that timeout.
+    pub fn handle_datagrams<'a>(
+        &mut self,
+        datagrams: impl IntoIterator<Item = Datagram<'a>>,
+        now: Instant,
+    ) {
+        self.last_now = now;
+        for datagram in datagrams {
+            self.ingest(datagram, now);
+        }
+        self.finish(now);
+    }
+
     /// Announces an accepted ICE-TCP connection (on the TCP media port) before its bytes.
     /// `local` is the socket's local address (`accept()` gives it); behind NAT or port
     /// forwarding it may differ from the advertised candidate.

@@ -468,3 +468,34 @@ fn the_probe_credential_gets_an_authenticated_reply_and_nothing_more() {
     assert_eq!(m.dropped(DropReason::ProbeRateLimited), 21);
     assert_eq!(m.dropped(DropReason::StunAuthFailed), 1);
 }
+
+#[test]
+fn a_batch_of_datagrams_is_handled_like_each_one() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    let creds = join_and_offer(&mut router, SessionId(1), now);
+    let forged = binding_request(&creds.ufrag, &creds.client_ufrag, "not-the-password-at-all");
+    let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
+    let garbage = [0xffu8; 40];
+    router.handle_datagrams(
+        [
+            datagram("192.0.2.10:5000", local, &forged),
+            datagram("192.0.2.12:5000", local, &garbage),
+            datagram("192.0.2.20:5000", local, &good),
+        ],
+        now,
+    );
+    let replies = drain(&mut router).transmits;
+    assert_eq!(
+        replies.len(),
+        1,
+        "only the authenticated request is answered"
+    );
+    assert_eq!(replies[0].destination, "192.0.2.20:5000".parse().unwrap());
+    let m = router.metrics();
+    assert_eq!(m.flows, 1);
+    assert_eq!(m.dropped(DropReason::StunAuthFailed), 1);
+    assert_eq!(m.dropped(DropReason::Unclassified), 1);
+    assert_eq!(m.datagrams_in, 3);
+}

@@ -132,7 +132,13 @@ pub struct Worker {
     flows: FlowMap,
     clients: HashMap<SessionId, Client>,
     tcp_writers: HashMap<ConnId, UnboundedSender<Vec<u8>>>,
+    /// Reused buffer for a batch of datagrams.
+    batch: Vec<Cmd>,
 }
+
+/// Most datagrams handed to the router as one batch (str0m holds a subscriber's writes until
+/// the batch's timeout; audio streams keep 16).
+const MAX_BATCH: usize = 16;
 
 impl Worker {
     pub fn new(index: usize, router: Router, udp: Option<UdpSocket>, flows: FlowMap) -> Self {
@@ -143,6 +149,7 @@ impl Worker {
             flows,
             clients: HashMap::new(),
             tcp_writers: HashMap::new(),
+            batch: Vec::with_capacity(MAX_BATCH),
         }
     }
 
@@ -152,9 +159,63 @@ impl Worker {
             let deadline = self.drain();
             let wait = deadline.saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait.min(Duration::from_millis(500))) {
-                Ok(cmd) => self.handle(cmd),
+                Ok(cmd) => self.handle_batch(cmd, &commands),
                 Err(RecvTimeoutError::Timeout) => self.router.handle_timeout(Instant::now()),
                 Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// `first` and the datagrams queued right behind it (up to [`MAX_BATCH`]) go to the router
+    /// as one batch: each subscriber session gets one str0m timeout per batch instead of one per
+    /// datagram. Anything else is handled in order after the batch.
+    fn handle_batch(&mut self, first: Cmd, commands: &Receiver<Cmd>) {
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            let Cmd::Datagram { .. } = cmd else {
+                self.handle(cmd);
+                continue;
+            };
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.push(cmd);
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(cmd @ Cmd::Datagram { .. }) => batch.push(cmd),
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let now = batch
+                .iter()
+                .filter_map(|c| match c {
+                    Cmd::Datagram { at, .. } => Some(*at),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or_else(Instant::now);
+            let datagrams = batch.iter().filter_map(|c| match c {
+                Cmd::Datagram {
+                    source,
+                    destination,
+                    bytes,
+                    ..
+                } => Some(Datagram {
+                    proto: Proto::Udp,
+                    source: *source,
+                    destination: *destination,
+                    contents: bytes,
+                }),
+                _ => None,
+            });
+            self.router.handle_datagrams(datagrams, now);
+            batch.clear();
+            self.batch = batch;
+            if next.is_some() {
+                // Drain before the next input (the sans-IO rule).
+                self.drain();
             }
         }
     }

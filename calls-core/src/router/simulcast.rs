@@ -97,8 +97,6 @@ impl Router {
         let up = layers::allocate((video_budget as f64 / UPGRADE_MARGIN) as u64, &wants);
 
         let mut wanted_bps = reserve;
-        let mut allocated_bps = reserve;
-        let mut next_step = u64::MAX;
         let mut changed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
@@ -163,21 +161,11 @@ impl Router {
             if let Some(top) = w.choices.get(top).filter(|_| !w.paused) {
                 wanted_bps += top.bps;
             }
-            if let Some(k) = new {
-                allocated_bps += w.choices[k].bps;
-                if let Some(next) = w.choices.get(k + 1) {
-                    next_step = next_step.min(next.bps - w.choices[k].bps.min(next.bps));
-                }
-            }
         }
-        // Probe for what the subscriber would like; keep at least the next step's rate on the
-        // wire (padding) so the estimate can show it fits.
-        let minimum = if next_step == u64::MAX {
-            allocated_bps
-        } else {
-            allocated_bps.saturating_add(next_step)
-        }
-        .min(wanted_bps);
+        // Probe for what the subscriber would like (str0m sends probe clusters when the desired
+        // rate rises above the estimate). No sustained padding: at one padding stream per
+        // subscriber, a big call would spend more on padding than on media.
+        let minimum = 0;
         if state.bwe_asked != (minimum, wanted_bps) {
             state.bwe_asked = (minimum, wanted_bps);
             state
