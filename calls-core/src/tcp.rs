@@ -45,9 +45,10 @@ pub enum TcpError {
 
 /// Reassembles RFC 4571 frames from a byte stream split anywhere. Holds at most one partial
 /// frame (≤ 2 + `MAX_DATAGRAM_BYTES` bytes); complete frames in the input are passed on
-/// without copying.
+/// without copying. The router uses it per accepted connection; clients of the port (the load
+/// tester's ICE-TCP participants) use it for the server's stream.
 #[derive(Debug, Default)]
-pub(crate) struct Framer {
+pub struct Framer {
     partial: Vec<u8>,
 }
 
@@ -86,6 +87,11 @@ impl Framer {
             }
         }
         Ok(())
+    }
+
+    /// Bytes of an incomplete frame held.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
     }
 }
 

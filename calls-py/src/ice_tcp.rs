@@ -54,65 +54,9 @@ impl std::fmt::Display for TcpLinkError {
 
 impl std::error::Error for TcpLinkError {}
 
-/// Reassembles RFC 4571 frames from reads split anywhere. Complete frames in a read are passed
-/// on without copying; the start of a frame whose rest comes later is kept (at most
-/// 2 + [`MAX_FRAME`] bytes).
-#[derive(Debug, Default)]
-pub struct Deframer {
-    partial: Vec<u8>,
-}
-
-impl Deframer {
-    /// Feeds the bytes of one read; calls `on_frame` with each frame they complete. An
-    /// oversized frame is an error (its announced length).
-    pub fn push(&mut self, mut input: &[u8], mut on_frame: impl FnMut(&[u8])) -> Result<(), usize> {
-        while !input.is_empty() {
-            if self.partial.is_empty() && input.len() >= 2 {
-                let len = frame_len(input[0], input[1])?;
-                if input.len() >= 2 + len {
-                    if len > 0 {
-                        on_frame(&input[2..2 + len]);
-                    }
-                    input = &input[2 + len..];
-                    continue;
-                }
-            }
-            // A frame continued in a later read: complete its length, then its body.
-            let wanted = if self.partial.len() < 2 {
-                2 - self.partial.len()
-            } else {
-                2 + frame_len(self.partial[0], self.partial[1])? - self.partial.len()
-            };
-            let take = wanted.min(input.len());
-            self.partial.extend_from_slice(&input[..take]);
-            input = &input[take..];
-            if self.partial.len() >= 2 {
-                let len = frame_len(self.partial[0], self.partial[1])?;
-                if self.partial.len() == 2 + len {
-                    if len > 0 {
-                        on_frame(&self.partial[2..]);
-                    }
-                    self.partial.clear();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Bytes of an incomplete frame held.
-    pub fn pending(&self) -> usize {
-        self.partial.len()
-    }
-}
-
-fn frame_len(hi: u8, lo: u8) -> Result<usize, usize> {
-    let len = usize::from(u16::from_be_bytes([hi, lo]));
-    if len > MAX_FRAME {
-        Err(len)
-    } else {
-        Ok(len)
-    }
-}
+/// Reassembles RFC 4571 frames from reads split anywhere: the core's framer (the same limit,
+/// [`MAX_FRAME`]).
+pub use calls_core::tcp::Framer as Deframer;
 
 #[derive(Debug)]
 enum State {
