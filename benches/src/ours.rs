@@ -152,17 +152,11 @@ impl OursCall {
 
     fn route_one(&mut self, source: SocketAddr, contents: &[u8]) {
         self.now += STEP;
-        let router = self.world.router_mut();
         if self.deadline <= self.now {
-            router.handle_timeout(self.now);
-            self.deadline = drain(
-                router,
-                &self.publishers,
-                &mut self.to_publishers,
-                &mut self.forwarded,
-            );
+            self.world.router_mut().handle_timeout(self.now);
+            self.drain_router();
         }
-        router.handle_datagram(
+        self.world.router_mut().handle_datagram(
             Datagram {
                 proto: Proto::Udp,
                 source,
@@ -171,8 +165,13 @@ impl OursCall {
             },
             self.now,
         );
+        self.drain_router();
+    }
+
+    /// Drains the router's outputs and remembers its next deadline.
+    fn drain_router(&mut self) {
         self.deadline = drain(
-            router,
+            self.world.router_mut(),
             &self.publishers,
             &mut self.to_publishers,
             &mut self.forwarded,
@@ -187,14 +186,8 @@ impl OursCall {
     pub fn flush(&mut self) {
         for _ in 0..300 {
             self.now += Duration::from_millis(10);
-            let router = self.world.router_mut();
-            router.handle_timeout(self.now);
-            self.deadline = drain(
-                router,
-                &self.publishers,
-                &mut self.to_publishers,
-                &mut self.forwarded,
-            );
+            self.world.router_mut().handle_timeout(self.now);
+            self.drain_router();
         }
         self.forwarded = self.media_out() - self.media_out_before;
     }
