@@ -1380,6 +1380,7 @@ impl Router {
         let mut tid = None;
         let mut starts_picture = false;
         let mut vp8 = None;
+        let mut new_layer = false;
         if !is_audio {
             track.codec = VideoCodec::from_str0m(codec);
             keyframe = track.codec.is_keyframe(&packet.payload);
@@ -1391,10 +1392,11 @@ impl Router {
                 VideoCodec::Vp9 => (tid, starts_picture) = layers::vp9_temporal(&packet.payload),
                 _ => {}
             }
-            let Some((index, new_layer)) = track.layer_index(rid, now) else {
+            let Some((index, is_new)) = track.layer_index(rid, now) else {
                 self.counters.snapshot.media_dropped += 1;
                 return;
             };
+            new_layer = is_new;
             let layer = &mut track.layers[index];
             layer.last_seen = now;
             layer.max_tid = layer
@@ -1403,17 +1405,20 @@ impl Router {
             layer
                 .meter
                 .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
-            if new_layer {
-                // Every subscriber of this track can be given the new layer — before this
-                // packet (often the keyframe that starts the layer) is fanned out.
-                let subscribers = track.subscribers.clone();
-                for sub in subscribers {
-                    self.allocate(sub, now);
-                }
-            }
         }
-        let Some(track) = self.tracks.get_mut(&key) else {
-            return;
+        let track = if new_layer {
+            // Every subscriber of this track can be given the new layer — before this packet
+            // (often the keyframe that starts the layer) is fanned out.
+            let subscribers = track.subscribers.clone();
+            for sub in subscribers {
+                self.allocate(sub, now);
+            }
+            let Some(track) = self.tracks.get_mut(&key) else {
+                return;
+            };
+            track
+        } else {
+            track
         };
         let simulcast = rid.is_some();
         let epoch = track.epoch;
