@@ -27,24 +27,17 @@ fn priority(source: TrackSource, publisher: SessionId, speaker: Option<SessionId
 
 impl Router {
     /// A subscription's answer was accepted: the track starts flowing to `session` at the
-    /// layer its bandwidth allows, from a promptly requested keyframe.
+    /// layer its bandwidth allows. Choosing that layer (`allocate`) requests its keyframe at
+    /// once and updates the track's dynacast state; a track with no layer seen yet gets both
+    /// when its first packet arrives.
     pub(super) fn subscribed(&mut self, session: SessionId, key: TrackKey, now: Instant) {
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
         };
         track.subscribers.push(session);
-        if track.is_audio() {
-            return;
+        if !track.is_audio() {
+            self.allocate(session, now);
         }
-        self.allocate(session, now);
-        let rid = self
-            .sessions
-            .get(&session)
-            .and_then(|s| s.outgoing.get(&key))
-            .and_then(|out| out.sel.target)
-            .and_then(|(rid, _)| rid);
-        self.request_keyframe(key, rid, now, true);
-        self.dynacast.push(key);
     }
 
     /// Shares `session`'s bandwidth among the video tracks it receives (see
@@ -230,7 +223,6 @@ impl Router {
             return;
         };
         let mut active: Vec<Rid> = Vec::with_capacity(track.layers.len());
-        let mut pause_pending = false;
         for (i, layer) in track.layers.iter_mut().enumerate() {
             let keep = if needed[i] {
                 layer.unneeded_since = None;
@@ -238,7 +230,6 @@ impl Router {
             } else {
                 let since = *layer.unneeded_since.get_or_insert(now);
                 let keep = now.saturating_duration_since(since) < DYNACAST_PAUSE_AFTER;
-                pause_pending |= keep && layer.sending;
                 keep && layer.sending
             };
             if let Some(rid) = layer.rid {
@@ -250,7 +241,6 @@ impl Router {
         let all_sending = track.announced.is_none();
         let everything = active.len() == track.layers.len();
         if (all_sending && everything) || track.announced.as_ref() == Some(&active) {
-            let _ = pause_pending; // the tick comes back for it
             return;
         }
         for layer in &mut track.layers {
