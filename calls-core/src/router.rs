@@ -494,9 +494,7 @@ impl Router {
     /// Feeds one received datagram. Unknown, garbage and unauthenticated datagrams are dropped
     /// silently (no reply) and counted by reason in [`metrics`](Self::metrics).
     pub fn handle_datagram(&mut self, datagram: Datagram<'_>, now: Instant) {
-        self.last_now = now;
-        self.ingest(datagram, now);
-        self.finish(now);
+        self.handle_datagrams(std::iter::once(datagram), now);
     }
 
     /// Feeds a batch of received datagrams (what one `recvmmsg` returned), then drain
