@@ -18,11 +18,14 @@ from rich.table import Table
 from calls import CallsError
 from calls.loadtest import TRANSPORTS, ParticipantStats, Swarm, plan
 from calls.loadtest.report import (
+    MetricsScrape,
+    MetricsWindow,
     ServerProbe,
     ServerSample,
     build_report,
     find_pid_by_port,
     scrape_metrics,
+    server_metrics_rows,
     udp_receive_buffer_errors,
 )
 
@@ -88,6 +91,14 @@ def loopback_target(url: str) -> Tuple[str, int]:
     return host, port
 
 
+def scrape(url: str) -> MetricsScrape:
+    """The server's ``/metrics`` now; timed at the middle of the request, since the server
+    asks its workers for their counters while we wait (up to 2 s)."""
+    asked = time.monotonic()
+    metrics = scrape_metrics(url)
+    return MetricsScrape(at=(asked + time.monotonic()) / 2, metrics=metrics)
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -150,12 +161,9 @@ def render(report: Dict[str, Any], console: Console) -> None:
     if "udp_rcvbuf_errors" in t:
         totals.add_row("UDP receive-buffer drops (this machine)", str(t["udp_rcvbuf_errors"]))
     sm = report.get("server_metrics")
-    if sm and sm.get("datagrams_in_per_s") is not None:
-        totals.add_row(
-            f"server datagrams (steady {sm['window_s']:.0f} s)",
-            f"in {sm['datagrams_in_per_s']:.0f}/s ({sm['mbit_in_s']:.2f} Mbit/s), "
-            f"out {sm['datagrams_out_per_s']:.0f}/s ({sm['mbit_out_s']:.2f} Mbit/s)",
-        )
+    if sm:
+        for what, value in server_metrics_rows(sm):
+            totals.add_row(what, value)
     sp = report.get("server_process")
     if sp:
         cpu = sp["cpu_percent"]
@@ -208,8 +216,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     rcvbuf_errors_before = udp_receive_buffer_errors()
     interrupted = False
-    metrics_before: Dict[str, float] = {}
-    metrics_after: Dict[str, float] = {}
+    metrics = MetricsWindow()
     steady_started: Optional[float] = None
     window_end = 0.0
     steady_cpu = 0.0
@@ -242,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 if steady_started is None and now - started >= steady_at:
                     steady_started = now
                     steady_cpu = cpu_seconds()
-                    metrics_before = scrape_metrics(args.url)
+                    metrics.add(scrape(args.url))
                     steady_snapshot = s
                     if probe:
                         probe.sample()
@@ -250,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                     if probe:
                         probe.sample()
                     if args.duration - (now - started) > 0.6:
-                        metrics_after = scrape_metrics(args.url)
+                        metrics.add(scrape(args.url))
                         window_end = now
         except KeyboardInterrupt:
             interrupted = True
@@ -265,22 +272,22 @@ def run(args: argparse.Namespace) -> int:
     steady: Optional[Dict[str, Any]] = None
     loadtester_cpu = None
     loadtester_window = 0.0
-    window = 0.0
     if steady_started is not None:
         loadtester_cpu = cpu_seconds() - steady_cpu
         loadtester_window = time.monotonic() - steady_started
-    if steady_started is not None and metrics_after:
-        window = window_end - steady_started
-        steady = {"started_s": steady_started - started, "window_s": window, "at_start": steady_snapshot}
+    if steady_started is not None and window_end > steady_started:
+        steady = {
+            "started_s": steady_started - started,
+            "window_s": window_end - steady_started,
+            "at_start": steady_snapshot,
+        }
     report = build_report(
         config,
         stats,
         wall,
         steady=steady,
         probe=probe,
-        metrics_before=metrics_before,
-        metrics_after=metrics_after,
-        metrics_window_s=window,
+        metrics=metrics,
         interrupted=interrupted,
         loadtester_cpu_s=loadtester_cpu,
         loadtester_window_s=loadtester_window,

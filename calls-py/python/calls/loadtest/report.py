@@ -7,18 +7,23 @@ import re
 import time
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calls.loadtest import ParticipantStats
 
 __all__ = [
+    "MetricsScrape",
+    "MetricsWindow",
     "ServerProbe",
     "ServerSample",
     "build_report",
     "by_transport",
     "find_pid_by_port",
+    "parse_metrics",
     "percentiles",
     "scrape_metrics",
+    "server_metrics",
+    "server_metrics_rows",
     "udp_receive_buffer_errors",
 ]
 
@@ -119,6 +124,12 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> Dict[str, float]:
             text = r.read().decode("utf-8", "replace")
     except OSError:
         return {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> Dict[str, float]:
+    """Prometheus / OpenMetrics text as ``{name: value}``, the samples of a name summed over
+    its labels."""
     out: Dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -150,13 +161,130 @@ def _counter(metrics: Dict[str, float], name: str) -> Optional[float]:
     return None
 
 
-def _rate(
-    before: Dict[str, float], after: Dict[str, float], name: str, seconds: float
-) -> Optional[float]:
-    a, b = _counter(before, name), _counter(after, name)
-    if a is None or b is None or seconds <= 0:
-        return None
-    return (b - a) / seconds
+@dataclass(frozen=True)
+class MetricsScrape:
+    """One scrape of the server's ``/metrics`` (``{}`` if it was unreachable), and when."""
+
+    at: float
+    metrics: Dict[str, float]
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.metrics)
+
+    @property
+    def complete(self) -> bool:
+        """Every router worker answered: ``calls_workers_unanswered`` is 0 (or absent, from a
+        server that does not report it). A worker that did not answer within the server's 2 s
+        limit is missing from the counters, so an incomplete scrape must not bound a window."""
+        return self.answered and self.metrics.get("calls_workers_unanswered", 0.0) == 0
+
+
+class MetricsWindow:
+    """The steady window's ``/metrics`` scrapes, fed one by one (:meth:`add`): the first
+    complete scrape is the window's start, the latest complete one its end, and the others
+    are counted. Keeps only those two scrapes."""
+
+    def __init__(self) -> None:
+        self.start: Optional[MetricsScrape] = None
+        self.end: Optional[MetricsScrape] = None
+        #: Scrapes tried, scrapes with a worker unanswered, and scrapes that got no answer.
+        self.scrapes = 0
+        self.incomplete = 0
+        self.failed = 0
+
+    def add(self, scrape: MetricsScrape) -> None:
+        self.scrapes += 1
+        if not scrape.answered:
+            self.failed += 1
+        elif not scrape.complete:
+            self.incomplete += 1
+        else:
+            if self.start is None:
+                self.start = scrape
+            self.end = scrape
+
+
+#: The server's rates over the steady window: (report key, counter, counts per unit), the
+#: byte counters in Mbit/s (125 000 bytes a megabit).
+SERVER_RATES = (
+    ("datagrams_in_per_s", "datagrams_in", 1.0),
+    ("datagrams_out_per_s", "datagrams_out", 1.0),
+    ("mbit_in_s", "datagram_bytes_in", 125_000.0),
+    ("mbit_out_s", "datagram_bytes_out", 125_000.0),
+)
+
+
+def server_metrics(window: MetricsWindow) -> Dict[str, Any]:
+    """The report's ``server_metrics``: the :data:`SERVER_RATES` between the window's first
+    and last complete scrape, over the time between those two scrapes (``window_s``), and how
+    many scrapes there were (``scrapes``), how many had a worker unanswered
+    (``scrapes_incomplete``: the server was saturated) and how many got no answer
+    (``scrapes_failed``). A rate that cannot be measured is None, and ``not_measured`` says
+    why: no two complete scrapes, or a counter that went backwards (the server restarted)."""
+    out: Dict[str, Any] = {
+        "window_s": 0.0,
+        **{key: None for key, _, _ in SERVER_RATES},
+        "scrapes": window.scrapes,
+        "scrapes_incomplete": window.incomplete,
+        "scrapes_failed": window.failed,
+        "not_measured": None,
+    }
+    start, end = window.start, window.end
+    if start is None or end is None or end.at <= start.at:
+        if window.incomplete:
+            out["not_measured"] = "server workers unanswered"
+        elif window.failed:
+            out["not_measured"] = "server unreachable"
+        else:
+            out["not_measured"] = "only one scrape"
+        return out
+    seconds = end.at - start.at
+    rates: Dict[str, Optional[float]] = {}
+    backwards: List[str] = []
+    for key, name, per_unit in SERVER_RATES:
+        a, b = _counter(start.metrics, name), _counter(end.metrics, name)
+        if a is None or b is None:
+            rates[key] = None
+        elif b < a:
+            backwards.append(name)
+        else:
+            rates[key] = (b - a) / seconds / per_unit
+    if backwards:
+        # A counter never decreases in one server process: this is a restart, and the
+        # differences of the other counters are just as meaningless.
+        out["not_measured"] = f"counter went backwards: {', '.join(backwards)}"
+        return out
+    out["window_s"] = seconds
+    out.update(rates)
+    return out
+
+
+def server_metrics_rows(sm: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """The totals table's rows for a report's ``server_metrics``: (what, value)."""
+    scrapes = (
+        f"{sm['scrapes']}: {sm['scrapes_incomplete']} with workers unanswered"
+        + (" (server saturated)" if sm["scrapes_incomplete"] else "")
+        + f", {sm['scrapes_failed']} unreachable"
+    )
+    rows = [("server /metrics scrapes (steady)", scrapes)]
+    if sm["not_measured"] is not None:
+        rows.insert(0, ("server datagrams (steady)", f"n/a ({sm['not_measured']})"))
+        return rows
+
+    def rate(key: str, digits: int) -> str:
+        value = sm[key]
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    rows.insert(
+        0,
+        (
+            f"server datagrams (steady {sm['window_s']:.0f} s)",
+            f"in {rate('datagrams_in_per_s', 0)}/s ({rate('mbit_in_s', 2)} Mbit/s), "
+            f"out {rate('datagrams_out_per_s', 0)}/s ({rate('mbit_out_s', 2)} Mbit/s)",
+        ),
+    )
+    return rows
 
 
 def by_transport(stats: List[ParticipantStats]) -> Dict[str, Dict[str, Any]]:
@@ -189,15 +317,14 @@ def build_report(
     wall_s: float,
     steady: Optional[Dict[str, Any]] = None,
     probe: Optional[ServerProbe] = None,
-    metrics_before: Optional[Dict[str, float]] = None,
-    metrics_after: Optional[Dict[str, float]] = None,
-    metrics_window_s: float = 0.0,
+    metrics: Optional[MetricsWindow] = None,
     interrupted: bool = False,
     loadtester_cpu_s: Optional[float] = None,
     loadtester_window_s: float = 0.0,
     baseline: Optional[ServerSample] = None,
 ) -> Dict[str, Any]:
-    """The report as a JSON-ready dict."""
+    """The report as a JSON-ready dict. ``metrics``: the steady window's ``/metrics`` scrapes
+    (``server_metrics``, see :func:`server_metrics`)."""
     n = len(stats)
     receiving = [s for s in stats if s.packets_received > 0]
     failed = [s for s in stats if s.state == "failed"]
@@ -269,21 +396,8 @@ def build_report(
     }
     if steady is not None:
         report["steady_state"] = steady
-    if metrics_before and metrics_after:
-        window = metrics_window_s
-        report["server_metrics"] = {
-            "window_s": window,
-            "datagrams_in_per_s": _rate(metrics_before, metrics_after, "datagrams_in", window),
-            "datagrams_out_per_s": _rate(metrics_before, metrics_after, "datagrams_out", window),
-            "mbit_in_s": (_rate(metrics_before, metrics_after, "datagram_bytes_in", window) or 0)
-            * 8
-            / 1e6,
-            "mbit_out_s": (
-                _rate(metrics_before, metrics_after, "datagram_bytes_out", window) or 0
-            )
-            * 8
-            / 1e6,
-        }
+    if metrics is not None and metrics.scrapes:
+        report["server_metrics"] = server_metrics(metrics)
     if probe is not None and len(probe.samples) >= 2:
         first, last = probe.samples[0], probe.samples[-1]
         span = last.at - first.at
