@@ -161,6 +161,38 @@ fn big_call(c: &mut Criterion) {
     group.finish();
 }
 
+/// A meeting where everyone publishes a microphone, two talk and the rest are muted, against
+/// the same call where the listeners publish nothing: the same forwarding work, so the ratio
+/// is what idle subscriptions cost (str0m visits every send stream on every timeout; the
+/// router parks idle ones). Also memory per participant.
+fn muted_room(c: &mut Criterion) {
+    let participants = if test_mode() { 12 } else { 200 };
+    let fanout = participants as u64 - 1;
+    let mut group = c.benchmark_group("room-2-speakers-all-mics");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(fanout));
+    for muted_mics in [true, false] {
+        let name = if muted_mics { "muted-mics" } else { "no-mics" };
+        let before = live_bytes();
+        let mut ours = OursCall::room(Media::Audio, 2, participants - 2, muted_mics);
+        group.bench_function(BenchmarkId::new(name, participants), |b| {
+            b.iter_custom(|iters| run(&mut ours, iters))
+        });
+        ours.flush();
+        check(&format!("ours room {name}"), &ours, fanout);
+        let router = ours.into_router();
+        let router_only = live_bytes() - before;
+        drop(router);
+        eprintln!(
+            "memory ours room {name} {participants} participants: router {} B/participant",
+            router_only / participants as isize,
+        );
+    }
+    group.finish();
+}
+
 /// Memory per participant of a video call after traffic has filled the send buffers.
 fn video_memory(_c: &mut Criterion) {
     let subscribers = if test_mode() { 4 } else { 10 };
@@ -208,5 +240,12 @@ fn aes_gcm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, aes_gcm, forwarding, big_call, video_memory);
+criterion_group!(
+    benches,
+    aes_gcm,
+    forwarding,
+    big_call,
+    muted_room,
+    video_memory
+);
 criterion_main!(benches);

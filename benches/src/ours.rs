@@ -37,6 +37,13 @@ impl OursCall {
     /// Builds and settles the call (everyone receives every publisher). Panics if it does not
     /// settle.
     pub fn new(media: Media, publishers: usize, subscribers: usize) -> OursCall {
+        OursCall::room(media, publishers, subscribers, false)
+    }
+
+    /// Like [`OursCall::new`], but with `muted_mics` every listener also publishes a
+    /// microphone and is muted by the router (a big meeting: everyone has a mic, two talk).
+    /// The call then runs 6 s more, so idle send streams are parked as in a long call.
+    pub fn room(media: Media, publishers: usize, subscribers: usize, muted_mics: bool) -> OursCall {
         #[allow(clippy::disallowed_methods)] // the virtual epoch
         let start = Instant::now();
         let mut config = calls_core::Config::default();
@@ -54,11 +61,15 @@ impl OursCall {
         let pubs: Vec<SessionId> = (0..publishers)
             .map(|i| world.add_peer("bench", format!("pub{i}"), options.clone()))
             .collect();
-        let listener = PeerOptions {
-            audio: false,
-            video: false,
-            grants: Grants::VIEWER,
-            ..PeerOptions::default()
+        let listener = if muted_mics {
+            PeerOptions::audio_only()
+        } else {
+            PeerOptions {
+                audio: false,
+                video: false,
+                grants: Grants::VIEWER,
+                ..PeerOptions::default()
+            }
         };
         let subs: Vec<SessionId> = (0..subscribers)
             .map(|i| world.add_peer("bench", format!("sub{i}"), listener.clone()))
@@ -80,6 +91,12 @@ impl OursCall {
             Duration::from_secs(30),
         );
         assert!(settled, "bench call did not settle");
+        if muted_mics {
+            for s in &subs {
+                world.set_muted(*s, true);
+            }
+            world.run_for(Duration::from_secs(6));
+        }
         let now = world.now();
         let router_addr = world.router_addr();
         let publishers = pubs

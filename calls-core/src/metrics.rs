@@ -147,6 +147,10 @@ pub struct MetricsSnapshot {
     pub dynacast_updates: u64,
     /// Active speaker changes announced.
     pub speaker_changes: u64,
+    /// Idle send streams taken out of str0m (nothing forwarded into them for 5 s).
+    pub streams_parked: u64,
+    /// Parked send streams declared again (media to forward, or an SDP renegotiation).
+    pub streams_unparked: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -195,6 +199,8 @@ impl MetricsSnapshot {
         self.layer_switch_time.merge(&other.layer_switch_time);
         self.dynacast_updates += other.dynacast_updates;
         self.speaker_changes += other.speaker_changes;
+        self.streams_parked += other.streams_parked;
+        self.streams_unparked += other.streams_unparked;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -414,6 +420,18 @@ mod prom {
             "speaker_changes",
             "Active speaker changes announced",
             m.speaker_changes,
+        );
+        counter(
+            &mut registry,
+            "streams_parked",
+            "Idle send streams taken out of the WebRTC stack (nothing forwarded for 5 s)",
+            m.streams_parked,
+        );
+        counter(
+            &mut registry,
+            "streams_unparked",
+            "Parked send streams declared again (media to forward, or a renegotiation)",
+            m.streams_unparked,
         );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();

@@ -1495,6 +1495,10 @@ impl Router {
             };
             let patch = vp8.as_ref().and_then(|d| out.sel.vp8.patch(d));
             let ssrc = out.ssrc;
+            out.last_write = now;
+            if std::mem::take(&mut out.parked) && s.unpark(ssrc) {
+                self.counters.snapshot.streams_unparked += 1;
+            }
             // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
             let ext = ExtensionValues {
                 audio_level: packet.header.ext_vals.audio_level,
@@ -1720,6 +1724,7 @@ impl Router {
             .sessions
             .get_mut(&session)
             .ok_or(SignalError::UnexpectedAnswer)?;
+        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
         let answer = state
             .rtc
             .sdp_api()
@@ -1754,6 +1759,9 @@ impl Router {
         };
         let answer =
             SdpAnswer::from_sdp_string(sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
+        // Nothing is parked while an offer is pending; kept for safety (str0m would make new
+        // send streams with new SSRCs for sending m-lines that have none).
+        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
         if let Err(e) = state.rtc.sdp_api().accept_answer(pending.pending, answer) {
             // The offer is spent; what it carried is offered again.
             if !self.renegotiate.contains(&session) {
@@ -1772,7 +1780,7 @@ impl Router {
                 });
                 continue;
             };
-            if attach(state, line, track) {
+            if attach(state, line, track, now) {
                 attached.push(line.key);
             }
         }
@@ -1820,6 +1828,8 @@ impl Router {
         if wanted.is_empty() && !idle_but_sending {
             return;
         }
+        // The offer lists the SSRCs of existing send streams; reused lines need theirs.
+        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
         // Reuse idle m-lines of the same kind first. One still negotiated as sendonly carries
         // the new track at once; an inactive one is turned back on in the offer.
         let mut attached = Vec::new();
@@ -1839,7 +1849,7 @@ impl Router {
             };
             if sending(&state.rtc, idle.mid) {
                 if let Some(track) = self.tracks.get(&key) {
-                    if attach(state, line, track) {
+                    if attach(state, line, track, now) {
                         attached.push(key);
                     }
                 }
@@ -2009,7 +2019,7 @@ impl Router {
 
 /// Starts writing `line.key`'s track into the subscriber's m-line `line.mid`. Returns false if
 /// str0m has no send stream there (the answer refused the m-line).
-fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack) -> bool {
+fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack, now: Instant) -> bool {
     let Some(ssrc) = state
         .rtc
         .direct_api()
@@ -2033,6 +2043,8 @@ fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack) -> bool 
             rewriter,
             pt_map: Vec::new(),
             sel: Selection::default(),
+            last_write: now,
+            parked: false,
         },
     );
     if !track.is_audio() {

@@ -27,6 +27,13 @@ const SEND_BUFFER_AUDIO: usize = 16;
 /// of ~1100-byte packets, 300 packets are ~1.7 s of history (str0m's default is 1000).
 const SEND_BUFFER_VIDEO: usize = 300;
 
+/// A send stream that has carried nothing for this long is taken out of str0m (parked): str0m
+/// visits every send stream of a session on every timeout (sender reports, pacer queue
+/// states), so a 200-person call where most microphones are muted would otherwise pay for
+/// ~200 idle streams per subscriber on every packet. Longer than str0m's pacer queue limit
+/// (2 s), so nothing is still queued in a parked stream.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(5);
+
 /// The bandwidth assumed towards a new session until its estimator knows better: enough for
 /// a middle simulcast layer or two low ones; the estimator probes upwards from here.
 pub(crate) const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
@@ -41,6 +48,10 @@ pub(crate) struct OutTrack {
     pub pt_map: Vec<(Pt, Pt)>,
     /// Video: which layer this subscriber gets.
     pub sel: Selection,
+    /// When something was last written into this stream (or the subscription started).
+    pub last_write: Instant,
+    /// Its str0m send stream is parked (see [`PARK_AFTER`]).
+    pub parked: bool,
 }
 
 /// Video layer selection for one subscription.
@@ -132,6 +143,11 @@ pub(crate) struct Session {
     pub video_out: usize,
     /// The (minimum, desired) bitrates last given to str0m's estimator.
     pub bwe_asked: (u64, u64),
+    /// Send streams taken out of str0m while idle: SSRC → (RTX SSRC, mid). Declared again
+    /// with the same SSRCs before the next write, and before any SDP operation (str0m lists
+    /// the SSRCs of its existing send streams in offers, and makes new ones with new SSRCs for
+    /// sending m-lines without one).
+    pub parked: HashMap<Ssrc, (Option<Ssrc>, Mid)>,
 }
 
 impl Session {
@@ -214,7 +230,71 @@ impl Session {
             bwe_estimate: None,
             video_out: 0,
             bwe_asked: (0, 0),
+            parked: HashMap::new(),
         }
+    }
+
+    /// Parks the send streams idle for [`PARK_AFTER`] (subscriptions, and the m-lines waiting
+    /// for reuse). Not while a router offer awaits its answer: str0m makes the send streams of
+    /// an answered offer again for m-lines that have none. Returns how many were parked.
+    pub fn park_idle(&mut self, now: Instant) -> usize {
+        if self.pending_offer.is_some() {
+            return 0;
+        }
+        let mut count = 0;
+        let mut api = self.rtc.direct_api();
+        for out in self.outgoing.values_mut() {
+            if out.parked || now.saturating_duration_since(out.last_write) < PARK_AFTER {
+                continue;
+            }
+            let Some(rtx) = api.stream_tx(&out.ssrc).map(|tx| tx.rtx()) else {
+                continue;
+            };
+            api.remove_stream_tx(out.ssrc);
+            self.parked.insert(out.ssrc, (rtx, out.mid));
+            out.parked = true;
+            count += 1;
+        }
+        for line in &self.idle {
+            let Some((ssrc, rtx)) = api
+                .stream_tx_by_mid(line.mid, None)
+                .map(|tx| (tx.ssrc(), tx.rtx()))
+            else {
+                continue;
+            };
+            api.remove_stream_tx(ssrc);
+            self.parked.insert(ssrc, (rtx, line.mid));
+            count += 1;
+        }
+        count
+    }
+
+    /// Declares a parked send stream again (same SSRC and RTX SSRC, so the SDP stays true).
+    /// Returns whether it was parked.
+    pub fn unpark(&mut self, ssrc: Ssrc) -> bool {
+        let Some((rtx, mid)) = self.parked.remove(&ssrc) else {
+            return false;
+        };
+        // str0m never removes m-lines (we do not use `remove_media`); checked all the same,
+        // since declaring a stream on an unknown mid panics inside str0m.
+        if self.rtc.media(mid).is_some() {
+            self.rtc
+                .direct_api()
+                .declare_stream_tx(ssrc, rtx, mid, None);
+        }
+        true
+    }
+
+    /// Declares every parked send stream again: before any SDP operation.
+    pub fn unpark_all(&mut self) -> usize {
+        let parked: Vec<Ssrc> = self.parked.keys().copied().collect();
+        for ssrc in &parked {
+            self.unpark(*ssrc);
+        }
+        for out in self.outgoing.values_mut() {
+            out.parked = false;
+        }
+        parked.len()
     }
 
     /// (mid, rid) of an incoming SSRC, cached (the MID/RID extensions stop after a while).

@@ -408,6 +408,80 @@ fn mute_stops_audio_for_everyone() {
     }
 }
 
+/// A muted microphone's send streams are parked (taken out of str0m) at every subscriber after
+/// 5 s, survive a renegotiation (a newcomer) while parked, and carry audio again on unmute with
+/// the same SSRC, no sequence gap and nothing unattributed.
+#[test]
+fn idle_streams_are_parked_and_resume_intact() {
+    let mut world = world(31);
+    let mut peers: Vec<SessionId> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|u| world.add_peer("standup", *u, PeerOptions::default()))
+        .collect();
+    let alice = peers[0];
+    settle(&mut world, &peers, &[MIC, CAM]);
+    world.set_muted(alice, true);
+    world.run_for(secs(6.0));
+    let parked = world.metrics().streams_parked;
+    assert!(
+        parked >= 2,
+        "alice's microphone was not parked at bob and carol ({parked} parked){}",
+        describe(&world)
+    );
+    let mic_at_mute: Vec<u64> = peers[1..]
+        .iter()
+        .map(|&rx| stats(&world, rx, alice, MIC).packets)
+        .collect();
+
+    // A newcomer: every session renegotiates while alice's microphone is parked everywhere.
+    let dave = world.add_peer("standup", "dave", PeerOptions::default());
+    let others: Vec<SessionId> = peers[1..].to_vec();
+    let ok = world.run_until(
+        |w| {
+            others.iter().all(|&p| {
+                stats(w, dave, p, MIC).packets > 0
+                    && stats(w, dave, p, CAM).keyframes > 0
+                    && stats(w, p, dave, MIC).packets > 0
+            })
+        },
+        secs(5.0),
+    );
+    assert!(ok, "dave did not settle{}", describe(&world));
+    peers.push(dave);
+    world.run_for(secs(6.0));
+    assert!(
+        world.metrics().streams_parked >= parked + 3,
+        "alice's microphone was not parked again after the renegotiation{}",
+        describe(&world)
+    );
+    for (i, &rx) in peers[1..3].iter().enumerate() {
+        assert_eq!(stats(&world, rx, alice, MIC).packets, mic_at_mute[i]);
+    }
+
+    world.set_muted(alice, false);
+    world.run_for(secs(2.0));
+    assert!(world.metrics().streams_unparked > 0);
+    for &rx in &peers[1..] {
+        let t = stats(&world, rx, alice, MIC);
+        let before = peers[1..3]
+            .iter()
+            .position(|&p| p == rx)
+            .map_or(0, |i| mic_at_mute[i]);
+        assert!(
+            t.packets > before + 80,
+            "{rx} does not hear alice after unmute{}",
+            describe(&world)
+        );
+        assert_eq!(
+            t.gaps,
+            0,
+            "{rx}: sequence gap across parking{}",
+            describe(&world)
+        );
+    }
+    assert_streams_clean(&world, &peers);
+}
+
 #[test]
 fn leave_cleans_up_and_notifies_others() {
     let mut world = world(4);

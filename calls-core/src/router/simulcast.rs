@@ -303,5 +303,8 @@ impl Router {
         for key in tracks {
             self.update_dynacast(key, now);
         }
+        for state in self.sessions.values_mut() {
+            self.counters.snapshot.streams_parked += state.park_idle(now) as u64;
+        }
     }
 }
