@@ -1724,11 +1724,8 @@ impl Router {
             .sessions
             .get_mut(&session)
             .ok_or(SignalError::UnexpectedAnswer)?;
-        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
         let answer = state
-            .rtc
-            .sdp_api()
-            .accept_offer(offer)
+            .with_streams_declared(|rtc| rtc.sdp_api().accept_offer(offer))
             .map_err(|e| SignalError::Sdp(e.to_string()))?;
         state.negotiated = true;
         self.outputs.push_back(Output::Signal(
@@ -1759,10 +1756,9 @@ impl Router {
         };
         let answer =
             SdpAnswer::from_sdp_string(sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
-        // Nothing is parked while an offer is pending; kept for safety (str0m would make new
-        // send streams with new SSRCs for sending m-lines that have none).
-        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
-        if let Err(e) = state.rtc.sdp_api().accept_answer(pending.pending, answer) {
+        let accepted =
+            state.with_streams_declared(|rtc| rtc.sdp_api().accept_answer(pending.pending, answer));
+        if let Err(e) = accepted {
             // The offer is spent; what it carried is offered again.
             if !self.renegotiate.contains(&session) {
                 self.renegotiate.push(session);
@@ -1828,8 +1824,6 @@ impl Router {
         if wanted.is_empty() && !idle_but_sending {
             return;
         }
-        // The offer lists the SSRCs of existing send streams; reused lines need theirs.
-        self.counters.snapshot.streams_unparked += state.unpark_all() as u64;
         // Reuse idle m-lines of the same kind first. One still negotiated as sendonly carries
         // the new track at once; an inactive one is turned back on in the offer.
         let mut attached = Vec::new();
@@ -1857,32 +1851,36 @@ impl Router {
                 reactivate.push(line);
             }
         }
-        let mut api = state.rtc.sdp_api();
-        for line in &reactivate {
-            api.set_direction(line.mid, Direction::SendOnly);
-        }
-        for line in &state.idle {
-            api.set_direction(line.mid, Direction::Inactive);
-        }
-        let mut added = reactivate;
-        for (key, kind, source) in fresh {
-            let stream_id = format!("{}", key.publisher);
-            let track_id = format!("{}-{}-{}", key.publisher, source.as_str(), key.mid);
-            let mid = api.add_media(
-                kind,
-                Direction::SendOnly,
-                Some(stream_id),
-                Some(track_id),
-                None,
-            );
-            added.push(AddedLine {
-                key,
-                mid,
-                kind,
-                continuation: None,
-            });
-        }
-        let offer = api.apply().map(|(offer, pending)| {
+        let idle: Vec<Mid> = state.idle.iter().map(|l| l.mid).collect();
+        let (applied, added) = state.with_streams_declared(|rtc| {
+            let mut api = rtc.sdp_api();
+            for line in &reactivate {
+                api.set_direction(line.mid, Direction::SendOnly);
+            }
+            for mid in idle {
+                api.set_direction(mid, Direction::Inactive);
+            }
+            let mut added = reactivate;
+            for (key, kind, source) in fresh {
+                let stream_id = format!("{}", key.publisher);
+                let track_id = format!("{}-{}-{}", key.publisher, source.as_str(), key.mid);
+                let mid = api.add_media(
+                    kind,
+                    Direction::SendOnly,
+                    Some(stream_id),
+                    Some(track_id),
+                    None,
+                );
+                added.push(AddedLine {
+                    key,
+                    mid,
+                    kind,
+                    continuation: None,
+                });
+            }
+            (api.apply(), added)
+        });
+        let offer = applied.map(|(offer, pending)| {
             let sdp = offer.to_sdp_string();
             state.pending_offer = Some(PendingOffer {
                 pending,
@@ -2020,6 +2018,8 @@ impl Router {
 /// Starts writing `line.key`'s track into the subscriber's m-line `line.mid`. Returns false if
 /// str0m has no send stream there (the answer refused the m-line).
 fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack, now: Instant) -> bool {
+    // A reused m-line's stream may be parked: it carries a track again.
+    state.unpark_mid(line.mid);
     let Some(ssrc) = state
         .rtc
         .direct_api()

@@ -144,9 +144,8 @@ pub(crate) struct Session {
     /// The (minimum, desired) bitrates last given to str0m's estimator.
     pub bwe_asked: (u64, u64),
     /// Send streams taken out of str0m while idle: SSRC → (RTX SSRC, mid). Declared again
-    /// with the same SSRCs before the next write, and before any SDP operation (str0m lists
-    /// the SSRCs of its existing send streams in offers, and makes new ones with new SSRCs for
-    /// sending m-lines without one).
+    /// with the same SSRCs before the next write, and for the time of each SDP operation
+    /// ([`Session::with_streams_declared`]).
     pub parked: HashMap<Ssrc, (Option<Ssrc>, Mid)>,
 }
 
@@ -235,12 +234,8 @@ impl Session {
     }
 
     /// Parks the send streams idle for [`PARK_AFTER`] (subscriptions, and the m-lines waiting
-    /// for reuse). Not while a router offer awaits its answer: str0m makes the send streams of
-    /// an answered offer again for m-lines that have none. Returns how many were parked.
+    /// for reuse). Returns how many were parked.
     pub fn park_idle(&mut self, now: Instant) -> usize {
-        if self.pending_offer.is_some() {
-            return 0;
-        }
         let mut count = 0;
         let mut api = self.rtc.direct_api();
         for out in self.outgoing.values_mut() {
@@ -282,19 +277,45 @@ impl Session {
                 .direct_api()
                 .declare_stream_tx(ssrc, rtx, mid, None);
         }
+        if let Some(out) = self.outgoing.values_mut().find(|o| o.ssrc == ssrc) {
+            out.parked = false;
+        }
         true
     }
 
-    /// Declares every parked send stream again: before any SDP operation.
-    pub fn unpark_all(&mut self) -> usize {
-        let parked: Vec<Ssrc> = self.parked.keys().copied().collect();
-        for ssrc in &parked {
-            self.unpark(*ssrc);
+    /// The parked send stream of m-line `mid`, declared again. Returns whether there was one.
+    pub fn unpark_mid(&mut self, mid: Mid) -> bool {
+        let found = self
+            .parked
+            .iter()
+            .find(|(_, (_, m))| *m == mid)
+            .map(|(ssrc, _)| *ssrc);
+        found.is_some_and(|ssrc| self.unpark(ssrc))
+    }
+
+    /// Runs an SDP operation with every parked send stream declared, and parks them again
+    /// after it: str0m lists the SSRCs of existing send streams in its offers, and, when it
+    /// applies an offer or answer, makes new streams with new SSRCs for sending m-lines that
+    /// have none.
+    pub fn with_streams_declared<T>(&mut self, op: impl FnOnce(&mut Rtc) -> T) -> T {
+        let parked: Vec<(Ssrc, Option<Ssrc>, Mid)> = self
+            .parked
+            .iter()
+            .map(|(ssrc, (rtx, mid))| (*ssrc, *rtx, *mid))
+            .collect();
+        for &(ssrc, rtx, mid) in &parked {
+            if self.rtc.media(mid).is_some() {
+                self.rtc
+                    .direct_api()
+                    .declare_stream_tx(ssrc, rtx, mid, None);
+            }
         }
-        for out in self.outgoing.values_mut() {
-            out.parked = false;
+        let result = op(&mut self.rtc);
+        let mut api = self.rtc.direct_api();
+        for &(ssrc, _, _) in &parked {
+            api.remove_stream_tx(ssrc);
         }
-        parked.len()
+        result
     }
 
     /// (mid, rid) of an incoming SSRC, cached (the MID/RID extensions stop after a while).

@@ -157,7 +157,15 @@ impl Worker {
     pub fn run(mut self, commands: Receiver<Cmd>) {
         loop {
             let deadline = self.drain();
-            let wait = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if deadline <= now {
+                // Timers first: under load the channel is never empty, and waiting for
+                // `recv_timeout` to time out would starve every session's timers (pacer,
+                // RTCP feedback, DTLS retransmits) for as long as datagrams keep coming.
+                self.router.handle_timeout(now);
+                continue;
+            }
+            let wait = deadline - now;
             match commands.recv_timeout(wait.min(Duration::from_millis(500))) {
                 Ok(cmd) => self.handle_batch(cmd, &commands),
                 Err(RecvTimeoutError::Timeout) => self.router.handle_timeout(Instant::now()),
