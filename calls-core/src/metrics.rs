@@ -149,7 +149,7 @@ pub struct MetricsSnapshot {
     pub speaker_changes: u64,
     /// Idle send streams taken out of str0m (nothing forwarded into them for 5 s).
     pub streams_parked: u64,
-    /// Parked send streams declared again (media to forward, or an SDP renegotiation).
+    /// Parked send streams declared again (media to forward into them).
     pub streams_unparked: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
@@ -430,7 +430,7 @@ mod prom {
         counter(
             &mut registry,
             "streams_unparked",
-            "Parked send streams declared again (media to forward, or a renegotiation)",
+            "Parked send streams declared again (media to forward into them)",
             m.streams_unparked,
         );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
