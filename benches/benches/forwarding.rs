@@ -128,22 +128,13 @@ fn big_call(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5));
     group.throughput(Throughput::Elements(fanout));
 
-    let before = live_bytes();
     let mut ours = OursCall::new(Media::Audio, 2, participants - 2);
     group.bench_function(BenchmarkId::new("ours", participants), |b| {
         b.iter_custom(|iters| run(&mut ours, iters))
     });
     ours.flush();
     check("ours big call", &ours, fanout);
-    let with_clients = live_bytes() - before;
-    let router = ours.into_router();
-    let router_only = live_bytes() - before;
-    drop(router);
-    eprintln!(
-        "memory ours {participants} participants: router {} B/participant (with the client peers: {} B/participant)",
-        router_only / participants as isize,
-        with_clients / participants as isize,
-    );
+    drop(ours);
 
     let before = live_bytes();
     let mut chat = BaselineCall::new(Media::Audio, 2, participants - 2);
@@ -155,7 +146,7 @@ fn big_call(c: &mut Criterion) {
     let server_only = live_bytes() - before;
     drop(server);
     eprintln!(
-        "memory chat {participants} participants: server {} B/participant",
+        "memory chat {participants} participants (after the accelerated bench, see memory()): server {} B/participant",
         server_only / participants as isize,
     );
     group.finish();
@@ -164,7 +155,7 @@ fn big_call(c: &mut Criterion) {
 /// A meeting where everyone publishes a microphone, two talk and the rest are muted, against
 /// the same call where the listeners publish nothing: the same forwarding work, so the ratio
 /// is what idle subscriptions cost (str0m visits every send stream on every timeout; the
-/// router parks idle ones). Also memory per participant.
+/// router parks idle ones).
 fn muted_room(c: &mut Criterion) {
     let participants = if test_mode() { 12 } else { 200 };
     let fanout = participants as u64 - 1;
@@ -175,41 +166,52 @@ fn muted_room(c: &mut Criterion) {
     group.throughput(Throughput::Elements(fanout));
     for muted_mics in [true, false] {
         let name = if muted_mics { "muted-mics" } else { "no-mics" };
-        let before = live_bytes();
         let mut ours = OursCall::room(Media::Audio, 2, participants - 2, muted_mics);
         group.bench_function(BenchmarkId::new(name, participants), |b| {
             b.iter_custom(|iters| run(&mut ours, iters))
         });
         ours.flush();
         check(&format!("ours room {name}"), &ours, fanout);
-        let router = ours.into_router();
-        let router_only = live_bytes() - before;
-        drop(router);
-        eprintln!(
-            "memory ours room {name} {participants} participants: router {} B/participant",
-            router_only / participants as isize,
-        );
     }
     group.finish();
 }
 
-/// Memory per participant of a video call after traffic has filled the send buffers.
-fn video_memory(_c: &mut Criterion) {
-    let subscribers = if test_mode() { 4 } else { 10 };
-    let before = live_bytes();
-    let mut ours = OursCall::new(Media::Video, 1, subscribers);
-    // 10 s of one camera: fills the subscribers' resend buffers.
-    run(&mut ours, 3000);
-    // The bench feeds video far faster than a camera: let the pacer's queue drain first, so
-    // what is measured is the steady state (send buffers), not a transient queue.
-    ours.flush();
-    let router = ours.into_router();
-    let router_only = live_bytes() - before;
-    drop(router);
-    eprintln!(
-        "memory ours video 1->{subscribers}: router {} B/participant",
-        router_only / (subscribers as isize + 1),
-    );
+/// Router heap per participant, each call fresh and run at real packet rates for 12 s of
+/// virtual time (so str0m's time-bounded histories and the TWCC send register, 1000 records,
+/// are as full as in a real call; see `OursCall::run_realtime`), then the router alone.
+fn memory(_c: &mut Criterion) {
+    let big = if test_mode() { 50 } else { 1000 };
+    let room = if test_mode() { 12 } else { 200 };
+    let video = if test_mode() { 4 } else { 10 };
+    type Build = fn(usize) -> OursCall;
+    let scenarios: [(String, usize, Build); 3] = [
+        (format!("{big} participants, 2 audio speakers"), big, |n| {
+            OursCall::new(Media::Audio, 2, n - 2)
+        }),
+        (
+            format!(
+                "{room} participants, 2 speakers, {} muted microphones",
+                room - 2
+            ),
+            room,
+            |n| OursCall::room(Media::Audio, 2, n - 2, true),
+        ),
+        (format!("video 1 -> {video}"), video + 1, |n| {
+            OursCall::new(Media::Video, 1, n - 1)
+        }),
+    ];
+    for (name, participants, build) in scenarios {
+        let before = live_bytes();
+        let mut call = build(participants);
+        call.run_realtime(Duration::from_secs(12));
+        let router = call.into_router();
+        let router_only = live_bytes() - before;
+        drop(router);
+        eprintln!(
+            "memory ours {name} (12 s at real rates): router {} B/participant",
+            router_only / participants as isize,
+        );
+    }
 }
 
 /// The crypto limit: one AES-128-GCM seal (SRTP's AEAD_AES_128_GCM) per forwarded packet.
@@ -240,12 +242,5 @@ fn aes_gcm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    aes_gcm,
-    forwarding,
-    big_call,
-    muted_room,
-    video_memory
-);
+criterion_group!(benches, aes_gcm, forwarding, big_call, muted_room, memory);
 criterion_main!(benches);

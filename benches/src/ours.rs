@@ -259,6 +259,20 @@ impl OursCall {
         }
     }
 
+    /// Untimed, before any bench traffic: lets the call run in the simulated world at real
+    /// packet rates (publishers send one audio packet per 20 ms, 30 video frames per second)
+    /// for `duration` of virtual time. Memory is measured after this, not after the bench: str0m
+    /// keeps some per-stream history for a fixed time (e.g. one second of sent bytes per stream
+    /// for its resend ratio), which the bench's accelerated clock would fill with 100× more
+    /// packets than a real call ever holds.
+    pub fn run_realtime(&mut self, duration: Duration) {
+        assert_eq!(
+            self.routed, 0,
+            "run_realtime is for a call the bench has not driven"
+        );
+        self.world.run_for(duration);
+    }
+
     /// Takes the router out of the call and drops everything else (the client peers), so the
     /// router's own memory can be measured.
     pub fn into_router(mut self) -> Router {
