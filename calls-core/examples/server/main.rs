@@ -19,6 +19,7 @@ mod config;
 mod http;
 mod media;
 mod stun;
+mod udp_send;
 mod worker;
 
 use std::net::SocketAddr;

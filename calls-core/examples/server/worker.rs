@@ -16,6 +16,8 @@ use calls_core::{
 use serde::Serialize;
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
+use crate::udp_send::UdpSender;
+
 /// 5-tuple (remote, proto) → worker, filled only with flows a router authenticated.
 pub type FlowMap = Arc<Mutex<HashMap<(Proto, SocketAddr), usize>>>;
 
@@ -128,7 +130,8 @@ struct Client {
 pub struct Worker {
     index: usize,
     router: Router,
-    udp: Option<UdpSocket>,
+    /// Queues the UDP transmits of one drain and sends them in batches.
+    udp: Option<UdpSender>,
     flows: FlowMap,
     clients: HashMap<SessionId, Client>,
     tcp_writers: HashMap<ConnId, UnboundedSender<Vec<u8>>>,
@@ -145,7 +148,7 @@ impl Worker {
         Worker {
             index,
             router,
-            udp,
+            udp: udp.map(UdpSender::new),
             flows,
             clients: HashMap::new(),
             tcp_writers: HashMap::new(),
@@ -373,17 +376,21 @@ impl Worker {
         }
     }
 
-    /// Drains the router; returns its next deadline.
+    /// Drains the router; returns its next deadline. UDP transmits are queued and sent before
+    /// this returns (a full queue is sent on the way).
     fn drain(&mut self) -> Instant {
         loop {
             match self.router.poll_output() {
-                Output::Timeout(at) => return at,
+                Output::Timeout(at) => {
+                    if let Some(udp) = &mut self.udp {
+                        udp.flush();
+                    }
+                    return at;
+                }
                 Output::Transmit(t) => match (t.proto, t.conn) {
                     (Proto::Udp, _) => {
-                        if let Some(udp) = &self.udp {
-                            if let Err(e) = udp.send_to(&t.contents, t.destination) {
-                                tracing::debug!("udp send to {} failed: {e}", t.destination);
-                            }
+                        if let Some(udp) = &mut self.udp {
+                            udp.push(t.destination, t.contents);
                         }
                     }
                     (Proto::Tcp, Some(conn)) => {
