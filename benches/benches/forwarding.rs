@@ -1,7 +1,8 @@
 //! Forwarding throughput: our router vs the str0m-chat-style baseline vs the AES-128-GCM seal
-//! limit, all in one run. One iteration = one incoming media packet; throughput elements =
-//! packets forwarded per incoming packet (the fan-out), so criterion's "elem/s" is forwarded
-//! packets per second on one core. Also prints live heap bytes per participant.
+//! limit, all in one run. One iteration = one incoming media packet (100 in the simulcast
+//! group, see [`simulcast`]); throughput elements = packets forwarded per iteration (the
+//! fan-out), so criterion's "elem/s" is forwarded packets per second on one core. Also prints
+//! live heap bytes per participant.
 //!
 //! `cargo bench -p calls-benches --bench forwarding` (see docs/performance.md).
 
@@ -13,7 +14,7 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use calls_benches::alloc::{live_bytes, CountingAlloc};
 use calls_benches::baseline::BaselineCall;
 use calls_benches::ours::OursCall;
-use calls_benches::{test_mode, Media};
+use calls_benches::{test_mode, Media, ServerClock};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 #[global_allocator]
@@ -40,8 +41,9 @@ impl BenchCall for OursCall {
     fn maintain(&mut self) {
         OursCall::maintain(self)
     }
+    /// The router's own count of media written to subscribers (pacing does not delay it).
     fn counts(&self) -> (u64, u64) {
-        (self.routed, self.forwarded)
+        (self.routed, self.media_forwarded())
     }
 }
 
@@ -214,6 +216,157 @@ fn memory(_c: &mut Criterion) {
     }
 }
 
+/// Incoming packets per criterion iteration in the simulcast group: its mean fan-out (≈ 3.7)
+/// is not a whole number and criterion's elements are, so one iteration is 100 packets and
+/// its elements are 100 × the mean fan-out, rounded (error ≤ 0.2 %).
+const SIMULCAST_ITER: u64 = 100;
+
+/// Spatial layer of each viewer (0 = `q`): about a third each, the rest on `f`
+/// (10 viewers: 3 `q`, 3 `h`, 4 `f`; 4 viewers: 1, 1, 2).
+fn simulcast_mix(viewers: usize) -> Vec<u8> {
+    let third = viewers / 3;
+    (0..viewers)
+        .map(|i| match i {
+            i if i < third => 0,
+            i if i < 2 * third => 1,
+            _ => 2,
+        })
+        .collect()
+}
+
+/// Untimed: routes `packets` and returns the mean fan-out over them, and the counts after.
+fn warm_up(call: &mut impl BenchCall, packets: u64) -> (f64, (u64, u64)) {
+    let (routed, forwarded) = call.counts();
+    run(call, packets);
+    let after = call.counts();
+    let mean = (after.1 - forwarded) as f64 / (after.0 - routed) as f64;
+    (mean, after)
+}
+
+/// Checks that what was routed since `from` (the end of the warm-up) was forwarded at the
+/// warm-up's mean fan-out, within 5 %. Routes untimed up to `min_packets` first if the timed
+/// run was shorter (test mode), so the mean is over keyframes and every temporal layer.
+fn check_mean(
+    name: &str,
+    call: &mut impl BenchCall,
+    from: (u64, u64),
+    fanout: f64,
+    min_packets: u64,
+) {
+    let timed = call.counts().0 - from.0;
+    if timed < min_packets {
+        run(call, min_packets - timed);
+    }
+    let (routed, forwarded) = call.counts();
+    let (routed, forwarded) = (routed - from.0, forwarded - from.1);
+    let mean = forwarded as f64 / routed as f64;
+    eprintln!(
+        "{name}: routed {routed} media packets, forwarded {forwarded}: {mean:.3} per packet (warm-up: {fanout:.3})"
+    );
+    assert!(
+        (mean - fanout).abs() <= 0.05 * fanout,
+        "{name}: forwarded {mean:.3} per packet, the warm-up {fanout:.3}"
+    );
+}
+
+/// Criterion elements of [`SIMULCAST_ITER`] packets at `fanout`.
+fn simulcast_elements(fanout: f64) -> Throughput {
+    Throughput::Elements((fanout * SIMULCAST_ITER as f64).round() as u64)
+}
+
+/// A 3-layer simulcast camera to viewers held on different layers (3 on `q`, 3 on `h`, 4 on
+/// `f`) by router bandwidth caps, through the real path; then, in the same run, the same
+/// number of viewers of a single-layer camera (the plain 1 → n video call) and the
+/// chat.rs-style baseline of both.
+///
+/// Each packet goes only to the viewers on its layer, so the fan-out depends on the mix of
+/// packets: an untimed warm-up of a few thousand packets measures the mean (the router's own
+/// count of media written, `forwarded / routed`), the throughput elements are set to it, and
+/// after the timed run [`check_mean`] asserts that the timed packets were forwarded at the same
+/// mean within 5 %, and that the router switched no layer meanwhile (the mix held).
+///
+/// The server clock follows media time ([`ServerClock::Media`]): the router measures layer bit
+/// rates in its own time, so at the usual 10 µs per datagram every layer would look a few
+/// hundred times too expensive and every viewer would drop to `q`'s base temporal layer. The
+/// single-layer call runs under both clocks, so the clock's own cost (timers firing once per
+/// real interval of a single call) can be told apart from simulcast's.
+fn simulcast(c: &mut Criterion) {
+    let viewers = if test_mode() { 4 } else { 10 };
+    let warm = if test_mode() { 1000 } else { 4000 };
+    let mix = simulcast_mix(viewers);
+    let on = |layer: u8| mix.iter().filter(|l| **l == layer).count();
+    let mut group = c.benchmark_group(format!("simulcast-3-layers-to-{viewers}"));
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+
+    let started = Instant::now();
+    let mut ours = OursCall::simulcast(&mix);
+    eprintln!(
+        "ours simulcast: set-up {:.1} s wall ({:.1} s simulated); mix reached: {} on q, {} on h, {} on f; budgets {:?} bit/s",
+        started.elapsed().as_secs_f64(),
+        ours.setup_sim_time().as_secs_f64(),
+        on(0),
+        on(1),
+        on(2),
+        ours.subscriber_budgets(),
+    );
+    let switches = ours.layer_switches();
+    let keyframe_requests = ours.keyframe_requests();
+    let (fanout, from) = warm_up(&mut ours, warm);
+    group.throughput(simulcast_elements(fanout));
+    group.bench_function(BenchmarkId::new("ours", "simulcast"), |b| {
+        b.iter_custom(|iters| run(&mut ours, iters * SIMULCAST_ITER))
+    });
+    check_mean("ours simulcast", &mut ours, from, fanout, warm);
+    assert_eq!(
+        ours.layer_switches(),
+        switches,
+        "ours simulcast: the router switched layers during the bench, the mix did not hold"
+    );
+    eprintln!(
+        "ours simulcast: keyframe requests during the bench {}; budgets after {:?} bit/s",
+        ours.keyframe_requests() - keyframe_requests,
+        ours.subscriber_budgets()
+    );
+    drop(ours);
+
+    let mut chat = BaselineCall::simulcast(&mix);
+    let (fanout, from) = warm_up(&mut chat, warm);
+    group.throughput(simulcast_elements(fanout));
+    group.bench_function(BenchmarkId::new("chat-baseline", "simulcast"), |b| {
+        b.iter_custom(|iters| run(&mut chat, iters * SIMULCAST_ITER))
+    });
+    check_mean("chat simulcast", &mut chat, from, fanout, warm);
+    drop(chat);
+
+    group.throughput(Throughput::Elements(viewers as u64 * SIMULCAST_ITER));
+    for (name, clock) in [
+        ("single-layer", ServerClock::Media),
+        ("single-layer-step-clock", ServerClock::Step),
+    ] {
+        let mut ours = OursCall::new(Media::Video, 1, viewers).with_clock(clock);
+        let (_, from) = warm_up(&mut ours, warm);
+        group.bench_function(BenchmarkId::new("ours", name), |b| {
+            b.iter_custom(|iters| run(&mut ours, iters * SIMULCAST_ITER))
+        });
+        check_mean(
+            &format!("ours {name}"),
+            &mut ours,
+            from,
+            viewers as f64,
+            warm,
+        );
+    }
+    let mut chat = BaselineCall::new(Media::Video, 1, viewers).with_clock(ServerClock::Media);
+    let (_, from) = warm_up(&mut chat, warm);
+    group.bench_function(BenchmarkId::new("chat-baseline", "single-layer"), |b| {
+        b.iter_custom(|iters| run(&mut chat, iters * SIMULCAST_ITER))
+    });
+    check_mean("chat single-layer", &mut chat, from, viewers as f64, warm);
+    group.finish();
+}
+
 /// The crypto limit: one AES-128-GCM seal (SRTP's AEAD_AES_128_GCM) per forwarded packet.
 fn aes_gcm(c: &mut Criterion) {
     let mut group = c.benchmark_group("limit-aes128gcm-seal");
@@ -242,5 +395,5 @@ fn aes_gcm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, aes_gcm, forwarding, big_call, muted_room, memory);
+criterion_group!(benches, aes_gcm, forwarding, big_call, muted_room, memory, simulcast);
 criterion_main!(benches);

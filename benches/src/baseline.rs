@@ -2,23 +2,33 @@
 //! sample (frame) mode, one shared port, and per incoming datagram: a linear `accepts()` scan
 //! over every peer, `MediaData` written to every other peer's writer, then `Input::Timeout` to
 //! every peer and every peer polled until its timeout.
+//!
+//! Simulcast ([`BaselineCall::simulcast`]) the way chat.rs does it too: the publisher sends
+//! every layer, and each peer is written only the media of one rid (chat.rs hard-codes `h` for
+//! everyone; here each listener has its own fixed rid, so the layer mix matches ours).
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use calls_core::sim::simulcast_layers;
 use calls_core::str0m::format::Codec;
-use calls_core::str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use calls_core::str0m::media::{
+    Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+};
 use calls_core::str0m::net::{Protocol, Receive};
 use calls_core::str0m::{Candidate, Event, Input, Output, Rtc};
+use calls_core::TrackSource;
 
-use crate::{is_rtp_media, Media, STEP};
+use crate::{is_rtp_media, Media, ServerClock, STEP};
 
-/// A server-side peer: its `Rtc` and, per publisher index, the mid it receives that
-/// publisher on.
+/// A server-side peer: its `Rtc`, per publisher index the mid it receives that publisher on,
+/// and the one simulcast layer it is written (chat.rs's `chosen_rid`).
 #[derive(Debug)]
 struct ServerPeer {
     rtc: Rtc,
     tracks_out: Vec<(usize, Mid)>,
+    chosen_rid: Option<Rid>,
 }
 
 /// A client: a publisher or a listener.
@@ -56,8 +66,14 @@ pub struct BaselineCall {
     server: Vec<ServerPeer>,
     clients: Vec<Client>,
     publishers: usize,
+    /// Simulcast layers each publisher sends (rid and frame size in bytes), low to high; empty
+    /// without simulcast.
+    layers: Vec<(Rid, usize)>,
     server_addr: SocketAddr,
+    clock: ServerClock,
     now: Instant,
+    /// Publisher send time of each generated media datagram not yet routed.
+    sent_at: VecDeque<Instant>,
     next_publisher: usize,
     /// Server datagrams for clients (non-media), delivered in `maintain`.
     to_clients: Vec<(SocketAddr, Vec<u8>)>,
@@ -70,6 +86,39 @@ pub struct BaselineCall {
 impl BaselineCall {
     /// Builds the call: every client connected, every listener receiving every publisher.
     pub fn new(media: Media, publishers: usize, subscribers: usize) -> BaselineCall {
+        BaselineCall::build(media, publishers, &vec![None; subscribers])
+    }
+
+    /// One publisher sends simulcast video as three rids `q`, `h`, `f` (30 fps, each frame
+    /// the size that gives the layer's bit rate in `calls_core::sim::simulcast_layers`);
+    /// listener `i` is written rid `layers[i]` (0 = `q`). The server clock follows media time
+    /// ([`ServerClock::Media`]), as in our simulcast bench.
+    pub fn simulcast(layers: &[u8]) -> BaselineCall {
+        let specs = simulcast_layers(TrackSource::Camera);
+        let chosen: Vec<Option<Rid>> = layers
+            .iter()
+            .map(|&l| Some(Rid::from(specs[usize::from(l)].rid)))
+            .collect();
+        BaselineCall::build(Media::Video, 1, &chosen).with_clock(ServerClock::Media)
+    }
+
+    /// Sets how the server clock advances while routing (default [`ServerClock::Step`]).
+    pub fn with_clock(mut self, clock: ServerClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn build(media: Media, publishers: usize, chosen: &[Option<Rid>]) -> BaselineCall {
+        let subscribers = chosen.len();
+        let simulcast = chosen.iter().any(Option::is_some);
+        let layers: Vec<(Rid, usize)> = if simulcast {
+            simulcast_layers(TrackSource::Camera)
+                .iter()
+                .map(|l| (Rid::from(l.rid), (l.bitrate_bps / 8 / 30) as usize))
+                .collect()
+        } else {
+            Vec::new()
+        };
         #[allow(clippy::disallowed_methods)] // the virtual epoch
         let start = Instant::now();
         let server_addr = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 8443));
@@ -82,8 +131,11 @@ impl BaselineCall {
             server: Vec::new(),
             clients: Vec::new(),
             publishers,
+            layers,
             server_addr,
+            clock: ServerClock::Step,
             now: start,
+            sent_at: VecDeque::new(),
             next_publisher: 0,
             to_clients: Vec::new(),
             forwarded: 0,
@@ -106,8 +158,15 @@ impl BaselineCall {
                 .build(start);
             server.add_local_candidate(Candidate::host(server_addr, "udp").expect("candidate"));
             let mut api = client.sdp_api();
+            let send_layers = simulcast.then(|| {
+                let mut s = Simulcast::new();
+                for (rid, _) in &call.layers {
+                    s.add_send_layer(SimulcastLayer::new(rid));
+                }
+                s
+            });
             let send_mid = (i < publishers)
-                .then(|| api.add_media(kind, Direction::SendOnly, None, None, None));
+                .then(|| api.add_media(kind, Direction::SendOnly, None, None, send_layers));
             // A receive line per other publisher (chat.rs adds them by renegotiation).
             let recv: Vec<(usize, Mid)> = (0..publishers)
                 .filter(|p| *p != i)
@@ -127,6 +186,7 @@ impl BaselineCall {
             call.server.push(ServerPeer {
                 rtc: server,
                 tracks_out: recv,
+                chosen_rid: i.checked_sub(publishers).and_then(|sub| chosen[sub]),
             });
             call.clients.push(Client {
                 rtc: client,
@@ -204,6 +264,10 @@ impl BaselineCall {
             }
             for (from, data) in media {
                 for peer in &mut self.server {
+                    // chat.rs's simulcast "selection strategy": one rid per peer.
+                    if data.rid.is_some() && data.rid != peer.chosen_rid {
+                        continue;
+                    }
                     let Some(mid) = peer
                         .tracks_out
                         .iter()
@@ -243,33 +307,46 @@ impl BaselineCall {
             c.clock += interval;
             c.frames += 1;
             let mid = c.send_mid.expect("a publisher");
-            let writer = c.rtc.writer(mid).expect("writer");
-            let pt = writer
-                .payload_params()
-                .find(|p| p.spec().codec == codec)
-                .map(|p| p.pt())
-                .expect("pt");
             let rtp_time = match self.media {
                 Media::Audio => MediaTime::new(c.frames * 960, Frequency::FORTY_EIGHT_KHZ),
                 Media::Video => MediaTime::new(c.frames * 3000, Frequency::NINETY_KHZ),
             };
-            let mut frame = vec![0x5Au8; size];
-            frame[0] = 0x10; // VP8: P bit 0, a keyframe; harmless for Opus
-            writer.write(pt, c.clock, rtp_time, frame).expect("write");
-            let _ = c.rtc.handle_input(Input::Timeout(c.clock));
+            let frames: Vec<(Option<Rid>, usize)> = if self.layers.is_empty() {
+                vec![(None, size)]
+            } else {
+                self.layers.iter().map(|(r, s)| (Some(*r), *s)).collect()
+            };
             let mut other = Vec::new();
-            while let Ok(out) = c.rtc.poll_output() {
-                match out {
-                    Output::Transmit(t) if is_rtp_media(&t.contents) => {
-                        batch.push((c.addr, t.contents.to_vec()));
+            // One write per layer, each followed by a poll (str0m refuses a second write
+            // before the first is polled out).
+            for (rid, size) in frames {
+                let mut writer = c.rtc.writer(mid).expect("writer");
+                let pt = writer
+                    .payload_params()
+                    .find(|p| p.spec().codec == codec)
+                    .map(|p| p.pt())
+                    .expect("pt");
+                if let Some(rid) = rid {
+                    writer = writer.rid(rid);
+                }
+                let mut frame = vec![0x5Au8; size];
+                frame[0] = 0x10; // VP8: P bit 0, a keyframe; harmless for Opus
+                writer.write(pt, c.clock, rtp_time, frame).expect("write");
+                let _ = c.rtc.handle_input(Input::Timeout(c.clock));
+                while let Ok(out) = c.rtc.poll_output() {
+                    match out {
+                        Output::Transmit(t) if is_rtp_media(&t.contents) => {
+                            batch.push((c.addr, t.contents.to_vec()));
+                            self.sent_at.push_back(c.clock);
+                        }
+                        Output::Transmit(t) => other.push((c.addr, t.contents.to_vec())),
+                        Output::Event(_) => {}
+                        Output::Timeout(_) => break,
                     }
-                    Output::Transmit(t) => other.push((c.addr, t.contents.to_vec())),
-                    Output::Event(_) => {}
-                    Output::Timeout(_) => break,
                 }
             }
             for (source, contents) in other {
-                self.route_one(source, &contents);
+                self.route_one(source, &contents, None);
             }
         }
         batch
@@ -278,13 +355,18 @@ impl BaselineCall {
     /// Timed: each datagram through the chat.rs loop.
     pub fn route(&mut self, batch: &[(SocketAddr, Vec<u8>)]) {
         for (source, contents) in batch {
-            self.route_one(*source, contents);
+            let sent_at = self.sent_at.pop_front();
+            self.route_one(*source, contents, sent_at);
             self.routed += 1;
         }
     }
 
-    fn route_one(&mut self, source: SocketAddr, contents: &[u8]) {
+    /// One datagram; `sent_at` is a media datagram's send time (for [`ServerClock::Media`]).
+    fn route_one(&mut self, source: SocketAddr, contents: &[u8], sent_at: Option<Instant>) {
         self.now += STEP;
+        if let (ServerClock::Media, Some(at)) = (self.clock, sent_at) {
+            self.now = self.now.max(at);
+        }
         self.server_input(source, contents);
         self.server_tick();
     }

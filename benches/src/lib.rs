@@ -28,6 +28,19 @@ use std::time::Duration;
 /// Server clock advance per routed datagram (≈ real time at ~100 k incoming packets/s).
 pub const STEP: Duration = Duration::from_micros(10);
 
+/// How the server clock advances while datagrams are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerClock {
+    /// [`STEP`] per datagram: about real time at bench speed, so per-session timers fire at
+    /// the rate a loaded server sees them (many calls, each at its real media rate).
+    Step,
+    /// Each media datagram at its publisher's send time (at least [`STEP`] after the previous
+    /// one): the server sees one call at its real media rate. Needed wherever the router
+    /// measures rates in its own time (simulcast layer bit rates); every timer of the call then
+    /// fires once per real interval, which costs more per packet than under [`ServerClock::Step`].
+    Media,
+}
+
 /// What the publishers send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Media {

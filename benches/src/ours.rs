@@ -1,13 +1,15 @@
 //! Our router: a call set up with `calls_core::sim::SimWorld`, then driven directly (see the
 //! crate docs for the generate / route / maintain split).
 
+use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{PeerOptions, SimWorld};
+use calls_core::sim::{simulcast_layers, PeerOptions, SimWorld};
 use calls_core::{Datagram, Grants, Output, Proto, Router, SessionId, TrackSource};
 
-use crate::{is_rtp_media, Media, STEP};
+use crate::{is_rtp_media, Media, ServerClock, STEP};
 
 /// How often (server time) subscribers get to send their STUN/RTCP.
 const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
@@ -19,7 +21,10 @@ pub struct OursCall {
     publishers: Vec<(SessionId, SocketAddr, Instant)>,
     subscribers: Vec<SessionId>,
     router_addr: SocketAddr,
+    clock: ServerClock,
     now: Instant,
+    /// Publisher send time of each generated media datagram not yet routed.
+    sent_at: VecDeque<Instant>,
     deadline: Instant,
     next_publisher: usize,
     last_maintain: Instant,
@@ -97,6 +102,72 @@ impl OursCall {
             }
             world.run_for(Duration::from_secs(6));
         }
+        OursCall::from_world(world, &pubs, subs)
+    }
+
+    /// One publisher sends three-layer simulcast camera (`q`, `h`, `f`; no audio) to viewers;
+    /// viewer `i` is held on spatial layer `layers[i]` (0 = `q`) by a router bandwidth cap
+    /// between that layer's bit rate and the next one's. Runs the call until every viewer has
+    /// received its layer, unchanged, for a second; panics with each viewer's state if the mix
+    /// is not reached. The server clock then follows media time ([`ServerClock::Media`]): the
+    /// router measures each layer's bit rate in its own time, and at [`STEP`] per datagram
+    /// it would see every layer a few hundred times too expensive and move everyone to the
+    /// lowest temporal layer of `q`.
+    pub fn simulcast(layers: &[u8]) -> OursCall {
+        #[allow(clippy::disallowed_methods)] // the virtual epoch
+        let start = Instant::now();
+        let mut config = calls_core::Config::default();
+        config.max_participants_per_call = config.max_participants_per_call.max(layers.len() + 1);
+        let mut world = SimWorld::with_config(7, start, config);
+        let camera = PeerOptions {
+            audio: false,
+            ..PeerOptions::default().with_simulcast()
+        };
+        let publisher = world.add_peer("bench", "pub0", camera);
+        let viewer = PeerOptions {
+            audio: false,
+            video: false,
+            grants: Grants::VIEWER,
+            ..PeerOptions::default()
+        };
+        let subs: Vec<SessionId> = (0..layers.len())
+            .map(|i| world.add_peer("bench", format!("sub{i}"), viewer.clone()))
+            .collect();
+        for (s, &layer) in subs.iter().zip(layers) {
+            world
+                .set_bandwidth_cap(*s, layer_cap(layer))
+                .expect("a viewer session");
+        }
+        let settled = world.run_until(
+            |w| {
+                subs.iter()
+                    .zip(layers)
+                    .all(|(s, &layer)| settled_on(w, *s, publisher, layer))
+            },
+            Duration::from_secs(30),
+        );
+        assert!(
+            settled,
+            "simulcast bench call did not reach its layer mix {layers:?} in 30 s of sim time:{}",
+            describe_layers(&world, &subs, publisher, layers)
+        );
+        // The top layer is reached as soon as an estimate clears its cost by the upgrade
+        // margin; a little longer lets the estimates climb past it, away from the edge.
+        world.run_for(Duration::from_secs(3));
+        let held = subs
+            .iter()
+            .zip(layers)
+            .all(|(s, &layer)| settled_on(&world, *s, publisher, layer));
+        assert!(
+            held,
+            "simulcast bench call left its layer mix {layers:?}:{}",
+            describe_layers(&world, &subs, publisher, layers)
+        );
+        OursCall::from_world(world, &[publisher], subs).with_clock(ServerClock::Media)
+    }
+
+    /// The call as the world left it: the bench takes over the router's clock from here.
+    fn from_world(world: SimWorld, pubs: &[SessionId], subs: Vec<SessionId>) -> OursCall {
         let now = world.now();
         let router_addr = world.router_addr();
         let publishers = pubs
@@ -108,7 +179,9 @@ impl OursCall {
             publishers,
             subscribers: subs,
             router_addr,
+            clock: ServerClock::Step,
             now,
+            sent_at: VecDeque::new(),
             deadline: now,
             next_publisher: 0,
             last_maintain: now,
@@ -118,6 +191,47 @@ impl OursCall {
             media_out_before: 0,
         }
         .with_baseline()
+    }
+
+    /// Sets how the server clock advances while routing (default [`ServerClock::Step`]).
+    pub fn with_clock(mut self, clock: ServerClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Media packets the router has written to subscribers since the bench began (its own
+    /// count, `metrics().media_out`: independent of pacing).
+    pub fn media_forwarded(&self) -> u64 {
+        self.media_out() - self.media_out_before
+    }
+
+    /// Simulated time the set-up took (the world's clock stops when the bench takes over).
+    pub fn setup_sim_time(&self) -> Duration {
+        self.world.elapsed()
+    }
+
+    /// Simulcast layer switches the router has made so far (`metrics().layer_switches`).
+    pub fn layer_switches(&self) -> u64 {
+        self.world.router().metrics().layer_switches
+    }
+
+    /// Keyframe requests the router has sent to publishers so far.
+    pub fn keyframe_requests(&self) -> u64 {
+        self.world.router().metrics().keyframe_requests_out
+    }
+
+    /// The bandwidth the router assumes towards each subscriber (estimate or cap), bits/s.
+    pub fn subscriber_budgets(&self) -> Vec<Option<u64>> {
+        let stats = self.world.router().metrics().session_stats;
+        self.subscribers
+            .iter()
+            .map(|s| {
+                stats
+                    .iter()
+                    .find(|st| st.session == *s)
+                    .and_then(|st| st.bandwidth_bps)
+            })
+            .collect()
     }
 
     fn media_out(&self) -> u64 {
@@ -150,8 +264,9 @@ impl OursCall {
             for t in self.world.peer_mut(session).take_transmits() {
                 if is_rtp_media(&t.contents) {
                     batch.push((addr, t.contents));
+                    self.sent_at.push_back(at);
                 } else {
-                    self.route_one(addr, &t.contents);
+                    self.route_one(addr, &t.contents, None);
                 }
             }
         }
@@ -162,13 +277,18 @@ impl OursCall {
     /// due timers), dropping what the router sends to subscribers.
     pub fn route(&mut self, batch: &[(SocketAddr, Vec<u8>)]) {
         for (source, contents) in batch {
-            self.route_one(*source, contents);
+            let sent_at = self.sent_at.pop_front();
+            self.route_one(*source, contents, sent_at);
             self.routed += 1;
         }
     }
 
-    fn route_one(&mut self, source: SocketAddr, contents: &[u8]) {
+    /// One datagram; `sent_at` is a media datagram's send time (for [`ServerClock::Media`]).
+    fn route_one(&mut self, source: SocketAddr, contents: &[u8], sent_at: Option<Instant>) {
         self.now += STEP;
+        if let (ServerClock::Media, Some(at)) = (self.clock, sent_at) {
+            self.now = self.now.max(at);
+        }
         if self.deadline <= self.now {
             self.world.router_mut().handle_timeout(self.now);
             self.drain_router();
@@ -280,6 +400,67 @@ impl OursCall {
         let empty = Router::new(calls_core::Config::default(), now).expect("default config");
         std::mem::replace(self.world.router_mut(), empty)
     }
+}
+
+/// A router bandwidth cap that holds a viewer on simulcast camera layer `layer`: halfway
+/// between its bit rate and the next layer's (the router upgrades only when the budget exceeds
+/// a layer's cost by 15 %, so both margins are wide); none for the top layer.
+fn layer_cap(layer: u8) -> Option<u64> {
+    let specs = simulcast_layers(TrackSource::Camera);
+    let this = specs.get(usize::from(layer))?;
+    let next = specs.get(usize::from(layer) + 1)?;
+    Some((u64::from(this.bitrate_bps) + u64::from(next.bitrate_bps)) / 2)
+}
+
+/// `viewer` receives `publisher`'s camera on `layer`, with no layer change for a second (the
+/// shape of `settled` in `calls-core/tests/simulcast.rs`).
+fn settled_on(world: &SimWorld, viewer: SessionId, publisher: SessionId, layer: u8) -> bool {
+    world
+        .peer(viewer)
+        .received_from(publisher, TrackSource::Camera)
+        .is_some_and(|t| {
+            t.last_layer == Some(layer)
+                && t.layer_changes.last().is_some_and(|(at, _)| {
+                    world.now().saturating_duration_since(*at) >= Duration::from_secs(1)
+                })
+        })
+}
+
+/// Each viewer's intended and received layers, for a failed set-up.
+fn describe_layers(
+    world: &SimWorld,
+    viewers: &[SessionId],
+    publisher: SessionId,
+    layers: &[u8],
+) -> String {
+    let budgets = world.metrics().session_stats;
+    let mut out = String::new();
+    for (viewer, layer) in viewers.iter().zip(layers) {
+        let budget = budgets
+            .iter()
+            .find(|s| s.session == *viewer)
+            .and_then(|s| s.bandwidth_bps);
+        let _ = write!(
+            out,
+            "\n  {viewer}: wants layer {layer}, budget {budget:?} bit/s, "
+        );
+        match world
+            .peer(*viewer)
+            .received_from(publisher, TrackSource::Camera)
+        {
+            Some(t) => {
+                let _ = write!(
+                    out,
+                    "on {:?}, frames by layer {:?}, changes {:?}",
+                    t.last_layer,
+                    t.frames_by_layer,
+                    t.layer_changes.iter().map(|(_, l)| *l).collect::<Vec<_>>()
+                );
+            }
+            None => out.push_str("nothing received"),
+        }
+    }
+    out
 }
 
 /// Next transmit of the router, skipping events and signals; `None` at the timeout.
