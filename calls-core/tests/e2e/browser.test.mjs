@@ -65,9 +65,22 @@ test('three Chromium participants: audio+video both ways, mute, screen share, le
     const sentMuted = await audioSent();
     console.log(`# alice muted: she sent ${sentMuted - sentAtMute} audio packets meanwhile, bob and carol received none for 2 s`);
     assert.ok(sentMuted > sentAtMute + 25, 'alice kept sending (silence) while muted');
-    // Unmute: her audio flows again.
+    // After 5 s without media the router parks her microphone's send stream at bob and carol
+    // (takes it out of str0m); unmuting declares it again with the same SSRC.
+    const parked = async () => {
+      const m = /^calls_streams_parked_total (\d+)/m.exec(await server.metrics());
+      return m ? Number(m[1]) : 0;
+    };
+    const micSsrcs = async (p) => (await snapshot(p)).inbound
+      .filter((r) => r.session === sa && r.source === 'microphone').map((r) => r.ssrc);
+    const ssrcsMuted = await Promise.all([bob, carol].map(micSsrcs));
+    await waitFor('alice\'s microphone parked at bob and carol', async () => (await parked()) >= 2, { timeout: 12000 });
+    // Unmute: her audio flows again, on the same SSRC.
     await alice.page.click('#mute');
     await Promise.all([bob, carol].map((p) => waitGrowing(p, [[sa, 'microphone']], 'alice audio after unmute')));
+    const ssrcsUnmuted = await Promise.all([bob, carol].map(micSsrcs));
+    assert.deepEqual(ssrcsUnmuted, ssrcsMuted, 'one SSRC for alice\'s microphone across parking');
+    console.log(`# alice's microphone parked (${await parked()} streams parked), resumed on SSRCs ${JSON.stringify(ssrcsUnmuted)}`);
 
     // Bob shares his screen: alice and carol decode a third video track from him, source screen.
     await bob.page.click('#screen');

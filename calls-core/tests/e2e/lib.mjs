@@ -335,7 +335,7 @@ export async function snapshot(p) {
         const mid = r.mid ?? midOfTrack.get(r.trackIdentifier);
         const info = s.tracks.get(mid) || {};
         out.inbound.push({
-          mid, kind: r.kind, session: info.session, user: info.user, source: info.source,
+          mid, kind: r.kind, session: info.session, user: info.user, source: info.source, ssrc: r.ssrc,
           packets: r.packetsReceived || 0, frames: r.framesDecoded || 0, bytes: r.bytesReceived || 0,
           frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
         });
