@@ -2,9 +2,36 @@
 //! (`benches/tests/fuzz_corpus.rs`) so CI replays every committed input through the same code
 //! without nightly. Each body takes arbitrary bytes, drives public API, and panics only on a
 //! real bug (an invariant broken, or a panic inside calls).
+//!
+//! # Fixtures shared by consecutive inputs
+//!
+//! A router with a joined session costs about a millisecond to build in a fuzz build (the DTLS
+//! certificate, and one ephemeral key pair per DTLS group for the session), and the `stun`
+//! target's offer/answer as much again: building them per input capped those targets at
+//! 60–500 executions a second. So the targets that need a router (`datagram`, `stun`,
+//! `tcp_frames`, `signal_json`) take it from a per-target [`Fixture`] that serves
+//! consecutive inputs: at most [`INPUTS_PER_ROUTER`] of them, and only while its session lives
+//! (a connect timeout or a protocol error removes it; the next input then gets a fresh router).
+//! Virtual time carries on from one input to the next, so it stays monotonic for the router.
+//!
+//! The price: an input may meet state earlier inputs left (an admitted peer, a renegotiated
+//! session), so a crash found by libFuzzer can depend on the inputs before it. Running the
+//! crash file alone (`cargo fuzz run <target> <file>`) starts from a fresh fixture, like the
+//! corpus replay test, which calls [`reset_fixtures`] before every file; if that does not
+//! reproduce it, replay the run's recent inputs in order (libFuzzer `-runs` over the corpus
+//! directory in the order it found them). `config`, `rewriter` and `ffi` are cheap per input,
+//! or test router creation itself, and `sdp_offer` spends its time in str0m's SDP parser:
+//! they build everything afresh.
+//!
+//! A shared fixture keeps memory from one input to the next, so libFuzzer's per-input leak
+//! check (it re-runs an input that allocated more than it freed, then scans the heap) fires
+//! often on these targets until it gives up after 1000 attempts ("libFuzzer disabled leak
+//! detection after every mutation"); the first minutes of a run are slower for it.
 
+use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use calls_core::str0m::change::SdpOffer;
@@ -64,23 +91,96 @@ pub fn client_offer() -> &'static str {
     })
 }
 
-/// A router with session 1 joined to call "fuzz".
-fn router_with_session() -> Router {
-    let mut router = match Router::new(Config::default(), epoch()) {
+/// How many consecutive inputs one [`Fixture`] router serves before a fresh one replaces it:
+/// enough to spread its cost thin, few enough that state cannot grow without bound.
+pub const INPUTS_PER_ROUTER: u32 = 1000;
+
+/// A router with session 1 joined to call "fuzz", shared by consecutive inputs of one target
+/// (see the module docs).
+struct Fixture<S> {
+    router: Router,
+    /// Virtual time where the previous input left off.
+    now: Instant,
+    /// Inputs served so far.
+    inputs: u32,
+    /// What the target's set-up learned about the session (the `stun` target: its ICE
+    /// credentials).
+    session: S,
+}
+
+type Slot<S> = RefCell<Option<Fixture<S>>>;
+
+thread_local! {
+    static DATAGRAM: Slot<()> = const { RefCell::new(None) };
+    static STUN: Slot<IceCredentials> = const { RefCell::new(None) };
+    static TCP_FRAMES: Slot<()> = const { RefCell::new(None) };
+    static SIGNAL_JSON: Slot<()> = const { RefCell::new(None) };
+}
+
+/// Drops every target's fixture, so that the next input of each starts from a fresh router
+/// (the corpus replay test calls this before every file, to replay each one on its own).
+pub fn reset_fixtures() {
+    DATAGRAM.with(|f| f.replace(None));
+    STUN.with(|f| f.replace(None));
+    TCP_FRAMES.with(|f| f.replace(None));
+    SIGNAL_JSON.with(|f| f.replace(None));
+}
+
+/// Runs `body` with the router (and the virtual time) of the target's fixture, building a
+/// fresh one with `set_up` when there is none, it has served [`INPUTS_PER_ROUTER`] inputs, or
+/// its session has gone. `set_up` returning `None` skips the input.
+fn with_fixture<S: 'static>(
+    slot: &'static LocalKey<Slot<S>>,
+    set_up: fn(&mut Router, Instant) -> Option<S>,
+    body: impl FnOnce(&mut Router, &mut Instant, &S),
+) {
+    slot.with(|cell| {
+        let mut fixture = cell.borrow_mut();
+        let usable = fixture
+            .as_ref()
+            .is_some_and(|f| f.inputs < INPUTS_PER_ROUTER && f.router.session_count() > 0);
+        if !usable {
+            // Drop the old router before building the next one.
+            *fixture = None;
+            let mut router = new_router();
+            let Some(session) = set_up(&mut router, epoch()) else {
+                return;
+            };
+            *fixture = Some(Fixture {
+                router,
+                now: epoch(),
+                inputs: 0,
+                session,
+            });
+        }
+        let Some(f) = fixture.as_mut() else {
+            return;
+        };
+        f.inputs += 1;
+        body(&mut f.router, &mut f.now, &f.session);
+    });
+}
+
+fn new_router() -> Router {
+    match Router::new(Config::default(), epoch()) {
         Ok(r) => r,
         Err(e) => panic!("default config refused: {e}"),
-    };
+    }
+}
+
+/// Joins session 1 to call "fuzz" (a fixture's set-up).
+fn join_session(router: &mut Router, now: Instant) -> Option<()> {
     if let Err(e) = router.join(
         CallId::from("fuzz"),
         SessionId(1),
         "u".into(),
         Grants::ALL,
-        epoch(),
+        now,
     ) {
         panic!("join refused: {e}");
     }
-    drain(&mut router);
-    router
+    drain(router);
+    Some(())
 }
 
 /// Drains every output; returns the signals' JSON. A runaway output queue is a bug.
@@ -110,13 +210,25 @@ fn records(mut data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
+/// How far past its last datagram a `datagram` input runs the router's timers: the idle,
+/// layer and tick timers (≤ 1 s) fire at the end of the input that armed them; the longer ones
+/// (statistics 2 s, offer resend 4 s, unmute grace 5 s, connect deadline 30 s) fire during a
+/// later input, since the fixture's clock moves at least this much per input. Jumping past the
+/// connect deadline every input would remove the fixture's session, and with it the point of
+/// sharing it; it fires every thirty inputs or so, with whatever state they left.
+const DATAGRAM_TIMERS: Duration = Duration::from_secs(1);
+
 /// Datagram demux and classification: arbitrary datagrams from a few sources (one of them a
 /// session's admitted peer after a `stun` record) into a router with one session.
 pub fn datagram(data: &[u8]) {
-    let mut router = router_with_session();
-    let mut now = epoch();
+    with_fixture(&DATAGRAM, join_session, |router, now, ()| {
+        datagrams_into(router, now, data);
+    });
+}
+
+fn datagrams_into(router: &mut Router, now: &mut Instant, data: &[u8]) {
     for (selector, bytes) in records(data) {
-        now += Duration::from_millis(u64::from(selector >> 4));
+        *now += Duration::from_millis(u64::from(selector >> 4));
         let proto = if selector & 0x08 != 0 {
             Proto::Tcp
         } else {
@@ -129,13 +241,14 @@ pub fn datagram(data: &[u8]) {
                 destination: router_addr(),
                 contents: bytes,
             },
-            now,
+            *now,
         );
-        drain(&mut router);
+        drain(router);
         let _ = Router::worker_of_datagram(bytes);
     }
-    router.handle_timeout(now + Duration::from_secs(60));
-    drain(&mut router);
+    *now += DATAGRAM_TIMERS;
+    router.handle_timeout(*now);
+    drain(router);
 }
 
 fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
@@ -150,11 +263,17 @@ fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
     out
 }
 
-/// STUN admission: a session that has answered an offer, then binding requests built from the
-/// input (right or wrong ufrag/password, priority, USE-CANDIDATE, role) with optional byte
-/// flips after signing, from several sources; then arbitrary datagrams from those sources.
-pub fn stun(data: &[u8]) {
-    let mut router = router_with_session();
+/// The ICE credentials of session 1 after it answered [`client_offer`]: the router's (from the
+/// answer) and the client's ufrag.
+struct IceCredentials {
+    local_ufrag: String,
+    local_pwd: String,
+    remote_ufrag: String,
+}
+
+/// Joins session 1 and has it answer [`client_offer`] (the `stun` fixture's set-up).
+fn join_and_answer(router: &mut Router, now: Instant) -> Option<IceCredentials> {
+    join_session(router, now)?;
     let offer = client_offer();
     let _ = router.handle_signal(
         SessionId(1),
@@ -162,27 +281,49 @@ pub fn stun(data: &[u8]) {
             sdp: offer.to_owned(),
             screen_mid: None,
         },
-        epoch(),
+        now,
     );
-    let answer = drain(&mut router).into_iter().find_map(|m| match m {
+    let answer = drain(router).into_iter().find_map(|m| match m {
         ServerMessage::Answer { sdp } => Some(sdp),
         _ => None,
-    });
-    let Some(answer) = answer else {
-        return;
-    };
+    })?;
     let attr = |text: &str, name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
             .map(|v| v.trim().to_owned())
             .unwrap_or_default()
     };
-    let local_ufrag = attr(&answer, "a=ice-ufrag:");
-    let local_pwd = attr(&answer, "a=ice-pwd:");
-    let remote_ufrag = attr(offer, "a=ice-ufrag:");
-    let mut now = epoch();
+    Some(IceCredentials {
+        local_ufrag: attr(&answer, "a=ice-ufrag:"),
+        local_pwd: attr(&answer, "a=ice-pwd:"),
+        remote_ufrag: attr(offer, "a=ice-ufrag:"),
+    })
+}
+
+/// STUN admission: a session that has answered an offer, then binding requests built from the
+/// input (right or wrong ufrag/password, priority, USE-CANDIDATE, role) with optional byte
+/// flips after signing, from several sources; then arbitrary datagrams from those sources.
+/// With the fixture, the sources may already be admitted peers (nominated, even) when an
+/// input starts.
+pub fn stun(data: &[u8]) {
+    with_fixture(&STUN, join_and_answer, |router, now, credentials| {
+        binding_requests_into(router, now, credentials, data);
+    });
+}
+
+fn binding_requests_into(
+    router: &mut Router,
+    now: &mut Instant,
+    credentials: &IceCredentials,
+    data: &[u8],
+) {
+    let IceCredentials {
+        local_ufrag,
+        local_pwd,
+        remote_ufrag,
+    } = credentials;
     for (selector, bytes) in records(data) {
-        now += Duration::from_millis(u64::from(selector >> 5));
+        *now += Duration::from_millis(u64::from(selector >> 5));
         let source = peer_addr(selector);
         let contents = if selector & 0x10 != 0 {
             bytes.to_vec()
@@ -230,51 +371,57 @@ pub fn stun(data: &[u8]) {
                 destination: router_addr(),
                 contents: &contents,
             },
-            now,
+            *now,
         );
-        drain(&mut router);
+        drain(router);
     }
 }
 
 /// ICE-TCP reassembly: the input is a byte stream of RFC 4571 frames (whatever it holds),
 /// delivered in chunks whose sizes come from the input too; a second connection gets the same
-/// bytes in one piece. Errors are fine; panics and runaway buffers are not.
+/// bytes in one piece. Errors are fine; panics and runaway buffers are not. Both connections
+/// are closed at the end, so the next input (same fixture router) can accept them again.
 pub fn tcp_frames(data: &[u8]) {
-    let mut router = router_with_session();
-    let local = router_addr();
     let Some((&split_seed, stream)) = data.split_first() else {
         return;
     };
+    with_fixture(&TCP_FRAMES, join_session, |router, now, ()| {
+        tcp_stream_into(router, now, split_seed, stream);
+    });
+}
+
+fn tcp_stream_into(router: &mut Router, now: &mut Instant, split_seed: u8, stream: &[u8]) {
+    let local = router_addr();
     let conns = [(ConnId(1), peer_addr(1)), (ConnId(2), peer_addr(2))];
     for (conn, remote) in conns {
-        if router.tcp_accepted(conn, remote, local).is_err() {
-            return;
+        // The previous input closed both (or the router forgot them on an error).
+        if let Err(e) = router.tcp_accepted(conn, remote, local) {
+            panic!("a closed connection's id is still taken: {e}");
         }
     }
     let mut rest = stream;
     let mut size = usize::from(split_seed).max(1);
-    let mut now = epoch();
     while !rest.is_empty() {
         let n = size.min(rest.len());
-        now += Duration::from_micros(100);
-        if router.handle_tcp_data(ConnId(1), &rest[..n], now).is_err() {
+        *now += Duration::from_micros(100);
+        if router.handle_tcp_data(ConnId(1), &rest[..n], *now).is_err() {
             break;
         }
-        drain(&mut router);
+        drain(router);
         rest = &rest[n..];
         // The next chunk size: a function of the bytes just sent, 1..=256.
         size = usize::from(rest.first().copied().unwrap_or(0)).wrapping_mul(7) % 256 + 1;
     }
-    let _ = router.handle_tcp_data(ConnId(2), stream, now);
-    drain(&mut router);
+    let _ = router.handle_tcp_data(ConnId(2), stream, *now);
+    drain(router);
     for (conn, _) in conns {
         let _ = router.tcp_closed(conn);
     }
-    drain(&mut router);
+    drain(router);
 }
 
 /// Signaling JSON: parsed alone, then handed to a router session (before and after its first
-/// offer) and to an unknown session.
+/// offer: the fixture's session has seen the inputs before this one) and to an unknown session.
 pub fn signal_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -289,21 +436,30 @@ pub fn signal_json(data: &[u8]) {
         );
     }
     let _ = ServerMessage::from_json(text);
-    let mut router = router_with_session();
-    let _ = router.handle_signal_json(SessionId(1), text, epoch());
-    drain(&mut router);
-    let _ = router.handle_signal_json(SessionId(2), text, epoch());
-    drain(&mut router);
+    with_fixture(&SIGNAL_JSON, join_session, |router, now, ()| {
+        *now += Duration::from_millis(10);
+        let _ = router.handle_signal_json(SessionId(1), text, *now);
+        drain(router);
+        let _ = router.handle_signal_json(SessionId(2), text, *now);
+        drain(router);
+    });
 }
 
 /// SDP offers: arbitrary text as a session's offer (with and without a screen mid), then the
-/// same text as an answer, with time passing in between.
+/// same text as an answer, with time passing in between. A fresh router for every input, unlike
+/// the other router targets: str0m's SDP parser, not the join, is most of the time here (a
+/// shared fixture measured no faster), and every offer stays a session's first.
 pub fn sdp_offer(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let _ = SdpOffer::from_sdp_string(text);
-    let mut router = router_with_session();
+    let mut router = new_router();
+    join_session(&mut router, epoch());
+    offer_and_answer(&mut router, &mut epoch(), text);
+}
+
+fn offer_and_answer(router: &mut Router, now: &mut Instant, text: &str) {
     let screen_mid = text.lines().find_map(|l| l.strip_prefix("a=mid:"));
     let _ = router.handle_signal(
         SessionId(1),
@@ -311,20 +467,21 @@ pub fn sdp_offer(data: &[u8]) {
             sdp: text.to_owned(),
             screen_mid: screen_mid.map(str::to_owned),
         },
-        epoch(),
+        *now,
     );
-    drain(&mut router);
-    let later = epoch() + Duration::from_secs(1);
+    drain(router);
+    *now += Duration::from_secs(1);
     let _ = router.handle_signal(
         SessionId(1),
         ClientMessage::Answer {
             sdp: text.to_owned(),
         },
-        later,
+        *now,
     );
-    drain(&mut router);
-    router.handle_timeout(later + Duration::from_secs(5));
-    drain(&mut router);
+    drain(router);
+    *now += Duration::from_secs(5);
+    router.handle_timeout(*now);
+    drain(router);
 }
 
 /// The RTP rewriter with arbitrary packet sequences, epochs and keyframes, including a
