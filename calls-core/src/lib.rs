@@ -93,6 +93,7 @@ mod layers;
 pub mod metrics;
 pub mod router;
 mod session;
+mod slot;
 pub mod signal;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -248,6 +248,23 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// The message's `type`, as in its JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Answer { .. } => "answer",
+            ServerMessage::Offer { .. } => "offer",
+            ServerMessage::Slots { .. } => "slots",
+            ServerMessage::Roster { .. } => "roster",
+            ServerMessage::ParticipantJoined { .. } => "participant_joined",
+            ServerMessage::ParticipantLeft { .. } => "participant_left",
+            ServerMessage::Muted { .. } => "muted",
+            ServerMessage::Published { .. } => "published",
+            ServerMessage::Layers { .. } => "layers",
+            ServerMessage::Speaker { .. } => "speaker",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+
     /// Serializes to JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
