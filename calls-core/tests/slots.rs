@@ -254,9 +254,16 @@ fn video_slot_switch_waits_for_keyframe() {
     assert_eq!(t.first_keyframe_at, t.first_packet_at, "{}", describe(&world));
     assert!(world.peer(b).sent(CAM).keyframes > keyframes_before);
     assert!(t.first_packet_at.is_some_and(|at| at - t0 <= secs(1.0)));
-    // a went on until then: no gap on the slot.
+    // a went on until b's keyframe (within a frame interval): the tile never went blank,
+    // and the slot's numbering has no gap.
     let a_last = stats(&world, viewer, a, CAM).last_packet_at;
-    assert!(a_last.is_some_and(|at| at >= t0), "a stopped before the switch");
+    let b_first = t.first_packet_at;
+    assert!(
+        matches!((a_last, b_first), (Some(a), Some(b)) if a + secs(0.05) >= b),
+        "a stopped {a_last:?} before b started {b_first:?}"
+    );
+    let slot = world.peer(viewer).slot_stats().values().next().cloned();
+    assert!(slot.is_some_and(|s| s.gaps == 0 && s.ssrc_changes == 0));
     assert_eq!(
         slot_of(&world, viewer, b, CAM),
         world
@@ -294,7 +301,8 @@ fn slot_stream_is_continuous_across_sources() {
     assert_eq!(slot.gaps, 0, "sequence gap on slot {mid}{}", describe(&world));
     assert_eq!(slot.picture_id_breaks, 0, "{}", describe(&world));
     assert_eq!(slot.timestamp_regressions, 0, "{}", describe(&world));
-    assert!(slot.keyframes >= 6);
+    // Five switches (round 0 pins the camera already shown), each at a keyframe.
+    assert!(slot.keyframes >= 5, "{slot:?}");
     assert_attribution_clean(&world);
 }
 

@@ -26,8 +26,8 @@ const RANK_RECENT: usize = 2_000;
 const RANK_OTHER: usize = 1_000_000;
 
 impl Router {
-    /// Every active slot of `session` with what it carries now (and the slots a pending router
-    /// offer adds, empty), in SDP order.
+    /// Every slot of `session` with what it carries now (inactive ones empty), and the slots a
+    /// pending router offer adds (empty), in SDP order.
     pub(super) fn slot_list(&self, session: SessionId) -> Vec<SlotInfo> {
         let Some(state) = self.sessions.get(&session) else {
             return Vec::new();
@@ -35,15 +35,9 @@ impl Router {
         let mut list: Vec<SlotInfo> = state
             .slots
             .iter()
-            .filter(|s| s.active)
             .map(|s| self.slot_info(s.mid, s.kind, s.current.as_ref().map(|f| f.key)))
             .collect();
         if let Some(pending) = &state.pending_offer {
-            for &index in &pending.change.reactivated {
-                if let Some(s) = state.slots.get(index) {
-                    list.push(self.slot_info(s.mid, s.kind, None));
-                }
-            }
             for &(mid, kind) in &pending.change.added {
                 list.push(self.slot_info(mid, kind, None));
             }

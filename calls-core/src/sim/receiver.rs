@@ -325,6 +325,10 @@ impl TrackStats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotMap {
     slots: BTreeMap<String, SlotInfo>,
+    /// Per slot: who it carried before the last change, until the first packet of the new
+    /// source arrives (packets of the old one still in flight or in the router's pacer may
+    /// trail the mapping message).
+    previous: BTreeMap<String, (SessionId, TrackSource)>,
 }
 
 /// Who a packet that arrived on a slot came from, by the mapping and by its payload.
@@ -344,7 +348,13 @@ impl SlotMap {
     /// Applies a `slots` message (entries replace those with the same mid).
     pub fn apply(&mut self, slots: &[SlotInfo]) {
         for slot in slots {
-            self.slots.insert(slot.mid.clone(), slot.clone());
+            let before = self.slots.insert(slot.mid.clone(), slot.clone());
+            match before.and_then(|b| Some((b.session?, b.source?))) {
+                Some(old) if Some(old.0) != slot.session => {
+                    self.previous.insert(slot.mid.clone(), old);
+                }
+                _ => {}
+            }
         }
     }
 
@@ -366,16 +376,30 @@ impl SlotMap {
     }
 
     /// Who a packet with `payload` that arrived on `mid` is from.
-    pub fn attribute(&self, mid: &str, payload: &[u8]) -> Attribution {
+    ///
+    /// A packet of the slot's previous source that arrives after the change but before any
+    /// packet of the new one is the old stream's tail, not a misattribution: it is attributed
+    /// to the previous source.
+    pub fn attribute(&mut self, mid: &str, payload: &[u8]) -> Attribution {
         let Some(slot) = self.slots.get(mid) else {
             return Attribution::Unmapped;
         };
+        let tag = source_tag(payload);
+        let previous = self.previous.get(mid).copied();
+        if let (Some((old, old_source)), Some(tag)) = (previous, tag) {
+            if tag == session_tag(old) {
+                return Attribution::Mapped(old, old_source);
+            }
+        }
         let (Some(session), Some(source)) = (slot.session, slot.source) else {
             return Attribution::Unmapped;
         };
-        match source_tag(payload) {
+        match tag {
             Some(tag) if tag != session_tag(session) => Attribution::Misattributed,
-            _ => Attribution::Mapped(session, source),
+            _ => {
+                self.previous.remove(mid);
+                Attribution::Mapped(session, source)
+            }
         }
     }
 }
