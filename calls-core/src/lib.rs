@@ -93,10 +93,10 @@ mod layers;
 pub mod metrics;
 pub mod router;
 mod session;
-mod slot;
 pub mod signal;
 #[cfg(feature = "sim")]
 pub mod sim;
+mod slot;
 mod speaker;
 pub mod tcp;
 

@@ -655,7 +655,6 @@ impl Router {
         ]
     }
 
-
     /// Drains one session's str0m outputs completely (the str0m rule: drain after every input).
     pub(super) fn drain(&mut self, session: SessionId, now: Instant) {
         loop {
@@ -833,7 +832,12 @@ impl Router {
         }
     }
 
-    pub(super) fn broadcast(&mut self, call: &CallId, except: Option<SessionId>, msg: ServerMessage) {
+    pub(super) fn broadcast(
+        &mut self,
+        call: &CallId,
+        except: Option<SessionId>,
+        msg: ServerMessage,
+    ) {
         if let Some(c) = self.calls.get(call) {
             for member in &c.members {
                 if Some(*member) != except {
@@ -842,7 +846,6 @@ impl Router {
             }
         }
     }
-
 
     fn remove_session(&mut self, session: SessionId, reason: LeaveReason, now: Instant) {
         let Some(state) = self.sessions.get(&session) else {

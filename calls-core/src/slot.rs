@@ -101,7 +101,6 @@ impl Slot {
         self.next.as_ref().or(self.current.as_ref())
     }
 
-
     /// Whether this slot carries `key` now or is about to.
     pub fn holds(&self, key: TrackKey) -> bool {
         self.current.as_ref().is_some_and(|f| f.key == key)

@@ -262,7 +262,12 @@ fn video_slot_switch_waits_for_keyframe() {
     let t = stats(&world, viewer, b, CAM);
     // b's first packet on the slot was a keyframe: the switch waited for one, and one was
     // asked for (b's own interval is 10 s).
-    assert_eq!(t.first_keyframe_at, t.first_packet_at, "{}", describe(&world));
+    assert_eq!(
+        t.first_keyframe_at,
+        t.first_packet_at,
+        "{}",
+        describe(&world)
+    );
     assert!(world.peer(b).sent(CAM).keyframes > keyframes_before);
     assert!(t.first_packet_at.is_some_and(|at| at - t0 <= secs(1.0)));
     // a went on until b's keyframe (within a frame interval): the tile never went blank,
@@ -304,7 +309,12 @@ fn slot_stream_is_continuous_across_sources() {
     let mid = slot.mid.clone();
     assert!(world.metrics().slot_switches >= 5);
     assert_eq!(slot.ssrc_changes, 0, "slot {mid}{}", describe(&world));
-    assert_eq!(slot.gaps, 0, "sequence gap on slot {mid}{}", describe(&world));
+    assert_eq!(
+        slot.gaps,
+        0,
+        "sequence gap on slot {mid}{}",
+        describe(&world)
+    );
     assert_eq!(slot.picture_id_breaks, 0, "{}", describe(&world));
     assert_eq!(slot.timestamp_regressions, 0, "{}", describe(&world));
     // Five switches (round 0 pins the camera already shown), each at a keyframe.
@@ -400,7 +410,11 @@ fn pinned_participant_keeps_a_slot() {
         |w| carried(w, viewer, SlotKind::Camera) == vec![cams[0]],
         secs(5.0),
     );
-    assert!(ok, "unpinned, the slot did not follow the speaker{}", describe(&world));
+    assert!(
+        ok,
+        "unpinned, the slot did not follow the speaker{}",
+        describe(&world)
+    );
     assert_attribution_clean(&world);
 }
 
@@ -419,7 +433,9 @@ fn more_slots_on_request() {
     let ok = world.run_until(
         |w| {
             carried(w, viewer, SlotKind::Camera).len() == 3
-                && cams[..3].iter().all(|&c| stats(w, viewer, c, CAM).keyframes > 0)
+                && cams[..3]
+                    .iter()
+                    .all(|&c| stats(w, viewer, c, CAM).keyframes > 0)
         },
         secs(5.0),
     );

@@ -185,7 +185,10 @@ impl Router {
                 continue; // str0m would drop it, and the slot's numbering would have a gap
             }
             let Some(index) = audio_slot(s, incoming.key, speakers, now) else {
-                if s.slots.iter().any(|slot| slot.kind == crate::SlotKind::Audio) {
+                if s.slots
+                    .iter()
+                    .any(|slot| slot.kind == crate::SlotKind::Audio)
+                {
                     self.counters.snapshot.audio_without_slot += 1;
                 }
                 continue;
@@ -332,7 +335,13 @@ impl Router {
     /// Asks a publisher for a keyframe of one layer, at most once per
     /// `keyframe_request_interval` per layer (all subscribers' requests are aggregated into
     /// one). `urgent` (a new subscriber) allows a request after a fifth of the interval.
-    pub(super) fn request_keyframe(&mut self, key: TrackKey, rid: Option<Rid>, now: Instant, urgent: bool) {
+    pub(super) fn request_keyframe(
+        &mut self,
+        key: TrackKey,
+        rid: Option<Rid>,
+        now: Instant,
+        urgent: bool,
+    ) {
         let interval = self.config.keyframe_request_interval();
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
@@ -430,9 +439,7 @@ fn write(
         // Temporal layers: raise the cap only where the stream can be decoded from (a TL0
         // picture), lower it at any picture start.
         if let Some((_, target_tid)) = sel.target {
-            if incoming.starts_picture
-                && (incoming.tid == Some(0) || target_tid < sel.tid_cap)
-            {
+            if incoming.starts_picture && (incoming.tid == Some(0) || target_tid < sel.tid_cap) {
                 sel.tid_cap = target_tid;
             }
         }
@@ -500,6 +507,8 @@ fn write(
         rtp = rtp.vp8_patch(patch);
     }
     tx.write_rtp(rtp);
-    counters.media_out.add(incoming.is_audio, packet.payload.len());
+    counters
+        .media_out
+        .add(incoming.is_audio, packet.payload.len());
     Written::Sent
 }

@@ -376,8 +376,16 @@ impl Router {
             slot.clear();
             slot.told = None;
         }
-        let reactivate: Vec<Mid> = change.reactivated.iter().map(|&i| state.slots[i].mid).collect();
-        let deactivate: Vec<Mid> = change.deactivated.iter().map(|&i| state.slots[i].mid).collect();
+        let reactivate: Vec<Mid> = change
+            .reactivated
+            .iter()
+            .map(|&i| state.slots[i].mid)
+            .collect();
+        let deactivate: Vec<Mid> = change
+            .deactivated
+            .iter()
+            .map(|&i| state.slots[i].mid)
+            .collect();
         let slot_count = state.slots.len();
         let added = &mut change.added;
         let applied = state.with_streams_declared(|rtc| {

@@ -320,7 +320,6 @@ impl TrackStats {
     }
 }
 
-
 /// Which source each receive slot carries, as the router's `slots` messages said.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotMap {
