@@ -8,6 +8,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
+/// Highest accepted `max_microphones_per_session` / `max_cameras_per_session` /
+/// `max_screens_per_session`.
+const MAX_TRACKS_PER_SOURCE: usize = 16;
+/// Highest accepted `max_mlines_per_offer`: str0m parses every m-line of an offer.
+const MAX_MLINES: usize = 4096;
+/// Highest accepted `max_simulcast_layers` (browsers send at most 3 or 4).
+const MAX_SIMULCAST_LAYERS: usize = 4;
+
 /// Configuration of one [`Router`](crate::Router).
 ///
 /// Every field has a default; a TOML or JSON document only names what it changes:
@@ -70,6 +78,24 @@ pub struct Config {
     /// unmuted), so a big call does not forward every silent microphone. Default `3`; `0`
     /// forwards every unmuted microphone.
     pub top_n_audio: usize,
+    /// Microphone tracks one session may send (sending audio m-lines in its offers); an offer
+    /// beyond it is refused with [`SignalError::TooManyTracks`](crate::SignalError). Default `1`.
+    pub max_microphones_per_session: usize,
+    /// Camera tracks one session may send (sending video m-lines other than its screen).
+    /// Default `2`.
+    pub max_cameras_per_session: usize,
+    /// Screen-share tracks one session may send. Default `1`.
+    pub max_screens_per_session: usize,
+    /// m-lines in one client offer, all directions; beyond it the offer is refused with
+    /// [`SignalError::TooManyMLines`](crate::SignalError) before it is parsed. Default `512`.
+    pub max_mlines_per_offer: usize,
+    /// Simulcast layers one track may send (`a=rid` send lines); beyond it the offer is refused
+    /// with [`SignalError::TooManyLayers`](crate::SignalError). Default `3`.
+    pub max_simulcast_layers: usize,
+    /// Render per-session series (`calls_session_*{call,session}`) in the Prometheus text of
+    /// the bindings and the reference server. Default `false`: one series per session is
+    /// unbounded cardinality for a metrics store, and call names are user input.
+    pub metrics_per_session: bool,
 }
 
 impl Default for Config {
@@ -92,6 +118,12 @@ impl Default for Config {
             probe_password: None,
             probe_replies_per_second: 20,
             top_n_audio: 3,
+            max_microphones_per_session: 1,
+            max_cameras_per_session: 2,
+            max_screens_per_session: 1,
+            max_mlines_per_offer: 512,
+            max_simulcast_layers: 3,
+            metrics_per_session: false,
         }
     }
 }
@@ -200,6 +232,36 @@ impl Config {
             problems.push(format!(
                 "`connect_timeout_ms` {} is too short for ICE and DTLS (minimum 1000)",
                 self.connect_timeout_ms
+            ));
+        }
+        for (name, value) in [
+            (
+                "max_microphones_per_session",
+                self.max_microphones_per_session,
+            ),
+            ("max_cameras_per_session", self.max_cameras_per_session),
+            ("max_screens_per_session", self.max_screens_per_session),
+        ] {
+            if value > MAX_TRACKS_PER_SOURCE {
+                problems.push(format!(
+                    "`{name}` {value} is outside 0..={MAX_TRACKS_PER_SOURCE} (every track is offered to every member)"
+                ));
+            }
+        }
+        let tracks = self.max_microphones_per_session
+            + self.max_cameras_per_session
+            + self.max_screens_per_session;
+        if self.max_mlines_per_offer < tracks.max(1) || self.max_mlines_per_offer > MAX_MLINES {
+            problems.push(format!(
+                "`max_mlines_per_offer` {} is outside {}..={MAX_MLINES} (at least the tracks a session may send)",
+                self.max_mlines_per_offer,
+                tracks.max(1)
+            ));
+        }
+        if self.max_simulcast_layers == 0 || self.max_simulcast_layers > MAX_SIMULCAST_LAYERS {
+            problems.push(format!(
+                "`max_simulcast_layers` {} is outside 1..={MAX_SIMULCAST_LAYERS}",
+                self.max_simulcast_layers
             ));
         }
         if problems.is_empty() {

@@ -19,6 +19,7 @@ use crate::call::{Call, PublishedTrack, TrackKey};
 
 mod simulcast;
 use crate::config::Config;
+use crate::consent::ConsentChecks;
 use crate::demux::{self, Class, DropReason, FlowKey, FlowTable, Proto, MAX_DATAGRAM_BYTES};
 use crate::error::{ConfigError, RouterError, SignalError};
 use crate::forward::{Rewriter, Verdict, VideoCodec};
@@ -146,6 +147,34 @@ pub enum Event {
         /// The local address it reached.
         local: SocketAddr,
     },
+    /// A remote address no longer reaches a session: the session left, its TCP connection
+    /// closed, or it was the oldest of more than `max_flows_per_session` (a client rotating
+    /// source ports). A dispatcher forgets that 5-tuple; for TCP, the embedder closes the
+    /// connection (a session that left keeps none open).
+    FlowRemoved {
+        /// The session it belonged to.
+        session: SessionId,
+        /// UDP or TCP.
+        proto: Proto,
+        /// The client's address.
+        remote: SocketAddr,
+        /// The local address it reached.
+        local: SocketAddr,
+    },
+    /// A remote address authenticated for another session of this router (a NAT reused the
+    /// port): its datagrams now go to `to`. Followed by [`Event::FlowAdmitted`] for `to`.
+    FlowMoved {
+        /// The session it belonged to.
+        from: SessionId,
+        /// The session it belongs to now.
+        to: SessionId,
+        /// UDP or TCP.
+        proto: Proto,
+        /// The client's address.
+        remote: SocketAddr,
+        /// The local address it reached.
+        local: SocketAddr,
+    },
     /// A session's microphone was muted or unmuted.
     MuteChanged {
         /// The session.
@@ -197,6 +226,8 @@ pub struct Router {
     tracks: HashMap<TrackKey, PublishedTrack>,
     ufrags: HashMap<String, SessionId>,
     flows: FlowTable,
+    /// Checks sent to new addresses before they get media (issue 16, finding 3).
+    consent: ConsentChecks,
     tcp_conns: HashMap<ConnId, TcpConn>,
     tcp_by_addr: HashMap<(SocketAddr, SocketAddr), ConnId>,
     outputs: VecDeque<Output>,
@@ -262,6 +293,7 @@ impl Router {
             tracks: HashMap::new(),
             ufrags: HashMap::new(),
             flows: FlowTable::default(),
+            consent: ConsentChecks::default(),
             tcp_conns: HashMap::new(),
             tcp_by_addr: HashMap::new(),
             outputs: VecDeque::new(),
@@ -631,6 +663,20 @@ impl Router {
         if class == Class::Stun && known.is_none() && self.answer_probe(&datagram, now) {
             return;
         }
+        // Issue 16, finding 3: the answer to a consent check admits its flow (consent.rs).
+        if let Some(confirmed) = (class == Class::Stun)
+            .then(|| self.consent.answered(datagram.contents, key, self.hmac))
+            .flatten()
+            .filter(|c| self.sessions.contains_key(&c.session))
+        {
+            let max = self.config.max_flows_per_session;
+            self.flows.insert(key, confirmed.session, max);
+            let request = Datagram {
+                contents: &confirmed.request,
+                ..datagram
+            };
+            return self.ingest(request, now);
+        }
         let session = match (class, known) {
             (Class::Stun, _) => match self.admit_stun(&datagram, key, known) {
                 Ok(session) => session,
@@ -763,6 +809,12 @@ impl Router {
 
     /// The next output. Drain until [`Output::Timeout`] after **every** input.
     pub fn poll_output(&mut self) -> Output {
+        if let Some(event) = self.flows.pop_event() {
+            return Output::Event(event); // flow changes first, in order (demux::FlowTable)
+        }
+        if let Some(check) = self.consent.pop_transmit() {
+            return Output::Transmit(check); // consent checks to new addresses (consent.rs)
+        }
         if let Some(out) = self.outputs.pop_front() {
             return out;
         }
@@ -917,15 +969,18 @@ impl Router {
         if !authentic {
             return Err(DropReason::StunAuthFailed);
         }
+        if key.proto == Proto::Udp {
+            // Issue 16, finding 3: a new UDP address answers a check first (consent.rs).
+            let local = self.local_address(Proto::Udp, key.destination);
+            let (ufrag, remote) = (&state.local_creds.ufrag, state.remote_ice.as_ref());
+            let (request, now) = (datagram.contents, self.last_now);
+            let hmac = self.hmac;
+            return Err(self
+                .consent
+                .challenge(key, session, ufrag, remote, request, local, hmac, now));
+        }
         self.flows
             .insert(key, session, self.config.max_flows_per_session);
-        tracing::debug!(%session, source = %key.source, "flow admitted");
-        self.outputs.push_back(Output::Event(Event::FlowAdmitted {
-            session,
-            proto: key.proto,
-            remote: key.source,
-            local: key.destination,
-        }));
         Ok(session)
     }
 
@@ -1691,9 +1746,11 @@ impl Router {
         screen_mid: Option<String>,
         now: Instant,
     ) -> Result<(), SignalError> {
+        let facts = crate::limits::check_offer(sdp, screen_mid.as_deref(), &self.config)?; // issue 16
         let Some(state) = self.sessions.get_mut(&session) else {
             return Ok(());
         };
+        state.remote_ice = facts.remote_ice.or(state.remote_ice.take()); // issue 16: consent
         if let Some(mid) = &screen_mid {
             if state.grants.publish_screen {
                 state.screen_mid = Some(Mid::from(mid.as_str()));

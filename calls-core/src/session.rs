@@ -147,6 +147,9 @@ pub(crate) struct Session {
     /// with the same SSRCs before the next write, and for the time of each SDP operation
     /// ([`Session::with_streams_declared`]).
     pub parked: HashMap<Ssrc, (Option<Ssrc>, Mid)>,
+    /// The client's ICE credentials from its latest offer: the router's consent checks to a
+    /// new address of this session are signed with them ([`crate::consent`]).
+    pub remote_ice: Option<crate::limits::RemoteIce>,
 }
 
 impl Session {
@@ -230,6 +233,7 @@ impl Session {
             video_out: 0,
             bwe_asked: (0, 0),
             parked: HashMap::new(),
+            remote_ice: None,
         }
     }
 
