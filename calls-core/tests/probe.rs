@@ -10,20 +10,12 @@ use std::time::Duration;
 const PASSWORD: &str = "probe0password0123456789";
 
 fn examples_dir() -> PathBuf {
-    // Build the two examples with the same profile this test runs in (cargo test builds
-    // examples too, so this is normally a no-op).
+    // Build the probe example with the same profile this test runs in (cargo test builds
+    // examples too, so this is normally a no-op). The server is the `calls-server` binary,
+    // which cargo builds for integration tests (CARGO_BIN_EXE_calls-server).
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "calls-core",
-            "--example",
-            "server",
-            "--example",
-            "probe",
-        ])
+        .args(["build", "-q", "-p", "calls-core", "--example", "probe"])
         .status()
         .unwrap();
     assert!(status.success());
@@ -39,8 +31,8 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &Path, http: u16, media: u16, udp: bool) -> Server {
-    let child = Command::new(dir.join("server"))
+fn start_server(http: u16, media: u16, udp: bool) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_calls-server"))
         .env("CALLS_HTTP_LISTEN", format!("127.0.0.1:{http}"))
         .env("CALLS_UDP_PORT", media.to_string())
         .env("CALLS_TCP_PORT", media.to_string())
@@ -87,7 +79,7 @@ fn probe_tells_reachable_from_no_server_from_blocked() {
 
     // 1. Everything up: both reachable, with the address the server saw.
     {
-        let _server = start_server(&dir, 18_610, 18_611, true);
+        let _server = start_server(18_610, 18_611, true);
         let (report, code) = probe(&dir, 18_611);
         assert_eq!(code, 0, "{report}");
         for proto in ["udp", "tcp"] {
@@ -101,7 +93,7 @@ fn probe_tells_reachable_from_no_server_from_blocked() {
 
     // 2. The server runs without UDP: UDP has no server (ICMP unreachable), TCP still answers.
     {
-        let _server = start_server(&dir, 18_620, 18_621, false);
+        let _server = start_server(18_620, 18_621, false);
         let (report, code) = probe(&dir, 18_621);
         assert_eq!(code, 1);
         assert_eq!(report["udp"]["result"], "no server", "{report}");
@@ -111,7 +103,7 @@ fn probe_tells_reachable_from_no_server_from_blocked() {
     // 3. Datagrams to the UDP port vanish (what a firewall's drop rule looks like from outside):
     //    a socket holds the port and never answers. The probe says blocked, not "open|filtered".
     {
-        let _server = start_server(&dir, 18_630, 18_631, false);
+        let _server = start_server(18_630, 18_631, false);
         let hole = UdpSocket::bind("127.0.0.1:18631").unwrap();
         let (report, _) = probe(&dir, 18_631);
         assert_eq!(report["udp"]["result"], "blocked", "{report}");

@@ -1,8 +1,8 @@
 //! The calls reference media server: the "dedicated daemon" shape of the product.
 //!
 //! ```sh
-//! cargo run --release -p calls-core --example server            # demo mode on localhost
-//! cargo run --release -p calls-core --example server -- --config calls.toml
+//! cargo run --release -p calls-core --features server --bin calls-server    # demo mode on localhost
+//! cargo run --release -p calls-core --features server --bin calls-server -- --config calls.toml
 //! ```
 //! Then open <http://127.0.0.1:8080/>. Media: UDP and TCP 8443; signaling: HTTP/WebSocket
 //! 8080; admin API: 8445 (with an API key). See docs/server.md.
