@@ -117,7 +117,8 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 async fn version() -> Json<serde_json::Value> {
     Json(json!({
         "name": "calls reference server",
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
+        "commit": crate::COMMIT,
         "core": "calls-core",
     }))
 }
@@ -130,6 +131,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         text = stripped.to_owned();
     }
     text.push_str(&process_metrics(&app));
+    text.push_str(&build_info());
     text.push_str("# TYPE calls_workers_unanswered gauge\n# HELP calls_workers_unanswered Router workers too busy to answer this scrape within 2 s (their counts are missing).\n");
     text.push_str(&format!("calls_workers_unanswered {unanswered}\n"));
     text.push_str("# EOF\n");
@@ -141,6 +143,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// `calls_build_info{version, commit} 1`: which build answers (an OpenMetrics info metric).
+fn build_info() -> String {
+    format!(
+        "# TYPE calls_build info\n# HELP calls_build The server's version and git commit.\ncalls_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        crate::VERSION,
+        crate::COMMIT
+    )
 }
 
 fn process_metrics(app: &App) -> String {

@@ -1,13 +1,17 @@
 //! Server configuration: a TOML file (`--config PATH` or `CALLS_CONFIG`) overlaid with
-//! `CALLS_*` environment variables. Every problem is reported at once.
+//! `CALLS_*` environment variables. Every problem is reported at once, file problems with
+//! `file:line:column`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
 
 /// A TURN server handed to clients, with time-limited REST credentials when `secret` is set.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TurnServer {
     /// `turn:` / `turns:` URLs.
@@ -23,7 +27,7 @@ fn default_turn_ttl() -> u64 {
     86_400
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address of the media sockets (UDP and TCP).
@@ -116,10 +120,7 @@ impl ServerConfig {
         let mut problems = Vec::new();
         let mut config = match path {
             Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => match toml::from_str::<ServerConfig>(&text) {
-                    Ok(c) => c,
-                    Err(e) => return Err(vec![format!("{}: {}", path.display(), e.message())]),
-                },
+                Ok(text) => from_toml(&path.display().to_string(), &text, &mut problems),
                 Err(e) => return Err(vec![format!("cannot read {}: {e}", path.display())]),
             },
             None => ServerConfig::default(),
@@ -189,6 +190,8 @@ impl ServerConfig {
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
+            "WS_MAX_MESSAGE_BYTES" => self.ws_max_message_bytes = parse(value)?,
+            "WS_MESSAGES_PER_SECOND" => self.ws_messages_per_second = parse(value)?,
             "PROBE_UFRAG" => self.probe_ufrag = Some(value.to_owned()),
             "PROBE_PASSWORD" => self.probe_password = Some(value.to_owned()),
             "LOG_LEVEL" => self.log_level = value.to_owned(),
@@ -307,6 +310,224 @@ impl ServerConfig {
     }
 }
 
+/// Parses a configuration file. A syntax error ends parsing (nothing after it can be read); a
+/// key with a wrong type or an unknown key does not hide the others: each is checked alone, and
+/// the configuration keeps the keys that parsed, so validation still sees them.
+fn from_toml(file: &str, text: &str, problems: &mut Vec<String>) -> ServerConfig {
+    let at = |span: Option<Range<usize>>| match span {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("{file}:{line}:{column}")
+        }
+        None => file.to_owned(),
+    };
+    let keys: BTreeMap<Spanned<String>, toml::Value> = match toml::from_str(text) {
+        Ok(keys) => keys,
+        Err(e) => {
+            problems.push(format!("{}: {}", at(e.span()), e.message().trim()));
+            return ServerConfig::default();
+        }
+    };
+    // In the file's order, so the problems read top to bottom.
+    let mut keys: Vec<_> = keys.into_iter().collect();
+    keys.sort_by_key(|(key, _)| key.span().start);
+    let mut parsed = toml::Table::new();
+    for (key, value) in keys {
+        let span = key.span();
+        let key = key.into_inner();
+        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+        match toml::Value::Table(alone).try_into::<ServerConfig>() {
+            Ok(_) => {
+                parsed.insert(key, value);
+            }
+            Err(e) if e.message().starts_with("unknown field") => problems.push(format!(
+                "{}: `{key}` is not a setting (`calls-server --help` lists them)",
+                at(Some(span))
+            )),
+            Err(e) => problems.push(format!(
+                "{}: `{key}`: {}",
+                at(Some(span)),
+                e.message().trim()
+            )),
+        }
+    }
+    toml::Value::Table(parsed)
+        .try_into()
+        .unwrap_or_else(|e: toml::de::Error| {
+            problems.push(format!("{file}: {}", e.message().trim()));
+            ServerConfig::default()
+        })
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// Every setting: its TOML key, its environment variable(s) and what it does. `--help` prints
+/// them with their defaults; a test keeps the list in step with `ServerConfig`.
+const SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "media_bind",
+        "CALLS_MEDIA_BIND",
+        "address of the media sockets (UDP and TCP)",
+    ),
+    ("udp_port", "CALLS_UDP_PORT", "UDP media port"),
+    (
+        "tcp_port",
+        "CALLS_TCP_PORT",
+        "TCP media port (ICE-TCP); 0 disables TCP",
+    ),
+    (
+        "disable_udp",
+        "CALLS_DISABLE_UDP",
+        "TCP candidates only (to test TCP fallback)",
+    ),
+    (
+        "ice_host_override",
+        "CALLS_ICE_HOST_OVERRIDE",
+        "addresses advertised to clients (comma-separated)",
+    ),
+    (
+        "ice_port_override",
+        "CALLS_ICE_PORT_OVERRIDE",
+        "port advertised instead of the media ports",
+    ),
+    (
+        "stun_server",
+        "CALLS_STUN_SERVER",
+        "STUN host:port to discover the public IP at start",
+    ),
+    (
+        "turn_servers",
+        "CALLS_TURN_URLS, CALLS_TURN_SECRET",
+        "TURN servers handed to clients",
+    ),
+    (
+        "http_listen",
+        "CALLS_HTTP_LISTEN",
+        "HTTP + WebSocket signaling listener",
+    ),
+    (
+        "admin_listen",
+        "CALLS_ADMIN_LISTEN",
+        "admin API listener (needs admin_api_key)",
+    ),
+    (
+        "admin_api_key",
+        "CALLS_ADMIN_API_KEY",
+        "bearer key of the admin API (off without it)",
+    ),
+    (
+        "auth_secret",
+        "CALLS_AUTH_SECRET",
+        "HS256 secret of join tokens (unset: demo mode, loopback only)",
+    ),
+    (
+        "demo_mode_anywhere",
+        "CALLS_DEMO_MODE_ANYWHERE",
+        "open joins off loopback (never in production)",
+    ),
+    (
+        "allowed_origins",
+        "CALLS_ALLOWED_ORIGINS",
+        "origins allowed to open the WebSocket (comma-separated)",
+    ),
+    (
+        "max_participants_per_call",
+        "CALLS_MAX_PARTICIPANTS_PER_CALL",
+        "participants per call",
+    ),
+    (
+        "top_n_audio",
+        "CALLS_TOP_N_AUDIO",
+        "loudest microphones forwarded per call (0: all)",
+    ),
+    (
+        "workers",
+        "CALLS_WORKERS",
+        "router worker threads (0: one per core)",
+    ),
+    (
+        "reconnect_grace_s",
+        "CALLS_RECONNECT_GRACE_S",
+        "seconds a dropped WebSocket may resume",
+    ),
+    (
+        "drain_deadline_s",
+        "CALLS_DRAIN_DEADLINE_S",
+        "seconds calls may go on after SIGTERM",
+    ),
+    (
+        "ws_max_message_bytes",
+        "CALLS_WS_MAX_MESSAGE_BYTES",
+        "larger WebSocket messages close the connection",
+    ),
+    (
+        "ws_messages_per_second",
+        "CALLS_WS_MESSAGES_PER_SECOND",
+        "sustained WebSocket messages per second",
+    ),
+    (
+        "probe_ufrag",
+        "CALLS_PROBE_UFRAG",
+        "media-port probe credential: ufrag",
+    ),
+    (
+        "probe_password",
+        "CALLS_PROBE_PASSWORD",
+        "media-port probe credential: password (22+)",
+    ),
+    (
+        "log_level",
+        "CALLS_LOG_LEVEL",
+        "log filter (RUST_LOG wins if set)",
+    ),
+    (
+        "log_json",
+        "CALLS_LOG_JSON",
+        "log JSON lines instead of text",
+    ),
+];
+
+/// A configuration as TOML (unset options are absent).
+fn as_table(config: &ServerConfig) -> toml::Table {
+    match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => toml::Table::new(),
+    }
+}
+
+/// The settings table of `--help`: key, variable, default, meaning.
+pub fn settings_help() -> String {
+    let defaults = as_table(&ServerConfig::default());
+    let rows: Vec<[String; 4]> = SETTINGS
+        .iter()
+        .map(|(key, env, what)| {
+            let default = defaults
+                .get(*key)
+                .map_or_else(|| "unset".to_owned(), |v| v.to_string());
+            [
+                (*key).to_owned(),
+                (*env).to_owned(),
+                default,
+                (*what).to_owned(),
+            ]
+        })
+        .collect();
+    let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out =
+        String::from("Settings (TOML key in --config FILE, environment variable, default):\n");
+    for [key, env, default, what] in rows {
+        out += &format!("  {key:w0$}  {env:w1$}  {default:w2$}  {what}\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +590,65 @@ mod tests {
             "198.51.100.1".parse().unwrap(),
         ];
         assert_eq!(r.ice_host_override, expected);
+    }
+
+    #[test]
+    fn a_file_with_several_mistakes_lists_each_with_its_line_and_column() {
+        let text = "udp_port = \"x\"\ntcp_port = 8443\nbogus = 1\n\nhttp_listen = \"0.0.0.0:80\"\n";
+        let mut problems = Vec::new();
+        let config = from_toml("calls.toml", text, &mut problems);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("calls.toml:1:1: `udp_port`"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("calls.toml:3:1: `bogus`"),
+            "{problems:?}"
+        );
+        // The keys that parsed are kept, so validation still sees them (demo mode off loopback).
+        assert_eq!(config.http_listen.port(), 80);
+        assert!(!config.problems().is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_has_a_line_and_column() {
+        let mut problems = Vec::new();
+        from_toml(
+            "calls.toml",
+            "udp_port = 8443\ntcp_port = = 1\n",
+            &mut problems,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("calls.toml:2:"), "{problems:?}");
+    }
+
+    #[test]
+    fn every_setting_is_in_the_help_and_settable_from_the_environment() {
+        let defaults = as_table(&ServerConfig {
+            // Options are absent from TOML when unset: give them values to list every key.
+            ice_port_override: Some(1),
+            stun_server: Some(String::new()),
+            admin_api_key: Some(String::new()),
+            auth_secret: Some(String::new()),
+            probe_ufrag: Some(String::new()),
+            probe_password: Some(String::new()),
+            ..ServerConfig::default()
+        });
+        let listed: Vec<&str> = SETTINGS.iter().map(|(key, _, _)| *key).collect();
+        let fields: Vec<&str> = defaults.keys().map(String::as_str).collect();
+        let mut sorted = listed.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, fields, "SETTINGS and ServerConfig differ");
+        let mut config = ServerConfig::default();
+        for (key, vars, _) in SETTINGS {
+            for var in vars.split(", ") {
+                let name = var.strip_prefix("CALLS_").unwrap();
+                if let Err(e) = config.set(name, "1") {
+                    assert!(!e.starts_with("unknown setting"), "{key}: {var}: {e}");
+                }
+            }
+        }
+        assert!(settings_help().contains("CALLS_WS_MESSAGES_PER_SECOND"));
     }
 }
