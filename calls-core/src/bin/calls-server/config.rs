@@ -80,6 +80,23 @@ pub struct ServerConfig {
     pub log_level: String,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+    /// Open ICE-TCP connections, all sources together; beyond it new ones are closed at once.
+    pub tcp_max_connections: usize,
+    /// Open ICE-TCP connections from one source IP.
+    pub tcp_max_connections_per_ip: usize,
+    /// Frames waiting to be written on one ICE-TCP connection; a connection whose client does
+    /// not read them is closed when its queue is full.
+    pub tcp_write_queue_frames: usize,
+    /// Live sessions of one user in one call (the token's `sub`); a join beyond it ends the
+    /// user's oldest session there ("newest wins"). 0: no limit.
+    pub max_sessions_per_user: usize,
+    /// The join token's `aud` must be this, when set.
+    pub auth_audience: Option<String>,
+    /// The join token's `iss` must be this, when set.
+    pub auth_issuer: Option<String>,
+    /// Per-session series (`calls_session_*{call,session}`) in `/metrics`; off by default
+    /// (unbounded cardinality).
+    pub metrics_per_session: bool,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +127,13 @@ impl Default for ServerConfig {
             probe_password: None,
             log_level: "info".to_owned(),
             log_json: false,
+            tcp_max_connections: 10_000,
+            tcp_max_connections_per_ip: 128,
+            tcp_write_queue_frames: 512,
+            max_sessions_per_user: 1,
+            auth_audience: None,
+            auth_issuer: None,
+            metrics_per_session: false,
         }
     }
 }
@@ -132,8 +156,9 @@ impl ServerConfig {
             if name == "CONFIG" {
                 continue;
             }
+            // The variable's name only: its value may be a secret (issue 16, finding 6).
             if let Err(e) = config.set(name, value) {
-                problems.push(format!("{key}={value:?}: {e}"));
+                problems.push(format!("{key}: {e}"));
             }
         }
         problems.extend(config.problems());
@@ -196,6 +221,13 @@ impl ServerConfig {
             "PROBE_PASSWORD" => self.probe_password = Some(value.to_owned()),
             "LOG_LEVEL" => self.log_level = value.to_owned(),
             "LOG_JSON" => self.log_json = parse(value)?,
+            "TCP_MAX_CONNECTIONS" => self.tcp_max_connections = parse(value)?,
+            "TCP_MAX_CONNECTIONS_PER_IP" => self.tcp_max_connections_per_ip = parse(value)?,
+            "TCP_WRITE_QUEUE_FRAMES" => self.tcp_write_queue_frames = parse(value)?,
+            "MAX_SESSIONS_PER_USER" => self.max_sessions_per_user = parse(value)?,
+            "AUTH_AUDIENCE" => self.auth_audience = Some(value.to_owned()),
+            "AUTH_ISSUER" => self.auth_issuer = Some(value.to_owned()),
+            "METRICS_PER_SESSION" => self.metrics_per_session = parse(value)?,
             other => return Err(format!("unknown setting CALLS_{other}")),
         }
         Ok(())
@@ -203,6 +235,18 @@ impl ServerConfig {
 
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if self.tcp_max_connections == 0 || self.tcp_max_connections_per_ip == 0 {
+            p.push(
+                "`tcp_max_connections` and `tcp_max_connections_per_ip` must be at least 1 (set `tcp_port` 0 to turn ICE-TCP off)"
+                    .to_owned(),
+            );
+        }
+        if self.tcp_write_queue_frames < 16 {
+            p.push(format!(
+                "`tcp_write_queue_frames` {} cannot hold one video frame's packets (minimum 16)",
+                self.tcp_write_queue_frames
+            ));
+        }
         if self.udp_port == 0 && !self.disable_udp {
             p.push("`udp_port` 0 is not a port".to_owned());
         }
@@ -491,6 +535,41 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "CALLS_LOG_JSON",
         "log JSON lines instead of text",
     ),
+    (
+        "tcp_max_connections",
+        "CALLS_TCP_MAX_CONNECTIONS",
+        "open ICE-TCP connections in total",
+    ),
+    (
+        "tcp_max_connections_per_ip",
+        "CALLS_TCP_MAX_CONNECTIONS_PER_IP",
+        "open ICE-TCP connections per source IP",
+    ),
+    (
+        "tcp_write_queue_frames",
+        "CALLS_TCP_WRITE_QUEUE_FRAMES",
+        "frames queued per ICE-TCP connection before it is closed",
+    ),
+    (
+        "max_sessions_per_user",
+        "CALLS_MAX_SESSIONS_PER_USER",
+        "sessions of one user per call; newest wins (0: no limit)",
+    ),
+    (
+        "auth_audience",
+        "CALLS_AUTH_AUDIENCE",
+        "required join-token `aud`",
+    ),
+    (
+        "auth_issuer",
+        "CALLS_AUTH_ISSUER",
+        "required join-token `iss`",
+    ),
+    (
+        "metrics_per_session",
+        "CALLS_METRICS_PER_SESSION",
+        "per-session series in /metrics",
+    ),
 ];
 
 /// A configuration as TOML (unset options are absent).
@@ -633,6 +712,8 @@ mod tests {
             auth_secret: Some(String::new()),
             probe_ufrag: Some(String::new()),
             probe_password: Some(String::new()),
+            auth_audience: Some(String::new()),
+            auth_issuer: Some(String::new()),
             ..ServerConfig::default()
         });
         let listed: Vec<&str> = SETTINGS.iter().map(|(key, _, _)| *key).collect();
@@ -650,5 +731,27 @@ mod tests {
             }
         }
         assert!(settings_help().contains("CALLS_WS_MESSAGES_PER_SECOND"));
+    }
+
+    /// Finding 6 (issue 16): a refused variable is named, its value (maybe a secret) is not.
+    #[test]
+    fn config_errors_name_the_variable_not_its_secret_value() {
+        let secret = "s3cr3t-turn-shared-key-0000";
+        let problems = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_TURN_SECRET", secret),
+                ("CALLS_ADMIN_LISTEN", "hunter2-is-not-an-address"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for p in &problems {
+            assert!(!p.contains(secret) && !p.contains("hunter2"), "{p}");
+        }
+        assert!(
+            problems[0].starts_with("CALLS_TURN_SECRET: "),
+            "{problems:?}"
+        );
     }
 }

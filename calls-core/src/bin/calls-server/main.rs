@@ -21,6 +21,7 @@ mod http;
 mod media;
 mod probe;
 mod stun;
+mod tcp_limits;
 mod udp_send;
 mod worker;
 
@@ -155,6 +156,10 @@ fn run(config: ServerConfig) -> Result<(), String> {
     };
 
     let flows = worker::FlowMap::default();
+    let tcp_limits = tcp_limits::TcpLimits::new(
+        config.tcp_max_connections,
+        config.tcp_max_connections_per_ip,
+    );
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     for index in 0..workers_n {
@@ -168,6 +173,7 @@ fn run(config: ServerConfig) -> Result<(), String> {
             router,
             udp.as_ref().and_then(media::clone_udp),
             flows.clone(),
+            std::sync::Arc::clone(&tcp_limits.counters),
         );
         threads.push(
             std::thread::Builder::new()
@@ -196,14 +202,19 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let app = http::App::new(config.clone(), workers.clone());
+        let app = http::App::new(config.clone(), workers.clone(), tcp_limits.clone());
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind TCP {addr}: {e}"))?;
             tracing::info!(%addr, "ICE-TCP media listening");
-            tokio::spawn(media::run_tcp(listener, workers.clone()));
+            tokio::spawn(media::run_tcp(
+                listener,
+                workers.clone(),
+                tcp_limits.clone(),
+                config.tcp_write_queue_frames,
+            ));
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http_listener = tokio::net::TcpListener::bind(config.http_listen)
