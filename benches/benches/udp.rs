@@ -130,7 +130,7 @@ mod mmsg {
 
     /// Sends `count` copies of `payload` with one `sendmmsg`, the first to
     /// `destinations[first % len]` and on round-robin, building the headers as the reference
-    /// server does (examples/server/udp_send.rs). Returns how many the kernel took (at least one,
+    /// server does (calls-core/src/bin/calls-server/udp_send.rs). Returns how many the kernel took (at least one,
     /// so the caller's loop always ends).
     pub fn send(
         socket: &UdpSocket,

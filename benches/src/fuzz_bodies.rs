@@ -29,6 +29,7 @@
 //! detection after every mutation"); the first minutes of a run are slower for it.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 use std::thread::LocalKey;
@@ -39,8 +40,8 @@ use calls_core::str0m::ice::{StunMessage, TransId};
 use calls_core::str0m::media::{Direction, MediaKind};
 use calls_core::str0m::{Candidate, Rtc};
 use calls_core::{
-    CallId, ClientMessage, Config, ConnId, Datagram, Grants, Output, Proto, Router, ServerMessage,
-    SessionId,
+    CallId, ClientMessage, Config, ConnId, Datagram, Event, Grants, Output, Proto, Router,
+    ServerMessage, SessionId, TrackSource,
 };
 
 /// A target body: arbitrary bytes in, a panic only for a bug.
@@ -56,6 +57,8 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("rewriter", rewriter),
     ("config", config),
     ("ffi", ffi),
+    ("signal_session", signal_session),
+    ("rtp_payload", rtp_payload),
 ];
 
 /// The one clock read: a base instant for virtual time.
@@ -115,6 +118,7 @@ thread_local! {
     static STUN: Slot<IceCredentials> = const { RefCell::new(None) };
     static TCP_FRAMES: Slot<()> = const { RefCell::new(None) };
     static SIGNAL_JSON: Slot<()> = const { RefCell::new(None) };
+    static SIGNAL_SESSION: Slot<Published> = const { RefCell::new(None) };
 }
 
 /// Drops every target's fixture, so that the next input of each starts from a fresh router
@@ -124,6 +128,7 @@ pub fn reset_fixtures() {
     STUN.with(|f| f.replace(None));
     TCP_FRAMES.with(|f| f.replace(None));
     SIGNAL_JSON.with(|f| f.replace(None));
+    SIGNAL_SESSION.with(|f| f.replace(None));
 }
 
 /// Runs `body` with the router (and the virtual time) of the target's fixture, building a
@@ -701,4 +706,201 @@ pub fn ffi(data: &[u8]) {
     let mut msg_len = 0usize;
     let _ = calls::result::calls_last_error_message(small.as_mut_ptr(), small.len(), &mut msg_len);
     let _ = calls::router::calls_router_free(router);
+}
+
+/// Tracks each session of the `signal_session` fixture publishes now, by (session, mid).
+type Published = RefCell<HashMap<(SessionId, String), TrackSource>>;
+
+/// Sessions of the `signal_session` fixture: 1 and 2 take the input's messages, 3 is unknown.
+const SIGNAL_SESSIONS: [SessionId; 3] = [SessionId(1), SessionId(2), SessionId(3)];
+
+/// Joins sessions 1 and 2 to call "fuzz", and has session 2 offer [`client_offer`] (so it
+/// publishes, and session 1's tracks get offered to it).
+fn join_two_and_offer(router: &mut Router, now: Instant) -> Option<Published> {
+    for session in &SIGNAL_SESSIONS[..2] {
+        if let Err(e) = router.join(CallId::from("fuzz"), *session, "u".into(), Grants::ALL, now) {
+            panic!("join refused: {e}");
+        }
+    }
+    let published = Published::default();
+    let _ = router.handle_signal(
+        SessionId(2),
+        ClientMessage::Offer {
+            sdp: client_offer().to_owned(),
+            screen_mid: None,
+        },
+        now,
+    );
+    drain_checked(router, &published);
+    Some(published)
+}
+
+/// Drains every output, checking what a signaling client and an embedder rely on: every
+/// message the router sends serializes to JSON that parses back, and no session ever publishes
+/// more tracks of a source than the default limits allow (issue 16, finding 2).
+fn drain_checked(router: &mut Router, published: &Published) {
+    let config = Config::default();
+    let mut tracks = published.borrow_mut();
+    for _ in 0..100_000 {
+        match router.poll_output() {
+            Output::Timeout(_) => return,
+            Output::Signal(_, msg) => {
+                let json = msg.to_json();
+                if let Err(e) = ServerMessage::from_json(&json) {
+                    panic!("the router sent a message that does not parse back ({e}): {json}");
+                }
+            }
+            Output::Event(Event::TrackPublished {
+                session,
+                mid,
+                source,
+            }) => {
+                tracks.insert((session, mid), source);
+                let live = tracks
+                    .iter()
+                    .filter(|((s, _), src)| *s == session && **src == source)
+                    .count();
+                let max = match source {
+                    TrackSource::Microphone => config.max_microphones_per_session,
+                    TrackSource::Camera => config.max_cameras_per_session,
+                    TrackSource::Screen => config.max_screens_per_session,
+                };
+                assert!(
+                    live <= max,
+                    "{session} publishes {live} {source:?} tracks (max {max})"
+                );
+            }
+            Output::Event(Event::TrackUnpublished { session, mid }) => {
+                tracks.remove(&(session, mid));
+            }
+            Output::Event(Event::Left { session, .. }) => {
+                tracks.retain(|(s, _), _| *s != session);
+            }
+            _ => {}
+        }
+    }
+    panic!("poll_output never reached Timeout");
+}
+
+/// The signaling surface as the reference server drives it: a stream of WebSocket text frames
+/// (records: `[selector, len_hi, len_lo, text...]`) for two sessions of one call and an
+/// unknown one, each through the same envelope as `calls-server`'s socket loop: frames over
+/// the server's 256 KiB limit are refused unread, `{"type":"leave"}` in any spelling leaves,
+/// everything else goes to `handle_signal_json`. A session that left joins again when a
+/// later frame's selector asks for it. Invariants: see `drain_checked`.
+pub fn signal_session(data: &[u8]) {
+    with_fixture(
+        &SIGNAL_SESSION,
+        join_two_and_offer,
+        |router, now, published| {
+            for (selector, bytes) in records(data) {
+                *now += Duration::from_millis(u64::from(selector >> 3));
+                let session = SIGNAL_SESSIONS[usize::from(selector & 0x03) % 3];
+                let Ok(text) = std::str::from_utf8(bytes) else {
+                    continue;
+                };
+                if text.len() > SERVER_FRAME_LIMIT {
+                    continue;
+                }
+                if selector & 0x04 != 0 && session != SessionId(3) {
+                    // Join again if it left (the server's resume-less reconnect).
+                    let _ =
+                        router.join(CallId::from("fuzz"), session, "u".into(), Grants::ALL, *now);
+                    drain_checked(router, published);
+                }
+                if is_leave(text) {
+                    let _ = router.leave(session, *now);
+                } else {
+                    let _ = router.handle_signal_json(session, text, *now);
+                }
+                drain_checked(router, published);
+            }
+            *now += Duration::from_secs(1);
+            router.handle_timeout(*now);
+            drain_checked(router, published);
+        },
+    );
+}
+
+/// The reference server's WebSocket message limit (`ws_max_message_bytes` default).
+const SERVER_FRAME_LIMIT: usize = 256 * 1024;
+
+/// The server's leave test: `{"type":"leave"}` in any JSON spelling.
+fn is_leave(text: &str) -> bool {
+    text.contains("leave")
+        && serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("leave"))
+}
+
+/// RTP payloads after decryption, as the forwarding path parses them: every video payload
+/// parser (VP8/VP9/H.264/AV1 keyframe detection, VP8 and VP9 temporal-layer descriptors, the
+/// VP8 descriptor and the picture-id munger across layer switches and dropped pictures), and
+/// RFC 6464 audio levels into the active-speaker detector. Records
+/// `[selector, len_hi, len_lo, payload...]`: the selector's low bits pick what to do with the
+/// payload. Invariants: temporal ids fit their 3 bits (VP9) or 2 bits (VP8), picture ids
+/// 15 bits, and the speaker detector's top-N never exceeds N nor names a session that left.
+pub fn rtp_payload(data: &[u8]) {
+    use calls_core::fuzzing::{parse_video_payload, SpeakerDetector, Vp8Munger};
+    let Some((&top_n, rest)) = data.split_first() else {
+        return;
+    };
+    let top_n = usize::from(top_n % 5);
+    let mut speakers = SpeakerDetector::new(top_n);
+    let mut munger = Vp8Munger::default();
+    let mut removed = Vec::new();
+    let mut now = epoch();
+    for (selector, payload) in records(rest) {
+        now += Duration::from_millis(u64::from(selector >> 3) * 10);
+        match selector & 0x07 {
+            0..=2 => {
+                let facts = parse_video_payload(payload);
+                if let Some(tid) = facts.vp8_temporal.0 {
+                    assert!(tid < 4, "VP8 TID {tid}");
+                }
+                if let Some(tid) = facts.vp9_temporal.0 {
+                    assert!(tid < 8, "VP9 TID {tid}");
+                }
+                if let Some((Some(picture_id), _)) = facts.vp8_descriptor {
+                    assert!(picture_id <= 0x7fff, "VP8 picture id {picture_id}");
+                }
+                match selector & 0x07 {
+                    1 => munger.switch_layer(),
+                    2 => munger.dropped_picture(),
+                    _ => {}
+                }
+                let _ = munger.patch(payload);
+            }
+            3 => {
+                // Audio levels: each byte pair is (session, level); VAD from the selector.
+                for pair in payload.chunks(2) {
+                    let session = u64::from(pair[0] % 8);
+                    let level = pair.get(1).map_or(-127, |b| *b as i8);
+                    let vad = (selector & 0x08 != 0).then_some(level > -40);
+                    speakers.observe(session, level, vad, now);
+                    removed.retain(|s| *s != session);
+                }
+            }
+            4 => {
+                if let Some(&b) = payload.first() {
+                    speakers.set_muted(u64::from(b % 8), b & 0x80 != 0, now);
+                }
+            }
+            5 => {
+                if let Some(&b) = payload.first() {
+                    let session = u64::from(b % 8);
+                    speakers.remove(session);
+                    removed.push(session);
+                }
+            }
+            _ => {
+                let _ = speakers.tick(now);
+                let top = speakers.top();
+                assert!(top.len() <= top_n, "top {top:?} exceeds {top_n}");
+                for s in top.iter().chain(speakers.active().as_ref()) {
+                    assert!(!removed.contains(s), "session {s} left but is still ranked");
+                }
+                let _ = speakers.is_forwarded(u64::from(selector % 8), now);
+            }
+        }
+    }
 }

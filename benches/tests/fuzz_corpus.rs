@@ -205,4 +205,57 @@ fn regenerate_seed_corpora() {
         b"\xc0udp_port = 9000\nbind_address = \"127.0.0.1\"\n",
     );
     write("ffi", "address", b"\x07192.0.2.1:5000");
+
+    // Signaling sessions: every message kind from session 1 (after session 2's offer), a
+    // leave and a re-join, an unknown session, and an offer beyond the track limits.
+    let mut frames = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        frames.extend(record((i as u8) << 3, m.to_json().as_bytes()));
+    }
+    write("signal_session", "every-kind", &frames);
+    let mut leave_and_rejoin = record(0x01, br#"{"type": "leave"}"#);
+    leave_and_rejoin.extend(record(0x05, messages[0].to_json().as_bytes()));
+    leave_and_rejoin.extend(record(0x02, br#"{"type":"mute"}"#));
+    write("signal_session", "leave-rejoin-unknown", &leave_and_rejoin);
+    let two_mics = offer.replacen(
+        "m=audio",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:x\r\na=sendrecv\r\nm=audio",
+        1,
+    );
+    let too_many = ClientMessage::Offer {
+        sdp: two_mics,
+        screen_mid: None,
+    };
+    write(
+        "signal_session",
+        "offer-beyond-limits",
+        &record(0x01, too_many.to_json().as_bytes()),
+    );
+
+    // RTP payloads: VP8 with picture id and temporal layer (keyframe start), VP9 with layer
+    // indices, an AV1 aggregation header starting a sequence, an H.264 IDR, audio levels.
+    let vp8_key = [
+        0x90, 0xe0, 0x80, 0x01, 0x05, 0x40, 0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a,
+    ];
+    let vp9_key = [0xaa, 0x80, 0x01, 0x00, 0x05, 0x00, 0x00];
+    let av1_key = [0x18, 0x0a, 0x0b, 0x00, 0x00, 0x00];
+    let h264_idr = [0x65, 0x88, 0x84, 0x00];
+    let mut payloads = vec![3u8];
+    for (selector, payload) in [
+        (0x00u8, &vp8_key[..]),
+        (0x09, &vp8_key[..]),
+        (0x12, &vp8_key[..]),
+        (0x00, &vp9_key[..]),
+        (0x00, &av1_key[..]),
+        (0x00, &h264_idr[..]),
+        (0x0b, &[1, 0xe0, 2, 0xd8, 3, 0x81][..]),
+        (0x13, &[1, 0xf0, 2, 0x90][..]),
+        (0x07, &[][..]),
+        (0x04, &[0x82][..]),
+        (0x0d, &[0x02][..]),
+        (0x0f, &[][..]),
+    ] {
+        payloads.extend(record(selector, payload));
+    }
+    write("rtp_payload", "every-parser", &payloads);
 }

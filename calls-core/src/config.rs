@@ -8,6 +8,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
+/// Highest accepted `max_microphones_per_session` / `max_cameras_per_session` /
+/// `max_screens_per_session`.
+const MAX_TRACKS_PER_SOURCE: usize = 16;
+/// Highest accepted `max_mlines_per_offer`: str0m parses every m-line of an offer.
+const MAX_MLINES: usize = 4096;
+/// Highest accepted `max_simulcast_layers` (browsers send at most 3 or 4).
+const MAX_SIMULCAST_LAYERS: usize = 4;
+
 /// Configuration of one [`Router`](crate::Router).
 ///
 /// Every field has a default; a TOML or JSON document only names what it changes:
@@ -78,6 +86,24 @@ pub struct Config {
     pub video_slots: usize,
     /// Most camera slots a subscriber may ask for (`slots` message). Default `25`.
     pub max_video_slots: usize,
+    /// Microphone tracks one session may send (sending audio m-lines in its offers); an offer
+    /// beyond it is refused with [`SignalError::TooManyTracks`](crate::SignalError). Default `1`.
+    pub max_microphones_per_session: usize,
+    /// Camera tracks one session may send (sending video m-lines other than its screen).
+    /// Default `2`.
+    pub max_cameras_per_session: usize,
+    /// Screen-share tracks one session may send. Default `1`.
+    pub max_screens_per_session: usize,
+    /// m-lines in one client offer, all directions; beyond it the offer is refused with
+    /// [`SignalError::TooManyMLines`](crate::SignalError) before it is parsed. Default `512`.
+    pub max_mlines_per_offer: usize,
+    /// Simulcast layers one track may send (`a=rid` send lines); beyond it the offer is refused
+    /// with [`SignalError::TooManyLayers`](crate::SignalError). Default `3`.
+    pub max_simulcast_layers: usize,
+    /// Render per-session series (`calls_session_*{call,session}`) in the Prometheus text of
+    /// the bindings and the reference server. Default `false`: one series per session is
+    /// unbounded cardinality for a metrics store, and call names are user input.
+    pub metrics_per_session: bool,
 }
 
 /// Upper bound of `audio_slots`: more voices at once than anyone can follow.
@@ -108,6 +134,12 @@ impl Default for Config {
             audio_slots: 3,
             video_slots: 9,
             max_video_slots: 25,
+            max_microphones_per_session: 1,
+            max_cameras_per_session: 2,
+            max_screens_per_session: 1,
+            max_mlines_per_offer: 512,
+            max_simulcast_layers: 3,
+            metrics_per_session: false,
         }
     }
 }
@@ -234,6 +266,36 @@ impl Config {
             problems.push(format!(
                 "`video_slots` {} is above `max_video_slots` {}",
                 self.video_slots, self.max_video_slots
+            ));
+        }
+        for (name, value) in [
+            (
+                "max_microphones_per_session",
+                self.max_microphones_per_session,
+            ),
+            ("max_cameras_per_session", self.max_cameras_per_session),
+            ("max_screens_per_session", self.max_screens_per_session),
+        ] {
+            if value > MAX_TRACKS_PER_SOURCE {
+                problems.push(format!(
+                    "`{name}` {value} is outside 0..={MAX_TRACKS_PER_SOURCE} (every track is offered to every member)"
+                ));
+            }
+        }
+        let tracks = self.max_microphones_per_session
+            + self.max_cameras_per_session
+            + self.max_screens_per_session;
+        if self.max_mlines_per_offer < tracks.max(1) || self.max_mlines_per_offer > MAX_MLINES {
+            problems.push(format!(
+                "`max_mlines_per_offer` {} is outside {}..={MAX_MLINES} (at least the tracks a session may send)",
+                self.max_mlines_per_offer,
+                tracks.max(1)
+            ));
+        }
+        if self.max_simulcast_layers == 0 || self.max_simulcast_layers > MAX_SIMULCAST_LAYERS {
+            problems.push(format!(
+                "`max_simulcast_layers` {} is outside 1..={MAX_SIMULCAST_LAYERS}",
+                self.max_simulcast_layers
             ));
         }
         if problems.is_empty() {

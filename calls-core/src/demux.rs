@@ -1,13 +1,14 @@
 //! One port, many sessions: classify each datagram (RFC 7983), find its session by 5-tuple in
 //! O(1), and admit new flows only through an authenticated STUN binding request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use str0m::ice::StunMessage;
 
 use crate::ids::SessionId;
+use crate::router::Event;
 
 /// Transport of a datagram or frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,11 +77,15 @@ pub enum DropReason {
     TcpFrameTooLarge,
     /// A probe request beyond `probe_replies_per_second`, or too small to answer.
     ProbeRateLimited,
+    /// An authenticated binding request from a new UDP address, held until that address
+    /// answers the router's own check (docs/security.md, "Media redirection"): a spoofed
+    /// address never does.
+    ConsentPending,
 }
 
 impl DropReason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Unclassified,
         DropReason::MalformedStun,
         DropReason::StunNotBindingRequest,
@@ -91,6 +96,7 @@ impl DropReason {
         DropReason::SessionRejected,
         DropReason::TcpFrameTooLarge,
         DropReason::ProbeRateLimited,
+        DropReason::ConsentPending,
     ];
 
     /// Label used in metrics.
@@ -106,6 +112,7 @@ impl DropReason {
             DropReason::SessionRejected => "session_rejected",
             DropReason::TcpFrameTooLarge => "tcp_frame_too_large",
             DropReason::ProbeRateLimited => "probe_rate_limited",
+            DropReason::ConsentPending => "consent_pending",
         }
     }
 }
@@ -151,10 +158,15 @@ pub(crate) mod ufrag {
 }
 
 /// 5-tuple → session, plus each session's flows so they can be forgotten with it.
+///
+/// Every change is queued as an [`Event`] (admitted, moved, removed) in the order it happened;
+/// the router hands them out first in `poll_output`, so a dispatcher that keeps its own
+/// address → worker map from them (several routers on one port) stays exactly in step.
 #[derive(Debug, Default)]
 pub(crate) struct FlowTable {
     by_key: HashMap<FlowKey, SessionId>,
     by_session: HashMap<SessionId, Vec<FlowKey>>,
+    events: VecDeque<Event>,
 }
 
 impl FlowTable {
@@ -172,12 +184,27 @@ impl FlowTable {
             if let Some(flows) = self.by_session.get_mut(&previous) {
                 flows.retain(|k| *k != key);
             }
+            self.events.push_back(Event::FlowMoved {
+                from: previous,
+                to: session,
+                proto: key.proto,
+                remote: key.source,
+                local: key.destination,
+            });
         }
+        tracing::debug!(%session, source = %key.source, "flow admitted");
+        self.events.push_back(Event::FlowAdmitted {
+            session,
+            proto: key.proto,
+            remote: key.source,
+            local: key.destination,
+        });
         let flows = self.by_session.entry(session).or_default();
         flows.push(key);
         while flows.len() > max {
             let oldest = flows.remove(0);
             self.by_key.remove(&oldest);
+            self.events.push_back(removed(session, oldest));
         }
     }
 
@@ -187,6 +214,7 @@ impl FlowTable {
             if let Some(flows) = self.by_session.get_mut(&session) {
                 flows.retain(|k| k != key);
             }
+            self.events.push_back(removed(session, *key));
         }
     }
 
@@ -194,12 +222,27 @@ impl FlowTable {
         if let Some(flows) = self.by_session.remove(&session) {
             for key in flows {
                 self.by_key.remove(&key);
+                self.events.push_back(removed(session, key));
             }
         }
     }
 
     pub fn len(&self) -> usize {
         self.by_key.len()
+    }
+
+    /// The oldest change not yet handed out.
+    pub fn pop_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn removed(session: SessionId, key: FlowKey) -> Event {
+    Event::FlowRemoved {
+        session,
+        proto: key.proto,
+        remote: key.source,
+        local: key.destination,
     }
 }
 

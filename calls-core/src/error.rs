@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::ids::{CallId, SessionId};
+use crate::ids::{CallId, SessionId, TrackSource};
 
 /// Errors from [`Router`](crate::Router) commands.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -74,6 +74,35 @@ pub enum SignalError {
     /// A value out of its range (more slots than allowed, too many pins).
     #[error("invalid: {0}")]
     Invalid(&'static str),
+    /// The offer has more m-lines than `max_mlines_per_offer`.
+    #[error("the offer has {count} m-lines; at most {max} are accepted")]
+    TooManyMLines {
+        /// m-lines in the offer (all directions).
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The offer sends more tracks of one source than the session may publish
+    /// (`max_microphones_per_session`, `max_cameras_per_session`, `max_screens_per_session`).
+    #[error("the offer sends {count} {} tracks; at most {max} are accepted", .track.as_str())]
+    TooManyTracks {
+        /// Microphone, camera or screen.
+        track: TrackSource,
+        /// Sending m-lines of that source (counted up to the first beyond the limit).
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A track offers more simulcast layers than `max_simulcast_layers`.
+    #[error("m-line {mid} sends {count} simulcast layers; at most {max} are accepted")]
+    TooManyLayers {
+        /// The m-line.
+        mid: String,
+        /// Its layers.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl SignalError {
@@ -88,6 +117,9 @@ impl SignalError {
             SignalError::NotAllowed(_) => "not_allowed",
             SignalError::UnknownMid(_) => "unknown_mid",
             SignalError::Invalid(_) => "invalid",
+            SignalError::TooManyMLines { .. } => "too_many_mlines",
+            SignalError::TooManyTracks { .. } => "too_many_tracks",
+            SignalError::TooManyLayers { .. } => "too_many_layers",
         }
     }
 }

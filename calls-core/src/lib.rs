@@ -83,6 +83,7 @@
 
 mod call;
 pub mod config;
+mod consent;
 pub mod demux;
 pub mod error;
 mod forward;
@@ -90,6 +91,7 @@ mod forward;
 pub mod fuzzing;
 mod ids;
 mod layers;
+mod limits;
 pub mod metrics;
 pub mod router;
 mod session;

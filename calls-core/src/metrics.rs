@@ -230,11 +230,38 @@ impl MetricsSnapshot {
         self.drops.get(&reason).copied().unwrap_or(0)
     }
 
-    /// The Prometheus text exposition (names `calls_*`; counters end in `_total`).
+    /// The Prometheus text exposition (names `calls_*`; counters end in `_total`), without
+    /// per-session series (see [`to_prometheus_with`](Self::to_prometheus_with)).
     #[cfg(feature = "prometheus")]
     pub fn to_prometheus(&self) -> String {
-        prom::render(self)
+        prom::render(self, false)
     }
+
+    /// Like [`to_prometheus`](Self::to_prometheus); with `per_session` also one series per
+    /// session (`calls_session_*{call,session}`): RTT, loss, bandwidth. Opt-in
+    /// ([`Config::metrics_per_session`](crate::Config)), because every session then adds
+    /// series that live on in the metrics store. Label values (call names are user input) are
+    /// escaped as the text format requires.
+    #[cfg(feature = "prometheus")]
+    pub fn to_prometheus_with(&self, per_session: bool) -> String {
+        prom::render(self, per_session)
+    }
+}
+
+/// A label value escaped for the Prometheus / OpenMetrics text format (`\\`, `\"` and `\n`):
+/// the encoder writes label values verbatim, so a call named `x"` + newline + `y` would end the
+/// value early and break the exposition for every scraper.
+pub fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(feature = "prometheus")]
@@ -246,7 +273,7 @@ mod prom {
     use prometheus_client::registry::Registry;
     use std::sync::atomic::AtomicU64;
 
-    use super::MetricsSnapshot;
+    use super::{escape_label_value, MetricsSnapshot};
     use crate::demux::DropReason;
 
     type Labels = Vec<(&'static str, String)>;
@@ -263,7 +290,7 @@ mod prom {
         registry.register(name, help, g);
     }
 
-    pub(super) fn render(m: &MetricsSnapshot) -> String {
+    pub(super) fn render(m: &MetricsSnapshot, per_session: bool) -> String {
         let mut registry = Registry::with_prefix("calls");
         gauge(
             &mut registry,
@@ -472,13 +499,27 @@ mod prom {
             "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
             m.session_wakeups,
         );
+        if per_session {
+            session_series(&mut registry, m);
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+
+    /// One series per session: opt-in (`Config::metrics_per_session`).
+    fn session_series(registry: &mut Registry, m: &MetricsSnapshot) {
+        let labels_of = |s: &crate::metrics::SessionStats| {
+            vec![
+                ("call", escape_label_value(s.call.as_str())),
+                ("session", s.session.0.to_string()),
+            ]
+        };
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         for s in &m.session_stats {
-            let labels = vec![
-                ("call", s.call.to_string()),
-                ("session", s.session.0.to_string()),
-            ];
+            let labels = labels_of(s);
             if let Some(v) = s.rtt_ms {
                 rtt.get_or_create(&labels).set(v / 1000.0);
             }
@@ -489,10 +530,7 @@ mod prom {
         let bandwidth = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         for s in &m.session_stats {
             if let Some(v) = s.bandwidth_bps {
-                let labels = vec![
-                    ("call", s.call.to_string()),
-                    ("session", s.session.0.to_string()),
-                ];
+                let labels = labels_of(s);
                 bandwidth.get_or_create(&labels).set(v as f64);
             }
         }
@@ -507,11 +545,6 @@ mod prom {
             "Loss reported by each subscriber",
             loss,
         );
-
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut text, &registry);
-        text
     }
 }
 
@@ -538,5 +571,53 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    fn session_in(call: &str) -> SessionStats {
+        SessionStats {
+            session: SessionId(7),
+            call: CallId::from(call),
+            rtt_ms: Some(20.0),
+            egress_loss: Some(0.0),
+            ingress_loss: None,
+            bandwidth_bps: Some(1_000_000),
+        }
+    }
+
+    /// Finding 6 (issue 16): a call named `x"` + newline + `y` cannot break the exposition:
+    /// every line of it is still a comment, a sample, or `# EOF`.
+    #[test]
+    fn hostile_call_names_are_escaped_in_label_values() {
+        let m = MetricsSnapshot {
+            session_stats: vec![session_in("x\"\ny\\")],
+            ..Default::default()
+        };
+        let text = m.to_prometheus_with(true);
+        assert!(
+            text.contains(r#"calls_session_rtt_seconds{call="x\"\ny\\",session="7"} 0.02"#),
+            "{text}"
+        );
+        for line in text.lines() {
+            let sample = line
+                .split_once(' ')
+                .is_some_and(|(name, value)| !name.is_empty() && value.parse::<f64>().is_ok());
+            assert!(
+                line.starts_with('#') || sample,
+                "not a sample: {line:?} in\n{text}"
+            );
+        }
+    }
+
+    /// Finding 6 (issue 16): per-session series are opt-in (unbounded cardinality).
+    #[test]
+    fn per_session_series_are_opt_in() {
+        let m = MetricsSnapshot {
+            session_stats: vec![session_in("room")],
+            ..Default::default()
+        };
+        assert!(!m.to_prometheus().contains("calls_session_"));
+        assert!(m
+            .to_prometheus_with(true)
+            .contains("calls_session_rtt_seconds"));
     }
 }

@@ -23,6 +23,7 @@ use str0m::{Event as RtcEvent, Input, Output as RtcOutput};
 
 use crate::call::{Call, PublishedTrack, TrackKey};
 use crate::config::Config;
+use crate::consent::ConsentChecks;
 use crate::demux::{self, FlowTable, Proto};
 use crate::error::{ConfigError, RouterError};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
@@ -154,6 +155,34 @@ pub enum Event {
         /// The local address it reached.
         local: SocketAddr,
     },
+    /// A remote address no longer reaches a session: the session left, its TCP connection
+    /// closed, or it was the oldest of more than `max_flows_per_session` (a client rotating
+    /// source ports). A dispatcher forgets that 5-tuple; for TCP, the embedder closes the
+    /// connection (a session that left keeps none open).
+    FlowRemoved {
+        /// The session it belonged to.
+        session: SessionId,
+        /// UDP or TCP.
+        proto: Proto,
+        /// The client's address.
+        remote: SocketAddr,
+        /// The local address it reached.
+        local: SocketAddr,
+    },
+    /// A remote address authenticated for another session of this router (a NAT reused the
+    /// port): its datagrams now go to `to`. Followed by [`Event::FlowAdmitted`] for `to`.
+    FlowMoved {
+        /// The session it belonged to.
+        from: SessionId,
+        /// The session it belongs to now.
+        to: SessionId,
+        /// UDP or TCP.
+        proto: Proto,
+        /// The client's address.
+        remote: SocketAddr,
+        /// The local address it reached.
+        local: SocketAddr,
+    },
     /// A session's microphone was muted or unmuted.
     MuteChanged {
         /// The session.
@@ -205,6 +234,8 @@ pub struct Router {
     tracks: HashMap<TrackKey, PublishedTrack>,
     ufrags: HashMap<String, SessionId>,
     flows: FlowTable,
+    /// Checks sent to new addresses before they get media (issue 16, finding 3).
+    consent: ConsentChecks,
     tcp_conns: HashMap<ConnId, TcpConn>,
     tcp_by_addr: HashMap<(SocketAddr, SocketAddr), ConnId>,
     outputs: VecDeque<Output>,
@@ -275,6 +306,7 @@ impl Router {
             tracks: HashMap::new(),
             ufrags: HashMap::new(),
             flows: FlowTable::default(),
+            consent: ConsentChecks::default(),
             tcp_conns: HashMap::new(),
             tcp_by_addr: HashMap::new(),
             outputs: VecDeque::new(),
@@ -575,6 +607,12 @@ impl Router {
 
     /// The next output. Drain until [`Output::Timeout`] after **every** input.
     pub fn poll_output(&mut self) -> Output {
+        if let Some(event) = self.flows.pop_event() {
+            return Output::Event(event); // flow changes first, in order (demux::FlowTable)
+        }
+        if let Some(check) = self.consent.pop_transmit() {
+            return Output::Transmit(check); // consent checks to new addresses (consent.rs)
+        }
         if let Some(out) = self.outputs.pop_front() {
             return out;
         }

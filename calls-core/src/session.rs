@@ -118,6 +118,9 @@ pub(crate) struct Session {
     /// with the same SSRCs before the next write, and for the time of each SDP operation
     /// ([`Session::with_streams_declared`]).
     pub parked: HashMap<Ssrc, (Option<Ssrc>, Mid)>,
+    /// The client's ICE credentials from its latest offer: the router's consent checks to a
+    /// new address of this session are signed with them ([`crate::consent`]).
+    pub remote_ice: Option<crate::limits::RemoteIce>,
 }
 
 impl Session {
@@ -200,6 +203,7 @@ impl Session {
             bwe_estimate: None,
             bwe_asked: (0, 0),
             parked: HashMap::new(),
+            remote_ice: None,
         }
     }
 

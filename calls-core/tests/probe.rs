@@ -3,32 +3,13 @@
 #![allow(clippy::unwrap_used)] // test: fail loudly
 
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const PASSWORD: &str = "probe0password0123456789";
 
-fn examples_dir() -> PathBuf {
-    // Build the two examples with the same profile this test runs in (cargo test builds
-    // examples too, so this is normally a no-op).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "calls-core",
-            "--example",
-            "server",
-            "--example",
-            "probe",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../debug/examples")
-}
+/// The server binary; `calls-server probe` is the probe.
+const SERVER: &str = env!("CARGO_BIN_EXE_calls-server");
 
 struct Server(Child);
 
@@ -39,8 +20,8 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &Path, http: u16, media: u16, udp: bool) -> Server {
-    let child = Command::new(dir.join("server"))
+fn start_server(http: u16, media: u16, udp: bool) -> Server {
+    let child = Command::new(SERVER)
         .env("CALLS_HTTP_LISTEN", format!("127.0.0.1:{http}"))
         .env("CALLS_UDP_PORT", media.to_string())
         .env("CALLS_TCP_PORT", media.to_string())
@@ -62,14 +43,15 @@ fn start_server(dir: &Path, http: u16, media: u16, udp: bool) -> Server {
     panic!("server did not start");
 }
 
-fn probe(dir: &Path, port: u16) -> (serde_json::Value, i32) {
-    let out = Command::new(dir.join("probe"))
+fn probe(port: u16, password: &str) -> (serde_json::Value, i32) {
+    let out = Command::new(SERVER)
         .args([
+            "probe",
             &format!("127.0.0.1:{port}"),
             "--ufrag",
             "probe",
             "--password",
-            PASSWORD,
+            password,
             "--json",
         ])
         .output()
@@ -83,12 +65,10 @@ fn probe(dir: &Path, port: u16) -> (serde_json::Value, i32) {
 
 #[test]
 fn probe_tells_reachable_from_no_server_from_blocked() {
-    let dir = examples_dir();
-
     // 1. Everything up: both reachable, with the address the server saw.
     {
-        let _server = start_server(&dir, 18_610, 18_611, true);
-        let (report, code) = probe(&dir, 18_611);
+        let _server = start_server(18_610, 18_611, true);
+        let (report, code) = probe(18_611, PASSWORD);
         assert_eq!(code, 0, "{report}");
         for proto in ["udp", "tcp"] {
             assert_eq!(report[proto]["result"], "reachable", "{report}");
@@ -97,12 +77,22 @@ fn probe_tells_reachable_from_no_server_from_blocked() {
                 .unwrap()
                 .starts_with("127.0.0.1:"));
         }
+        // A wrong credential gets silence too: the verdict says it may be either.
+        let (report, code) = probe(18_611, "wrong0password0123456789");
+        assert_eq!(code, 1);
+        assert_eq!(report["udp"]["result"], "blocked", "{report}");
+        let detail = report["udp"]["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("wrong probe credential, or blocked"),
+            "{report}"
+        );
+        assert!(!detail.contains("firewall"), "{report}");
     }
 
     // 2. The server runs without UDP: UDP has no server (ICMP unreachable), TCP still answers.
     {
-        let _server = start_server(&dir, 18_620, 18_621, false);
-        let (report, code) = probe(&dir, 18_621);
+        let _server = start_server(18_620, 18_621, false);
+        let (report, code) = probe(18_621, PASSWORD);
         assert_eq!(code, 1);
         assert_eq!(report["udp"]["result"], "no server", "{report}");
         assert_eq!(report["tcp"]["result"], "reachable", "{report}");
@@ -111,9 +101,9 @@ fn probe_tells_reachable_from_no_server_from_blocked() {
     // 3. Datagrams to the UDP port vanish (what a firewall's drop rule looks like from outside):
     //    a socket holds the port and never answers. The probe says blocked, not "open|filtered".
     {
-        let _server = start_server(&dir, 18_630, 18_631, false);
+        let _server = start_server(18_630, 18_631, false);
         let hole = UdpSocket::bind("127.0.0.1:18631").unwrap();
-        let (report, _) = probe(&dir, 18_631);
+        let (report, _) = probe(18_631, PASSWORD);
         assert_eq!(report["udp"]["result"], "blocked", "{report}");
         assert_eq!(report["tcp"]["result"], "reachable", "{report}");
         drop(hole);

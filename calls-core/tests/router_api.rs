@@ -11,24 +11,27 @@ use calls_core::str0m::ice::{StunMessage, TransId};
 use calls_core::str0m::media::{Direction, MediaKind};
 use calls_core::str0m::Rtc;
 use calls_core::{
-    CallId, ClientMessage, Config, ConnId, Datagram, DropReason, Grants, Output, Proto, Router,
-    RouterError, ServerMessage, SessionId, SignalError, TcpError,
+    CallId, ClientMessage, Config, ConnId, Datagram, DropReason, Event, Grants, Output, Proto,
+    Router, RouterError, ServerMessage, SessionId, SignalError, TcpError, TrackSource,
 };
 
 struct Drained {
     transmits: Vec<calls_core::Transmit>,
     signals: Vec<(SessionId, ServerMessage)>,
+    events: Vec<Event>,
 }
 
 fn drain(router: &mut Router) -> Drained {
     let mut d = Drained {
         transmits: Vec::new(),
         signals: Vec::new(),
+        events: Vec::new(),
     };
     loop {
         match router.poll_output() {
             Output::Transmit(t) => d.transmits.push(t),
             Output::Signal(s, m) => d.signals.push((s, m)),
+            Output::Event(e) => d.events.push(e),
             Output::Timeout(_) => return d,
             _ => {}
         }
@@ -40,6 +43,7 @@ struct Creds {
     ufrag: String,
     pwd: String,
     client_ufrag: String,
+    client_pwd: String,
 }
 
 /// Joins `session` and negotiates a client offer with one audio track.
@@ -87,7 +91,57 @@ fn join_and_offer(router: &mut Router, session: SessionId, now: Instant) -> Cred
         ufrag: attr(&answer, "a=ice-ufrag:"),
         pwd: attr(&answer, "a=ice-pwd:"),
         client_ufrag: attr(&offer_sdp, "a=ice-ufrag:"),
+        client_pwd: attr(&offer_sdp, "a=ice-pwd:"),
     }
+}
+
+/// The client's signed success answer to the router's consent check `check` (a binding
+/// request the router sent to `source`).
+fn consent_answer(check: &[u8], creds: &Creds, source: SocketAddr) -> Vec<u8> {
+    let request = StunMessage::parse(check).unwrap();
+    assert!(request.is_binding_request());
+    assert_eq!(
+        request.username(),
+        Some(format!("{}:{}", creds.client_ufrag, creds.ufrag).as_str()),
+        "a check names the client's ufrag first"
+    );
+    let hmac = calls_core::str0m::crypto::from_feature_flags().sha1_hmac_provider;
+    assert!(request.verify(creds.client_pwd.as_bytes(), |k, p| hmac.sha1_hmac(k, p)));
+    let reply = StunMessage::binding_reply(request.trans_id(), source);
+    let mut buf = vec![0u8; 1500];
+    let n = reply
+        .to_bytes(Some(creds.client_pwd.as_bytes()), &mut buf, |k, p| {
+            hmac.sha1_hmac(k, p)
+        })
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// A client's authenticated binding request from `source`, through the consent check the
+/// router sends back (answered as the client would). Returns what the router sent after the
+/// answer (the binding response to the held request) and every event on the way.
+fn admit(
+    router: &mut Router,
+    creds: &Creds,
+    source: &str,
+    local: SocketAddr,
+    now: Instant,
+) -> Drained {
+    let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
+    router.handle_datagram(datagram(source, local, &good), now);
+    let mut first = drain(router);
+    let check = first
+        .transmits
+        .iter()
+        .find(|t| t.destination == source.parse().unwrap())
+        .expect("a consent check to the new address");
+    let answer = consent_answer(&check.contents, creds, source.parse().unwrap());
+    router.handle_datagram(datagram(source, local, &answer), now);
+    let mut after = drain(router);
+    first.events.append(&mut after.events);
+    after.events = first.events;
+    after
 }
 
 fn binding_request(local_ufrag: &str, remote_ufrag: &str, password: &str) -> Vec<u8> {
@@ -274,13 +328,15 @@ fn only_an_authenticated_binding_request_admits_a_new_flow() {
     assert_eq!(m.dropped(DropReason::UnknownSource), 2);
     assert_eq!(m.dropped(DropReason::Unclassified), 1);
 
-    // The real thing: admitted, answered, remembered.
+    // The real thing: checked, then admitted, answered, remembered.
     let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
     assert_eq!(Router::worker_of_datagram(&good), Some(7));
-    router.handle_datagram(datagram("192.0.2.20:5000", local, &good), now);
-    let replies = drain(&mut router).transmits;
+    let replies = admit(&mut router, &creds, "192.0.2.20:5000", local, now).transmits;
     assert_eq!(replies.len(), 1, "one binding response");
     assert_eq!(replies[0].destination, "192.0.2.20:5000".parse().unwrap());
+    assert!(StunMessage::parse(&replies[0].contents)
+        .unwrap()
+        .is_successful_binding_response());
     assert_eq!(router.metrics().flows, 1);
 }
 
@@ -291,9 +347,7 @@ fn ipv6_flows_are_admitted_like_ipv4() {
     let local: SocketAddr = "[::1]:8443".parse().unwrap();
     let mut router = Router::new(config, now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
-    let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
-    router.handle_datagram(datagram("[2001:db8::5]:6000", local, &good), now);
-    let replies = drain(&mut router).transmits;
+    let replies = admit(&mut router, &creds, "[2001:db8::5]:6000", local, now).transmits;
     assert_eq!(replies.len(), 1);
     assert_eq!(
         replies[0].destination,
@@ -309,8 +363,7 @@ fn leaving_frees_flows_and_ufrags() {
     let mut router = Router::new(Config::default(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
-    router.handle_datagram(datagram("192.0.2.20:5000", local, &good), now);
-    drain(&mut router);
+    admit(&mut router, &creds, "192.0.2.20:5000", local, now);
     assert_eq!(router.metrics().flows, 1);
     router.leave(SessionId(1), now).unwrap();
     drain(&mut router);
@@ -490,12 +543,291 @@ fn a_batch_of_datagrams_is_handled_like_each_one() {
     assert_eq!(
         replies.len(),
         1,
-        "only the authenticated request is answered"
+        "only the authenticated request is answered (with a consent check)"
     );
     assert_eq!(replies[0].destination, "192.0.2.20:5000".parse().unwrap());
     let m = router.metrics();
-    assert_eq!(m.flows, 1);
+    assert_eq!(m.flows, 0, "admitted once the check is answered");
+    assert_eq!(m.dropped(DropReason::ConsentPending), 1);
     assert_eq!(m.dropped(DropReason::StunAuthFailed), 1);
     assert_eq!(m.dropped(DropReason::Unclassified), 1);
     assert_eq!(m.datagrams_in, 3);
+}
+
+/// An embedder's address → session map kept only from the router's flow events, as the
+/// reference server keeps its address → worker map.
+#[derive(Debug, Default)]
+struct FlowMap(std::collections::HashMap<(Proto, SocketAddr), SessionId>);
+
+impl FlowMap {
+    fn apply(&mut self, events: &[Event]) {
+        for event in events {
+            match event {
+                Event::FlowAdmitted {
+                    session,
+                    proto,
+                    remote,
+                    ..
+                } => {
+                    self.0.insert((*proto, *remote), *session);
+                }
+                Event::FlowMoved {
+                    from,
+                    to,
+                    proto,
+                    remote,
+                    ..
+                } => {
+                    assert_eq!(
+                        self.0.get(&(*proto, *remote)),
+                        Some(from),
+                        "moved from its owner"
+                    );
+                    self.0.insert((*proto, *remote), *to);
+                }
+                Event::FlowRemoved {
+                    session,
+                    proto,
+                    remote,
+                    ..
+                } => {
+                    assert_eq!(
+                        self.0.remove(&(*proto, *remote)),
+                        Some(*session),
+                        "removed from its owner"
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Finding 4 (issue 16): a participant rotating its source port admits a new flow per port;
+/// the router forgets the oldest beyond `max_flows_per_session` and says so, so a map kept
+/// from the events stays the router's flow table (before, it only grew). A flow that moves
+/// to another session, and a session that leaves, are reported too.
+#[test]
+fn flow_events_keep_an_embedders_map_exact_while_ports_rotate() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    let max = router.config().max_flows_per_session;
+    let mut map = FlowMap::default();
+    let alice = join_and_offer(&mut router, SessionId(1), now);
+    let bob = join_and_offer(&mut router, SessionId(2), now);
+    for port in 5000..5020u16 {
+        let d = admit(
+            &mut router,
+            &alice,
+            &format!("192.0.2.20:{port}"),
+            local,
+            now,
+        );
+        map.apply(&d.events);
+        assert_eq!(map.0.len() as u64, router.metrics().flows);
+    }
+    assert_eq!(map.0.len(), max);
+    assert!(map
+        .0
+        .contains_key(&(Proto::Udp, "192.0.2.20:5019".parse().unwrap())));
+    assert!(!map
+        .0
+        .contains_key(&(Proto::Udp, "192.0.2.20:5000".parse().unwrap())));
+
+    // Bob's NAT hands him a port alice used: the flow moves to bob.
+    let d = admit(&mut router, &bob, "192.0.2.20:5019", local, now);
+    assert!(
+        d.events.iter().any(|e| matches!(
+            e,
+            Event::FlowMoved {
+                from: SessionId(1),
+                to: SessionId(2),
+                ..
+            }
+        )),
+        "{:?}",
+        d.events
+    );
+    map.apply(&d.events);
+    // Alice leaves: her flows go, bob's (the moved one) stays.
+    router.leave(SessionId(1), now).unwrap();
+    map.apply(&drain(&mut router).events);
+    assert_eq!(
+        map.0.values().copied().collect::<Vec<_>>(),
+        vec![SessionId(2)]
+    );
+    assert_eq!(router.metrics().flows, 1);
+}
+
+/// Finding 3 (issue 16): a participant signs a USE-CANDIDATE binding request with its own ICE
+/// password and spoofs a victim's source address. The router answers only with one consent
+/// check to that address (no larger than the request) and admits nothing until the client's
+/// signed answer comes from there, so its media cannot be pointed at the victim.
+#[test]
+fn a_spoofed_source_gets_one_check_and_no_flow() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    let creds = join_and_offer(&mut router, SessionId(1), now);
+    admit(&mut router, &creds, "192.0.2.20:5000", local, now);
+    let spoofed = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
+    let victim = "203.0.113.99:443";
+    let mut sent_to_victim = Vec::new();
+    for i in 0..20u64 {
+        let at = now + std::time::Duration::from_millis(100 * i);
+        router.handle_datagram(datagram(victim, local, &spoofed), at);
+        sent_to_victim.extend(
+            drain(&mut router)
+                .transmits
+                .into_iter()
+                .filter(|t| t.destination == victim.parse().unwrap()),
+        );
+    }
+    // One check per 250 ms at most, each a binding request no larger than the spoofed one.
+    assert!(
+        sent_to_victim.len() <= 8,
+        "{} datagrams",
+        sent_to_victim.len()
+    );
+    for t in &sent_to_victim {
+        assert!(t.contents.len() <= spoofed.len() + 8);
+        assert!(StunMessage::parse(&t.contents)
+            .unwrap()
+            .is_binding_request());
+    }
+    // The attacker can sign an answer as the client, but cannot see the check's transaction
+    // id (it went to the victim): an answer with another one admits nothing. Neither does
+    // the right one with a broken signature.
+    let hmac = calls_core::str0m::crypto::from_feature_flags().sha1_hmac_provider;
+    let guessed = StunMessage::binding_reply(TransId::new(), victim.parse().unwrap());
+    let mut buf = vec![0u8; 1500];
+    let n = guessed
+        .to_bytes(Some(creds.client_pwd.as_bytes()), &mut buf, |k, p| {
+            hmac.sha1_hmac(k, p)
+        })
+        .unwrap();
+    router.handle_datagram(datagram(victim, local, &buf[..n]), now);
+    let check = &sent_to_victim.last().unwrap().contents;
+    let mut tampered = consent_answer(check, &creds, victim.parse().unwrap());
+    tampered[24] ^= 1; // inside XOR-MAPPED-ADDRESS, covered by MESSAGE-INTEGRITY
+    router.handle_datagram(datagram(victim, local, &tampered), now);
+    drain(&mut router);
+    let m = router.metrics();
+    assert_eq!(m.flows, 1, "only the real address");
+    // 20 spoofed requests, plus the real address's first one (held until its check).
+    assert_eq!(m.dropped(DropReason::ConsentPending), 21);
+}
+
+/// Finding 2 (issue 16): an offer sending more microphones than the session may publish is
+/// refused with a typed error before str0m sees it; nothing is published and the session
+/// goes on (a valid offer afterwards is answered).
+#[test]
+fn an_offer_beyond_the_track_limits_is_refused_and_the_session_goes_on() {
+    let now = Instant::now();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    router
+        .join(
+            CallId::from("room"),
+            SessionId(1),
+            "alice".into(),
+            Grants::ALL,
+            now,
+        )
+        .unwrap();
+    drain(&mut router);
+    let mut client = Rtc::builder().build(now);
+    let mut api = client.sdp_api();
+    for _ in 0..3 {
+        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    }
+    let (offer, _pending): (SdpOffer, _) = api.apply().unwrap();
+    let err = router
+        .handle_signal(
+            SessionId(1),
+            ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                screen_mid: None,
+            },
+            now,
+        )
+        .unwrap_err();
+    let expected = SignalError::TooManyTracks {
+        track: TrackSource::Microphone,
+        count: 2,
+        max: 1,
+    };
+    assert_eq!(
+        err,
+        RouterError::Signal {
+            session: SessionId(1),
+            error: expected.clone()
+        }
+    );
+    let d = drain(&mut router);
+    assert_eq!(
+        d.signals,
+        vec![(
+            SessionId(1),
+            ServerMessage::Error {
+                code: "too_many_tracks".into(),
+                message: expected.to_string()
+            }
+        )]
+    );
+    assert!(!d
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::TrackPublished { .. })));
+    // The same client, within the limits, is answered.
+    let mut client = Rtc::builder().build(now);
+    let mut api = client.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, _pending): (SdpOffer, _) = api.apply().unwrap();
+    router
+        .handle_signal(
+            SessionId(1),
+            ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                screen_mid: None,
+            },
+            now,
+        )
+        .unwrap();
+    assert!(drain(&mut router)
+        .signals
+        .iter()
+        .any(|(_, m)| matches!(m, ServerMessage::Answer { .. })));
+}
+
+/// Finding 1 (issue 16): a session that leaves reports its ICE-TCP flows as removed, so the
+/// embedder closes those connections instead of keeping them open for nobody.
+#[test]
+fn a_session_that_leaves_reports_its_tcp_flows_for_closing() {
+    let now = Instant::now();
+    let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let remote: SocketAddr = "192.0.2.30:40000".parse().unwrap();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    let creds = join_and_offer(&mut router, SessionId(1), now);
+    router.tcp_accepted(ConnId(5), remote, local).unwrap();
+    let request = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
+    let mut framed = (request.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&request);
+    router.handle_tcp_data(ConnId(5), &framed, now).unwrap();
+    let admitted = drain(&mut router).events;
+    assert!(admitted.iter().any(|e| matches!(
+        e,
+        Event::FlowAdmitted { proto: Proto::Tcp, remote: r, .. } if *r == remote
+    )));
+    router.leave(SessionId(1), now).unwrap();
+    let events = drain(&mut router).events;
+    let removed = events
+        .iter()
+        .position(|e| matches!(e, Event::FlowRemoved { proto: Proto::Tcp, remote: r, .. } if *r == remote))
+        .expect("the TCP flow is reported removed");
+    let left = events
+        .iter()
+        .position(|e| matches!(e, Event::Left { .. }))
+        .unwrap();
+    assert!(removed < left, "flow changes come first: {events:?}");
 }

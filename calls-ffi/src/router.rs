@@ -614,7 +614,10 @@ pub extern "C" fn calls_router_metrics_prometheus(
     out_len: *mut usize,
 ) -> calls_result {
     with_router(router, |handle| {
-        let text = handle.router.metrics().to_prometheus();
+        let text = handle
+            .router
+            .metrics()
+            .to_prometheus_with(handle.router.config().metrics_per_session);
         boundary::copy_text(&text, buf, buf_len, out_len)
     })
 }

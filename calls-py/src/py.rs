@@ -82,51 +82,23 @@ create_exception!(
     "A load-test swarm could not start (bad URL, non-loopback server, bad configuration)."
 );
 
-/// Caller seconds ↔ `Instant`.
+/// The caller's clock (`crate::clock`), its errors as `ValueError`.
 #[derive(Debug, Clone, Copy)]
-struct Clock {
-    origin: Instant,
-    origin_s: f64,
-}
+struct Clock(crate::clock::Clock);
 
 impl Clock {
     fn new(now: f64) -> Clock {
-        Clock {
-            origin: Instant::now(),
-            origin_s: now,
-        }
+        Clock(crate::clock::Clock::new(now, Instant::now()))
     }
 
     fn instant(&self, now: f64) -> PyResult<Instant> {
-        if !now.is_finite() {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "time {now} is not finite"
-            )));
-        }
-        let offset = now - self.origin_s;
-        let shifted = if offset >= 0.0 {
-            Duration::try_from_secs_f64(offset)
-                .ok()
-                .and_then(|d| self.origin.checked_add(d))
-        } else {
-            Duration::try_from_secs_f64(-offset)
-                .ok()
-                .and_then(|d| self.origin.checked_sub(d))
-        };
-        shifted.ok_or_else(|| {
-            pyo3::exceptions::PyValueError::new_err(format!(
-                "time {now} is too far from this object's origin {}",
-                self.origin_s
-            ))
-        })
+        self.0
+            .instant(now)
+            .map_err(pyo3::exceptions::PyValueError::new_err)
     }
 
     fn seconds(&self, at: Instant) -> f64 {
-        if at >= self.origin {
-            self.origin_s + (at - self.origin).as_secs_f64()
-        } else {
-            self.origin_s - (self.origin - at).as_secs_f64()
-        }
+        self.0.seconds(at)
     }
 }
 
@@ -434,6 +406,30 @@ fn event_to_py(py: Python<'_>, event: CoreEvent) -> PyResult<Event> {
             data.set_item("remote", addr_tuple(remote))?;
             data.set_item("local", addr_tuple(local))?;
             ("flow_admitted", session)
+        }
+        CoreEvent::FlowRemoved {
+            session,
+            proto,
+            remote,
+            local,
+        } => {
+            data.set_item("proto", proto_name(proto))?;
+            data.set_item("remote", addr_tuple(remote))?;
+            data.set_item("local", addr_tuple(local))?;
+            ("flow_removed", session)
+        }
+        CoreEvent::FlowMoved {
+            from,
+            to,
+            proto,
+            remote,
+            local,
+        } => {
+            data.set_item("from_session", from.0)?;
+            data.set_item("proto", proto_name(proto))?;
+            data.set_item("remote", addr_tuple(remote))?;
+            data.set_item("local", addr_tuple(local))?;
+            ("flow_moved", to)
         }
         CoreEvent::MuteChanged { session, muted } => {
             data.set_item("muted", muted)?;
@@ -749,7 +745,12 @@ impl Router {
 
     /// The metrics snapshot in the Prometheus text exposition format.
     fn prometheus(&self, py: Python<'_>) -> PyResult<String> {
-        py.allow_threads(|| lock(&self.inner).map(|r| r.metrics().to_prometheus()))
+        py.allow_threads(|| {
+            lock(&self.inner).map(|r| {
+                r.metrics()
+                    .to_prometheus_with(r.config().metrics_per_session)
+            })
+        })
     }
 
     /// The router's worker index for a STUN binding request (None for anything else).

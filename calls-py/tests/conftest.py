@@ -43,12 +43,12 @@ def _server_binary() -> Path:
     """Builds the reference server: release by default, ``CALLSPY_SERVER_PROFILE=debug`` for
     the debug build (CI reuses what ``cargo test`` built)."""
     profile = os.environ.get("CALLSPY_SERVER_PROFILE", "release")
-    cmd = ["cargo", "build", "--quiet", "-p", "calls-core", "--example", "server"]
+    cmd = ["cargo", "build", "--quiet", "-p", "calls-core", "--features", "server", "--bin", "calls-server"]
     if profile == "release":
         cmd.append("--release")
     subprocess.run(cmd, cwd=REPO, check=True)
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    return target / ("release" if profile == "release" else "debug") / "examples" / "server"
+    return target / ("release" if profile == "release" else "debug") / "calls-server"
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,20 @@ impl Router {
         if class == Class::Stun && known.is_none() && self.answer_probe(&datagram, now) {
             return;
         }
+        // Issue 16, finding 3: the answer to a consent check admits its flow (consent.rs).
+        if let Some(confirmed) = (class == Class::Stun)
+            .then(|| self.consent.answered(datagram.contents, key, self.hmac))
+            .flatten()
+            .filter(|c| self.sessions.contains_key(&c.session))
+        {
+            let max = self.config.max_flows_per_session;
+            self.flows.insert(key, confirmed.session, max);
+            let request = Datagram {
+                contents: &confirmed.request,
+                ..datagram
+            };
+            return self.ingest(request, now);
+        }
         let session = match (class, known) {
             (Class::Stun, _) => match self.admit_stun(&datagram, key, known) {
                 Ok(session) => session,
@@ -235,15 +249,18 @@ impl Router {
         if !authentic {
             return Err(DropReason::StunAuthFailed);
         }
+        if key.proto == Proto::Udp {
+            // Issue 16, finding 3: a new UDP address answers a check first (consent.rs).
+            let local = self.local_address(Proto::Udp, key.destination);
+            let (ufrag, remote) = (&state.local_creds.ufrag, state.remote_ice.as_ref());
+            let (request, now) = (datagram.contents, self.last_now);
+            let hmac = self.hmac;
+            return Err(self
+                .consent
+                .challenge(key, session, ufrag, remote, request, local, hmac, now));
+        }
         self.flows
             .insert(key, session, self.config.max_flows_per_session);
-        tracing::debug!(%session, source = %key.source, "flow admitted");
-        self.outputs.push_back(Output::Event(Event::FlowAdmitted {
-            session,
-            proto: key.proto,
-            remote: key.source,
-            local: key.destination,
-        }));
         Ok(session)
     }
 

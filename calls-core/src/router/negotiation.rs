@@ -225,9 +225,11 @@ impl Router {
         screen_mid: Option<String>,
         now: Instant,
     ) -> Result<(), SignalError> {
+        let facts = crate::limits::check_offer(sdp, screen_mid.as_deref(), &self.config)?; // issue 16
         let Some(state) = self.sessions.get_mut(&session) else {
             return Ok(());
         };
+        state.remote_ice = facts.remote_ice.or(state.remote_ice.take()); // issue 16: consent
         if let Some(mid) = &screen_mid {
             if state.grants.publish_screen {
                 state.screen_mid = Some(Mid::from(mid.as_str()));

@@ -11,7 +11,7 @@ import { chromium } from 'playwright-core';
 const here = dirname(fileURLToPath(import.meta.url));
 export const SERVER_BIN = process.env.CALLS_SERVER_BIN
   ? resolve(process.env.CALLS_SERVER_BIN)
-  : resolve(here, '../../../target/release/examples/server');
+  : resolve(here, '../../../target/release/calls-server');
 export const CHROMIUM = process.env.CALLS_CHROMIUM || '/usr/bin/chromium';
 export const LOG_DIR = resolve(here, 'logs');
 

@@ -31,11 +31,11 @@ fi
 profile="${CALLS_E2E_PROFILE:-debug}"
 echo "== building the server ($profile)"
 if [ "$profile" = release ]; then
-  (cd "$root" && cargo build --release -p calls-core --example server)
+  (cd "$root" && cargo build --release -p calls-core --features server --bin calls-server)
 else
-  (cd "$root" && cargo build -p calls-core --example server)
+  (cd "$root" && cargo build -p calls-core --features server --bin calls-server)
 fi
-export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$profile/examples/server}"
+export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$profile/calls-server}"
 
 echo "== running the end-to-end tests"
 cd "$here"

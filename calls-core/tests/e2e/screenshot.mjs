@@ -2,8 +2,8 @@
 // (fake 640x360 cameras) in one call, a screenshot of one page once every page decodes both
 // others and shows their video.
 //
-//   cargo build -p calls-core --example server
-//   CALLS_SERVER_BIN=target/debug/examples/server node calls-core/tests/e2e/screenshot.mjs [out.png]
+//   cargo build -p calls-core --features server --bin calls-server
+//   CALLS_SERVER_BIN=target/debug/calls-server node calls-core/tests/e2e/screenshot.mjs [out.png]
 import { resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { counter, join, launchBrowser, snapshot, startServer, waitFor } from './lib.mjs';

@@ -16,16 +16,24 @@ use calls_core::{
 use serde::Serialize;
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
+use crate::tcp_limits::TcpCounters;
 use crate::udp_send::UdpSender;
 
-/// 5-tuple (remote, proto) → worker, filled only with flows a router authenticated.
+/// 5-tuple (remote, proto) → worker, kept from the routers' flow events (admitted, removed):
+/// exactly the flows some router has now, so it neither grows without bound nor keeps a
+/// flow that moved to another worker pointed at the old one.
 pub type FlowMap = Arc<Mutex<HashMap<(Proto, SocketAddr), usize>>>;
+
+/// The write side of one ICE-TCP connection: a bounded queue of frames for its writer task.
+pub type TcpWriter = tokio::sync::mpsc::Sender<Vec<u8>>;
 
 /// A message for a session's WebSocket (`None` closes it with the reason).
 #[derive(Debug)]
 pub enum ToClient {
     Text(String),
     Close(String),
+    /// A resumed socket took the session over: close this one, the session goes on.
+    Replaced,
 }
 
 /// Commands from the I/O side to a worker.
@@ -41,7 +49,7 @@ pub enum Cmd {
         conn: ConnId,
         remote: SocketAddr,
         local: SocketAddr,
-        writer: UnboundedSender<Vec<u8>>,
+        writer: TcpWriter,
     },
     TcpData {
         conn: ConnId,
@@ -60,10 +68,12 @@ pub enum Cmd {
         out: UnboundedSender<ToClient>,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    /// A resumed WebSocket replaces the old one.
+    /// A resumed WebSocket replaces the old one. `reply`: whether the session still exists
+    /// (the router may have removed it while the client was away).
     Reattach {
         session: SessionId,
         out: UnboundedSender<ToClient>,
+        reply: oneshot::Sender<bool>,
     },
     Signal {
         session: SessionId,
@@ -124,7 +134,6 @@ struct Client {
     name: String,
     out: UnboundedSender<ToClient>,
     connected: bool,
-    flows: Vec<(Proto, SocketAddr)>,
 }
 
 pub struct Worker {
@@ -134,7 +143,11 @@ pub struct Worker {
     udp: Option<UdpSender>,
     flows: FlowMap,
     clients: HashMap<SessionId, Client>,
-    tcp_writers: HashMap<ConnId, UnboundedSender<Vec<u8>>>,
+    tcp_writers: HashMap<ConnId, TcpWriter>,
+    /// Each open ICE-TCP connection by its client address (flow events name the address).
+    tcp_by_remote: HashMap<SocketAddr, ConnId>,
+    /// ICE-TCP counters for `/metrics` (write queues that filled up).
+    tcp_counters: Arc<TcpCounters>,
     /// Reused buffer for a batch of datagrams.
     batch: Vec<Cmd>,
 }
@@ -144,7 +157,13 @@ pub struct Worker {
 const MAX_BATCH: usize = 16;
 
 impl Worker {
-    pub fn new(index: usize, router: Router, udp: Option<UdpSocket>, flows: FlowMap) -> Self {
+    pub fn new(
+        index: usize,
+        router: Router,
+        udp: Option<UdpSocket>,
+        flows: FlowMap,
+        tcp_counters: Arc<TcpCounters>,
+    ) -> Self {
         Worker {
             index,
             router,
@@ -152,6 +171,8 @@ impl Worker {
             flows,
             clients: HashMap::new(),
             tcp_writers: HashMap::new(),
+            tcp_by_remote: HashMap::new(),
+            tcp_counters,
             batch: Vec::with_capacity(MAX_BATCH),
         }
     }
@@ -256,18 +277,19 @@ impl Worker {
             } => {
                 if self.router.tcp_accepted(conn, remote, local).is_ok() {
                     self.tcp_writers.insert(conn, writer);
+                    self.tcp_by_remote.insert(remote, conn);
                 }
             }
             Cmd::TcpData { conn, bytes, at } => {
                 if let Err(e) = self.router.handle_tcp_data(conn, &bytes, at) {
-                    tracing::info!(worker = self.index, "closing TCP connection: {e}");
+                    tracing::debug!(worker = self.index, "closing TCP connection: {e}");
                     // Dropping the writer closes the socket.
-                    self.tcp_writers.remove(&conn);
+                    self.forget_tcp(conn);
                 }
             }
             Cmd::TcpClosed { conn } => {
                 let _ = self.router.tcp_closed(conn);
-                self.tcp_writers.remove(&conn);
+                self.forget_tcp(conn);
             }
             Cmd::Join {
                 session,
@@ -290,17 +312,28 @@ impl Worker {
                             name,
                             out,
                             connected: false,
-                            flows: Vec::new(),
                         },
                     );
                 }
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
-            Cmd::Reattach { session, out } => {
-                if let Some(client) = self.clients.get_mut(&session) {
-                    client.out = out;
-                    let _ = self.router.resend_signaling(session);
-                }
+            Cmd::Reattach {
+                session,
+                out,
+                reply,
+            } => {
+                let alive = match self.clients.get_mut(&session) {
+                    Some(client) => {
+                        // The old socket (if it is still open) is closed: one live socket per
+                        // session, the newest wins.
+                        let old = std::mem::replace(&mut client.out, out);
+                        let _ = old.send(ToClient::Replaced);
+                        let _ = self.router.resend_signaling(session);
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(alive);
             }
             Cmd::Signal { session, text } => {
                 // Refusals go back to the client as `error` messages through poll_output.
@@ -394,8 +427,19 @@ impl Worker {
                         }
                     }
                     (Proto::Tcp, Some(conn)) => {
-                        if let Some(writer) = self.tcp_writers.get(&conn) {
-                            let _ = writer.send(t.contents);
+                        let full = self
+                            .tcp_writers
+                            .get(&conn)
+                            .is_some_and(|w| w.try_send(t.contents).is_err());
+                        if full {
+                            // The client does not read (or its socket is gone): close it
+                            // rather than queue without bound (issue 16, finding 1).
+                            self.tcp_counters
+                                .write_queue_full
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::debug!(worker = self.index, %conn, "TCP write queue full; closing");
+                            let _ = self.router.tcp_closed(conn);
+                            self.forget_tcp(conn);
                         }
                     }
                     _ => {}
@@ -411,20 +455,26 @@ impl Worker {
         }
     }
 
+    /// Drops an ICE-TCP connection's writer (its writer task then closes the socket).
+    fn forget_tcp(&mut self, conn: ConnId) {
+        self.tcp_writers.remove(&conn);
+        self.tcp_by_remote.retain(|_, c| *c != conn);
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::FlowAdmitted {
-                session,
-                proto,
-                remote,
-                ..
-            } => {
+            Event::FlowAdmitted { proto, remote, .. } => {
                 if let Ok(mut flows) = self.flows.lock() {
                     flows.insert((proto, remote), self.index);
                 }
-                if let Some(client) = self.clients.get_mut(&session) {
-                    if !client.flows.contains(&(proto, remote)) {
-                        client.flows.push((proto, remote));
+            }
+            Event::FlowRemoved { proto, remote, .. } => {
+                forget_flow(&self.flows, proto, remote, self.index);
+                if proto == Proto::Tcp {
+                    // Its session left or moved on: nobody reads this connection any more.
+                    if let Some(conn) = self.tcp_by_remote.get(&remote).copied() {
+                        let _ = self.router.tcp_closed(conn);
+                        self.forget_tcp(conn);
                     }
                 }
             }
@@ -442,14 +492,19 @@ impl Worker {
                     let _ = client
                         .out
                         .send(ToClient::Close(format!("left: {reason:?}")));
-                    if let Ok(mut flows) = self.flows.lock() {
-                        for flow in &client.flows {
-                            flows.remove(flow);
-                        }
-                    }
                 }
             }
             other => tracing::debug!(worker = self.index, "{other:?}"),
+        }
+    }
+}
+
+/// Forgets a flow a router removed, unless another worker has admitted it since (a client
+/// whose address moved to a call on another worker): the map then keeps the newer owner.
+pub fn forget_flow(flows: &FlowMap, proto: Proto, remote: SocketAddr, worker: usize) {
+    if let Ok(mut flows) = flows.lock() {
+        if flows.get(&(proto, remote)) == Some(&worker) {
+            flows.remove(&(proto, remote));
         }
     }
 }
@@ -574,5 +629,24 @@ impl Workers {
             }
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 4 (issue 16): a flow that moved to a call on another worker stays routed there
+    /// when the old worker reports it removed (before, the old worker's leave deleted it and
+    /// the survivor's media was dropped at the dispatcher for good).
+    #[test]
+    fn a_removed_flow_is_forgotten_only_by_the_worker_that_has_it() {
+        let flows = FlowMap::default();
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        flows.lock().unwrap().insert((Proto::Udp, remote), 2);
+        forget_flow(&flows, Proto::Udp, remote, 1);
+        assert_eq!(flows.lock().unwrap().get(&(Proto::Udp, remote)), Some(&2));
+        forget_flow(&flows, Proto::Udp, remote, 2);
+        assert!(flows.lock().unwrap().is_empty());
     }
 }

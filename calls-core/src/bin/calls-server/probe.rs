@@ -1,7 +1,7 @@
-//! Media-port probe: is the calls media port reachable, over UDP and over TCP?
+//! `calls-server probe`: is a calls media port reachable, over UDP and over TCP?
 //!
 //! ```sh
-//! cargo run -p calls-core --example probe -- HOST:8443 --ufrag PROBE_UFRAG --password PROBE_PASSWORD
+//! calls-server probe HOST:8443 --ufrag PROBE_UFRAG --password PROBE_PASSWORD
 //! ```
 //!
 //! Sends a STUN binding request authenticated with the server's probe credential
@@ -9,19 +9,21 @@
 //! - `reachable` — an authenticated answer came back: round-trip time and the address the server
 //!   saw (compare it with your own to see NAT);
 //! - `no server` — the host refused (ICMP port unreachable / TCP RST): nothing listens there;
-//! - `blocked` — silence: a firewall drops the traffic (what `nmap -sU` calls `open|filtered`).
+//! - `blocked` — silence. A firewall drop and a wrong probe credential look the same from
+//!   outside (the server answers only authenticated requests), so the text says both.
 //!
 //! Exit status 0 when both are reachable, 1 when either is not, 2 on usage errors.
 //! `--json` prints one JSON object instead of text.
-
-// An embedder-side tool: it owns its clock.
-#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use calls_core::str0m::ice::{StunMessage, TransId};
+
+/// What silence means: the server answers only requests signed with its probe credential, so a
+/// wrong credential and a firewall's drop cannot be told apart from outside.
+const SILENCE: &str = "no authenticated answer: wrong probe credential, or blocked";
 
 #[derive(Debug)]
 enum Verdict {
@@ -52,7 +54,7 @@ impl Verdict {
                 seen_as.map_or("null".to_owned(), |a| format!("\"{a}\""))
             ),
             Verdict::NoServer(d) => format!(r#"{{"result":"no server","detail":{d:?}}}"#),
-            Verdict::Blocked => r#"{"result":"blocked"}"#.to_owned(),
+            Verdict::Blocked => format!(r#"{{"result":"blocked","detail":{SILENCE:?}}}"#),
             Verdict::Error(d) => format!(r#"{{"result":"error","detail":{d:?}}}"#),
         }
     }
@@ -144,7 +146,10 @@ fn probe_tcp(target: SocketAddr, ufrag: &str, password: &str) -> Verdict {
     let mut head = [0u8; 2];
     if stream.read_exact(&mut head).is_err() {
         // Something accepted the connection but no calls server answered the probe.
-        return Verdict::NoServer("connected, but no authenticated answer".into());
+        return Verdict::NoServer(
+            "connected, but no authenticated answer: wrong probe credential, or not a calls server"
+                .into(),
+        );
     }
     let mut body = vec![0u8; u16::from_be_bytes(head) as usize];
     if stream.read_exact(&mut body).is_err() {
@@ -159,34 +164,41 @@ fn probe_tcp(target: SocketAddr, ufrag: &str, password: &str) -> Verdict {
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let target = args.iter().find(|a| {
-        !a.starts_with("--")
-            && Some(*a) != value("--ufrag").as_ref()
-            && Some(*a) != value("--password").as_ref()
-    });
-    let (Some(target), Some(ufrag), Some(password)) = (
-        target,
-        value("--ufrag").or_else(|| std::env::var("CALLS_PROBE_UFRAG").ok()),
-        value("--password").or_else(|| std::env::var("CALLS_PROBE_PASSWORD").ok()),
-    ) else {
-        eprintln!("usage: probe HOST:PORT --ufrag UFRAG --password PASSWORD [--udp-only|--tcp-only] [--json]");
-        std::process::exit(2);
-    };
+/// The probe's command line (`calls-server probe --help`).
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// The media port to probe, `HOST:PORT` (the server's `udp_port`/`tcp_port`, 8443 by default).
+    #[arg(value_name = "HOST:PORT")]
+    target: String,
+    /// The server's `probe_ufrag`.
+    #[arg(long, env = "CALLS_PROBE_UFRAG")]
+    ufrag: String,
+    /// The server's `probe_password`.
+    #[arg(long, env = "CALLS_PROBE_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Probe UDP only.
+    #[arg(long, conflicts_with = "tcp_only")]
+    udp_only: bool,
+    /// Probe TCP (ICE-TCP, RFC 4571 framing) only.
+    #[arg(long)]
+    tcp_only: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the probe and returns the process exit status: 0 when every probed transport is
+/// reachable, 1 when one is not, 2 when the target does not resolve.
+pub fn run(args: &ProbeArgs) -> i32 {
+    let target = &args.target;
     let Some(addr) = target.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         eprintln!("cannot resolve {target}");
-        std::process::exit(2);
+        return 2;
     };
-    let udp = (!args.iter().any(|a| a == "--tcp-only")).then(|| probe_udp(addr, &ufrag, &password));
-    let tcp = (!args.iter().any(|a| a == "--udp-only")).then(|| probe_tcp(addr, &ufrag, &password));
-    if args.iter().any(|a| a == "--json") {
+    let (ufrag, password) = (&args.ufrag, &args.password);
+    let udp = (!args.tcp_only).then(|| probe_udp(addr, ufrag, password));
+    let tcp = (!args.udp_only).then(|| probe_tcp(addr, ufrag, password));
+    if args.json {
         let field = |v: &Option<Verdict>| v.as_ref().map_or("null".to_owned(), Verdict::json);
         println!(
             r#"{{"target":"{addr}","udp":{},"tcp":{}}}"#,
@@ -203,9 +215,7 @@ fn main() {
                     seen_as.map_or("?".to_owned(), |a| a.to_string())
                 ),
                 Verdict::NoServer(d) => println!("{name} {addr}: no server ({d})"),
-                Verdict::Blocked => {
-                    println!("{name} {addr}: blocked (no answer: a firewall drops it)")
-                }
+                Verdict::Blocked => println!("{name} {addr}: {SILENCE}"),
                 Verdict::Error(d) => println!("{name} {addr}: error ({d})"),
             }
         }
@@ -213,5 +223,9 @@ fn main() {
     let ok = [&udp, &tcp]
         .iter()
         .all(|v| v.as_ref().is_none_or(|v| v.word() == "reachable"));
-    std::process::exit(if ok { 0 } else { 1 });
+    if ok {
+        0
+    } else {
+        1
+    }
 }

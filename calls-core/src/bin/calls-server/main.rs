@@ -1,8 +1,9 @@
 //! The calls reference media server: the "dedicated daemon" shape of the product.
 //!
 //! ```sh
-//! cargo run --release -p calls-core --example server            # demo mode on localhost
-//! cargo run --release -p calls-core --example server -- --config calls.toml
+//! cargo run --release -p calls-core --features server --bin calls-server    # demo mode on localhost
+//! cargo run --release -p calls-core --features server --bin calls-server -- --config calls.toml
+//! calls-server probe HOST:8443 --ufrag probe --password "$PROBE_PASSWORD"  # is the port reachable?
 //! ```
 //! Then open <http://127.0.0.1:8080/>. Media: UDP and TCP 8443; signaling: HTTP/WebSocket
 //! 8080; admin API: 8445 (with an API key). See docs/server.md.
@@ -18,10 +19,13 @@ mod auth;
 mod config;
 mod http;
 mod media;
+mod probe;
 mod stun;
+mod tcp_limits;
 mod udp_send;
 mod worker;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -29,25 +33,68 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use calls_core::Router;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::ServerConfig;
 use crate::worker::{Worker, Workers};
 
+/// The crate version, as `--version`, `/version` and `calls_build_info` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit built (build.rs; `GIT_COMMIT` at build time, or "unknown").
+pub const COMMIT: &str = env!("BUILD_GIT_COMMIT");
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BUILD_GIT_COMMIT"),
+    ")"
+);
+
+/// The calls reference media server (the dedicated daemon shape of calls).
+///
+/// Settings come from a TOML file (--config) overlaid with CALLS_* environment variables; every
+/// setting, its variable and its default are listed below. See docs/server.md.
+#[derive(Debug, Parser)]
+#[command(
+    name = "calls-server",
+    version = LONG_VERSION,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// The configuration file (TOML); CALLS_* variables override its settings.
+    #[arg(long, env = "CALLS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, list every problem, and exit: 0 valid, 2 not.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Is a calls media port reachable over UDP and TCP? (a STUN request signed with the
+    /// server's probe credential; see docs/server.md, "The probe")
+    Probe(probe::ProbeArgs),
+}
+
+/// The command line definition, with the settings table (generated from the defaults) as the
+/// help's epilogue.
+fn command() -> clap::Command {
+    Cli::command().after_help(config::settings_help())
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: server [--config FILE] [--check-config]\n\nSettings come from FILE (TOML) and CALLS_* environment variables; see docs/server.md.\n--check-config validates them and exits (0: valid, 2: every problem listed).");
-        return;
+    // clap prints usage errors and exits with status 2; --help and --version exit 0.
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Some(Command::Probe(args)) = &cli.command {
+        std::process::exit(probe::run(args));
     }
-    let path = args
-        .iter()
-        .position(|a| a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CALLS_CONFIG").map(PathBuf::from));
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = match ServerConfig::load(path.as_deref(), &env) {
+    let config = match ServerConfig::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(problems) => {
             eprintln!("invalid configuration:");
@@ -57,7 +104,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if args.iter().any(|a| a == "--check-config") {
+    if cli.check_config {
         println!("configuration ok");
         return;
     }
@@ -68,16 +115,20 @@ fn main() {
     }
 }
 
+/// Logs go to stderr; colours only when stderr is a terminal and `NO_COLOR` is unset, so a log
+/// file or the journal gets plain text.
 fn init_logging(config: &ServerConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if config.log_json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
+        logs.json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        logs.init();
     }
 }
 
@@ -105,6 +156,10 @@ fn run(config: ServerConfig) -> Result<(), String> {
     };
 
     let flows = worker::FlowMap::default();
+    let tcp_limits = tcp_limits::TcpLimits::new(
+        config.tcp_max_connections,
+        config.tcp_max_connections_per_ip,
+    );
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     for index in 0..workers_n {
@@ -118,6 +173,7 @@ fn run(config: ServerConfig) -> Result<(), String> {
             router,
             udp.as_ref().and_then(media::clone_udp),
             flows.clone(),
+            std::sync::Arc::clone(&tcp_limits.counters),
         );
         threads.push(
             std::thread::Builder::new()
@@ -146,14 +202,19 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let app = http::App::new(config.clone(), workers.clone());
+        let app = http::App::new(config.clone(), workers.clone(), tcp_limits.clone());
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind TCP {addr}: {e}"))?;
             tracing::info!(%addr, "ICE-TCP media listening");
-            tokio::spawn(media::run_tcp(listener, workers.clone()));
+            tokio::spawn(media::run_tcp(
+                listener,
+                workers.clone(),
+                tcp_limits.clone(),
+                config.tcp_write_queue_frames,
+            ));
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http_listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -163,6 +224,8 @@ fn run(config: ServerConfig) -> Result<(), String> {
             tracing::warn!("demo mode: anyone who reaches {} may join any call (set auth_secret to require tokens)", config.http_listen);
         }
         tracing::info!(
+            version = VERSION,
+            commit = COMMIT,
             "calls server ready: open http://{}/  (media UDP {} / TCP {} on {}, {} workers)",
             config.http_listen,
             if config.disable_udp { "off".to_owned() } else { config.udp_port.to_string() },
@@ -219,5 +282,62 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = command().try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn unknown_flags_are_refused_with_a_usage_message() {
+        let e = parse(&["calls-server", "--bogus"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(e.to_string().contains("Usage"), "{e}");
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        let e = parse(&["calls-server", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        let text = e.to_string();
+        assert!(text.contains(VERSION) && text.contains("commit"), "{text}");
+    }
+
+    #[test]
+    fn help_lists_every_setting_with_its_variable_and_default() {
+        let help = command().render_help().to_string();
+        for needle in ["--config", "CALLS_CONFIG", "--check-config", "probe"] {
+            assert!(help.contains(needle), "{needle} missing:\n{help}");
+        }
+        for line in [
+            "udp_port  CALLS_UDP_PORT  8443",
+            "auth_secret  CALLS_AUTH_SECRET  unset",
+        ] {
+            let squeezed = help.split_whitespace().collect::<Vec<_>>().join("  ");
+            assert!(squeezed.contains(line), "{line:?} missing:\n{help}");
+        }
+    }
+
+    #[test]
+    fn probe_is_a_subcommand_with_env_credentials() {
+        let cli = parse(&[
+            "calls-server",
+            "probe",
+            "127.0.0.1:8443",
+            "--ufrag",
+            "probe",
+            "--password",
+            "secret",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Probe(_))));
+        assert!(parse(&["calls-server", "probe"]).is_err());
+        assert!(parse(&["calls-server", "--check-config", "probe", "h:1"]).is_err());
     }
 }

@@ -53,12 +53,25 @@ pub struct Admission {
     pub grants: Grants,
 }
 
-/// Checks a join for `call`. Errors are the WebSocket close reason.
+/// What a token is presented for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A new session: the token must be unexpired.
+    Join,
+    /// Taking back a session of the same user and call with its resume token: the JWT may
+    /// have expired since the join (short-lived tokens), since the resume token itself only
+    /// lives while the session does and for `reconnect_grace_s` after its socket dropped.
+    /// Signature, `nbf`, `aud`, `iss` and the call are checked all the same.
+    Resume,
+}
+
+/// Checks a join (or a resume) for `call`. Errors are the WebSocket close reason.
 pub fn authorize(
     config: &ServerConfig,
     call: &str,
     user: Option<&str>,
     token: Option<&str>,
+    purpose: Purpose,
 ) -> Result<Admission, String> {
     let Some(secret) = &config.auth_secret else {
         let user = user
@@ -77,7 +90,23 @@ pub fn authorize(
     let token = token.ok_or("a join token is required")?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 5;
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.validate_exp = purpose == Purpose::Join;
+    // `nbf` is checked whenever a token has one; `aud` and `iss` when configured (and then
+    // required).
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    match &config.auth_audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    if let Some(issuer) = &config.auth_issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
     let data = decode::<Claims>(
         token,
         &DecodingKey::from_secret(secret.as_bytes()),
@@ -86,6 +115,11 @@ pub fn authorize(
     .map_err(|e| match e.kind() {
         jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
         jsonwebtoken::errors::ErrorKind::InvalidSignature => "token signature invalid".to_owned(),
+        jsonwebtoken::errors::ErrorKind::ImmatureSignature => "token not valid yet".to_owned(),
+        jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+            "token is for another audience".to_owned()
+        }
+        jsonwebtoken::errors::ErrorKind::InvalidIssuer => "token is from another issuer".to_owned(),
         _ => format!("token invalid: {e}"),
     })?;
     let claims = data.claims;
@@ -218,8 +252,14 @@ mod tests {
 
     #[test]
     fn a_valid_token_admits_with_its_grants() {
-        let admission =
-            authorize(&config(), "room", None, Some(&token(SECRET, "room", 60))).unwrap();
+        let admission = authorize(
+            &config(),
+            "room",
+            None,
+            Some(&token(SECRET, "room", 60)),
+            Purpose::Join,
+        )
+        .unwrap();
         assert_eq!(admission.user, "u1");
         assert_eq!(admission.name, "Ada");
         assert_eq!(admission.grants, Grants::new(true, false, false, true));
@@ -229,11 +269,18 @@ mod tests {
     fn bad_tokens_are_refused_with_a_reason() {
         let c = config();
         assert_eq!(
-            authorize(&c, "room", Some("x"), None).unwrap_err(),
+            authorize(&c, "room", Some("x"), None, Purpose::Join).unwrap_err(),
             "a join token is required"
         );
         assert_eq!(
-            authorize(&c, "room", None, Some(&token(SECRET, "room", -60))).unwrap_err(),
+            authorize(
+                &c,
+                "room",
+                None,
+                Some(&token(SECRET, "room", -60)),
+                Purpose::Join
+            )
+            .unwrap_err(),
             "token expired"
         );
         assert_eq!(
@@ -241,13 +288,21 @@ mod tests {
                 &c,
                 "room",
                 None,
-                Some(&token("another-secret-entirely-000000", "room", 60))
+                Some(&token("another-secret-entirely-000000", "room", 60)),
+                Purpose::Join
             )
             .unwrap_err(),
             "token signature invalid"
         );
         assert_eq!(
-            authorize(&c, "room", None, Some(&token(SECRET, "other", 60))).unwrap_err(),
+            authorize(
+                &c,
+                "room",
+                None,
+                Some(&token(SECRET, "other", 60)),
+                Purpose::Join
+            )
+            .unwrap_err(),
             "token is for another call"
         );
         // Tampered payload: swap the claims segment for one naming another call.
@@ -261,14 +316,89 @@ mod tests {
             parts[2]
         );
         assert_eq!(
-            authorize(&c, "other", None, Some(&forged)).unwrap_err(),
+            authorize(&c, "other", None, Some(&forged), Purpose::Join).unwrap_err(),
             "token signature invalid"
         );
     }
 
+    fn signed(claims: serde_json::Value) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn now_s() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    /// Finding 5 (issue 16): an expired join token cannot join, but can take its session back
+    /// (resume) within the grace period, so short-lived tokens do not break resume.
+    #[test]
+    fn an_expired_token_resumes_but_does_not_join() {
+        let c = config();
+        let expired = token(SECRET, "room", -600);
+        assert_eq!(
+            authorize(&c, "room", None, Some(&expired), Purpose::Join).unwrap_err(),
+            "token expired"
+        );
+        let admission = authorize(&c, "room", None, Some(&expired), Purpose::Resume).unwrap();
+        assert_eq!(admission.user, "u1");
+        // Still only for its own call.
+        assert_eq!(
+            authorize(&c, "other", None, Some(&expired), Purpose::Resume).unwrap_err(),
+            "token is for another call"
+        );
+    }
+
+    /// Finding 5 (issue 16): `nbf` is checked, and `aud` / `iss` when configured.
+    #[test]
+    fn not_before_audience_and_issuer_are_checked() {
+        let mut c = config();
+        let base = serde_json::json!({"call": "room", "sub": "u1", "exp": now_s() + 60});
+        let mut early = base.clone();
+        early["nbf"] = (now_s() + 600).into();
+        assert_eq!(
+            authorize(&c, "room", None, Some(&signed(early)), Purpose::Join).unwrap_err(),
+            "token not valid yet"
+        );
+        c.auth_audience = Some("calls.example.com".into());
+        c.auth_issuer = Some("chat.example.com".into());
+        let mut good = base.clone();
+        good["aud"] = "calls.example.com".into();
+        good["iss"] = "chat.example.com".into();
+        assert!(authorize(&c, "room", None, Some(&signed(good.clone())), Purpose::Join).is_ok());
+        let mut other_aud = good.clone();
+        other_aud["aud"] = "elsewhere".into();
+        assert_eq!(
+            authorize(&c, "room", None, Some(&signed(other_aud)), Purpose::Join).unwrap_err(),
+            "token is for another audience"
+        );
+        let mut other_iss = good.clone();
+        other_iss["iss"] = "mallory".into();
+        assert_eq!(
+            authorize(&c, "room", None, Some(&signed(other_iss)), Purpose::Join).unwrap_err(),
+            "token is from another issuer"
+        );
+        // Configured means required.
+        assert!(authorize(&c, "room", None, Some(&signed(base)), Purpose::Join).is_err());
+    }
+
     #[test]
     fn demo_mode_admits_by_name() {
-        let admission = authorize(&ServerConfig::default(), "room", Some("  Bob "), None).unwrap();
+        let admission = authorize(
+            &ServerConfig::default(),
+            "room",
+            Some("  Bob "),
+            None,
+            Purpose::Join,
+        )
+        .unwrap();
         assert_eq!(admission.user, "Bob");
         assert_eq!(admission.grants, Grants::ALL);
     }

@@ -3,12 +3,13 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use calls_core::{ConnId, Proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::tcp_limits::{AcceptBackoff, TcpLimits};
 use crate::worker::{Cmd, Workers};
 
 /// Socket buffers large enough for bursts of video from many participants.
@@ -129,17 +130,44 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
     });
 }
 
+/// A write to an ICE-TCP client that has not completed in this long closes the connection:
+/// its receive window stayed shut (it does not read), so queued media would only go stale.
+const TCP_WRITE_STALL: Duration = Duration::from_secs(10);
+
 /// Accepts ICE-TCP connections. The first RFC 4571 frame (a STUN binding request) picks the
 /// worker by its ufrag; from then on the connection's bytes go to that worker unparsed.
-pub async fn run_tcp(listener: TcpListener, workers: Workers) {
+/// Connections beyond `limits` (per source IP, in total) are closed at once; a failing
+/// `accept` backs off instead of spinning.
+pub async fn run_tcp(
+    listener: TcpListener,
+    workers: Workers,
+    limits: TcpLimits,
+    queue_frames: usize,
+) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (mut stream, remote) = match listener.accept().await {
-            Ok(r) => r,
+            Ok(r) => {
+                backoff.succeeded();
+                r
+            }
             Err(e) => {
-                tracing::debug!("tcp accept: {e}");
+                // EMFILE/ENFILE clear only when connections close: retrying at once would spin
+                // this runtime thread, which also serves signaling.
+                limits
+                    .counters
+                    .accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let pause = backoff.failed();
+                tracing::debug!(pause_ms = pause.as_millis() as u64, "tcp accept: {e}");
+                tokio::time::sleep(pause).await;
                 continue;
             }
+        };
+        let Some(slot) = limits.admit(remote.ip()) else {
+            tracing::trace!(%remote, "ICE-TCP connection over the limits closed");
+            continue;
         };
         let Ok(local) = stream.local_addr() else {
             continue;
@@ -147,7 +175,8 @@ pub async fn run_tcp(listener: TcpListener, workers: Workers) {
         let _ = stream.set_nodelay(true);
         let workers = workers.clone();
         tokio::spawn(async move {
-            // Peek the first frame to route the connection.
+            let _slot = slot; // freed when this connection ends
+                              // Peek the first frame to route the connection.
             let mut head = [0u8; 2];
             let routed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
                 stream.read_exact(&mut head).await.ok()?;
@@ -167,7 +196,9 @@ pub async fn run_tcp(listener: TcpListener, workers: Workers) {
             };
             let conn = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
             let (mut reader, mut writer) = stream.into_split();
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+            // Bounded: the worker closes the connection when it is full (the client does not
+            // read), instead of queueing without end.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue_frames);
             workers.send(
                 worker,
                 Cmd::TcpAccepted {
@@ -187,30 +218,36 @@ pub async fn run_tcp(listener: TcpListener, workers: Workers) {
                     at: Instant::now(),
                 },
             );
+            // Dropped when the write task ends, which wakes the read loop below.
+            let (writer_done, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
             let write_task = tokio::spawn(async move {
+                let _writer_done = writer_done;
                 while let Some(bytes) = rx.recv().await {
-                    if writer.write_all(&bytes).await.is_err() {
-                        break;
+                    match tokio::time::timeout(TCP_WRITE_STALL, writer.write_all(&bytes)).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
                     }
                 }
-                // The worker dropped the writer (bad framing): close our half.
+                // The worker dropped the writer (bad framing, full queue, session gone), or
+                // the client stopped reading: close our half.
                 let _ = writer.shutdown().await;
             });
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => workers.send(
-                        worker,
-                        Cmd::TcpData {
-                            conn,
-                            bytes: buf[..n].to_vec(),
-                            at: Instant::now(),
-                        },
-                    ),
-                }
-                if write_task.is_finished() {
-                    break;
+                tokio::select! {
+                    read = reader.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => workers.send(
+                            worker,
+                            Cmd::TcpData {
+                                conn,
+                                bytes: buf[..n].to_vec(),
+                                at: Instant::now(),
+                            },
+                        ),
+                    },
+                    // The writer gave up: stop reading too, so the socket (and its slot) goes.
+                    _ = &mut writer_gone => break,
                 }
             }
             workers.send(worker, Cmd::TcpClosed { conn });

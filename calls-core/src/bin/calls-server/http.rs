@@ -18,17 +18,21 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::auth::{authorize, ice_servers, random_token};
+use crate::auth::{authorize, ice_servers, random_token, Purpose};
 use crate::config::ServerConfig;
+use crate::tcp_limits::TcpLimits;
 use crate::worker::{worker_for_call, Cmd, ToClient, Workers};
 
 const PAGE: &str = include_str!("page.html");
 
-/// A session whose WebSocket dropped, waiting to be resumed.
+/// A live session's resume ticket: while its socket is open, and for `reconnect_grace_s` after
+/// it dropped.
 struct Detached {
     session: SessionId,
     worker: usize,
     call: String,
+    /// Who joined: only the same user (same token subject, or demo name) may resume.
+    user: String,
     /// Bumped when a new socket takes the session over, so the old socket's grace timer
     /// knows not to end it.
     generation: u64,
@@ -41,13 +45,19 @@ pub struct App {
     pub started: Instant,
     next_session: AtomicU64,
     resumes: Mutex<HashMap<String, Detached>>,
+    /// Live sessions per (call, user), oldest first: `max_sessions_per_user`.
+    by_user: Mutex<UserSessions>,
+    /// Log lines about joins refused before authentication (their call names are anyone's).
+    refusal_logs: Mutex<LogBudget>,
+    /// ICE-TCP connection limits and counters, for `/metrics`.
+    pub tcp: TcpLimits,
     pub open_sockets: AtomicU64,
     /// Every open WebSocket's sender, to announce a drain.
     broadcast: Mutex<HashMap<u64, mpsc::UnboundedSender<ToClient>>>,
 }
 
 impl App {
-    pub fn new(config: ServerConfig, workers: Workers) -> Arc<App> {
+    pub fn new(config: ServerConfig, workers: Workers, tcp: TcpLimits) -> Arc<App> {
         Arc::new(App {
             config,
             workers,
@@ -55,6 +65,9 @@ impl App {
             started: Instant::now(),
             next_session: AtomicU64::new(1),
             resumes: Mutex::new(HashMap::new()),
+            by_user: Mutex::new(UserSessions::default()),
+            refusal_logs: Mutex::new(LogBudget::default()),
+            tcp,
             open_sockets: AtomicU64::new(0),
             broadcast: Mutex::new(HashMap::new()),
         })
@@ -117,19 +130,21 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 async fn version() -> Json<serde_json::Value> {
     Json(json!({
         "name": "calls reference server",
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
+        "commit": crate::COMMIT,
         "core": "calls-core",
     }))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let (snapshot, unanswered) = app.workers.metrics_within(Duration::from_secs(2)).await;
-    let mut text = snapshot.to_prometheus();
+    let mut text = snapshot.to_prometheus_with(app.config.metrics_per_session);
     // Process metrics before the OpenMetrics terminator.
     if let Some(stripped) = text.strip_suffix("# EOF\n") {
         text = stripped.to_owned();
     }
     text.push_str(&process_metrics(&app));
+    text.push_str(&build_info());
     text.push_str("# TYPE calls_workers_unanswered gauge\n# HELP calls_workers_unanswered Router workers too busy to answer this scrape within 2 s (their counts are missing).\n");
     text.push_str(&format!("calls_workers_unanswered {unanswered}\n"));
     text.push_str("# EOF\n");
@@ -141,6 +156,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// `calls_build_info{version, commit} 1`: which build answers (an OpenMetrics info metric).
+fn build_info() -> String {
+    format!(
+        "# TYPE calls_build info\n# HELP calls_build The server's version and git commit.\ncalls_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        crate::VERSION,
+        crate::COMMIT
+    )
 }
 
 fn process_metrics(app: &App) -> String {
@@ -165,6 +189,29 @@ fn process_metrics(app: &App) -> String {
         out += "# TYPE process_resident_memory_bytes gauge\n# HELP process_resident_memory_bytes Resident memory.\n";
         out += &format!("process_resident_memory_bytes {}\n", kb * 1024);
     }
+    let tcp = &app.tcp.counters;
+    out += "# TYPE calls_tcp_open gauge\n# HELP calls_tcp_open ICE-TCP connections open on the listener (routed or not).\n";
+    out += &format!("calls_tcp_open {}\n", app.tcp.open());
+    out += "# TYPE calls_tcp_refused counter\n# HELP calls_tcp_refused ICE-TCP connections closed at accept: over tcp_max_connections_per_ip (per_ip) or tcp_max_connections (total).\n";
+    for (limit, n) in [
+        ("per_ip", &tcp.refused_per_ip),
+        ("total", &tcp.refused_total),
+    ] {
+        out += &format!(
+            "calls_tcp_refused_total{{limit=\"{limit}\"}} {}\n",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    out += "# TYPE calls_tcp_accept_errors counter\n# HELP calls_tcp_accept_errors Failed accepts on the ICE-TCP listener (EMFILE, …), each followed by a backoff.\n";
+    out += &format!(
+        "calls_tcp_accept_errors_total {}\n",
+        tcp.accept_errors.load(Ordering::Relaxed)
+    );
+    out += "# TYPE calls_tcp_write_queue_full counter\n# HELP calls_tcp_write_queue_full ICE-TCP connections closed because the client did not read (tcp_write_queue_frames).\n";
+    out += &format!(
+        "calls_tcp_write_queue_full_total {}\n",
+        tcp.write_queue_full.load(Ordering::Relaxed)
+    );
     out += "# TYPE calls_websockets gauge\n# HELP calls_websockets Open signaling WebSockets.\n";
     out += &format!(
         "calls_websockets {}\n",
@@ -237,7 +284,7 @@ async fn close(mut socket: WebSocket, reason: &str) {
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code,
-        reason: reason.to_owned().into(),
+        reason: close_reason(reason).to_owned().into(),
     };
     if socket.send(Message::Close(Some(frame))).await.is_err() {
         return;
@@ -258,44 +305,58 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
     if call.is_empty() || call.len() > 128 {
         return close(socket, "a call name (1–128 characters) is required").await;
     }
-    if app.draining.load(Ordering::SeqCst) {
-        return close(socket, "server is draining").await;
-    }
-    let admission = match authorize(&app.config, &call, q.user.as_deref(), q.token.as_deref()) {
+    let purpose = match q.resume {
+        Some(_) => Purpose::Resume,
+        None => Purpose::Join,
+    };
+    let admission = match authorize(
+        &app.config,
+        &call,
+        q.user.as_deref(),
+        q.token.as_deref(),
+        purpose,
+    ) {
         Ok(a) => a,
         Err(reason) => {
-            tracing::info!(%call, "join refused: {reason}");
+            app.log_refusal(&call, &reason);
             return close(socket, &reason).await;
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<ToClient>();
-    // Resume a dropped session, or join anew.
+    // Resume a session of this user in this call (also while draining), or join anew.
     let resumed = q.resume.as_deref().and_then(|token| {
         let mut resumes = app.resumes.lock().ok()?;
-        let entry = resumes.get_mut(token)?;
-        (entry.call == call).then(|| {
-            entry.generation += 1;
-            (
-                entry.session,
-                entry.worker,
-                token.to_owned(),
-                entry.generation,
-            )
-        })
+        take_over(&mut resumes, token, &call, &admission.user)
+            .map(|(session, worker, generation)| (session, worker, token.to_owned(), generation))
     });
-    let (session, worker, resume_token, generation) = match resumed {
+    let resumed = match resumed {
         Some((session, worker, token, generation)) => {
+            let (reply, alive) = tokio::sync::oneshot::channel();
             app.workers.send(
                 worker,
                 Cmd::Reattach {
                     session,
                     out: tx.clone(),
+                    reply,
                 },
             );
+            if alive.await != Ok(true) {
+                // The router removed it while the client was away (connect timeout, kicked):
+                // say so instead of leaving a socket attached to nothing.
+                end_session(&app, &token, worker, session, "session ended");
+                return close(socket, "session ended; join again").await;
+            }
             tracing::info!(%session, "signaling resumed");
-            (session, worker, token, generation)
+            Some((session, worker, token, generation))
         }
+        None => None,
+    };
+    let (session, worker, resume_token, generation) = match resumed {
+        Some(r) => r,
         None => {
+            if app.draining.load(Ordering::SeqCst) {
+                return close(socket, "server is draining").await;
+            }
             let session = SessionId(app.next_session.fetch_add(1, Ordering::Relaxed));
             let worker = worker_for_call(&call, app.workers.count());
             let (reply, result) = tokio::sync::oneshot::channel();
@@ -314,7 +375,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
             match result.await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => {
-                    tracing::info!(%call, "join refused: {reason}");
+                    tracing::info!(call = ?call, "join refused: {reason}");
                     return close(socket, &reason).await;
                 }
                 Err(_) => return close(socket, "server is shutting down").await,
@@ -327,11 +388,38 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         session,
                         worker,
                         call: call.clone(),
+                        user: admission.user.clone(),
                         generation: 0,
                     },
                 );
             }
-            tracing::info!(%session, %call, user = %admission.user, worker, "joined");
+            // One user, one session per call (by default): the newest wins.
+            let evicted = app.by_user.lock().map_or_else(
+                |_| Vec::new(),
+                |mut by_user| {
+                    by_user.add(
+                        &call,
+                        &admission.user,
+                        LiveSession {
+                            session,
+                            worker,
+                            resume_token: token.clone(),
+                        },
+                        app.config.max_sessions_per_user,
+                    )
+                },
+            );
+            for old in evicted {
+                tracing::info!(session = %old.session, user = ?admission.user, "replaced by a newer session of the same user");
+                end_session(
+                    &app,
+                    &old.resume_token,
+                    old.worker,
+                    old.session,
+                    "joined again elsewhere",
+                );
+            }
+            tracing::info!(%session, call = ?call, user = ?admission.user, worker, "joined");
             (session, worker, token, 0)
         }
     };
@@ -422,6 +510,12 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         left_for_good = true;
                         break;
                     }
+                    Some(ToClient::Replaced) => {
+                        // Not the end of the session: the newer socket has it (its generation
+                        // keeps this socket's grace timer from ending it).
+                        close_with(&mut socket, 4000, "resumed on another connection").await;
+                        break;
+                    }
                     None => break,
                 }
             }
@@ -463,6 +557,9 @@ fn end_session(app: &App, resume_token: &str, worker: usize, session: SessionId,
     if let Ok(mut r) = app.resumes.lock() {
         r.remove(resume_token);
     }
+    if let Ok(mut by_user) = app.by_user.lock() {
+        by_user.remove(session);
+    }
     app.workers.send(
         worker,
         Cmd::Leave {
@@ -470,6 +567,123 @@ fn end_session(app: &App, resume_token: &str, worker: usize, session: SessionId,
             reason: reason.to_owned(),
         },
     );
+}
+
+/// Most bytes of a WebSocket close reason (RFC 6455 §5.5: a control frame's payload is at
+/// most 125 bytes, two of them the code). Longer ones made clients see 1006 instead.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes at a character boundary.
+fn close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// Takes over the session of resume `token` for `user` in `call`: `Some((session, worker,
+/// generation))`, the generation bumped so the previous socket's grace timer leaves it alone.
+/// `None` when the token is unknown or belongs to another call or user.
+fn take_over(
+    resumes: &mut HashMap<String, Detached>,
+    token: &str,
+    call: &str,
+    user: &str,
+) -> Option<(SessionId, usize, u64)> {
+    let entry = resumes.get_mut(token)?;
+    if entry.call != call || entry.user != user {
+        return None;
+    }
+    entry.generation += 1;
+    Some((entry.session, entry.worker, entry.generation))
+}
+
+/// A live session as the per-user cap sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LiveSession {
+    session: SessionId,
+    worker: usize,
+    resume_token: String,
+}
+
+/// Live sessions per (call, user), oldest first.
+#[derive(Debug, Default)]
+struct UserSessions(HashMap<(String, String), Vec<LiveSession>>);
+
+impl UserSessions {
+    /// Records a new session; returns the oldest ones beyond `max` (0: no limit), to be ended.
+    fn add(&mut self, call: &str, user: &str, live: LiveSession, max: usize) -> Vec<LiveSession> {
+        let list = self
+            .0
+            .entry((call.to_owned(), user.to_owned()))
+            .or_default();
+        list.push(live);
+        if max == 0 || list.len() <= max {
+            return Vec::new();
+        }
+        let excess = list.len() - max;
+        list.drain(..excess).collect()
+    }
+
+    /// Forgets an ended session.
+    fn remove(&mut self, session: SessionId) {
+        self.0.retain(|_, list| {
+            list.retain(|l| l.session != session);
+            !list.is_empty()
+        });
+    }
+}
+
+/// Refused joins logged per [`LOG_WINDOW`]; beyond it they are counted and summed up in the
+/// next window's first line, so anyone trying call names cannot flood the log.
+const LOGS_PER_WINDOW: u32 = 20;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A log-line budget: [`LOGS_PER_WINDOW`] per [`LOG_WINDOW`].
+#[derive(Debug, Default)]
+struct LogBudget {
+    window_start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    /// `Some(lines suppressed since the last allowed one)` if a line may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
+        if fresh {
+            self.window_start = Some(now);
+            self.used = 0;
+        }
+        if self.used >= LOGS_PER_WINDOW {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl App {
+    /// Logs a join refused before authentication, within the log budget. The call name is
+    /// anyone's input: logged with `Debug` (escaped) and cut to 64 characters.
+    fn log_refusal(&self, call: &str, reason: &str) {
+        let allowed = self
+            .refusal_logs
+            .lock()
+            .ok()
+            .and_then(|mut budget| budget.allow(Instant::now()));
+        if let Some(suppressed) = allowed {
+            let call: String = call.chars().take(64).collect();
+            tracing::info!(call = ?call, suppressed, "join refused: {reason}");
+        }
+    }
 }
 
 // ------------------------------------------------------------------ admin API
@@ -611,7 +825,84 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bandwidth_body;
+    use super::*;
+
+    /// Finding 6 (issue 16): a close reason over 123 bytes (a long token error, a long call
+    /// name) is cut at a character boundary, so the client sees our code, not 1006.
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
+        assert!(cut.len() <= 123 && cut.len() >= 122, "{}", cut.len());
+        assert!(long.starts_with(cut));
+        assert_eq!(close_reason("token expired"), "token expired");
+    }
+
+    fn detached(call: &str, user: &str) -> Detached {
+        Detached {
+            session: SessionId(7),
+            worker: 0,
+            call: call.into(),
+            user: user.into(),
+            generation: 0,
+        }
+    }
+
+    /// Finding 5 (issue 16): a resume token takes back its session only for the same user
+    /// and call, and each take-over bumps the generation (the old socket's grace timer then
+    /// leaves the session alone).
+    #[test]
+    fn resume_is_bound_to_user_and_call() {
+        let mut resumes = HashMap::new();
+        resumes.insert("t".to_owned(), detached("room", "ada"));
+        assert_eq!(take_over(&mut resumes, "t", "room", "mallory"), None);
+        assert_eq!(take_over(&mut resumes, "t", "other", "ada"), None);
+        assert_eq!(take_over(&mut resumes, "nope", "room", "ada"), None);
+        assert_eq!(
+            take_over(&mut resumes, "t", "room", "ada"),
+            Some((SessionId(7), 0, 1))
+        );
+        assert_eq!(
+            take_over(&mut resumes, "t", "room", "ada"),
+            Some((SessionId(7), 0, 2))
+        );
+    }
+
+    fn live(id: u64) -> LiveSession {
+        LiveSession {
+            session: SessionId(id),
+            worker: 0,
+            resume_token: format!("t{id}"),
+        }
+    }
+
+    /// Finding 5 (issue 16): one user's joins to one call beyond `max_sessions_per_user` end
+    /// the oldest (newest wins); other users and calls are not affected; 0 is no limit.
+    #[test]
+    fn a_user_has_one_session_per_call_and_the_newest_wins() {
+        let mut by_user = UserSessions::default();
+        assert!(by_user.add("room", "ada", live(1), 1).is_empty());
+        assert!(by_user.add("room", "bob", live(2), 1).is_empty());
+        assert!(by_user.add("other", "ada", live(3), 1).is_empty());
+        assert_eq!(by_user.add("room", "ada", live(4), 1), vec![live(1)]);
+        by_user.remove(SessionId(4));
+        assert!(by_user.add("room", "ada", live(5), 1).is_empty());
+        for id in 6..10 {
+            assert!(by_user.add("room", "eve", live(id), 0).is_empty());
+        }
+    }
+
+    /// Finding 6 (issue 16): refused joins (call names chosen by anyone) are logged at most
+    /// 20 per 10 s; the next window's first line carries how many were left out.
+    #[test]
+    fn refusal_logs_are_rate_limited() {
+        let mut budget = LogBudget::default();
+        let start = Instant::now();
+        let allowed = (0..100).filter(|_| budget.allow(start).is_some()).count();
+        assert_eq!(allowed, 20);
+        assert_eq!(budget.allow(start + LOG_WINDOW), Some(80));
+        assert_eq!(budget.allow(start + LOG_WINDOW), Some(0));
+    }
 
     #[test]
     fn bandwidth_body_caps_uncaps_and_refuses_the_rest() {

@@ -1,0 +1,757 @@
+//! Server configuration: a TOML file (`--config PATH` or `CALLS_CONFIG`) overlaid with
+//! `CALLS_*` environment variables. Every problem is reported at once, file problems with
+//! `file:line:column`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// A TURN server handed to clients, with time-limited REST credentials when `secret` is set.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnServer {
+    /// `turn:` / `turns:` URLs.
+    pub urls: Vec<String>,
+    /// Shared secret (coturn `static-auth-secret`) for TURN REST credentials.
+    pub secret: Option<String>,
+    /// Lifetime of minted credentials, seconds.
+    #[serde(default = "default_turn_ttl")]
+    pub ttl_s: u64,
+}
+
+fn default_turn_ttl() -> u64 {
+    86_400
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the media sockets (UDP and TCP).
+    pub media_bind: IpAddr,
+    /// UDP media port.
+    pub udp_port: u16,
+    /// TCP media port (ICE-TCP); 0 disables TCP.
+    pub tcp_port: u16,
+    /// Disable UDP media (TCP candidates only) — for testing TCP fallback.
+    pub disable_udp: bool,
+    /// Addresses advertised as host candidates (public IP behind NAT, …).
+    pub ice_host_override: Vec<IpAddr>,
+    /// Port advertised instead of the media ports (port forwarding).
+    pub ice_port_override: Option<u16>,
+    /// STUN server (`host:port`) used once at start to discover the public IP; failures only log.
+    pub stun_server: Option<String>,
+    /// TURN servers handed to clients.
+    pub turn_servers: Vec<TurnServer>,
+    /// HTTP + WebSocket signaling listener.
+    pub http_listen: SocketAddr,
+    /// Admin API listener; needs `admin_api_key`.
+    pub admin_listen: SocketAddr,
+    /// Bearer key for the admin API; the admin API is off without it.
+    pub admin_api_key: Option<String>,
+    /// Shared secret (HS256) the chat server signs join tokens with. Without it the server runs
+    /// in demo mode (open joins), which is only allowed when HTTP listens on loopback.
+    pub auth_secret: Option<String>,
+    /// Allow open joins even though HTTP is not on loopback (never in production).
+    pub demo_mode_anywhere: bool,
+    /// Origins allowed to open the WebSocket (empty: same host as the page only).
+    pub allowed_origins: Vec<String>,
+    /// Participants per call.
+    pub max_participants_per_call: usize,
+    /// Audio streams forwarded per call (the loudest; 0 = every unmuted microphone).
+    pub top_n_audio: usize,
+    /// Router worker threads (0: one per core).
+    pub workers: usize,
+    /// How long a dropped WebSocket may reconnect and resume its session, seconds.
+    pub reconnect_grace_s: u64,
+    /// How long calls may go on after SIGTERM/SIGINT before the server exits, seconds.
+    pub drain_deadline_s: u64,
+    /// WebSocket messages larger than this close the connection.
+    pub ws_max_message_bytes: usize,
+    /// Sustained WebSocket messages per second per connection (bursts of 4× allowed).
+    pub ws_messages_per_second: u32,
+    /// Media-port probe credential (`calls probe`): ufrag and a 22+ character password.
+    pub probe_ufrag: Option<String>,
+    pub probe_password: Option<String>,
+    /// Log filter (`info`, `debug`, `calls_core=debug,info`, …); `RUST_LOG` wins if set.
+    pub log_level: String,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
+    /// Open ICE-TCP connections, all sources together; beyond it new ones are closed at once.
+    pub tcp_max_connections: usize,
+    /// Open ICE-TCP connections from one source IP.
+    pub tcp_max_connections_per_ip: usize,
+    /// Frames waiting to be written on one ICE-TCP connection; a connection whose client does
+    /// not read them is closed when its queue is full.
+    pub tcp_write_queue_frames: usize,
+    /// Live sessions of one user in one call (the token's `sub`); a join beyond it ends the
+    /// user's oldest session there ("newest wins"). 0: no limit.
+    pub max_sessions_per_user: usize,
+    /// The join token's `aud` must be this, when set.
+    pub auth_audience: Option<String>,
+    /// The join token's `iss` must be this, when set.
+    pub auth_issuer: Option<String>,
+    /// Per-session series (`calls_session_*{call,session}`) in `/metrics`; off by default
+    /// (unbounded cardinality).
+    pub metrics_per_session: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            media_bind: "127.0.0.1".parse().expect("literal"),
+            udp_port: 8443,
+            tcp_port: 8443,
+            disable_udp: false,
+            ice_host_override: Vec::new(),
+            ice_port_override: None,
+            stun_server: None,
+            turn_servers: Vec::new(),
+            http_listen: "127.0.0.1:8080".parse().expect("literal"),
+            admin_listen: "127.0.0.1:8445".parse().expect("literal"),
+            admin_api_key: None,
+            auth_secret: None,
+            demo_mode_anywhere: false,
+            allowed_origins: Vec::new(),
+            max_participants_per_call: 100,
+            top_n_audio: 3,
+            workers: 0,
+            reconnect_grace_s: 10,
+            drain_deadline_s: 60,
+            ws_max_message_bytes: 256 * 1024,
+            ws_messages_per_second: 50,
+            probe_ufrag: None,
+            probe_password: None,
+            log_level: "info".to_owned(),
+            log_json: false,
+            tcp_max_connections: 10_000,
+            tcp_max_connections_per_ip: 128,
+            tcp_write_queue_frames: 512,
+            max_sessions_per_user: 1,
+            auth_audience: None,
+            auth_issuer: None,
+            metrics_per_session: false,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads the file (if any), applies `CALLS_*` variables from `env`, validates.
+    pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut config = match path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => from_toml(&path.display().to_string(), &text, &mut problems),
+                Err(e) => return Err(vec![format!("cannot read {}: {e}", path.display())]),
+            },
+            None => ServerConfig::default(),
+        };
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix("CALLS_") else {
+                continue;
+            };
+            if name == "CONFIG" {
+                continue;
+            }
+            // The variable's name only: its value may be a secret (issue 16, finding 6).
+            if let Err(e) = config.set(name, value) {
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        fn parse<T: std::str::FromStr>(v: &str) -> Result<T, String>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim().parse::<T>().map_err(|e| e.to_string())
+        }
+        fn list(v: &str) -> impl Iterator<Item = &str> {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty())
+        }
+        match name {
+            "MEDIA_BIND" => self.media_bind = parse(value)?,
+            "UDP_PORT" => self.udp_port = parse(value)?,
+            "TCP_PORT" => self.tcp_port = parse(value)?,
+            "DISABLE_UDP" => self.disable_udp = parse(value)?,
+            "ICE_HOST_OVERRIDE" => {
+                self.ice_host_override = list(value).map(parse).collect::<Result<_, _>>()?
+            }
+            "ICE_PORT_OVERRIDE" => self.ice_port_override = Some(parse(value)?),
+            "STUN_SERVER" => self.stun_server = Some(value.to_owned()),
+            "TURN_URLS" => {
+                let urls: Vec<String> = list(value).map(str::to_owned).collect();
+                match self.turn_servers.first_mut() {
+                    Some(t) => t.urls = urls,
+                    None => self.turn_servers.push(TurnServer {
+                        urls,
+                        secret: None,
+                        ttl_s: default_turn_ttl(),
+                    }),
+                }
+            }
+            "TURN_SECRET" => match self.turn_servers.first_mut() {
+                Some(t) => t.secret = Some(value.to_owned()),
+                None => return Err("set CALLS_TURN_URLS too".to_owned()),
+            },
+            "HTTP_LISTEN" => self.http_listen = parse(value)?,
+            "ADMIN_LISTEN" => self.admin_listen = parse(value)?,
+            "ADMIN_API_KEY" => self.admin_api_key = Some(value.to_owned()),
+            "AUTH_SECRET" => self.auth_secret = Some(value.to_owned()),
+            "DEMO_MODE_ANYWHERE" => self.demo_mode_anywhere = parse(value)?,
+            "ALLOWED_ORIGINS" => self.allowed_origins = list(value).map(str::to_owned).collect(),
+            "MAX_PARTICIPANTS_PER_CALL" => self.max_participants_per_call = parse(value)?,
+            "TOP_N_AUDIO" => self.top_n_audio = parse(value)?,
+            "WORKERS" => self.workers = parse(value)?,
+            "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
+            "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
+            "WS_MAX_MESSAGE_BYTES" => self.ws_max_message_bytes = parse(value)?,
+            "WS_MESSAGES_PER_SECOND" => self.ws_messages_per_second = parse(value)?,
+            "PROBE_UFRAG" => self.probe_ufrag = Some(value.to_owned()),
+            "PROBE_PASSWORD" => self.probe_password = Some(value.to_owned()),
+            "LOG_LEVEL" => self.log_level = value.to_owned(),
+            "LOG_JSON" => self.log_json = parse(value)?,
+            "TCP_MAX_CONNECTIONS" => self.tcp_max_connections = parse(value)?,
+            "TCP_MAX_CONNECTIONS_PER_IP" => self.tcp_max_connections_per_ip = parse(value)?,
+            "TCP_WRITE_QUEUE_FRAMES" => self.tcp_write_queue_frames = parse(value)?,
+            "MAX_SESSIONS_PER_USER" => self.max_sessions_per_user = parse(value)?,
+            "AUTH_AUDIENCE" => self.auth_audience = Some(value.to_owned()),
+            "AUTH_ISSUER" => self.auth_issuer = Some(value.to_owned()),
+            "METRICS_PER_SESSION" => self.metrics_per_session = parse(value)?,
+            other => return Err(format!("unknown setting CALLS_{other}")),
+        }
+        Ok(())
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.tcp_max_connections == 0 || self.tcp_max_connections_per_ip == 0 {
+            p.push(
+                "`tcp_max_connections` and `tcp_max_connections_per_ip` must be at least 1 (set `tcp_port` 0 to turn ICE-TCP off)"
+                    .to_owned(),
+            );
+        }
+        if self.tcp_write_queue_frames < 16 {
+            p.push(format!(
+                "`tcp_write_queue_frames` {} cannot hold one video frame's packets (minimum 16)",
+                self.tcp_write_queue_frames
+            ));
+        }
+        if self.udp_port == 0 && !self.disable_udp {
+            p.push("`udp_port` 0 is not a port".to_owned());
+        }
+        if self.disable_udp && self.tcp_port == 0 {
+            p.push("UDP is disabled and `tcp_port` is 0: no media transport left".to_owned());
+        }
+        if self.media_bind.is_unspecified()
+            && self.ice_host_override.is_empty()
+            && self.stun_server.is_none()
+        {
+            p.push(format!(
+                "`media_bind` {} is unspecified: set `ice_host_override` (CALLS_ICE_HOST_OVERRIDE) to the address clients reach, or a `stun_server` to discover it",
+                self.media_bind
+            ));
+        }
+        if self.auth_secret.is_none()
+            && !self.http_listen.ip().is_loopback()
+            && !self.demo_mode_anywhere
+        {
+            p.push(format!(
+                "`http_listen` {} is not loopback but no `auth_secret` is set: open joins (demo mode) are only allowed on loopback",
+                self.http_listen
+            ));
+        }
+        if let Some(secret) = &self.auth_secret {
+            if secret.len() < 16 {
+                p.push("`auth_secret` is shorter than 16 bytes".to_owned());
+            }
+        }
+        if let Some(key) = &self.admin_api_key {
+            if key.len() < 16 {
+                p.push("`admin_api_key` is shorter than 16 bytes".to_owned());
+            }
+        }
+        for t in &self.turn_servers {
+            if t.urls.is_empty() {
+                p.push("a `turn_servers` entry has no `urls`".to_owned());
+            }
+            for url in &t.urls {
+                if !(url.starts_with("turn:") || url.starts_with("turns:")) {
+                    p.push(format!(
+                        "TURN url {url:?} does not start with turn: or turns:"
+                    ));
+                }
+            }
+        }
+        if self.max_participants_per_call < 2 {
+            p.push("`max_participants_per_call` must be at least 2".to_owned());
+        }
+        if self.ws_max_message_bytes < 16 * 1024 {
+            p.push("`ws_max_message_bytes` below 16384 cannot carry an SDP offer".to_owned());
+        }
+        if self.ws_messages_per_second == 0 {
+            p.push("`ws_messages_per_second` 0 would refuse every message".to_owned());
+        }
+        p
+    }
+
+    /// Open joins (no token).
+    pub fn demo_mode(&self) -> bool {
+        self.auth_secret.is_none()
+    }
+
+    /// The router configuration for worker `index`.
+    pub fn router_config(
+        &self,
+        index: u8,
+        extra_hosts: &[IpAddr],
+    ) -> Result<calls_core::Config, Vec<String>> {
+        let mut config = calls_core::Config::default();
+        config.udp_port = if self.udp_port == 0 {
+            8443
+        } else {
+            self.udp_port
+        };
+        config.tcp_port = if self.tcp_port == 0 {
+            8443
+        } else {
+            self.tcp_port
+        };
+        config.bind_address = self.media_bind;
+        config.ice_host_override = self.ice_host_override.clone();
+        if config.ice_host_override.is_empty()
+            && !extra_hosts.is_empty()
+            && !self.media_bind.is_unspecified()
+        {
+            // Keep the local address reachable for clients on the same network.
+            config.ice_host_override.push(self.media_bind);
+        }
+        for ip in extra_hosts {
+            if !config.ice_host_override.contains(ip) {
+                config.ice_host_override.push(*ip);
+            }
+        }
+        config.ice_port_override = self.ice_port_override;
+        config.max_participants_per_call = self.max_participants_per_call;
+        config.top_n_audio = self.top_n_audio;
+        config.worker_index = index;
+        config.enable_udp = !self.disable_udp;
+        config.enable_tcp = self.tcp_port != 0;
+        config.probe_ufrag = self.probe_ufrag.clone();
+        config.probe_password = self.probe_password.clone();
+        config.validate().map_err(|e| e.problems)?;
+        Ok(config)
+    }
+}
+
+/// Parses a configuration file. A syntax error ends parsing (nothing after it can be read); a
+/// key with a wrong type or an unknown key does not hide the others: each is checked alone, and
+/// the configuration keeps the keys that parsed, so validation still sees them.
+fn from_toml(file: &str, text: &str, problems: &mut Vec<String>) -> ServerConfig {
+    let at = |span: Option<Range<usize>>| match span {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("{file}:{line}:{column}")
+        }
+        None => file.to_owned(),
+    };
+    let keys: BTreeMap<Spanned<String>, toml::Value> = match toml::from_str(text) {
+        Ok(keys) => keys,
+        Err(e) => {
+            problems.push(format!("{}: {}", at(e.span()), e.message().trim()));
+            return ServerConfig::default();
+        }
+    };
+    // In the file's order, so the problems read top to bottom.
+    let mut keys: Vec<_> = keys.into_iter().collect();
+    keys.sort_by_key(|(key, _)| key.span().start);
+    let mut parsed = toml::Table::new();
+    for (key, value) in keys {
+        let span = key.span();
+        let key = key.into_inner();
+        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+        match toml::Value::Table(alone).try_into::<ServerConfig>() {
+            Ok(_) => {
+                parsed.insert(key, value);
+            }
+            Err(e) if e.message().starts_with("unknown field") => problems.push(format!(
+                "{}: `{key}` is not a setting (`calls-server --help` lists them)",
+                at(Some(span))
+            )),
+            Err(e) => problems.push(format!(
+                "{}: `{key}`: {}",
+                at(Some(span)),
+                e.message().trim()
+            )),
+        }
+    }
+    toml::Value::Table(parsed)
+        .try_into()
+        .unwrap_or_else(|e: toml::de::Error| {
+            problems.push(format!("{file}: {}", e.message().trim()));
+            ServerConfig::default()
+        })
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// Every setting: its TOML key, its environment variable(s) and what it does. `--help` prints
+/// them with their defaults; a test keeps the list in step with `ServerConfig`.
+const SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "media_bind",
+        "CALLS_MEDIA_BIND",
+        "address of the media sockets (UDP and TCP)",
+    ),
+    ("udp_port", "CALLS_UDP_PORT", "UDP media port"),
+    (
+        "tcp_port",
+        "CALLS_TCP_PORT",
+        "TCP media port (ICE-TCP); 0 disables TCP",
+    ),
+    (
+        "disable_udp",
+        "CALLS_DISABLE_UDP",
+        "TCP candidates only (to test TCP fallback)",
+    ),
+    (
+        "ice_host_override",
+        "CALLS_ICE_HOST_OVERRIDE",
+        "addresses advertised to clients (comma-separated)",
+    ),
+    (
+        "ice_port_override",
+        "CALLS_ICE_PORT_OVERRIDE",
+        "port advertised instead of the media ports",
+    ),
+    (
+        "stun_server",
+        "CALLS_STUN_SERVER",
+        "STUN host:port to discover the public IP at start",
+    ),
+    (
+        "turn_servers",
+        "CALLS_TURN_URLS, CALLS_TURN_SECRET",
+        "TURN servers handed to clients",
+    ),
+    (
+        "http_listen",
+        "CALLS_HTTP_LISTEN",
+        "HTTP + WebSocket signaling listener",
+    ),
+    (
+        "admin_listen",
+        "CALLS_ADMIN_LISTEN",
+        "admin API listener (needs admin_api_key)",
+    ),
+    (
+        "admin_api_key",
+        "CALLS_ADMIN_API_KEY",
+        "bearer key of the admin API (off without it)",
+    ),
+    (
+        "auth_secret",
+        "CALLS_AUTH_SECRET",
+        "HS256 secret of join tokens (unset: demo mode, loopback only)",
+    ),
+    (
+        "demo_mode_anywhere",
+        "CALLS_DEMO_MODE_ANYWHERE",
+        "open joins off loopback (never in production)",
+    ),
+    (
+        "allowed_origins",
+        "CALLS_ALLOWED_ORIGINS",
+        "origins allowed to open the WebSocket (comma-separated)",
+    ),
+    (
+        "max_participants_per_call",
+        "CALLS_MAX_PARTICIPANTS_PER_CALL",
+        "participants per call",
+    ),
+    (
+        "top_n_audio",
+        "CALLS_TOP_N_AUDIO",
+        "loudest microphones forwarded per call (0: all)",
+    ),
+    (
+        "workers",
+        "CALLS_WORKERS",
+        "router worker threads (0: one per core)",
+    ),
+    (
+        "reconnect_grace_s",
+        "CALLS_RECONNECT_GRACE_S",
+        "seconds a dropped WebSocket may resume",
+    ),
+    (
+        "drain_deadline_s",
+        "CALLS_DRAIN_DEADLINE_S",
+        "seconds calls may go on after SIGTERM",
+    ),
+    (
+        "ws_max_message_bytes",
+        "CALLS_WS_MAX_MESSAGE_BYTES",
+        "larger WebSocket messages close the connection",
+    ),
+    (
+        "ws_messages_per_second",
+        "CALLS_WS_MESSAGES_PER_SECOND",
+        "sustained WebSocket messages per second",
+    ),
+    (
+        "probe_ufrag",
+        "CALLS_PROBE_UFRAG",
+        "media-port probe credential: ufrag",
+    ),
+    (
+        "probe_password",
+        "CALLS_PROBE_PASSWORD",
+        "media-port probe credential: password (22+)",
+    ),
+    (
+        "log_level",
+        "CALLS_LOG_LEVEL",
+        "log filter (RUST_LOG wins if set)",
+    ),
+    (
+        "log_json",
+        "CALLS_LOG_JSON",
+        "log JSON lines instead of text",
+    ),
+    (
+        "tcp_max_connections",
+        "CALLS_TCP_MAX_CONNECTIONS",
+        "open ICE-TCP connections in total",
+    ),
+    (
+        "tcp_max_connections_per_ip",
+        "CALLS_TCP_MAX_CONNECTIONS_PER_IP",
+        "open ICE-TCP connections per source IP",
+    ),
+    (
+        "tcp_write_queue_frames",
+        "CALLS_TCP_WRITE_QUEUE_FRAMES",
+        "frames queued per ICE-TCP connection before it is closed",
+    ),
+    (
+        "max_sessions_per_user",
+        "CALLS_MAX_SESSIONS_PER_USER",
+        "sessions of one user per call; newest wins (0: no limit)",
+    ),
+    (
+        "auth_audience",
+        "CALLS_AUTH_AUDIENCE",
+        "required join-token `aud`",
+    ),
+    (
+        "auth_issuer",
+        "CALLS_AUTH_ISSUER",
+        "required join-token `iss`",
+    ),
+    (
+        "metrics_per_session",
+        "CALLS_METRICS_PER_SESSION",
+        "per-session series in /metrics",
+    ),
+];
+
+/// A configuration as TOML (unset options are absent).
+fn as_table(config: &ServerConfig) -> toml::Table {
+    match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => toml::Table::new(),
+    }
+}
+
+/// The settings table of `--help`: key, variable, default, meaning.
+pub fn settings_help() -> String {
+    let defaults = as_table(&ServerConfig::default());
+    let rows: Vec<[String; 4]> = SETTINGS
+        .iter()
+        .map(|(key, env, what)| {
+            let default = defaults
+                .get(*key)
+                .map_or_else(|| "unset".to_owned(), |v| v.to_string());
+            [
+                (*key).to_owned(),
+                (*env).to_owned(),
+                default,
+                (*what).to_owned(),
+            ]
+        })
+        .collect();
+    let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out =
+        String::from("Settings (TOML key in --config FILE, environment variable, default):\n");
+    for [key, env, default, what] in rows {
+        out += &format!("  {key:w0$}  {env:w1$}  {default:w2$}  {what}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_a_loopback_demo() {
+        let c = ServerConfig::load(None, &[]).unwrap();
+        assert!(c.demo_mode());
+        assert_eq!((c.udp_port, c.tcp_port), (8443, 8443));
+    }
+
+    #[test]
+    fn env_overrides_and_every_problem_is_listed() {
+        let c = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_UDP_PORT", "9000"),
+                ("CALLS_ICE_HOST_OVERRIDE", "203.0.113.5, 2001:db8::5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.udp_port, 9000);
+        assert_eq!(c.ice_host_override.len(), 2);
+        let problems = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_UDP_PORT", "x"),
+                ("CALLS_HTTP_LISTEN", "0.0.0.0:80"),
+                ("CALLS_BOGUS", "1"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("demo mode")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn router_config_carries_worker_and_transport_choices() {
+        let c = ServerConfig {
+            disable_udp: true,
+            ..ServerConfig::default()
+        };
+        let r = c
+            .router_config(3, &["198.51.100.1".parse().unwrap()])
+            .unwrap();
+        assert_eq!(r.worker_index, 3);
+        assert!(!r.enable_udp && r.enable_tcp);
+        let expected: Vec<IpAddr> = vec![
+            "127.0.0.1".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+        ];
+        assert_eq!(r.ice_host_override, expected);
+    }
+
+    #[test]
+    fn a_file_with_several_mistakes_lists_each_with_its_line_and_column() {
+        let text = "udp_port = \"x\"\ntcp_port = 8443\nbogus = 1\n\nhttp_listen = \"0.0.0.0:80\"\n";
+        let mut problems = Vec::new();
+        let config = from_toml("calls.toml", text, &mut problems);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("calls.toml:1:1: `udp_port`"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("calls.toml:3:1: `bogus`"),
+            "{problems:?}"
+        );
+        // The keys that parsed are kept, so validation still sees them (demo mode off loopback).
+        assert_eq!(config.http_listen.port(), 80);
+        assert!(!config.problems().is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_has_a_line_and_column() {
+        let mut problems = Vec::new();
+        from_toml(
+            "calls.toml",
+            "udp_port = 8443\ntcp_port = = 1\n",
+            &mut problems,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("calls.toml:2:"), "{problems:?}");
+    }
+
+    #[test]
+    fn every_setting_is_in_the_help_and_settable_from_the_environment() {
+        let defaults = as_table(&ServerConfig {
+            // Options are absent from TOML when unset: give them values to list every key.
+            ice_port_override: Some(1),
+            stun_server: Some(String::new()),
+            admin_api_key: Some(String::new()),
+            auth_secret: Some(String::new()),
+            probe_ufrag: Some(String::new()),
+            probe_password: Some(String::new()),
+            auth_audience: Some(String::new()),
+            auth_issuer: Some(String::new()),
+            ..ServerConfig::default()
+        });
+        let listed: Vec<&str> = SETTINGS.iter().map(|(key, _, _)| *key).collect();
+        let fields: Vec<&str> = defaults.keys().map(String::as_str).collect();
+        let mut sorted = listed.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, fields, "SETTINGS and ServerConfig differ");
+        let mut config = ServerConfig::default();
+        for (key, vars, _) in SETTINGS {
+            for var in vars.split(", ") {
+                let name = var.strip_prefix("CALLS_").unwrap();
+                if let Err(e) = config.set(name, "1") {
+                    assert!(!e.starts_with("unknown setting"), "{key}: {var}: {e}");
+                }
+            }
+        }
+        assert!(settings_help().contains("CALLS_WS_MESSAGES_PER_SECOND"));
+    }
+
+    /// Finding 6 (issue 16): a refused variable is named, its value (maybe a secret) is not.
+    #[test]
+    fn config_errors_name_the_variable_not_its_secret_value() {
+        let secret = "s3cr3t-turn-shared-key-0000";
+        let problems = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_TURN_SECRET", secret),
+                ("CALLS_ADMIN_LISTEN", "hunter2-is-not-an-address"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for p in &problems {
+            assert!(!p.contains(secret) && !p.contains("hunter2"), "{p}");
+        }
+        assert!(
+            problems[0].starts_with("CALLS_TURN_SECRET: "),
+            "{problems:?}"
+        );
+    }
+}
