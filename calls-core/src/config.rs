@@ -278,7 +278,7 @@ impl Config {
         ] {
             if value > MAX_TRACKS_PER_SOURCE {
                 problems.push(format!(
-                    "`{name}` {value} is outside 0..={MAX_TRACKS_PER_SOURCE} (every track is offered to every member)"
+                    "`{name}` {value} is outside 0..={MAX_TRACKS_PER_SOURCE} (every track is a source for every member's slots)"
                 ));
             }
         }

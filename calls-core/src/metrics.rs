@@ -161,7 +161,7 @@ pub struct MetricsSnapshot {
     pub audio_without_slot: u64,
     /// Sessions woken because their own timer fell due (str0m's pacer, RTCP, feedback), not
     /// counting the wake-ups that send what was just forwarded to them.
-    pub session_wakeups: u64,
+    pub timer_wakeups: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -215,7 +215,7 @@ impl MetricsSnapshot {
         self.slot_switches += other.slot_switches;
         self.slot_messages += other.slot_messages;
         self.audio_without_slot += other.audio_without_slot;
-        self.session_wakeups += other.session_wakeups;
+        self.timer_wakeups += other.timer_wakeups;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -495,9 +495,9 @@ mod prom {
         );
         counter(
             &mut registry,
-            "session_wakeups",
+            "timer_wakeups",
             "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
-            m.session_wakeups,
+            m.timer_wakeups,
         );
         if per_session {
             session_series(&mut registry, m);

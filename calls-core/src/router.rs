@@ -591,7 +591,7 @@ impl Router {
                 continue;
             };
             state.next_timeout = None;
-            self.counters.snapshot.session_wakeups += 1;
+            self.counters.snapshot.timer_wakeups += 1;
             if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(%session, "timeout failed: {e}");
             }

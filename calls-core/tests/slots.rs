@@ -487,10 +487,10 @@ fn muted_listeners_wake_on_the_tick_grid() {
     );
     assert!(ok, "{}", describe(&world));
     world.run_for(secs(2.0));
-    let before = world.metrics().session_wakeups;
+    let before = world.metrics().timer_wakeups;
     let heard = stats(&world, peers[20], talker, MIC).packets;
     world.run_for(secs(10.0));
-    let wakeups = world.metrics().session_wakeups - before;
+    let wakeups = world.metrics().timer_wakeups - before;
     let per_listener_second = wakeups as f64 / (20.0 * 10.0);
     println!("# {per_listener_second:.1} timer wake-ups per muted listener per second");
     // 4 per second on the grid, plus the speaker's own (≤ 25 per second); 25 each before.

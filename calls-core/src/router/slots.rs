@@ -98,6 +98,15 @@ impl Router {
         let Some(c) = self.calls.get(call) else {
             return;
         };
+        // An audio-only call has nothing to map (unpublishing already emptied the slots of a
+        // track that went): a speaker change in a 1000-person meeting costs nothing here.
+        let has_video = c
+            .tracks
+            .iter()
+            .any(|k| self.tracks.get(k).is_some_and(|t| !t.is_audio()));
+        if !has_video {
+            return;
+        }
         for member in &c.members {
             if Some(*member) != except && !self.remap.contains(member) {
                 self.remap.push(*member);
