@@ -445,11 +445,13 @@ mod prom {
             "Simulcast layer switches (at a keyframe of the new layer)",
             m.layer_switches,
         );
-        counter(
-            &mut registry,
-            "layer_switch_milliseconds",
+        // Seconds, the base unit (Prometheus naming): a float counter of the summed milliseconds.
+        let switch_time = Counter::<f64, AtomicU64>::default();
+        switch_time.inc_by(m.layer_switch_time.total_ms as f64 / 1000.0);
+        registry.register(
+            "layer_switch_seconds",
             "Total time from a layer-switch decision to the new layer's keyframe",
-            m.layer_switch_time.total_ms,
+            switch_time,
         );
         counter(
             &mut registry,
@@ -531,11 +533,12 @@ mod prom {
         for s in &m.session_stats {
             if let Some(v) = s.bandwidth_bps {
                 let labels = labels_of(s);
-                bandwidth.get_or_create(&labels).set(v as f64);
+                // Bytes, the base unit (Prometheus naming).
+                bandwidth.get_or_create(&labels).set(v as f64 / 8.0);
             }
         }
         registry.register(
-            "session_bandwidth_bits_per_second",
+            "session_bandwidth_bytes_per_second",
             "Bandwidth towards each session: congestion-control estimate (or its cap)",
             bandwidth,
         );
@@ -619,5 +622,34 @@ mod tests {
         assert!(m
             .to_prometheus_with(true)
             .contains("calls_session_rtt_seconds"));
+    }
+
+    #[test]
+    fn metrics_are_in_base_units() {
+        let mut m = MetricsSnapshot::default();
+        m.layer_switch_time
+            .record(std::time::Duration::from_millis(1500));
+        m.session_stats.push(SessionStats {
+            call: CallId::from("c"),
+            session: SessionId(1),
+            rtt_ms: Some(20.0),
+            egress_loss: Some(0.01),
+            ingress_loss: None,
+            bandwidth_bps: Some(800_000),
+        });
+        let text = m.to_prometheus();
+        assert!(
+            text.contains("calls_layer_switch_seconds_total 1.5\n"),
+            "{text}"
+        );
+        assert!(text.contains("calls_session_rtt_seconds{call=\"c\",session=\"1\"} 0.02"));
+        assert!(text.contains(
+            "calls_session_bandwidth_bytes_per_second{call=\"c\",session=\"1\"} 100000.0"
+        ));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            for unit in ["milli", "micro", "_ms", "bits", "kbps", "kilo", "mega"] {
+                assert!(!line.contains(unit), "not a base unit: {line}");
+            }
+        }
     }
 }

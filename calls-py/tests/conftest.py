@@ -40,8 +40,12 @@ def _free_port(rng: random.Random) -> int:
 
 
 def _server_binary() -> Path:
-    """Builds the reference server: release by default, ``CALLSPY_SERVER_PROFILE=debug`` for
-    the debug build (CI reuses what ``cargo test`` built)."""
+    """The reference server: ``CALLSPY_SERVER_BIN`` if set (CI passes the binary ``cargo test``
+    built, and a wheel test has no cargo), else built with cargo: release by default,
+    ``CALLSPY_SERVER_PROFILE=debug`` for the debug build."""
+    given = os.environ.get("CALLSPY_SERVER_BIN")
+    if given:
+        return Path(given).resolve()
     profile = os.environ.get("CALLSPY_SERVER_PROFILE", "release")
     cmd = ["cargo", "build", "--quiet", "-p", "calls-core", "--features", "server", "--bin", "calls-server"]
     if profile == "release":

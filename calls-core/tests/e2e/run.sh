@@ -27,12 +27,16 @@ if ! python3 -c 'import aiortc, websockets' 2>/dev/null; then
 fi
 
 # The debug build reuses what `cargo test` built (dependencies are optimized in the dev
-# profile); CALLS_E2E_PROFILE=release tests the release binary instead.
+# profile); CALLS_E2E_PROFILE=release tests the release binary instead. A CALLS_SERVER_BIN that
+# exists is used as it is (CI passes the binary `cargo test` built, whose features differ).
 profile="${CALLS_E2E_PROFILE:-debug}"
-echo "== building the server ($profile)"
-if [ "$profile" = release ]; then
+if [ -n "${CALLS_SERVER_BIN:-}" ] && [ -x "$CALLS_SERVER_BIN" ]; then
+  echo "== using the server $CALLS_SERVER_BIN"
+elif [ "$profile" = release ]; then
+  echo "== building the server ($profile)"
   (cd "$root" && cargo build --release -p calls-core --features server --bin calls-server)
 else
+  echo "== building the server ($profile)"
   (cd "$root" && cargo build -p calls-core --features server --bin calls-server)
 fi
 export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$profile/calls-server}"

@@ -17,6 +17,8 @@ from rich.table import Table
 
 from calls import CallsError
 from calls.loadtest import TRANSPORTS, ParticipantStats, Swarm, plan
+from calls.loadtest.html_report import Timeline, matplotlib_missing, write_csv, write_html
+from calls.loadtest.verdict import Thresholds, judge, parse_percent, server_unreachable
 from calls.loadtest.report import (
     MetricsScrape,
     MetricsWindow,
@@ -33,12 +35,25 @@ from calls.loadtest.report import (
 SETTLE_S = 3.0
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except for flags and options that are unset by
+    default (their help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m calls.loadtest",
         description="Run simulated participants (str0m peers on Rust threads, real UDP or "
         "ICE-TCP) against a calls server and report join time, bitrate (per simulcast layer), "
         "loss, jitter, freezes and server load.",
+        epilog="Exit status: 0 when every threshold holds, 1 when one does not (each is named), "
+        "2 when the server cannot be reached or the run cannot start, 130 on Ctrl-C.",
+        formatter_class=_Defaults,
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the server's HTTP address")
     p.add_argument("--calls", type=int, default=1, help="number of calls")
@@ -50,14 +65,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--simulcast",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="publish video as simulcast: camera q/h/f, screen h/f (default: on)",
+        help="publish video as simulcast: camera q/h/f, screen h/f",
     )
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
         default="udp",
         help="media over UDP, ICE-TCP only (RFC 4571 framing to the server's TCP candidate), "
-        "or mixed: every 4th participant of a call (0, 4, 8, …) on ICE-TCP (default: udp)",
+        "or mixed: every 4th participant of a call (0, 4, 8, …) on ICE-TCP",
     )
     p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
     p.add_argument("--duration", type=float, default=60.0, help="seconds, ramp-up included")
@@ -65,9 +80,43 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--secret", help="the server's auth_secret: mint join tokens")
     p.add_argument("--threads", type=int, default=0, help="media threads (0: one per core)")
     p.add_argument("--server-pid", type=int, help="the server process (default: found by port)")
-    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a self-contained page with plots here (needs the [report] extra: matplotlib)",
+    )
+    p.add_argument("--csv", metavar="FILE", help="write one row per participant here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    limits = p.add_argument_group("pass/fail thresholds (exit status 1 when one is broken)")
+    limits.add_argument(
+        "--max-failed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="participants allowed to fail (no join, no connection, an error)",
+    )
+    limits.add_argument(
+        "--min-receiving",
+        type=parse_percent,
+        default="100%",
+        metavar="PERCENT",
+        help="of the participants with someone to hear or see, how many must receive media",
+    )
+    limits.add_argument(
+        "--max-loss",
+        type=parse_percent,
+        default="1%",
+        metavar="PERCENT",
+        help="media packets lost, over every participant",
+    )
     args = p.parse_args(argv)
+    if args.max_failed < 0:
+        p.error("--max-failed must be 0 or more")
+    if args.html:
+        why = matplotlib_missing()
+        if why:
+            p.error(why)
     for name in ("calls", "participants"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -185,6 +234,10 @@ def render(report: Dict[str, Any], console: Console) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     _, port = loopback_target(args.url)
+    why = server_unreachable(args.url)
+    if why is not None:
+        console.print(f"[red]cannot start:[/red] {why}")
+        return 2
     participants = plan(
         calls=args.calls,
         participants=args.participants,
@@ -200,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
     )
     pid = args.server_pid or find_pid_by_port(port)
     probe = ServerProbe(pid) if pid else None
+    # The server's CPU and memory through the whole run, for the page's plot.
+    usage = ServerProbe(pid) if pid else None
+    timeline = Timeline()
     baseline: Optional[ServerSample] = probe.sample() if probe else None
     if probe:
         probe.samples.clear()
@@ -238,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
                 now = time.monotonic()
                 stats = swarm.stats()
                 s = summary(stats)
+                timeline.add(now - started, stats)
+                used = usage.sample() if usage else None
+                if used:
+                    timeline.add_server(used.at - started, used.cpu_s, used.rss_bytes)
                 rate = (s["rx_bytes"] - prev[1]) * 8 / max(now - prev[0], 1e-3) / 1e6
                 prev = (now, s["rx_bytes"])
                 progress.update(
@@ -246,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
                     status=f"joined {s['joined']}/{len(participants)} "
                     f"receiving {s['receiving']} failed {s['failed']} rx {rate:.1f} Mbit/s",
                 )
+                if s["failed"] == len(participants):
+                    # Nobody is left to measure: the server went away, or refuses everyone.
+                    progress.update(task, status="every participant failed: stopping")
+                    swarm.stop()
+                    swarm.wait(10.0)
+                    break
                 if steady_started is None and now - started >= steady_at:
                     steady_started = now
                     steady_cpu = cpu_seconds()
@@ -298,12 +364,41 @@ def run(args: argparse.Namespace) -> int:
         # Loss on loopback is almost always a full socket buffer (server or participants).
         report["totals"]["udp_rcvbuf_errors"] = rcvbuf_errors_after - rcvbuf_errors_before
     report["participants_detail"] = [s.to_dict() for s in stats]
+    verdict = judge(
+        participants,
+        stats,
+        Thresholds(
+            max_failed=args.max_failed,
+            min_receiving_percent=args.min_receiving,
+            max_loss_percent=args.max_loss,
+        ),
+    )
+    report["verdict"] = verdict.to_dict()
     render(report, console)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
         console.print(f"report written to {args.report}")
-    return 130 if interrupted else 0
+    if args.csv:
+        write_csv(args.csv, stats)
+        console.print(f"participants written to {args.csv}")
+    if args.html:
+        timeline.add(time.monotonic() - started, stats)
+        write_html(args.html, report, stats, timeline)
+        console.print(f"page written to {args.html}")
+    if interrupted:
+        return 130
+    if not verdict.passed:
+        for failure in verdict.failures:
+            console.print(f"[red]FAIL[/red] {failure}")
+        return 1
+    console.print(
+        f"[green]PASS[/green] failed {verdict.failed} (max {args.max_failed}), "
+        f"receiving {verdict.receiving}/{verdict.expected_receivers} "
+        f"(min {args.min_receiving:g}%), loss {verdict.loss_percent:.2f}% "
+        f"(max {args.max_loss:g}%)"
+    )
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> None:
