@@ -934,7 +934,10 @@ pub fn rtp_payload(data: &[u8]) {
             }
             4 => {
                 if let Some(&b) = payload.first() {
-                    speakers.set_muted(u64::from(b % 8), b & 0x80 != 0, now);
+                    // Muting or unmuting makes a session a publisher again (as a re-join would).
+                    let session = u64::from(b % 8);
+                    speakers.set_muted(session, b & 0x80 != 0, now);
+                    removed.retain(|s| *s != session);
                 }
             }
             5 => {
