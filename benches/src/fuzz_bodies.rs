@@ -274,6 +274,8 @@ struct IceCredentials {
     local_ufrag: String,
     local_pwd: String,
     remote_ufrag: String,
+    /// The client's password: it signs the answers to the router's consent checks.
+    remote_pwd: String,
 }
 
 /// Joins session 1 and has it answer [`client_offer`] (the `stun` fixture's set-up).
@@ -302,6 +304,7 @@ fn join_and_answer(router: &mut Router, now: Instant) -> Option<IceCredentials> 
         local_ufrag: attr(&answer, "a=ice-ufrag:"),
         local_pwd: attr(&answer, "a=ice-pwd:"),
         remote_ufrag: attr(offer, "a=ice-ufrag:"),
+        remote_pwd: attr(offer, "a=ice-pwd:"),
     })
 }
 
@@ -326,6 +329,7 @@ fn binding_requests_into(
         local_ufrag,
         local_pwd,
         remote_ufrag,
+        remote_pwd,
     } = credentials;
     for (selector, bytes) in records(data) {
         *now += Duration::from_millis(u64::from(selector >> 5));
@@ -378,8 +382,57 @@ fn binding_requests_into(
             },
             *now,
         );
-        drain(router);
+        // A real client at `source` answers the router's consent check (signed with its
+        // password, same transaction id), which admits the flow; with the wrong-password bit
+        // set, nobody answers (a spoofed address).
+        let checks = drain_transmits(router, source);
+        if selector & 0x01 == 0 {
+            for check in checks {
+                let Some(answer) = consent_answer(&check, remote_pwd, source) else {
+                    continue;
+                };
+                router.handle_datagram(
+                    Datagram {
+                        proto: Proto::Udp,
+                        source,
+                        destination: router_addr(),
+                        contents: &answer,
+                    },
+                    *now,
+                );
+                drain(router);
+            }
+        }
     }
+}
+
+/// Drains every output; returns the datagrams sent to `to` (a runaway queue is a bug).
+fn drain_transmits(router: &mut Router, to: SocketAddr) -> Vec<Vec<u8>> {
+    let mut sent = Vec::new();
+    for _ in 0..100_000 {
+        match router.poll_output() {
+            Output::Timeout(_) => return sent,
+            Output::Transmit(t) if t.destination == to => sent.push(t.contents),
+            _ => {}
+        }
+    }
+    panic!("poll_output never reached Timeout");
+}
+
+/// The client's signed success answer to a binding request the router sent it (a consent
+/// check); `None` for anything else.
+fn consent_answer(check: &[u8], client_pwd: &str, client: SocketAddr) -> Option<Vec<u8>> {
+    let request = StunMessage::parse(check).ok()?;
+    if !request.is_binding_request() {
+        return None;
+    }
+    let reply = StunMessage::binding_reply(request.trans_id(), client);
+    let mut buf = vec![0u8; 1500];
+    let len = reply
+        .to_bytes(Some(client_pwd.as_bytes()), &mut buf, hmac_sha1)
+        .ok()?;
+    buf.truncate(len);
+    Some(buf)
 }
 
 /// ICE-TCP reassembly: the input is a byte stream of RFC 4571 frames (whatever it holds),
@@ -882,7 +935,10 @@ pub fn rtp_payload(data: &[u8]) {
             }
             4 => {
                 if let Some(&b) = payload.first() {
-                    speakers.set_muted(u64::from(b % 8), b & 0x80 != 0, now);
+                    // Muting or unmuting makes a session a publisher again (as a re-join would).
+                    let session = u64::from(b % 8);
+                    speakers.set_muted(session, b & 0x80 != 0, now);
+                    removed.retain(|s| *s != session);
                 }
             }
             5 => {

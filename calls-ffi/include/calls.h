@@ -305,6 +305,20 @@ enum calls_event_kind
    */
   CALLS_EVENT_KIND_SPEAKER_CHANGED = 8,
   /**
+   * A client address no longer reaches a session (it left, the TCP connection closed, or
+   * the address was the oldest beyond `max_flows_per_session`):
+   * `{"type":"flow_removed","session":1,"proto":"udp","remote":"192.0.2.7:5000",
+   * "local":"10.0.0.1:8443"}`. A dispatcher forgets that (proto, remote) unless another
+   * router admitted it since; for `"tcp"`, close that connection (`calls_router_tcp_closed`).
+   */
+  CALLS_EVENT_KIND_FLOW_REMOVED = 9,
+  /**
+   * A client address moved to another session of this router (the output's `session`):
+   * `{"type":"flow_moved","session":2,"from":1,"proto":"udp","remote":"192.0.2.7:5000",
+   * "local":"10.0.0.1:8443"}`. Routing by router does not change.
+   */
+  CALLS_EVENT_KIND_FLOW_MOVED = 10,
+  /**
    * An event this version of the C API has no kind for: `{"type":"other",
    * "session":0,"debug":"…"}`.
    */

@@ -69,6 +69,16 @@ pub enum calls_event_kind {
     /// `"speaker"` (and the output's `session`) is the new speaker's session, or `null` (and
     /// `session` 0) when nobody speaks any more.
     SpeakerChanged = 8,
+    /// A client address no longer reaches a session (it left, the TCP connection closed, or
+    /// the address was the oldest beyond `max_flows_per_session`):
+    /// `{"type":"flow_removed","session":1,"proto":"udp","remote":"192.0.2.7:5000",
+    /// "local":"10.0.0.1:8443"}`. A dispatcher forgets that (proto, remote) unless another
+    /// router admitted it since; for `"tcp"`, close that connection (`calls_router_tcp_closed`).
+    FlowRemoved = 9,
+    /// A client address moved to another session of this router (the output's `session`):
+    /// `{"type":"flow_moved","session":2,"from":1,"proto":"udp","remote":"192.0.2.7:5000",
+    /// "local":"10.0.0.1:8443"}`. Routing by router does not change.
+    FlowMoved = 10,
     /// An event this version of the C API has no kind for: `{"type":"other",
     /// "session":0,"debug":"…"}`.
     Other = 99,
@@ -250,6 +260,29 @@ fn event_json(event: &Event) -> (calls_event_kind, u64, String) {
             calls_event_kind::FlowAdmitted,
             session.0,
             json!({"type": "flow_admitted", "session": session, "proto": proto,
+                   "remote": remote.to_string(), "local": local.to_string()}),
+        ),
+        Event::FlowRemoved {
+            session,
+            proto,
+            remote,
+            local,
+        } => (
+            calls_event_kind::FlowRemoved,
+            session.0,
+            json!({"type": "flow_removed", "session": session, "proto": proto,
+                   "remote": remote.to_string(), "local": local.to_string()}),
+        ),
+        Event::FlowMoved {
+            from,
+            to,
+            proto,
+            remote,
+            local,
+        } => (
+            calls_event_kind::FlowMoved,
+            to.0,
+            json!({"type": "flow_moved", "session": to, "from": from, "proto": proto,
                    "remote": remote.to_string(), "local": local.to_string()}),
         ),
         Event::SpeakerChanged { call, session } => (

@@ -415,6 +415,8 @@ pub struct SimPeer {
     answers_sent: u64,
     keyframe_requests: u64,
     remote_ufrag: Option<String>,
+    /// The router's ICE password for this session, from its last SDP.
+    remote_pwd: Option<String>,
     remote_media_lines: usize,
 }
 
@@ -503,6 +505,7 @@ impl SimPeer {
             answers_sent: 0,
             keyframe_requests: 0,
             remote_ufrag: None,
+            remote_pwd: None,
             remote_media_lines: 0,
         };
         for source in [
@@ -738,6 +741,12 @@ impl SimPeer {
         self.remote_ufrag.as_deref()
     }
 
+    /// The router's ICE password for this session, from its last SDP: what a participant can
+    /// sign binding requests with (the media-redirection test plays a rogue one).
+    pub fn remote_ice_password(&self) -> Option<&str> {
+        self.remote_pwd.as_deref()
+    }
+
     /// How many m-lines the router's last SDP (offer or answer) had.
     pub fn remote_media_lines(&self) -> usize {
         self.remote_media_lines
@@ -858,6 +867,11 @@ impl SimPeer {
         if let ServerMessage::Offer { sdp } | ServerMessage::Answer { sdp } = &msg {
             let (ufrag, media_lines) = sdp_summary(sdp);
             self.remote_ufrag = ufrag.or(self.remote_ufrag.take());
+            let pwd = sdp
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("a=ice-pwd:"))
+                .map(|p| p.trim().to_owned());
+            self.remote_pwd = pwd.or(self.remote_pwd.take());
             self.remote_media_lines = media_lines;
         }
         match &msg {
