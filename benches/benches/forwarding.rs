@@ -165,9 +165,21 @@ fn big_call(c: &mut Criterion) {
 /// is what idle subscriptions cost (str0m visits every send stream on every timeout; the
 /// router parks idle ones).
 fn muted_room(c: &mut Criterion) {
-    let participants = if test_mode() { 12 } else { 200 };
+    room_with_mics(c, "room-2-speakers-all-mics", 200);
+}
+
+/// The reference call (rtcd's sizing): 1000 participants, everyone holding a microphone,
+/// muted, two talking; against the same call without the listeners' microphones. With
+/// receive slots a subscriber's connection is the same size either way, so the ratio should
+/// be close to 1.
+fn room_1000(c: &mut Criterion) {
+    room_with_mics(c, "room-1000-all-mics", 1000);
+}
+
+fn room_with_mics(c: &mut Criterion, name: &str, participants: usize) {
+    let participants = if test_mode() { 12 } else { participants };
     let fanout = participants as u64 - 1;
-    let mut group = c.benchmark_group("room-2-speakers-all-mics");
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(5));
@@ -192,10 +204,18 @@ fn memory(_c: &mut Criterion) {
     let room = if test_mode() { 12 } else { 200 };
     let video = if test_mode() { 4 } else { 10 };
     type Build = fn(usize) -> OursCall;
-    let scenarios: [(String, usize, Build); 3] = [
+    let scenarios: [(String, usize, Build); 4] = [
         (format!("{big} participants, 2 audio speakers"), big, |n| {
             OursCall::new(Media::Audio, 2, n - 2)
         }),
+        (
+            format!(
+                "{big} participants, 2 speakers, {} muted microphones",
+                big - 2
+            ),
+            big,
+            |n| OursCall::room(Media::Audio, 2, n - 2, true),
+        ),
         (
             format!(
                 "{room} participants, 2 speakers, {} muted microphones",
@@ -401,5 +421,48 @@ fn aes_gcm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, aes_gcm, forwarding, big_call, muted_room, memory, simulcast);
+/// What a silent listener costs: the worker's CPU per connected listener per second with
+/// nothing to forward (timers, STUN consent, RTCP), and the cost per forwarded packet from one
+/// audio speaker to 10, 100 and 1000 listeners; both as ratios to the per-packet cost of the
+/// 1 -> 10 call in the same run. Timed by hand (the idle part has no criterion iteration).
+fn idle_listeners(_c: &mut Criterion) {
+    let sizes: &[usize] = if test_mode() {
+        &[10, 20]
+    } else {
+        &[10, 100, 1000]
+    };
+    let packets: u64 = if test_mode() { 200 } else { 20_000 };
+    let idle = Duration::from_secs(if test_mode() { 1 } else { 10 });
+    let mut base_ns = None;
+    for &n in sizes {
+        let mut call = OursCall::new(Media::Audio, 1, n);
+        run(&mut call, packets / 10); // warm-up
+        let timed = run(&mut call, packets);
+        let forwarded = packets * n as u64;
+        let per_packet_ns = timed.as_nanos() as f64 / forwarded as f64;
+        let base = *base_ns.get_or_insert(per_packet_ns);
+        call.fall_silent();
+        let busy = call.idle_for(idle);
+        let idle_ns = busy.as_nanos() as f64 / (n as f64 * idle.as_secs_f64());
+        eprintln!(
+            "idle-listeners 1 -> {n}: {per_packet_ns:.0} ns per forwarded packet ({:.2}x the 1 -> {} case); idle {:.1} us per listener per second (= {:.1} forwarded packets)",
+            per_packet_ns / base,
+            sizes[0],
+            idle_ns / 1000.0,
+            idle_ns / base,
+        );
+    }
+}
+
+criterion_group!(
+    benches,
+    aes_gcm,
+    forwarding,
+    big_call,
+    muted_room,
+    room_1000,
+    idle_listeners,
+    memory,
+    simulcast
+);
 criterion_main!(benches);

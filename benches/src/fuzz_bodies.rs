@@ -485,7 +485,7 @@ fn offer_and_answer(router: &mut Router, now: &mut Instant, text: &str) {
 }
 
 /// The RTP rewriter with arbitrary packet sequences, epochs and keyframes, including a
-/// switch to a reused m-line, simulcast layer switches, pauses and skipped (temporal-layer)
+/// slot's source change, simulcast layer switches, pauses and skipped (temporal-layer)
 /// packets. Invariants: within one epoch, distinct incoming sequence numbers never map to the
 /// same outgoing one, and the first forward after a resync continues right after the highest
 /// number sent.
@@ -517,9 +517,10 @@ pub fn rewriter(data: &[u8]) {
                 seen.clear();
                 resync = true;
             }
-            // A reused m-line: a new rewriter continuing this one.
+            // A slot changes source: the stream continues with another track's numbers.
             1 if a & 0x20 != 0 => {
-                rw = Rewriter::continuing(clock_rate, is_video, epoch_no, &rw);
+                epoch_no += 1;
+                rw.switch_source(epoch_no);
                 seen.clear();
                 resync = true;
             }

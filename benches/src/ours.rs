@@ -332,6 +332,13 @@ impl OursCall {
     /// Untimed: replies reach the publishers; subscribers run their timers (ICE consent,
     /// RTCP) every [`MAINTAIN_EVERY`] of server time.
     pub fn maintain(&mut self) {
+        self.maintain_timed();
+    }
+
+    /// [`OursCall::maintain`], returning the time the router spent on the subscribers'
+    /// datagrams.
+    fn maintain_timed(&mut self) -> Duration {
+        let mut busy = Duration::ZERO;
         for (i, contents) in std::mem::take(&mut self.to_publishers) {
             let (session, _, clock) = self.publishers[i];
             let router_addr = self.router_addr;
@@ -340,7 +347,7 @@ impl OursCall {
                 .handle_datagram(router_addr, &contents, clock);
         }
         if self.now.saturating_duration_since(self.last_maintain) < MAINTAIN_EVERY {
-            return;
+            return busy;
         }
         self.last_maintain = self.now;
         let now = self.now;
@@ -355,6 +362,8 @@ impl OursCall {
             let out = peer.take_transmits();
             for t in out {
                 let router = self.world.router_mut();
+                #[allow(clippy::disallowed_methods)] // measuring the router's CPU time
+                let started = Instant::now();
                 router.handle_datagram(
                     Datagram {
                         proto: Proto::Udp,
@@ -370,6 +379,7 @@ impl OursCall {
                         replies.push(c.0);
                     }
                 }
+                busy += started.elapsed();
                 let router_addr = self.router_addr;
                 for r in replies {
                     self.world.peer_mut(s).handle_datagram(router_addr, &r, now);
@@ -377,6 +387,7 @@ impl OursCall {
                 let _ = self.world.peer_mut(s).take_transmits();
             }
         }
+        busy
     }
 
     /// Untimed, before any bench traffic: lets the call run in the simulated world at real
@@ -391,6 +402,41 @@ impl OursCall {
             "run_realtime is for a call the bench has not driven"
         );
         self.world.run_for(duration);
+    }
+
+    /// Mutes every publisher at the router (nothing is forwarded any more) and runs the router
+    /// 6 s of server time, so the subscribers' slots are parked as in a long quiet stretch.
+    pub fn fall_silent(&mut self) {
+        for (session, _, _) in self.publishers.clone() {
+            let now = self.now;
+            let muted = self.world.router_mut().set_muted(session, true, now);
+            assert!(muted.is_ok(), "a publisher of the call is unknown");
+            self.drain_router();
+        }
+        self.idle_for(Duration::from_secs(6));
+    }
+
+    /// Timed: `duration` of server time with nothing to forward, as a worker lives it: every
+    /// router timer when it falls due, and the subscribers' own STUN consent and RTCP (every
+    /// [`MAINTAIN_EVERY`]) fed in. Returns the router's CPU time only (the simulated clients'
+    /// work is not counted).
+    pub fn idle_for(&mut self, duration: Duration) -> Duration {
+        let end = self.now + duration;
+        let mut busy = Duration::ZERO;
+        while self.now < end {
+            let next = self
+                .deadline
+                .min(self.last_maintain + MAINTAIN_EVERY)
+                .min(end);
+            self.now = next.max(self.now + Duration::from_micros(100));
+            #[allow(clippy::disallowed_methods)] // measuring the router's CPU time
+            let started = Instant::now();
+            self.world.router_mut().handle_timeout(self.now);
+            self.drain_router();
+            busy += started.elapsed();
+            busy += self.maintain_timed();
+        }
+        busy
     }
 
     /// Takes the router out of the call and drops everything else (the client peers), so the

@@ -25,7 +25,13 @@ pub(crate) struct Call {
     pub tracks: Vec<TrackKey>,
     /// Voice activity, active speaker and top-N audio.
     pub speakers: SpeakerDetector,
+    /// Who was the active speaker, most recent first (at most [`RECENT_SPEAKERS`]): camera
+    /// slots go to them after pins and the current speaker.
+    pub recent_speakers: Vec<SessionId>,
 }
+
+/// Recent speakers a call remembers for the camera slots (more than any grid shows).
+pub(crate) const RECENT_SPEAKERS: usize = 64;
 
 impl Call {
     pub fn new(top_n_audio: usize) -> Self {
@@ -33,6 +39,7 @@ impl Call {
             members: Vec::new(),
             tracks: Vec::new(),
             speakers: SpeakerDetector::new(top_n_audio),
+            recent_speakers: Vec::new(),
         }
     }
 }
@@ -42,9 +49,14 @@ impl Call {
 pub(crate) struct PublishedTrack {
     pub kind: MediaKind,
     pub source: TrackSource,
-    /// Bumped on every discontinuity subscribers must resync over (unmute).
+    /// Bumped on every discontinuity subscribers must resync over (unmute, audio forwarded
+    /// again after top-N held it back).
     pub epoch: u32,
-    /// Subscribers whose answer has been accepted, in subscription order.
+    /// Audio: its last packet was forwarded (top-N); a packet forwarded after some were held
+    /// back starts a new epoch, so slots continue without a sequence gap (silence, not loss).
+    pub forwarding: bool,
+    /// Video: the sessions with a slot that carries this track or waits for its keyframe
+    /// (audio reaches the call's members through their audio slots instead).
     pub subscribers: Vec<SessionId>,
     /// Video: the layers received, lowest first (one layer with `rid: None` without
     /// simulcast). Bounded by [`MAX_LAYERS`].
@@ -63,6 +75,7 @@ impl PublishedTrack {
             kind,
             source,
             epoch: 0,
+            forwarding: true,
             subscribers: Vec::new(),
             layers: Vec::new(),
             announced: None,

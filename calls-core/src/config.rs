@@ -70,7 +70,20 @@ pub struct Config {
     /// unmuted), so a big call does not forward every silent microphone. Default `3`; `0`
     /// forwards every unmuted microphone.
     pub top_n_audio: usize,
+    /// Audio receive slots per subscriber: how many of the loudest microphones a participant
+    /// hears at once. Default `3` (as `top_n_audio`).
+    pub audio_slots: usize,
+    /// Camera receive slots a subscriber gets unless it asks for another number (a 3×3 grid).
+    /// Default `9`.
+    pub video_slots: usize,
+    /// Most camera slots a subscriber may ask for (`slots` message). Default `25`.
+    pub max_video_slots: usize,
 }
+
+/// Upper bound of `audio_slots`: more voices at once than anyone can follow.
+const MAX_AUDIO_SLOTS: usize = 16;
+/// Upper bound of `max_video_slots`: an 8×8 grid.
+const MAX_VIDEO_SLOTS: usize = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -92,6 +105,9 @@ impl Default for Config {
             probe_password: None,
             probe_replies_per_second: 20,
             top_n_audio: 3,
+            audio_slots: 3,
+            video_slots: 9,
+            max_video_slots: 25,
         }
     }
 }
@@ -200,6 +216,24 @@ impl Config {
             problems.push(format!(
                 "`connect_timeout_ms` {} is too short for ICE and DTLS (minimum 1000)",
                 self.connect_timeout_ms
+            ));
+        }
+        if self.audio_slots == 0 || self.audio_slots > MAX_AUDIO_SLOTS {
+            problems.push(format!(
+                "`audio_slots` {} is outside 1..={MAX_AUDIO_SLOTS}",
+                self.audio_slots
+            ));
+        }
+        if self.max_video_slots > MAX_VIDEO_SLOTS {
+            problems.push(format!(
+                "`max_video_slots` {} is above {MAX_VIDEO_SLOTS}",
+                self.max_video_slots
+            ));
+        }
+        if self.video_slots > self.max_video_slots {
+            problems.push(format!(
+                "`video_slots` {} is above `max_video_slots` {}",
+                self.video_slots, self.max_video_slots
             ));
         }
         if problems.is_empty() {

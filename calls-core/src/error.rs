@@ -71,6 +71,9 @@ pub enum SignalError {
     /// A mid that no m-line carries.
     #[error("unknown mid {0}")]
     UnknownMid(String),
+    /// A value out of its range (more slots than allowed, too many pins).
+    #[error("invalid: {0}")]
+    Invalid(&'static str),
 }
 
 impl SignalError {
@@ -84,6 +87,7 @@ impl SignalError {
             SignalError::Candidate(_) => "bad_candidate",
             SignalError::NotAllowed(_) => "not_allowed",
             SignalError::UnknownMid(_) => "unknown_mid",
+            SignalError::Invalid(_) => "invalid",
         }
     }
 }

@@ -51,15 +51,6 @@ pub(crate) enum Verdict {
     Drop,
 }
 
-/// Where a subscriber's outgoing stream on one m-line stopped, so the next track written into
-/// the same m-line (and SSRC) continues its numbering.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Continuation {
-    pub seq: Option<u64>,
-    pub timestamp: u32,
-    pub at: Option<Instant>,
-}
-
 /// Rewrites one publisher track for one subscriber.
 ///
 /// Outgoing sequence numbers start at a small random-free base (ROC 0, as str0m requires for a
@@ -109,25 +100,6 @@ impl Rewriter {
         }
     }
 
-    /// A rewriter for a reused m-line: continues the sequence numbers and timestamps that the
-    /// previous track on it left off at, so the subscriber sees one stream per SSRC.
-    pub fn continuing(clock_rate: u32, is_video: bool, epoch: u32, from: Continuation) -> Self {
-        let mut rewriter = Rewriter::new(clock_rate, is_video, epoch);
-        rewriter.last_out_seq = from.seq;
-        rewriter.last_out_ts = from.timestamp;
-        rewriter.last_out_at = from.at;
-        rewriter
-    }
-
-    /// Where this stream stands now (see [`Rewriter::continuing`]).
-    pub fn continuation(&self) -> Continuation {
-        Continuation {
-            seq: self.last_out_seq,
-            timestamp: self.last_out_ts,
-            at: self.last_out_at,
-        }
-    }
-
     /// Whether this subscriber still waits for a keyframe (so one should be requested).
     pub fn waits_for_keyframe(&self) -> bool {
         self.wait_keyframe
@@ -145,6 +117,14 @@ impl Rewriter {
     pub fn switch_layer(&mut self) {
         self.resync = true;
         self.wait_keyframe = false;
+    }
+
+    /// The slot this rewriter numbers starts carrying another publisher track (of epoch
+    /// `epoch`), at a keyframe for video: the next packet continues this stream's numbering
+    /// and timestamps, whatever the new source's own numbers are.
+    pub fn switch_source(&mut self, epoch: u32) {
+        self.epoch = epoch;
+        self.switch_layer();
     }
 
     /// A packet deliberately not forwarded (an upper temporal layer this subscriber does not
@@ -347,20 +327,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reused_line_continues_the_previous_stream() {
+    fn a_source_switch_continues_the_stream() {
         let t0 = Instant::now();
-        let mut first = Rewriter::new(48_000, false, 0);
-        first.rewrite(0, 700, 1_000, false, t0);
-        first.rewrite(0, 701, 1_960, false, t0);
-        let mut next = Rewriter::continuing(48_000, false, 0, first.continuation());
+        let mut rw = Rewriter::new(48_000, false, 0);
+        rw.rewrite(0, 700, 1_000, false, t0);
+        rw.rewrite(0, 701, 1_960, false, t0);
+        // Another speaker takes the slot: its own numbers are rebased onto the stream's.
+        rw.switch_source(5);
         let at = t0 + Duration::from_millis(500);
         assert_eq!(
-            next.rewrite(0, 9, 123_456, false, at),
+            rw.rewrite(5, 9, 123_456, false, at),
             Verdict::Forward {
                 seq: 3,
                 timestamp: 1_960 + 24_000
             }
         );
+        // A late packet of the previous source would reuse numbers: the router no longer
+        // forwards it, and the rewriter would not either.
+        assert_eq!(rw.rewrite(5, 8, 123_000, false, at), Verdict::Drop);
     }
 
     #[test]

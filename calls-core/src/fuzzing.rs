@@ -16,12 +16,9 @@ impl Rewriter {
         Rewriter(crate::forward::Rewriter::new(clock_rate, is_video, epoch))
     }
 
-    /// A rewriter continuing where `previous` stopped (a reused m-line).
-    pub fn continuing(clock_rate: u32, is_video: bool, epoch: u32, previous: &Rewriter) -> Self {
-        let from = previous.0.continuation();
-        Rewriter(crate::forward::Rewriter::continuing(
-            clock_rate, is_video, epoch, from,
-        ))
+    /// The slot starts carrying another source (epoch `epoch`), at a keyframe for video.
+    pub fn switch_source(&mut self, epoch: u32) {
+        self.0.switch_source(epoch);
     }
 
     /// One packet: `Some((seq, timestamp))` to forward, `None` to drop.

@@ -96,6 +96,7 @@ mod session;
 pub mod signal;
 #[cfg(feature = "sim")]
 pub mod sim;
+mod slot;
 mod speaker;
 pub mod tcp;
 
@@ -105,7 +106,9 @@ pub use error::{ConfigError, RouterError, SignalError};
 pub use ids::{CallId, Grants, SessionId, TrackSource, UserId};
 pub use metrics::MetricsSnapshot;
 pub use router::{Datagram, Event, LeaveReason, Output, Router, Transmit};
-pub use signal::{ClientMessage, ServerMessage, TrackInfo};
+pub use signal::{
+    ClientMessage, RosterEntry, ServerMessage, SlotInfo, SlotKind, MAX_PINS, PROTOCOL_VERSION,
+};
 pub use tcp::{ConnId, TcpError};
 
 /// Re-export of the str0m version this crate is built on (for embedders' test peers).

@@ -151,6 +151,14 @@ pub struct MetricsSnapshot {
     pub streams_parked: u64,
     /// Parked send streams declared again (media to forward into them).
     pub streams_unparked: u64,
+    /// Receive slots that changed source (a speaker took an audio slot, a camera slot switched
+    /// at a keyframe).
+    pub slot_switches: u64,
+    /// Slot mapping messages sent.
+    pub slot_messages: u64,
+    /// Forwarded audio packets a member had no free audio slot for (more forwarded speakers
+    /// than `audio_slots`).
+    pub audio_without_slot: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -201,6 +209,9 @@ impl MetricsSnapshot {
         self.speaker_changes += other.speaker_changes;
         self.streams_parked += other.streams_parked;
         self.streams_unparked += other.streams_unparked;
+        self.slot_switches += other.slot_switches;
+        self.slot_messages += other.slot_messages;
+        self.audio_without_slot += other.audio_without_slot;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -432,6 +443,24 @@ mod prom {
             "streams_unparked",
             "Parked send streams declared again (media to forward into them)",
             m.streams_unparked,
+        );
+        counter(
+            &mut registry,
+            "slot_switches",
+            "Receive slots that changed source (audio at once, video at a keyframe)",
+            m.slot_switches,
+        );
+        counter(
+            &mut registry,
+            "slot_messages",
+            "Slot mapping messages sent to subscribers",
+            m.slot_messages,
+        );
+        counter(
+            &mut registry,
+            "audio_without_slot",
+            "Forwarded audio packets a member had no free audio slot for",
+            m.audio_without_slot,
         );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();

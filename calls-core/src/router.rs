@@ -1,4 +1,15 @@
 //! The sans-IO router: many calls, one port, one `Router` per worker.
+//!
+//! This file owns the router's state, its commands (`join`, `leave`, `set_muted`, …), its
+//! outputs (`Output`, `Event`, `Transmit`) and the drive loop (`handle_timeout`, `poll_output`,
+//! draining sessions). The rest is split by responsibility; a datagram's path reads in file
+//! order:
+//! - `router/ingress.rs`: datagrams and ICE-TCP frames → demux → STUN admission → session;
+//! - `router/forwarding.rs`: a publisher's RTP packet → each subscriber's slot (rewrite, write);
+//! - `router/slots.rs`: which source each subscriber's receive slots carry (the mapping);
+//! - `router/negotiation.rs`: signaling, SDP offers and answers, publishing and unpublishing;
+//! - `router/allocation.rs`: bandwidth shared among a subscriber's video slots, dynacast, the
+//!   periodic tick.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -6,30 +17,25 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::BweKind;
-use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::crypto::Sha1HmacProvider;
-use str0m::ice::{StunMessage, StunMessageBuilder};
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
-use str0m::net::Receive;
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
-use str0m::{Candidate, Event as RtcEvent, Input, Output as RtcOutput};
+use str0m::{Event as RtcEvent, Input, Output as RtcOutput};
 
 use crate::call::{Call, PublishedTrack, TrackKey};
-
-mod simulcast;
 use crate::config::Config;
-use crate::demux::{self, Class, DropReason, FlowKey, FlowTable, Proto, MAX_DATAGRAM_BYTES};
-use crate::error::{ConfigError, RouterError, SignalError};
-use crate::forward::{Rewriter, Verdict, VideoCodec};
+use crate::demux::{self, FlowTable, Proto};
+use crate::error::{ConfigError, RouterError};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
-use crate::layers;
 use crate::metrics::{MetricsSnapshot, SessionStats};
-use crate::session::{
-    pt_for, restrict_offer, AddedLine, IdleLine, OutTrack, PendingOffer, Selection, Session,
-};
-use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
-use crate::tcp::{self, ConnId, Framer, TcpConn, TcpError};
+use crate::session::Session;
+use crate::signal::{RosterEntry, ServerMessage};
+use crate::tcp::{ConnId, TcpConn};
+
+mod allocation;
+mod forwarding;
+mod ingress;
+mod negotiation;
+mod slots;
 
 /// An unanswered router offer is sent again after this long …
 const OFFER_RESEND_AFTER: Duration = Duration::from_secs(4);
@@ -205,8 +211,11 @@ pub struct Router {
     /// Router-level deadlines (connect timeouts, unanswered offers), checked lazily.
     deadlines: BinaryHeap<Reverse<(Instant, SessionId, Deadline)>>,
     touched: Vec<SessionId>,
-    /// Sessions whose subscriptions may need a router offer.
+    /// Sessions whose slots may need a router offer (first offer, `slots` request, glare).
     renegotiate: Vec<SessionId>,
+    /// Subscribers whose video slot mapping must be recomputed after the current input
+    /// (cameras published or stopped, speaker changed, pins changed).
+    remap: Vec<SessionId>,
     /// Sessions to remove once the current input is done (str0m gave up on them).
     dead: Vec<SessionId>,
     counters: Counters,
@@ -269,6 +278,7 @@ impl Router {
             deadlines: BinaryHeap::new(),
             touched: Vec::new(),
             renegotiate: Vec::new(),
+            remap: Vec::new(),
             dead: Vec::new(),
             counters: Counters::default(),
             probe_bucket: (f64::from(probe_burst), now),
@@ -295,17 +305,17 @@ impl Router {
     }
 
     /// Re-sends what a session's signaling channel may have lost (after the embedder's
-    /// signaling connection dropped and came back): the track list and any outstanding router
-    /// offer, unchanged.
+    /// signaling connection dropped and came back): the whole slot mapping and any
+    /// outstanding router offer, unchanged.
     pub fn resend_signaling(&mut self, session: SessionId) -> Result<(), RouterError> {
         let state = self
             .sessions
             .get(&session)
             .ok_or(RouterError::UnknownSession(session))?;
         let offer = state.pending_offer.as_ref().map(|p| p.sdp.clone());
-        let tracks = self.track_list(session);
+        let slots = self.slot_list(session);
         self.outputs
-            .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
+            .push_back(Output::Signal(session, ServerMessage::Slots { slots }));
         if let Some(sdp) = offer {
             self.outputs
                 .push_back(Output::Signal(session, ServerMessage::Offer { sdp }));
@@ -384,20 +394,33 @@ impl Router {
                 },
             ));
         }
-        let existing: Vec<(SessionId, UserId)> = members
+        let participants: Vec<RosterEntry> = members
             .iter()
-            .filter_map(|m| self.sessions.get(m).map(|s| (*m, s.user.clone())))
+            .filter_map(|m| {
+                let s = self.sessions.get(m)?;
+                Some(RosterEntry {
+                    session: *m,
+                    user: s.user.clone(),
+                    muted: s.muted,
+                    publishing: s
+                        .published
+                        .iter()
+                        .filter_map(|mid| {
+                            let key = TrackKey {
+                                publisher: *m,
+                                mid: *mid,
+                            };
+                            self.tracks.get(&key).map(|t| t.source)
+                        })
+                        .collect(),
+                })
+            })
             .collect();
         members.push(session);
-        for (other, other_user) in existing {
-            self.outputs.push_back(Output::Signal(
-                session,
-                ServerMessage::ParticipantJoined {
-                    session: other,
-                    user: other_user,
-                },
-            ));
-        }
+        self.outputs.push_back(Output::Signal(
+            session,
+            ServerMessage::Roster { participants },
+        ));
         self.counters.snapshot.joins += 1;
         self.outputs.push_back(Output::Event(Event::Joined {
             session,
@@ -489,223 +512,6 @@ impl Router {
         self.allocate(session, now);
         self.finish(now);
         Ok(())
-    }
-
-    /// Feeds one received datagram. Unknown, garbage and unauthenticated datagrams are dropped
-    /// silently (no reply) and counted by reason in [`metrics`](Self::metrics).
-    pub fn handle_datagram(&mut self, datagram: Datagram<'_>, now: Instant) {
-        self.handle_datagrams(std::iter::once(datagram), now);
-    }
-
-    /// Feeds a batch of received datagrams (what one `recvmmsg` returned), then drain
-    /// [`Router::poll_output`] once. Same as [`Router::handle_datagram`] for each, except that
-    /// every subscriber session touched by the batch is given its timeout once, not once per
-    /// datagram: with a bandwidth estimator and pacer per session (str0m's `handle_timeout`),
-    /// that is most of the per-packet cost in a big call. Keep batches small (≤ 32): writes to
-    /// one subscriber wait in str0m until that timeout.
-    pub fn handle_datagrams<'a>(
-        &mut self,
-        datagrams: impl IntoIterator<Item = Datagram<'a>>,
-        now: Instant,
-    ) {
-        self.last_now = now;
-        for datagram in datagrams {
-            self.ingest(datagram, now);
-        }
-        self.finish(now);
-    }
-
-    /// Announces an accepted ICE-TCP connection (on the TCP media port) before its bytes.
-    /// `local` is the socket's local address (`accept()` gives it); behind NAT or port
-    /// forwarding it may differ from the advertised candidate.
-    pub fn tcp_accepted(
-        &mut self,
-        conn: ConnId,
-        remote: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<(), TcpError> {
-        if self.tcp_conns.contains_key(&conn) {
-            return Err(TcpError::ConnectionExists(conn));
-        }
-        // str0m sees (and sends from) the advertised candidate address, not the socket's.
-        let local = self.local_address(Proto::Tcp, local);
-        self.tcp_by_addr.insert((remote, local), conn);
-        self.tcp_conns.insert(
-            conn,
-            TcpConn {
-                remote,
-                local,
-                framer: Framer::default(),
-            },
-        );
-        Ok(())
-    }
-
-    /// Feeds bytes read from an ICE-TCP connection, split anywhere. Each complete RFC 4571
-    /// frame goes through the same demux as a UDP datagram. On an error the router has
-    /// forgotten the connection and the embedder should close it; nothing else is disturbed.
-    pub fn handle_tcp_data(
-        &mut self,
-        conn: ConnId,
-        bytes: &[u8],
-        now: Instant,
-    ) -> Result<(), TcpError> {
-        self.last_now = now;
-        let Some(mut state) = self.tcp_conns.remove(&conn) else {
-            return Err(TcpError::UnknownConnection(conn));
-        };
-        let (remote, local) = (state.remote, state.local);
-        let result = state.framer.push(bytes, |frame| {
-            self.ingest(
-                Datagram {
-                    proto: Proto::Tcp,
-                    source: remote,
-                    destination: local,
-                    contents: frame,
-                },
-                now,
-            );
-        });
-        let outcome = match result {
-            Ok(()) => {
-                self.tcp_conns.insert(conn, state);
-                Ok(())
-            }
-            Err(len) => {
-                self.count_drop(DropReason::TcpFrameTooLarge);
-                self.counters.snapshot.tcp_rejected += 1;
-                self.forget_tcp(conn, remote, local);
-                Err(TcpError::FrameTooLarge {
-                    conn,
-                    len,
-                    max: MAX_DATAGRAM_BYTES,
-                })
-            }
-        };
-        self.finish(now);
-        outcome
-    }
-
-    /// The embedder closed (or lost) an ICE-TCP connection.
-    pub fn tcp_closed(&mut self, conn: ConnId) -> Result<(), TcpError> {
-        let state = self
-            .tcp_conns
-            .remove(&conn)
-            .ok_or(TcpError::UnknownConnection(conn))?;
-        self.forget_tcp(conn, state.remote, state.local);
-        Ok(())
-    }
-
-    fn forget_tcp(&mut self, conn: ConnId, remote: SocketAddr, local: SocketAddr) {
-        self.tcp_conns.remove(&conn);
-        if self.tcp_by_addr.get(&(remote, local)) == Some(&conn) {
-            self.tcp_by_addr.remove(&(remote, local));
-        }
-        self.flows.remove_key(&FlowKey {
-            proto: Proto::Tcp,
-            source: remote,
-            destination: local,
-        });
-    }
-
-    /// One datagram (or TCP frame) through the demux into its session, drained.
-    fn ingest(&mut self, datagram: Datagram<'_>, now: Instant) {
-        let snapshot = &mut self.counters.snapshot;
-        snapshot.datagrams_in += 1;
-        snapshot.datagram_bytes_in += datagram.contents.len() as u64;
-        if datagram.contents.len() > MAX_DATAGRAM_BYTES {
-            self.count_drop(DropReason::Oversized);
-            return;
-        }
-        let class = demux::classify(datagram.contents);
-        if class == Class::Other {
-            self.count_drop(DropReason::Unclassified);
-            return;
-        }
-        let key = FlowKey {
-            proto: datagram.proto,
-            source: datagram.source,
-            destination: datagram.destination,
-        };
-        let known = self.flows.lookup(&key);
-        if class == Class::Stun && known.is_none() && self.answer_probe(&datagram, now) {
-            return;
-        }
-        let session = match (class, known) {
-            (Class::Stun, _) => match self.admit_stun(&datagram, key, known) {
-                Ok(session) => session,
-                Err(reason) => {
-                    self.count_drop(reason);
-                    return;
-                }
-            },
-            (_, Some(session)) => session,
-            (_, None) => {
-                self.count_drop(DropReason::UnknownSource);
-                return;
-            }
-        };
-        let destination = self.local_address(datagram.proto, datagram.destination);
-        let Some(state) = self.sessions.get_mut(&session) else {
-            self.count_drop(DropReason::UnknownSource);
-            return;
-        };
-        let receive = match Receive::new(
-            datagram.proto.into(),
-            datagram.source,
-            destination,
-            datagram.contents,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::trace!(%session, "unparsable datagram: {e}");
-                self.count_drop(DropReason::SessionRejected);
-                return;
-            }
-        };
-        if let Err(e) = state.rtc.handle_input(Input::Receive(now, receive)) {
-            tracing::debug!(%session, "session refused datagram: {e}");
-            self.count_drop(DropReason::SessionRejected);
-        }
-        self.drain(session, now);
-    }
-
-    /// Feeds one signaling message from a participant. A refused message is answered with a
-    /// [`ServerMessage::Error`] to that participant and returned as an error; the session and
-    /// everyone else go on.
-    pub fn handle_signal(
-        &mut self,
-        session: SessionId,
-        msg: ClientMessage,
-        now: Instant,
-    ) -> Result<(), RouterError> {
-        self.last_now = now;
-        if !self.sessions.contains_key(&session) {
-            return Err(RouterError::UnknownSession(session));
-        }
-        self.counters.snapshot.signals_in += 1;
-        let result = self.apply_signal(session, msg, now);
-        self.finish(now);
-        result.map_err(|error| self.refuse_signal(session, error))
-    }
-
-    /// Like [`handle_signal`](Self::handle_signal), from JSON text.
-    pub fn handle_signal_json(
-        &mut self,
-        session: SessionId,
-        text: &str,
-        now: Instant,
-    ) -> Result<(), RouterError> {
-        if !self.sessions.contains_key(&session) {
-            return Err(RouterError::UnknownSession(session));
-        }
-        match ClientMessage::from_json(text) {
-            Ok(msg) => self.handle_signal(session, msg, now),
-            Err(error) => {
-                self.counters.snapshot.signals_in += 1;
-                Err(self.refuse_signal(session, error))
-            }
-        }
     }
 
     /// Advances time: runs every session whose timer is due.
@@ -803,34 +609,6 @@ impl Router {
         }
     }
 
-    /// A router offer went unanswered for `OFFER_RESEND_AFTER`: the client may have lost it
-    /// (a dropped signaling connection, a client bug). Send it again, a few times, unchanged.
-    fn resend_offer(&mut self, session: SessionId, now: Instant) {
-        let Some(pending) = self
-            .sessions
-            .get_mut(&session)
-            .and_then(|s| s.pending_offer.as_mut())
-        else {
-            return;
-        };
-        if now.saturating_duration_since(pending.sent_at) < OFFER_RESEND_AFTER {
-            return;
-        }
-        if pending.resends >= MAX_OFFER_RESENDS {
-            tracing::info!(%session, "router offer never answered; giving up on re-sending it");
-            return;
-        }
-        pending.resends += 1;
-        pending.sent_at = now;
-        tracing::debug!(%session, resend = pending.resends, "re-sending an unanswered router offer");
-        self.deadlines.push(Reverse((
-            later(now, OFFER_RESEND_AFTER),
-            session,
-            Deadline::OfferResend,
-        )));
-        let _ = self.resend_signaling(session);
-    }
-
     /// A snapshot of every counter and gauge.
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut m = self.counters.snapshot.clone();
@@ -877,150 +655,8 @@ impl Router {
         ]
     }
 
-    // ---------------------------------------------------------------- demux
-
-    fn count_drop(&mut self, reason: DropReason) {
-        *self.counters.snapshot.drops.entry(reason).or_insert(0) += 1;
-    }
-
-    /// Routes a STUN datagram: a binding request is routed by its USERNAME's ufrag and, for a
-    /// flow not yet known for that session, admitted only after MESSAGE-INTEGRITY checks out
-    /// against that session's password. Other STUN goes to the flow's session, if any.
-    fn admit_stun(
-        &mut self,
-        datagram: &Datagram<'_>,
-        key: FlowKey,
-        known: Option<SessionId>,
-    ) -> Result<SessionId, DropReason> {
-        let message =
-            StunMessage::parse(datagram.contents).map_err(|_| DropReason::MalformedStun)?;
-        if !message.is_binding_request() {
-            return known.ok_or(DropReason::StunNotBindingRequest);
-        }
-        let local = message
-            .username()
-            .and_then(|u| u.split_once(':'))
-            .map(|(local, _)| local)
-            .ok_or(DropReason::UnknownUfrag)?;
-        let session = *self.ufrags.get(local).ok_or(DropReason::UnknownUfrag)?;
-        if known == Some(session) {
-            return Ok(session); // str0m checks integrity on known flows too
-        }
-        let state = self
-            .sessions
-            .get(&session)
-            .ok_or(DropReason::UnknownUfrag)?;
-        let hmac = self.hmac;
-        let authentic = message.verify(state.local_creds.pass.as_bytes(), |key, parts| {
-            hmac.sha1_hmac(key, parts)
-        });
-        if !authentic {
-            return Err(DropReason::StunAuthFailed);
-        }
-        self.flows
-            .insert(key, session, self.config.max_flows_per_session);
-        tracing::debug!(%session, source = %key.source, "flow admitted");
-        self.outputs.push_back(Output::Event(Event::FlowAdmitted {
-            session,
-            proto: key.proto,
-            remote: key.source,
-            local: key.destination,
-        }));
-        Ok(session)
-    }
-
-    /// Answers a STUN binding request for the probe credential (see `Config::probe_ufrag`).
-    /// Returns false if the datagram is not a probe (it then takes the normal path).
-    fn answer_probe(&mut self, datagram: &Datagram<'_>, now: Instant) -> bool {
-        let (Some(ufrag), Some(password)) = (&self.config.probe_ufrag, &self.config.probe_password)
-        else {
-            return false;
-        };
-        let Ok(message) = StunMessage::parse(datagram.contents) else {
-            return false;
-        };
-        let is_probe = message.is_binding_request()
-            && message
-                .username()
-                .and_then(|u| u.split_once(':'))
-                .is_some_and(|(local, _)| local == ufrag.as_str());
-        if !is_probe {
-            return false;
-        }
-        let hmac = self.hmac;
-        if !message.verify(password.as_bytes(), |k, p| hmac.sha1_hmac(k, p)) {
-            self.count_drop(DropReason::StunAuthFailed);
-            return true;
-        }
-        // Token bucket: at most `probe_replies_per_second`, bursts of the same size.
-        let rate = f64::from(self.config.probe_replies_per_second);
-        let elapsed = now
-            .saturating_duration_since(self.probe_bucket.1)
-            .as_secs_f64();
-        let tokens = (self.probe_bucket.0 + elapsed * rate).min(rate);
-        self.probe_bucket = (tokens, now);
-        if tokens < 1.0 {
-            self.count_drop(DropReason::ProbeRateLimited);
-            return true;
-        }
-        self.probe_bucket.0 -= 1.0;
-        let reply = StunMessageBuilder::new()
-            .binding()
-            .success()
-            .xor_mapped_address(datagram.source)
-            .build(message.trans_id());
-        let mut buf = [0u8; 256];
-        let Ok(len) = reply.to_bytes(Some(password.as_bytes()), &mut buf, |k, p| {
-            hmac.sha1_hmac(k, p)
-        }) else {
-            return true;
-        };
-        if len > datagram.contents.len() {
-            // Never answer with more bytes than were sent (no amplification).
-            self.count_drop(DropReason::ProbeRateLimited);
-            return true;
-        }
-        let local = self.local_address(datagram.proto, datagram.destination);
-        let (conn, contents) = match datagram.proto {
-            Proto::Udp => (None, buf[..len].to_vec()),
-            Proto::Tcp => match self.tcp_by_addr.get(&(datagram.source, local)) {
-                Some(conn) => (Some(*conn), tcp::frame(&buf[..len])),
-                None => return true,
-            },
-        };
-        self.counters.snapshot.probe_replies += 1;
-        self.outputs.push_back(Output::Transmit(Transmit {
-            proto: datagram.proto,
-            conn,
-            source: local,
-            destination: datagram.source,
-            contents,
-        }));
-        true
-    }
-
-    /// The advertised candidate address matching where a datagram arrived. Behind NAT or with
-    /// a host override the socket's address differs from the candidate; str0m expects the
-    /// candidate address.
-    fn local_address(&self, proto: Proto, arrived_on: SocketAddr) -> SocketAddr {
-        let candidates = match proto {
-            Proto::Udp => &self.udp_candidates,
-            Proto::Tcp => &self.tcp_candidates,
-        };
-        if candidates.contains(&arrived_on) {
-            return arrived_on;
-        }
-        candidates
-            .iter()
-            .find(|c| c.is_ipv4() == arrived_on.is_ipv4())
-            .copied()
-            .unwrap_or(arrived_on)
-    }
-
-    // ---------------------------------------------------------------- draining sessions
-
     /// Drains one session's str0m outputs completely (the str0m rule: drain after every input).
-    fn drain(&mut self, session: SessionId, now: Instant) {
+    pub(super) fn drain(&mut self, session: SessionId, now: Instant) {
         loop {
             let Some(state) = self.sessions.get_mut(&session) else {
                 return;
@@ -1054,34 +690,9 @@ impl Router {
         }
     }
 
-    /// Queues one of str0m's transmits; ICE-TCP ones are framed for their connection.
-    fn transmit(&mut self, t: str0m::net::Transmit) {
-        let proto = proto_of(t.proto);
-        let (conn, contents) = match proto {
-            Proto::Udp => (None, Vec::from(t.contents)),
-            Proto::Tcp => {
-                let Some(conn) = self.tcp_by_addr.get(&(t.destination, t.source)).copied() else {
-                    self.counters.snapshot.tcp_unsent += 1;
-                    return;
-                };
-                (Some(conn), tcp::frame(&t.contents))
-            }
-        };
-        let snapshot = &mut self.counters.snapshot;
-        snapshot.datagrams_out += 1;
-        snapshot.datagram_bytes_out += contents.len() as u64;
-        self.outputs.push_back(Output::Transmit(Transmit {
-            proto,
-            conn,
-            source: t.source,
-            destination: t.destination,
-            contents,
-        }));
-    }
-
     /// After each input: give touched sessions their timeout (so queued writes go out), run
     /// pending renegotiations, remove dead sessions, and keep the timer heap compact.
-    fn finish(&mut self, now: Instant) {
+    pub(super) fn finish(&mut self, now: Instant) {
         loop {
             if let Some(session) = self.touched.pop() {
                 if let Some(state) = self.sessions.get_mut(&session) {
@@ -1103,6 +714,10 @@ impl Router {
                 self.offer_if_needed(session, now);
                 continue;
             }
+            if let Some(session) = self.remap.pop() {
+                self.map_video(session, now);
+                continue;
+            }
             if let Some(session) = self.reallocate.pop() {
                 self.allocate(session, now);
                 continue;
@@ -1122,7 +737,7 @@ impl Router {
         }
     }
 
-    fn touch(&mut self, session: SessionId) {
+    pub(super) fn touch(&mut self, session: SessionId) {
         if let Some(state) = self.sessions.get_mut(&session) {
             if !state.touched {
                 state.touched = true;
@@ -1137,11 +752,11 @@ impl Router {
             RtcEvent::KeyframeRequest(req) => {
                 self.counters.snapshot.keyframe_requests_in += 1;
                 let wanted = self.sessions.get(&session).and_then(|s| {
-                    let key = s.out_by_mid.get(&req.mid).copied()?;
-                    let out = s.outgoing.get(&key)?;
-                    // The layer this subscriber decodes (or is about to).
-                    let rid = out.sel.current.or(out.sel.target.and_then(|t| t.0));
-                    Some((key, rid))
+                    let slot = &s.slots[s.slot_by_mid(req.mid)?];
+                    // The source and layer this subscriber decodes (or is about to).
+                    let feed = slot.current.as_ref().or(slot.next.as_ref())?;
+                    let rid = feed.sel.current.or(feed.sel.target.and_then(|t| t.0));
+                    Some((feed.key, rid))
                 });
                 if let Some((key, rid)) = wanted {
                     self.request_keyframe(key, rid, now, false);
@@ -1165,6 +780,17 @@ impl Router {
             RtcEvent::Connected => {
                 if let Some(state) = self.sessions.get_mut(&session) {
                     state.connected = true;
+                    // Video slots whose source started before we could send wait for a
+                    // keyframe of it.
+                    let wanted: Vec<(TrackKey, Option<str0m::media::Rid>)> = state
+                        .slots
+                        .iter()
+                        .filter_map(|s| s.target())
+                        .filter_map(|f| Some((f.key, f.sel.target?.0)))
+                        .collect();
+                    for (key, rid) in wanted {
+                        self.request_keyframe(key, rid, now, true);
+                    }
                 }
                 self.outputs
                     .push_back(Output::Event(Event::Connected { session }));
@@ -1206,743 +832,12 @@ impl Router {
         }
     }
 
-    // ---------------------------------------------------------------- publishing
-
-    /// An m-line appeared or changed direction in this session's SDP.
-    fn on_media(
+    pub(super) fn broadcast(
         &mut self,
-        session: SessionId,
-        mid: Mid,
-        kind: MediaKind,
-        direction: Direction,
-        now: Instant,
+        call: &CallId,
+        except: Option<SessionId>,
+        msg: ServerMessage,
     ) {
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let we_receive = matches!(direction, Direction::RecvOnly | Direction::SendRecv);
-        let key = TrackKey {
-            publisher: session,
-            mid,
-        };
-        let is_ours = state.out_by_mid.contains_key(&mid);
-        if is_ours {
-            return; // a subscription m-line, not a published track
-        }
-        if we_receive && !state.published.contains(&mid) {
-            let source = match kind {
-                MediaKind::Audio => TrackSource::Microphone,
-                MediaKind::Video if state.screen_mid == Some(mid) => TrackSource::Screen,
-                MediaKind::Video => TrackSource::Camera,
-            };
-            if !state.grants.may_publish(source) {
-                // restrict_offer already answered it without; this is the media-layer backstop.
-                return;
-            }
-            state.published.push(mid);
-            let call = state.call.clone();
-            self.tracks.insert(key, PublishedTrack::new(kind, source));
-            if let Some(c) = self.calls.get_mut(&call) {
-                c.tracks.push(key);
-            }
-            self.outputs.push_back(Output::Event(Event::TrackPublished {
-                session,
-                mid: mid.to_string(),
-                source,
-            }));
-            if source == TrackSource::Screen {
-                let user = state.user.clone();
-                self.broadcast(
-                    &call,
-                    None,
-                    ServerMessage::Screen {
-                        session,
-                        user,
-                        on: true,
-                    },
-                );
-            }
-            self.renegotiate_call(&call, Some(session));
-        } else if !we_receive && state.published.contains(&mid) {
-            self.unpublish(key, now);
-        }
-    }
-
-    /// Stops a published track: subscribers drop it at their next router offer.
-    fn unpublish(&mut self, key: TrackKey, _now: Instant) {
-        let Some(track) = self.tracks.remove(&key) else {
-            return;
-        };
-        let Some(state) = self.sessions.get_mut(&key.publisher) else {
-            return;
-        };
-        state.published.retain(|m| *m != key.mid);
-        let call = state.call.clone();
-        let user = state.user.clone();
-        if let Some(c) = self.calls.get_mut(&call) {
-            c.tracks.retain(|k| *k != key);
-        }
-        for sub in &track.subscribers {
-            if let Some(s) = self.sessions.get_mut(sub) {
-                if let Some(out) = s.outgoing.remove(&key) {
-                    if !track.is_audio() {
-                        s.video_out -= 1;
-                    }
-                    s.out_by_mid.remove(&out.mid);
-                    s.idle.push(IdleLine {
-                        mid: out.mid,
-                        kind: track.kind,
-                        continuation: out.rewriter.continuation(),
-                    });
-                }
-            }
-        }
-        self.outputs
-            .push_back(Output::Event(Event::TrackUnpublished {
-                session: key.publisher,
-                mid: key.mid.to_string(),
-            }));
-        if track.source == TrackSource::Screen {
-            self.broadcast(
-                &call,
-                None,
-                ServerMessage::Screen {
-                    session: key.publisher,
-                    user,
-                    on: false,
-                },
-            );
-        }
-        self.renegotiate_call(&call, Some(key.publisher));
-    }
-
-    fn renegotiate_call(&mut self, call: &CallId, except: Option<SessionId>) {
-        if let Some(c) = self.calls.get(call) {
-            for member in &c.members {
-                if Some(*member) != except && !self.renegotiate.contains(member) {
-                    self.renegotiate.push(*member);
-                }
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- forwarding
-
-    /// One RTP packet from a publisher: measure its layer, then for every subscriber decide
-    /// (its layer, its temporal cap, keyframe gating), rewrite and write.
-    fn forward(&mut self, publisher: SessionId, packet: RtpPacket, now: Instant) {
-        let Some(state) = self.sessions.get_mut(&publisher) else {
-            return;
-        };
-        let Some((mid, rid)) = state.rx_stream(packet.header.ssrc) else {
-            self.counters.snapshot.media_dropped += 1;
-            return;
-        };
-        let muted = state.muted;
-        let codec = state.codec_of(packet.header.payload_type);
-        let key = TrackKey { publisher, mid };
-        let Some(track) = self.tracks.get_mut(&key) else {
-            // Not a published track (forbidden by the grants, or already stopped).
-            self.counters.snapshot.media_dropped += 1;
-            return;
-        };
-        let payload_len = packet.payload.len();
-        let is_audio = track.is_audio();
-        self.counters.snapshot.media_in.add(is_audio, payload_len);
-        if is_audio && muted {
-            self.counters.snapshot.media_dropped += 1;
-            return;
-        }
-        let Some((codec, clock_rate)) = codec else {
-            self.counters.snapshot.media_dropped += 1;
-            return;
-        };
-        if is_audio {
-            if let Some(call) = self.calls.get_mut(&state.call) {
-                if let Some(level) = packet.header.ext_vals.audio_level {
-                    call.speakers.observe(
-                        publisher,
-                        level,
-                        packet.header.ext_vals.voice_activity,
-                        now,
-                    );
-                }
-                if !call.speakers.is_forwarded(publisher, now) {
-                    // Not among the loudest: nobody needs this packet (top-N audio).
-                    self.counters.snapshot.audio_not_forwarded += 1;
-                    return;
-                }
-            }
-        }
-        let mut keyframe = false;
-        let mut tid = None;
-        let mut starts_picture = false;
-        let mut vp8 = None;
-        let mut new_layer = false;
-        if !is_audio {
-            track.codec = VideoCodec::from_str0m(codec);
-            keyframe = track.codec.is_keyframe(&packet.payload);
-            match track.codec {
-                VideoCodec::Vp8 => {
-                    (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
-                    vp8 = Vp8Descriptor::parse(&packet.payload).ok();
-                }
-                VideoCodec::Vp9 => (tid, starts_picture) = layers::vp9_temporal(&packet.payload),
-                _ => {}
-            }
-            let Some((index, is_new)) = track.layer_index(rid, now) else {
-                self.counters.snapshot.media_dropped += 1;
-                return;
-            };
-            new_layer = is_new;
-            let layer = &mut track.layers[index];
-            layer.last_seen = now;
-            layer.max_tid = layer
-                .max_tid
-                .max(tid.unwrap_or(0).min(layers::MAX_TID as u8));
-            layer
-                .meter
-                .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
-        }
-        let track = if new_layer {
-            // Every subscriber of this track can be given the new layer — before this packet
-            // (often the keyframe that starts the layer) is fanned out.
-            let subscribers = track.subscribers.clone();
-            for sub in subscribers {
-                self.allocate(sub, now);
-            }
-            let Some(track) = self.tracks.get_mut(&key) else {
-                return;
-            };
-            track
-        } else {
-            track
-        };
-        let simulcast = rid.is_some();
-        let epoch = track.epoch;
-        let mut need_keyframe = false;
-        let mut switches = 0;
-        let subscribers = std::mem::take(&mut track.subscribers);
-        for sub in &subscribers {
-            let Some(s) = self.sessions.get_mut(sub) else {
-                continue;
-            };
-            let Some(out) = s.outgoing.get_mut(&key) else {
-                continue;
-            };
-            if !is_audio {
-                let sel = &mut out.sel;
-                let Some((target_rid, target_tid)) = sel.target else {
-                    continue; // paused: no budget, or the subscriber hid it
-                };
-                if simulcast && sel.current != rid {
-                    if target_rid != rid {
-                        continue; // another layer than this subscriber's
-                    }
-                    if !keyframe {
-                        need_keyframe = true; // switching waits for this layer's keyframe
-                        continue;
-                    }
-                    // The switch: this keyframe starts the new layer, seamlessly.
-                    if sel.current.is_some() {
-                        out.rewriter.switch_layer();
-                    }
-                    sel.current = rid;
-                    sel.vp8.switch_layer();
-                    sel.tid_cap = target_tid;
-                    if let Some(started) = sel.switch_started.take() {
-                        self.counters
-                            .snapshot
-                            .layer_switch_time
-                            .record(now.saturating_duration_since(started));
-                    }
-                    switches += 1;
-                }
-                // Temporal layers: raise the cap only where the stream can be decoded from
-                // (a TL0 picture), lower it at any picture start.
-                if starts_picture && (tid == Some(0) || target_tid < sel.tid_cap) {
-                    sel.tid_cap = target_tid;
-                }
-                if tid.is_some_and(|t| t > sel.tid_cap) {
-                    out.rewriter.skip(*packet.seq_no);
-                    if starts_picture {
-                        sel.vp8.dropped_picture();
-                    }
-                    continue;
-                }
-            }
-            let in_pt = packet.header.payload_type;
-            let out_pt = match out.pt_map.iter().find(|(i, _)| *i == in_pt) {
-                Some(&(_, pt)) => pt,
-                None => {
-                    let Some(pt) = pt_for(&s.rtc, codec, clock_rate) else {
-                        continue; // this subscriber did not negotiate the codec
-                    };
-                    out.pt_map.push((in_pt, pt));
-                    pt
-                }
-            };
-            let verdict = out.rewriter.rewrite(
-                epoch,
-                *packet.seq_no,
-                packet.header.timestamp,
-                keyframe,
-                now,
-            );
-            let Verdict::Forward { seq, timestamp } = verdict else {
-                need_keyframe |= out.rewriter.waits_for_keyframe();
-                continue;
-            };
-            let patch = vp8.as_ref().and_then(|d| out.sel.vp8.patch(d));
-            let ssrc = out.ssrc;
-            out.last_write = now;
-            if std::mem::take(&mut out.parked) && s.unpark(ssrc) {
-                self.counters.snapshot.streams_unparked += 1;
-            }
-            // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
-            let ext = ExtensionValues {
-                audio_level: packet.header.ext_vals.audio_level,
-                voice_activity: packet.header.ext_vals.voice_activity,
-                video_orientation: packet.header.ext_vals.video_orientation,
-                ..Default::default()
-            };
-            let mut api = s.rtc.direct_api();
-            let Some(tx) = api.stream_tx(&ssrc) else {
-                continue;
-            };
-            let mut write = RtpWrite::new(
-                out_pt,
-                seq.into(),
-                timestamp,
-                packet.timestamp,
-                packet.payload.clone(),
-            )
-            .marker(packet.header.marker)
-            .ext_vals(ext)
-            .nackable(!is_audio);
-            if let Some(patch) = patch {
-                write = write.vp8_patch(patch);
-            }
-            tx.write_rtp(write);
-            self.counters.snapshot.media_out.add(is_audio, payload_len);
-            if !s.touched {
-                s.touched = true;
-                self.touched.push(*sub);
-            }
-        }
-        if let Some(track) = self.tracks.get_mut(&key) {
-            track.subscribers = subscribers;
-        }
-        if switches > 0 {
-            self.counters.snapshot.layer_switches += switches;
-            self.dynacast.push(key);
-        }
-        if need_keyframe {
-            self.request_keyframe(key, rid, now, false);
-        }
-    }
-
-    /// Asks a publisher for a keyframe of one layer, at most once per
-    /// `keyframe_request_interval` per layer (all subscribers' requests are aggregated into
-    /// one). `urgent` (a new subscriber) allows a request after a fifth of the interval.
-    fn request_keyframe(&mut self, key: TrackKey, rid: Option<Rid>, now: Instant, urgent: bool) {
-        let interval = self.config.keyframe_request_interval();
-        let Some(track) = self.tracks.get_mut(&key) else {
-            return;
-        };
-        if track.is_audio() {
-            return;
-        }
-        let min_gap = if urgent { interval / 5 } else { interval };
-        if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == rid) {
-            if layer
-                .last_keyframe_request
-                .is_some_and(|last| now.saturating_duration_since(last) < min_gap)
-            {
-                return;
-            }
-            layer.last_keyframe_request = Some(now);
-        }
-        let Some(publisher) = self.sessions.get_mut(&key.publisher) else {
-            return;
-        };
-        let mut api = publisher.rtc.direct_api();
-        let Some(rx) = api.stream_rx_by_mid(key.mid, rid) else {
-            return;
-        };
-        rx.request_keyframe(KeyframeRequestKind::Pli);
-        self.counters.snapshot.keyframe_requests_out += 1;
-        self.touch(key.publisher);
-    }
-
-    // ---------------------------------------------------------------- signaling
-
-    fn refuse_signal(&mut self, session: SessionId, error: SignalError) -> RouterError {
-        self.counters.snapshot.signal_errors += 1;
-        tracing::debug!(%session, "signal refused: {error}");
-        self.outputs
-            .push_back(Output::Signal(session, ServerMessage::error(&error)));
-        RouterError::Signal { session, error }
-    }
-
-    fn apply_signal(
-        &mut self,
-        session: SessionId,
-        msg: ClientMessage,
-        now: Instant,
-    ) -> Result<(), SignalError> {
-        match msg {
-            ClientMessage::Offer { sdp, screen_mid } => {
-                self.on_client_offer(session, &sdp, screen_mid, now)
-            }
-            ClientMessage::Answer { sdp } => self.on_client_answer(session, &sdp, now),
-            ClientMessage::Candidate { candidate } => {
-                let line = candidate.trim();
-                let line = line.strip_prefix("a=").unwrap_or(line);
-                if line.is_empty() {
-                    return Ok(()); // end-of-candidates
-                }
-                let parsed = Candidate::from_sdp_string(line)
-                    .map_err(|e| SignalError::Candidate(e.to_string()))?;
-                if let Some(state) = self.sessions.get_mut(&session) {
-                    state.rtc.add_remote_candidate(parsed);
-                }
-                self.drain(session, now);
-                Ok(())
-            }
-            ClientMessage::Mute => {
-                self.set_muted(session, true, now).ok();
-                Ok(())
-            }
-            ClientMessage::Unmute => {
-                let allowed = self
-                    .sessions
-                    .get(&session)
-                    .is_some_and(|s| s.grants.publish_audio);
-                if !allowed {
-                    return Err(SignalError::NotAllowed(
-                        "this session may not publish audio",
-                    ));
-                }
-                self.set_muted(session, false, now).ok();
-                Ok(())
-            }
-            ClientMessage::ScreenOn { mid } => {
-                let Some(state) = self.sessions.get_mut(&session) else {
-                    return Ok(());
-                };
-                if !state.grants.publish_screen {
-                    return Err(SignalError::NotAllowed(
-                        "this session may not share its screen",
-                    ));
-                }
-                let mid = Mid::from(mid.as_str());
-                state.screen_mid = Some(mid);
-                let key = TrackKey {
-                    publisher: session,
-                    mid,
-                };
-                if let Some(track) = self.tracks.get_mut(&key) {
-                    if track.source != TrackSource::Screen && track.kind == MediaKind::Video {
-                        track.source = TrackSource::Screen;
-                        let call = state.call.clone();
-                        let user = state.user.clone();
-                        self.broadcast(
-                            &call,
-                            None,
-                            ServerMessage::Screen {
-                                session,
-                                user,
-                                on: true,
-                            },
-                        );
-                        self.renegotiate_call(&call, Some(session));
-                    }
-                }
-                Ok(())
-            }
-            ClientMessage::Preference {
-                mid,
-                paused,
-                max_layer,
-            } => self.set_preference(session, &mid, paused, max_layer, now),
-            ClientMessage::ScreenOff => {
-                let Some(state) = self.sessions.get_mut(&session) else {
-                    return Ok(());
-                };
-                if let Some(mid) = state.screen_mid.take() {
-                    self.unpublish(
-                        TrackKey {
-                            publisher: session,
-                            mid,
-                        },
-                        now,
-                    );
-                }
-                Ok(())
-            }
-        }
-    }
-
-    fn on_client_offer(
-        &mut self,
-        session: SessionId,
-        sdp: &str,
-        screen_mid: Option<String>,
-        now: Instant,
-    ) -> Result<(), SignalError> {
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return Ok(());
-        };
-        if let Some(mid) = &screen_mid {
-            if state.grants.publish_screen {
-                state.screen_mid = Some(Mid::from(mid.as_str()));
-            }
-        }
-        let (sdp, restricted) = restrict_offer(sdp, state.grants, screen_mid.as_deref());
-        if restricted > 0 {
-            tracing::info!(%session, restricted, "offer restricted by grants");
-        }
-        let offer = SdpOffer::from_sdp_string(&sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
-        if let Some(pending) = state.pending_offer.take() {
-            // Glare: the client's offer wins. str0m rolls our offer back in accept_offer; the
-            // tracks it would have added stay wanted and go into the next router offer, and
-            // the existing m-lines it reused go back to the idle pool.
-            for line in pending.added {
-                if let Some(continuation) = line.continuation {
-                    state.idle.push(IdleLine {
-                        mid: line.mid,
-                        kind: line.kind,
-                        continuation,
-                    });
-                }
-            }
-            self.counters.snapshot.glare_rollbacks += 1;
-            tracing::debug!(%session, "glare: the client's offer wins; ours is re-offered after the answer");
-        }
-        let state = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SignalError::UnexpectedAnswer)?;
-        let answer = state
-            .with_streams_declared(|rtc| rtc.sdp_api().accept_offer(offer))
-            .map_err(|e| SignalError::Sdp(e.to_string()))?;
-        state.negotiated = true;
-        self.outputs.push_back(Output::Signal(
-            session,
-            ServerMessage::Answer {
-                sdp: answer.to_sdp_string(),
-            },
-        ));
-        self.drain(session, now);
-        // Anything the rolled-back or never-sent offers carried goes out now.
-        if !self.renegotiate.contains(&session) {
-            self.renegotiate.push(session);
-        }
-        Ok(())
-    }
-
-    fn on_client_answer(
-        &mut self,
-        session: SessionId,
-        sdp: &str,
-        now: Instant,
-    ) -> Result<(), SignalError> {
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return Ok(());
-        };
-        let Some(pending) = state.pending_offer.take() else {
-            return Err(SignalError::UnexpectedAnswer);
-        };
-        let answer =
-            SdpAnswer::from_sdp_string(sdp).map_err(|e| SignalError::Sdp(e.to_string()))?;
-        let accepted =
-            state.with_streams_declared(|rtc| rtc.sdp_api().accept_answer(pending.pending, answer));
-        if let Err(e) = accepted {
-            // The offer is spent; what it carried is offered again.
-            if !self.renegotiate.contains(&session) {
-                self.renegotiate.push(session);
-            }
-            return Err(SignalError::Sdp(e.to_string()));
-        }
-        let mut attached = Vec::new();
-        for line in pending.added {
-            let Some(track) = self.tracks.get(&line.key) else {
-                // Unpublished meanwhile: the m-line waits for the next track.
-                state.idle.push(IdleLine {
-                    mid: line.mid,
-                    kind: line.kind,
-                    continuation: line.continuation.unwrap_or_default(),
-                });
-                continue;
-            };
-            if attach(state, line, track, now) {
-                attached.push(line.key);
-            }
-        }
-        self.drain(session, now);
-        for key in attached {
-            self.subscribed(session, key, now);
-        }
-        if !self.renegotiate.contains(&session) {
-            self.renegotiate.push(session);
-        }
-        Ok(())
-    }
-
-    /// Sends a router offer if this session's subscriptions differ from what its call
-    /// publishes, unless an offer is already outstanding (never two offers in flight).
-    fn offer_if_needed(&mut self, session: SessionId, now: Instant) {
-        let Some(state) = self.sessions.get(&session) else {
-            return;
-        };
-        if !state.negotiated || state.pending_offer.is_some() {
-            return;
-        }
-        let wanted: Vec<(TrackKey, MediaKind, TrackSource)> = if state.grants.subscribe {
-            self.calls
-                .get(&state.call)
-                .map(|c| {
-                    c.tracks
-                        .iter()
-                        .filter(|k| k.publisher != session && !state.outgoing.contains_key(k))
-                        .filter_map(|k| self.tracks.get(k).map(|t| (*k, t.kind, t.source)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let Some(state) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let sending = |rtc: &str0m::Rtc, mid: Mid| {
-            rtc.media(mid)
-                .is_some_and(|m| m.direction() == Direction::SendOnly)
-        };
-        let idle_but_sending = state.idle.iter().any(|l| sending(&state.rtc, l.mid));
-        if wanted.is_empty() && !idle_but_sending {
-            return;
-        }
-        // Reuse idle m-lines of the same kind first. One still negotiated as sendonly carries
-        // the new track at once; an inactive one is turned back on in the offer.
-        let mut attached = Vec::new();
-        let mut reactivate = Vec::new();
-        let mut fresh = Vec::new();
-        for (key, kind, source) in wanted {
-            let Some(pos) = state.idle.iter().position(|l| l.kind == kind) else {
-                fresh.push((key, kind, source));
-                continue;
-            };
-            let idle = state.idle.swap_remove(pos);
-            let line = AddedLine {
-                key,
-                mid: idle.mid,
-                kind,
-                continuation: Some(idle.continuation),
-            };
-            if sending(&state.rtc, idle.mid) {
-                if let Some(track) = self.tracks.get(&key) {
-                    if attach(state, line, track, now) {
-                        attached.push(key);
-                    }
-                }
-            } else {
-                reactivate.push(line);
-            }
-        }
-        let idle: Vec<Mid> = state.idle.iter().map(|l| l.mid).collect();
-        let (applied, added) = state.with_streams_declared(|rtc| {
-            let mut api = rtc.sdp_api();
-            for line in &reactivate {
-                api.set_direction(line.mid, Direction::SendOnly);
-            }
-            for mid in idle {
-                api.set_direction(mid, Direction::Inactive);
-            }
-            let mut added = reactivate;
-            for (key, kind, source) in fresh {
-                let stream_id = format!("{}", key.publisher);
-                let track_id = format!("{}-{}-{}", key.publisher, source.as_str(), key.mid);
-                let mid = api.add_media(
-                    kind,
-                    Direction::SendOnly,
-                    Some(stream_id),
-                    Some(track_id),
-                    None,
-                );
-                added.push(AddedLine {
-                    key,
-                    mid,
-                    kind,
-                    continuation: None,
-                });
-            }
-            (api.apply(), added)
-        });
-        let offer = applied.map(|(offer, pending)| {
-            let sdp = offer.to_sdp_string();
-            state.pending_offer = Some(PendingOffer {
-                pending,
-                added,
-                sdp: sdp.clone(),
-                sent_at: now,
-                resends: 0,
-            });
-            sdp
-        });
-        if offer.is_some() {
-            tracing::debug!(%session, "router offer sent");
-            self.deadlines.push(Reverse((
-                later(now, OFFER_RESEND_AFTER),
-                session,
-                Deadline::OfferResend,
-            )));
-        }
-        for key in attached.iter().copied() {
-            self.subscribed(session, key, now);
-        }
-        if offer.is_none() && attached.is_empty() {
-            return;
-        }
-        let tracks = self.track_list(session);
-        self.outputs
-            .push_back(Output::Signal(session, ServerMessage::Tracks { tracks }));
-        if let Some(sdp) = offer {
-            self.counters.snapshot.renegotiations += 1;
-            self.outputs
-                .push_back(Output::Signal(session, ServerMessage::Offer { sdp }));
-        }
-    }
-
-    /// The tracks a session receives (negotiated and in its pending offer), by local mid.
-    fn track_list(&self, session: SessionId) -> Vec<TrackInfo> {
-        let Some(state) = self.sessions.get(&session) else {
-            return Vec::new();
-        };
-        let pending = state
-            .pending_offer
-            .iter()
-            .flat_map(|p| p.added.iter().map(|l| (l.key, l.mid)));
-        let current = state.outgoing.iter().map(|(k, o)| (*k, o.mid));
-        let mut list: Vec<TrackInfo> = current
-            .chain(pending)
-            .filter_map(|(key, mid)| {
-                let track = self.tracks.get(&key)?;
-                let publisher = self.sessions.get(&key.publisher)?;
-                Some(TrackInfo {
-                    mid: mid.to_string(),
-                    session: key.publisher,
-                    user: publisher.user.clone(),
-                    source: track.source,
-                })
-            })
-            .collect();
-        list.sort_by(|a, b| a.mid.cmp(&b.mid));
-        list
-    }
-
-    fn broadcast(&mut self, call: &CallId, except: Option<SessionId>, msg: ServerMessage) {
         if let Some(c) = self.calls.get(call) {
             for member in &c.members {
                 if Some(*member) != except {
@@ -1952,14 +847,16 @@ impl Router {
         }
     }
 
-    // ---------------------------------------------------------------- leaving
-
     fn remove_session(&mut self, session: SessionId, reason: LeaveReason, now: Instant) {
         let Some(state) = self.sessions.get(&session) else {
             return;
         };
         let published = state.published.clone();
-        let subscribed: Vec<TrackKey> = state.outgoing.keys().copied().collect();
+        let subscribed: Vec<TrackKey> = state
+            .slots
+            .iter()
+            .flat_map(|s| s.current.iter().chain(s.next.iter()).map(|f| f.key))
+            .collect();
         let call = state.call.clone();
         let user = state.user.clone();
         for mid in published {
@@ -1993,9 +890,11 @@ impl Router {
         self.flows.remove_session(session);
         self.touched.retain(|s| *s != session);
         self.renegotiate.retain(|s| *s != session);
+        self.remap.retain(|s| *s != session);
         if let Some(c) = self.calls.get_mut(&call) {
             c.members.retain(|m| *m != session);
             c.speakers.remove(session);
+            c.recent_speakers.retain(|s| *s != session);
             if c.members.is_empty() {
                 self.calls.remove(&call);
             }
@@ -2015,53 +914,8 @@ impl Router {
     }
 }
 
-/// Starts writing `line.key`'s track into the subscriber's m-line `line.mid`. Returns false if
-/// str0m has no send stream there (the answer refused the m-line).
-fn attach(state: &mut Session, line: AddedLine, track: &PublishedTrack, now: Instant) -> bool {
-    // A reused m-line's stream may be parked: it carries a track again.
-    state.unpark_mid(line.mid);
-    let Some(ssrc) = state
-        .rtc
-        .direct_api()
-        .stream_tx_by_mid(line.mid, None)
-        .map(|tx| tx.ssrc())
-    else {
-        tracing::warn!(mid = %line.mid, "no send stream for a negotiated m-line");
-        return false;
-    };
-    let clock_rate = if track.is_audio() { 48_000 } else { 90_000 };
-    let rewriter = match line.continuation {
-        Some(from) => Rewriter::continuing(clock_rate, !track.is_audio(), track.epoch, from),
-        None => Rewriter::new(clock_rate, !track.is_audio(), track.epoch),
-    };
-    state.out_by_mid.insert(line.mid, line.key);
-    state.outgoing.insert(
-        line.key,
-        OutTrack {
-            mid: line.mid,
-            ssrc,
-            rewriter,
-            pt_map: Vec::new(),
-            sel: Selection::default(),
-            last_write: now,
-            parked: false,
-        },
-    );
-    if !track.is_audio() {
-        state.video_out += 1;
-    }
-    true
-}
-
 /// `at + by`, saturating at `at` where `Instant` cannot go further (an embedder's clock near
 /// the end of its range must not panic the router).
-fn later(at: Instant, by: Duration) -> Instant {
+pub(crate) fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by).unwrap_or(at)
-}
-
-fn proto_of(proto: str0m::net::Protocol) -> Proto {
-    match proto {
-        str0m::net::Protocol::Udp => Proto::Udp,
-        _ => Proto::Tcp,
-    }
 }

@@ -8,15 +8,15 @@ use str0m::bwe::Bitrate;
 use str0m::change::SdpPendingOffer;
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
-use str0m::media::{MediaKind, Mid, Pt, Rid};
+use str0m::media::{Mid, Pt, Rid};
 use str0m::net::TcpType;
 use str0m::rtp::Ssrc;
 use str0m::{Candidate, IceCreds, Rtc};
 
-use crate::call::TrackKey;
 use crate::config::Config;
-use crate::forward::{Continuation, Rewriter, Vp8Munger};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
+use crate::signal::SlotKind;
+use crate::slot::Slot;
 
 /// How often str0m reports per-session stats (RTT, loss).
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
@@ -38,23 +38,7 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_secs(5);
 /// a middle simulcast layer or two low ones; the estimator probes upwards from here.
 pub(crate) const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
 
-/// A subscription: one publisher track written into this session's m-line `mid`.
-#[derive(Debug)]
-pub(crate) struct OutTrack {
-    pub mid: Mid,
-    pub ssrc: Ssrc,
-    pub rewriter: Rewriter,
-    /// Publisher payload type → this session's payload type (filled lazily).
-    pub pt_map: Vec<(Pt, Pt)>,
-    /// Video: which layer this subscriber gets.
-    pub sel: Selection,
-    /// When something was last written into this stream (or the subscription started).
-    pub last_write: Instant,
-    /// Its str0m send stream is parked (see [`PARK_AFTER`]).
-    pub parked: bool,
-}
-
-/// Video layer selection for one subscription.
+/// Video layer selection for one source on one slot.
 #[derive(Debug, Default)]
 pub(crate) struct Selection {
     /// The allocator's choice: the simulcast layer (`None` rid without simulcast) and the
@@ -64,41 +48,29 @@ pub(crate) struct Selection {
     pub current: Option<Rid>,
     /// The temporal cap in force (changed at picture starts).
     pub tid_cap: u8,
-    /// The subscriber's preferences.
-    pub paused: bool,
-    pub max_layer: Option<u8>,
     /// Since when an upgrade has been affordable (hysteresis).
     pub upgrade_since: Option<Instant>,
     /// When the target last changed to another spatial layer (for switch-time metrics).
     pub switch_started: Option<Instant>,
-    pub vp8: Vp8Munger,
 }
 
-/// A subscription m-line whose track is gone, kept for the next track of the same kind instead
-/// of growing the SDP forever (str0m never recycles the m-lines it offers).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct IdleLine {
-    pub mid: Mid,
-    pub kind: MediaKind,
-    pub continuation: Continuation,
-}
-
-/// A track a router offer adds, and the m-line it gets.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AddedLine {
-    pub key: TrackKey,
-    pub mid: Mid,
-    pub kind: MediaKind,
-    /// `Some` for a reused m-line: where its stream left off.
-    pub continuation: Option<Continuation>,
+/// Slot m-lines a router offer adds or turns on or off.
+#[derive(Debug, Default)]
+pub(crate) struct SlotChange {
+    /// New m-lines, by kind.
+    pub added: Vec<(Mid, SlotKind)>,
+    /// Inactive slots turned back on (indices into `Session::slots`).
+    pub reactivated: Vec<usize>,
+    /// Active slots turned off (already taken out of forwarding when the offer was made).
+    pub deactivated: Vec<usize>,
 }
 
 /// A router offer waiting for the client's answer.
 #[derive(Debug)]
 pub(crate) struct PendingOffer {
     pub pending: SdpPendingOffer,
-    /// Tracks this offer adds.
-    pub added: Vec<AddedLine>,
+    /// What this offer changes in the slots.
+    pub change: SlotChange,
     /// The offer as sent, for [`Router::resend_signaling`](crate::Router::resend_signaling).
     pub sdp: String,
     /// When it was (last) sent, and how often it was re-sent unanswered.
@@ -122,12 +94,13 @@ pub(crate) struct Session {
     pub published: Vec<Mid>,
     /// Incoming SSRC → (mid, rid), cached from str0m's receive streams.
     pub rx_ssrc: HashMap<Ssrc, (Mid, Option<Rid>)>,
-    /// Subscriptions whose m-line has been negotiated.
-    pub outgoing: HashMap<TrackKey, OutTrack>,
-    pub out_by_mid: HashMap<Mid, TrackKey>,
+    /// Receive slots whose m-line has been negotiated, in SDP order.
+    pub slots: Vec<Slot>,
+    /// Camera slots this session wants (`video_slots` until it sends `slots`).
+    pub video_slots: usize,
+    /// Sessions whose cameras go on this session's camera slots first, in this order.
+    pub pins: Vec<SessionId>,
     pub pending_offer: Option<PendingOffer>,
-    /// Subscription m-lines whose track is gone, waiting to be reused.
-    pub idle: Vec<IdleLine>,
     /// Next time str0m wants `handle_timeout`.
     pub next_timeout: Option<Instant>,
     /// In the router's touched list (has writes that need a timeout to go out).
@@ -139,8 +112,6 @@ pub(crate) struct Session {
     pub bandwidth_cap: Option<u64>,
     /// The congestion controller's latest estimate towards this session (bits per second).
     pub bwe_estimate: Option<u64>,
-    /// Video subscriptions (the allocator skips sessions without any).
-    pub video_out: usize,
     /// The (minimum, desired) bitrates last given to str0m's estimator.
     pub bwe_asked: (u64, u64),
     /// Send streams taken out of str0m while idle: SSRC → (RTX SSRC, mid). Declared again
@@ -216,10 +187,10 @@ impl Session {
             screen_mid: None,
             published: Vec::new(),
             rx_ssrc: HashMap::new(),
-            outgoing: HashMap::new(),
-            out_by_mid: HashMap::new(),
+            slots: Vec::new(),
+            video_slots: config.video_slots,
+            pins: Vec::new(),
             pending_offer: None,
-            idle: Vec::new(),
             next_timeout: None,
             touched: false,
             rtt_ms: None,
@@ -227,41 +198,42 @@ impl Session {
             ingress_loss: None,
             bandwidth_cap: None,
             bwe_estimate: None,
-            video_out: 0,
             bwe_asked: (0, 0),
             parked: HashMap::new(),
         }
     }
 
-    /// Parks the send streams idle for [`PARK_AFTER`] (subscriptions, and the m-lines waiting
-    /// for reuse). Returns how many were parked.
+    /// Parks the send streams of slots idle for [`PARK_AFTER`] (and of inactive slots).
+    /// Returns how many were parked.
     pub fn park_idle(&mut self, now: Instant) -> usize {
         let mut count = 0;
         let mut api = self.rtc.direct_api();
-        for out in self.outgoing.values_mut() {
-            if out.parked || now.saturating_duration_since(out.last_write) < PARK_AFTER {
+        for slot in &mut self.slots {
+            if slot.parked || now.saturating_duration_since(slot.last_write) < PARK_AFTER {
                 continue;
             }
-            let Some(rtx) = api.stream_tx(&out.ssrc).map(|tx| tx.rtx()) else {
+            let Some(rtx) = api.stream_tx(&slot.ssrc).map(|tx| tx.rtx()) else {
                 continue;
             };
-            api.remove_stream_tx(out.ssrc);
-            self.parked.insert(out.ssrc, (rtx, out.mid));
-            out.parked = true;
-            count += 1;
-        }
-        for line in &self.idle {
-            let Some((ssrc, rtx)) = api
-                .stream_tx_by_mid(line.mid, None)
-                .map(|tx| (tx.ssrc(), tx.rtx()))
-            else {
-                continue;
-            };
-            api.remove_stream_tx(ssrc);
-            self.parked.insert(ssrc, (rtx, line.mid));
+            api.remove_stream_tx(slot.ssrc);
+            self.parked.insert(slot.ssrc, (rtx, slot.mid));
+            slot.parked = true;
             count += 1;
         }
         count
+    }
+
+    /// Video slots that carry or wait for a source (the allocator skips sessions without any).
+    pub fn video_feeds(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.active && s.is_video() && s.target().is_some())
+            .count()
+    }
+
+    /// The slot on m-line `mid`.
+    pub fn slot_by_mid(&self, mid: Mid) -> Option<usize> {
+        self.slots.iter().position(|s| s.mid == mid)
     }
 
     /// Declares a parked send stream again (same SSRC and RTX SSRC, so the SDP stays true).
@@ -277,20 +249,10 @@ impl Session {
                 .direct_api()
                 .declare_stream_tx(ssrc, rtx, mid, None);
         }
-        if let Some(out) = self.outgoing.values_mut().find(|o| o.ssrc == ssrc) {
-            out.parked = false;
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.ssrc == ssrc) {
+            slot.parked = false;
         }
         true
-    }
-
-    /// The parked send stream of m-line `mid`, declared again. Returns whether there was one.
-    pub fn unpark_mid(&mut self, mid: Mid) -> bool {
-        let found = self
-            .parked
-            .iter()
-            .find(|(_, (_, m))| *m == mid)
-            .map(|(ssrc, _)| *ssrc);
-        found.is_some_and(|ssrc| self.unpark(ssrc))
     }
 
     /// Runs an SDP operation with every parked send stream declared, and parks them again

@@ -3,10 +3,16 @@
 //! The embedder carries them over its own channel (a WebSocket, the chat server's connection, …)
 //! as JSON: every message is an object with a `"type"` field in `snake_case`.
 //!
+//! A participant receives on a fixed set of **slots** (router→client m-lines: a few audio, the
+//! camera tiles it shows, one screen), negotiated once after its first offer; which participant
+//! a slot carries is a [`ServerMessage::Slots`] mapping, sent before the first packet of a new
+//! source. Nobody is renegotiated when others join, leave or publish (docs/signaling.md).
+//!
 //! Negotiation rules (perfect negotiation with the **client impolite**):
 //! - The client sends an [`ClientMessage::Offer`] for what it publishes; the router answers.
-//! - When other participants' tracks appear or go, the router sends a [`ServerMessage::Offer`];
-//!   the client answers with [`ClientMessage::Answer`]. The router never has two offers in flight.
+//! - The router sends a [`ServerMessage::Offer`] of the client's slots after its first offer and
+//!   after a [`ClientMessage::Slots`] request; the client answers with
+//!   [`ClientMessage::Answer`]. The router never has two offers in flight.
 //! - Glare: if the client's offer crosses a router offer, **the client's offer wins**: the router
 //!   drops its own offer, answers the client, and re-offers its changes after that. A client that
 //!   receives a router offer while its own offer is outstanding ignores the router's offer.
@@ -18,6 +24,13 @@ use crate::ids::{SessionId, TrackSource, UserId};
 
 /// Largest signaling message the router parses (SDP of a large call fits comfortably).
 pub const MAX_SIGNAL_BYTES: usize = 256 * 1024;
+
+/// The signaling protocol's version (2: receive slots). Embedders announce it to clients (the
+/// reference server's `welcome` carries it as `protocol`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Most sessions a [`ClientMessage::Pin`] may name.
+pub const MAX_PINS: usize = 25;
 
 /// A message from a participant to the router.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,11 +66,24 @@ pub enum ClientMessage {
     },
     /// The screen share has stopped.
     ScreenOff,
-    /// How this client wants one of the tracks it receives: `paused` stops its video (a hidden
-    /// tile), `max_layer` caps the simulcast layer (0 = lowest) whatever the bandwidth allows.
-    /// Sent again to change; both fields default to "no restriction".
+    /// Put these participants' cameras on this client's camera slots first, in this order
+    /// (replaces the previous list; empty unpins). At most [`MAX_PINS`].
+    Pin {
+        /// The pinned sessions.
+        sessions: Vec<SessionId>,
+    },
+    /// How many camera slots this client wants (0 to the router's `max_video_slots`). The only
+    /// message that makes the router renegotiate a subscriber.
+    Slots {
+        /// Camera slots wanted.
+        video: u16,
+    },
+    /// How this client wants one of its camera or screen slots: `paused` stops its video (a
+    /// hidden tile), `max_layer` caps the simulcast layer (0 = lowest) whatever the bandwidth
+    /// allows. It applies to whoever the slot carries. Sent again to change; both fields default
+    /// to "no restriction".
     Preference {
-        /// The receiving client's m-line of the track (as in [`ServerMessage::Tracks`]).
+        /// The slot's m-line (as in [`ServerMessage::Slots`]).
         mid: String,
         /// Forward nothing on this track until set back to `false`.
         #[serde(default)]
@@ -86,17 +112,55 @@ impl ClientMessage {
     }
 }
 
-/// A published track as the router announces it to other participants.
+/// What a receive slot carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotKind {
+    /// One of the loudest microphones.
+    Audio,
+    /// A camera tile.
+    Camera,
+    /// The screen share.
+    Screen,
+}
+
+impl SlotKind {
+    /// Short label used in metrics, logs and msid.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotKind::Audio => "audio",
+            SlotKind::Camera => "camera",
+            SlotKind::Screen => "screen",
+        }
+    }
+}
+
+/// One receive slot's mapping: which participant's source it carries from now on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrackInfo {
-    /// The m-line in *the receiving client's* SDP that carries this track.
+pub struct SlotInfo {
+    /// The slot's m-line in the receiving client's SDP.
     pub mid: String,
-    /// The publishing session.
+    /// Audio, camera or screen.
+    pub kind: SlotKind,
+    /// The session it carries; `None`: the slot is empty.
+    pub session: Option<SessionId>,
+    /// That session's user.
+    pub user: Option<UserId>,
+    /// That session's source.
+    pub source: Option<TrackSource>,
+}
+
+/// One participant in a [`ServerMessage::Roster`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// Their session.
     pub session: SessionId,
-    /// The publishing user.
+    /// Their user.
     pub user: UserId,
-    /// Microphone, camera or screen.
-    pub source: TrackSource,
+    /// Their microphone is muted.
+    pub muted: bool,
+    /// What they publish now.
+    pub publishing: Vec<TrackSource>,
 }
 
 /// A message from the router to a participant.
@@ -109,15 +173,21 @@ pub enum ServerMessage {
         /// The SDP text.
         sdp: String,
     },
-    /// A router-initiated offer (tracks of other participants added or removed).
+    /// A router-initiated offer: this client's receive slots.
     Offer {
         /// The SDP text.
         sdp: String,
     },
-    /// The tracks this client now receives, sent with each router offer and after each change.
-    Tracks {
-        /// Every track the client receives, by its local mid.
-        tracks: Vec<TrackInfo>,
+    /// Slot mapping: every slot right before each router offer, then the slots whose source
+    /// changes, each before the first packet of its new source.
+    Slots {
+        /// The slots described.
+        slots: Vec<SlotInfo>,
+    },
+    /// Who is in the call, sent once to a participant right after it joined (itself excluded).
+    Roster {
+        /// Everyone else.
+        participants: Vec<RosterEntry>,
     },
     /// Another participant joined the call.
     ParticipantJoined {
@@ -142,13 +212,15 @@ pub enum ServerMessage {
         /// Now muted.
         muted: bool,
     },
-    /// A participant started or stopped sharing their screen.
-    Screen {
-        /// Who shares.
+    /// A participant started or stopped publishing a source.
+    Published {
+        /// Who.
         session: SessionId,
         /// Their user.
         user: UserId,
-        /// Now sharing.
+        /// Microphone, camera or screen.
+        source: TrackSource,
+        /// Now publishing.
         on: bool,
     },
     /// Dynacast: the simulcast layers of one of this client's own tracks that someone watches.
@@ -176,6 +248,23 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// The message's `type`, as in its JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Answer { .. } => "answer",
+            ServerMessage::Offer { .. } => "offer",
+            ServerMessage::Slots { .. } => "slots",
+            ServerMessage::Roster { .. } => "roster",
+            ServerMessage::ParticipantJoined { .. } => "participant_joined",
+            ServerMessage::ParticipantLeft { .. } => "participant_left",
+            ServerMessage::Muted { .. } => "muted",
+            ServerMessage::Published { .. } => "published",
+            ServerMessage::Layers { .. } => "layers",
+            ServerMessage::Speaker { .. } => "speaker",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+
     /// Serializes to JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()

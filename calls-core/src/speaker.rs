@@ -383,6 +383,26 @@ impl SpeakerDetector {
         &self.top
     }
 
+    /// Whether `session` is forwarded only for having just unmuted (within [`UNMUTE_GRACE`],
+    /// not in the top N): it may take an audio slot from the weakest top-N member.
+    pub fn in_unmute_grace(&self, session: SessionId, now: Instant) -> bool {
+        self.publishers.get(&session).is_some_and(|publisher| {
+            !publisher.in_top && publisher.grace_until.is_some_and(|until| now < until)
+        })
+    }
+
+    /// How weak `session` is as a holder of an audio slot: 0 for one in its unmute grace (never
+    /// displaced), its top-N position + 1 (1 = strongest), or `usize::MAX` outside the top N.
+    pub fn weakness(&self, session: SessionId, now: Instant) -> usize {
+        if self.in_unmute_grace(session, now) {
+            return 0;
+        }
+        self.top
+            .iter()
+            .position(|&member| member == session)
+            .map_or(usize::MAX, |p| p + 1)
+    }
+
     /// Whether `session`'s audio should be forwarded to the call: always when `top_n` is 0 or
     /// the call has at most `top_n` audio publishers (sessions known to the detector, muted or
     /// not); otherwise when `session` is in the top N or within [`UNMUTE_GRACE`] of unmuting.

@@ -319,6 +319,34 @@ pub(crate) fn layer_and_tid(payload: &[u8]) -> Option<(u8, u8)> {
     }
 }
 
+/// Marks a source tag in a synthetic payload (before the tag's four bytes).
+const SOURCE_TAG_MARK: u8 = 0xC5;
+/// Bytes at a payload's end that the source tag takes: mark, 4-byte tag, and the two tail
+/// bytes (TID, layer) after it, which it leaves alone.
+const SOURCE_TAG_END: usize = 7;
+
+/// Writes the publisher's 32-bit `tag` into a synthetic payload (Opus or VP8, at least 32
+/// bytes), before the two tail bytes: a receiver can then tell whose packet arrived on a slot,
+/// whatever the router's mapping said.
+pub fn tag_source(payload: &mut [u8], tag: u32) {
+    let len = payload.len();
+    if len < 32 {
+        return;
+    }
+    payload[len - SOURCE_TAG_END] = SOURCE_TAG_MARK;
+    payload[len - 6..len - 2].copy_from_slice(&tag.to_le_bytes());
+}
+
+/// The source tag of a synthetic payload, if it carries one.
+pub fn source_tag(payload: &[u8]) -> Option<u32> {
+    let len = payload.len();
+    if len < 32 || payload[len - SOURCE_TAG_END] != SOURCE_TAG_MARK {
+        return None;
+    }
+    let tag: [u8; 4] = payload[len - 6..len - 2].try_into().ok()?;
+    Some(u32::from_le_bytes(tag))
+}
+
 /// Frames in one keyframe interval at one frame per `frame_interval` (over which a layer's
 /// keyframe bytes are spread).
 pub(crate) fn frames_per_interval(keyframe_interval: Duration, frame_interval: Duration) -> f64 {

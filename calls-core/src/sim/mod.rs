@@ -7,6 +7,8 @@
 //! - [`net`]: [`SimNet`], datagrams in flight ordered by arrival time.
 //! - [`peer`]: [`SimPeer`], a participant publishing synthetic Opus and VP8 (optionally as
 //!   simulcast, with temporal layers) and measuring what it receives per publisher track.
+//! - [`receiver`]: what a receiver measures ([`TrackStats`]) and the slot mapping it follows
+//!   ([`SlotMap`]), shared with the load tester's participants.
 //! - [`encoder`]: the synthetic VP8 behind it: simulcast layer targets ([`simulcast_layers`]),
 //!   the RFC 7741 payload descriptor, frame sizes.
 //! - [`tcp`]: simulated ICE-TCP connections (reliable, ordered, RFC 4571 frames split at
@@ -20,6 +22,7 @@ pub mod encoder;
 pub mod lines;
 pub mod net;
 pub mod peer;
+pub mod receiver;
 pub mod tcp;
 pub mod world;
 
@@ -27,8 +30,8 @@ pub use encoder::{simulcast_layers, LayerSpec};
 pub use lines::LineParticipant;
 pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{
-    NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, TrackStats,
-    Transport,
+    NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, Transport,
 };
+pub use receiver::{Attribution, SlotMap, TrackStats};
 pub use tcp::{Deframer, TcpDirStats, TcpStats};
 pub use world::SimWorld;

@@ -39,27 +39,28 @@
 //! frame rate over a trailing window ([`TrackStats::fps_over`]). Per own track and layer what
 //! was sent ([`SimPeer::sent`], [`SimPeer::sent_layer`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::format::{detect_vp8_keyframe, Codec};
+use str0m::format::Codec;
 use str0m::media::{
     Direction, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
 };
 use str0m::net::{Protocol, Receive, TcpType};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::ids::{SessionId, TrackSource, UserId};
-use crate::signal::{ClientMessage, ServerMessage, TrackInfo};
+use crate::signal::{ClientMessage, ServerMessage};
 use crate::Proto;
 
 use super::encoder::{
-    frames_per_interval, keyframe_due, layer_and_tid, simulcast_frame_interval, simulcast_layers,
+    frames_per_interval, keyframe_due, simulcast_frame_interval, simulcast_layers, tag_source,
     Frame, Vp8Encoder,
 };
+use super::receiver::{session_tag, Attribution, SlotMap, TrackStats};
 
 /// Audio packet interval (Opus 20 ms frames).
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -75,15 +76,6 @@ const KEYFRAME_REQUEST_THROTTLE: Duration = Duration::from_millis(100);
 const SIGNAL_LOG_LEN: usize = 256;
 /// `Layers` messages kept in [`SimPeer::layers_log`].
 const LAYERS_LOG_LEN: usize = 4096;
-/// Sequence numbers behind the highest one received that are still watched for a late
-/// (retransmitted) arrival; holes further behind stay counted in [`TrackStats::missing`].
-const HOLE_WINDOW: u64 = 2048;
-/// Frame arrival times kept per track for [`TrackStats::fps_over`] (17 s at 30 fps).
-const FRAME_TIMES_LEN: usize = 512;
-/// Entries kept in [`TrackStats::layer_changes`].
-const LAYER_CHANGES_LEN: usize = 1024;
-/// VP8 PictureIDs are 15 bits (RFC 7741 §4.2, M=1).
-const PICTURE_ID_MASK: u16 = 0x7FFF;
 /// Seed salt of the synthetic encoders' RNG, which is separate from the peer's main RNG so a
 /// peer without simulcast draws exactly the numbers it always did.
 const ENCODER_SEED_SALT: u64 = 0xD1B5_4A32_D192_ED03;
@@ -182,281 +174,6 @@ impl PeerOptions {
         assert!(n == 1 || n == 3, "temporal_layers is 1 or 3, not {n}");
         self.temporal_layers = n;
         self
-    }
-}
-
-/// What one peer received on one track.
-///
-/// Audio fills the packet, sequence and timing fields; video also the frame and layer fields,
-/// read from the synthetic payloads' VP8 descriptor and tail (see the [module docs](self)).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrackStats {
-    /// The local mid the packets arrived on (the last one, if the track moved).
-    pub mid: String,
-    /// RTP packets received.
-    pub packets: u64,
-    /// RTP payload bytes received.
-    pub bytes: u64,
-    /// Extended sequence number of the first packet.
-    pub first_seq: Option<u64>,
-    /// Highest extended sequence number seen.
-    pub last_seq: Option<u64>,
-    /// Sequence numbers skipped after the first packet (never received in order).
-    pub gaps: u64,
-    /// Sequence numbers skipped after the first keyframe (video), or after the first packet
-    /// (audio).
-    pub gaps_after_keyframe: u64,
-    /// Packets at or below the highest sequence number seen (duplicates, reordered, repaired).
-    pub late_or_duplicate: u64,
-    /// Sequence numbers after the first packet not received so far: [`TrackStats::gaps`] minus
-    /// the holes a late packet (a retransmission) filled. Holes more than 2048 sequence numbers
-    /// behind the highest are no longer watched and stay counted.
-    pub missing: u64,
-    /// Packets that start a VP8 keyframe.
-    pub keyframes: u64,
-    /// When the first packet arrived.
-    pub first_packet_at: Option<Instant>,
-    /// When the last packet arrived.
-    pub last_packet_at: Option<Instant>,
-    /// When the first keyframe arrived.
-    pub first_keyframe_at: Option<Instant>,
-    /// The SSRC the packets carry (the last one).
-    pub ssrc: u32,
-    /// How often the SSRC changed (continuity is restarted each time, not counted as a gap).
-    pub ssrc_changes: u64,
-    /// Video frames (packets with the marker bit, duplicates not counted) by spatial layer, as
-    /// the payload's last byte says (0 = lowest; higher indices count as 2).
-    pub frames_by_layer: [u64; 3],
-    /// Video frames by VP8 temporal layer id, as the payload's second-to-last byte says.
-    pub frames_by_tid: [u64; 4],
-    /// The spatial layer of the last in-order video packet.
-    pub last_layer: Option<u8>,
-    /// When the received spatial layer changed, and to which; the first entry is the first
-    /// layer received. The latest 1024 changes are kept.
-    pub layer_changes: Vec<(Instant, u8)>,
-    /// Layer changes whose first packet was not the start of a keyframe (a decoder could not
-    /// continue there: the router must switch only at keyframes).
-    pub switches_off_keyframe: u64,
-    /// Video: the longest time between two consecutive in-order frames (marker packets) after
-    /// the first keyframe — how long the picture froze at worst. Measured when the next frame
-    /// arrives: a freeze still going on shows in [`TrackStats::fps_over`] instead.
-    pub max_frame_gap: Duration,
-    /// Video: consecutive frames whose VP8 PictureIDs did not differ by exactly one (mod
-    /// 2^15) — a frame the router dropped without renumbering, or a layer switch it did not
-    /// smooth over. Judged on packets with adjacent sequence numbers once both arrived (the
-    /// next frame's first packet must carry the last one's PictureID + 1, packets within a
-    /// frame the same), so network loss repaired by retransmission is no break.
-    pub picture_id_breaks: u64,
-    /// Video: TL0PICIDX went up by more than one (or back) between packets with adjacent
-    /// sequence numbers.
-    pub tl0_breaks: u64,
-    /// Bookkeeping behind the counters above.
-    continuity: Continuity,
-}
-
-/// What [`TrackStats`] reads from one received RTP packet.
-#[derive(Debug, Clone, Copy)]
-struct Received<'a> {
-    /// Extended sequence number.
-    seq: u64,
-    ssrc: u32,
-    marker: bool,
-    payload: &'a [u8],
-}
-
-/// What [`TrackStats`] remembers between packets.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Continuity {
-    /// Sequence numbers skipped and not (yet) filled, within [`HOLE_WINDOW`].
-    holes: BTreeSet<u64>,
-    /// Arrival times of the latest frames, oldest first.
-    frame_times: VecDeque<Instant>,
-    last_frame_at: Option<Instant>,
-    /// VP8 descriptor fields by extended sequence number, within [`HOLE_WINDOW`].
-    descriptors: BTreeMap<u64, Vp8Mark>,
-}
-
-/// What a packet's VP8 descriptor said, for continuity checks against its neighbours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Vp8Mark {
-    picture_id: Option<u16>,
-    tl0_pic_idx: Option<u8>,
-    /// The packet ends a frame.
-    marker: bool,
-    /// The packet starts a keyframe.
-    keyframe: bool,
-}
-
-impl Vp8Mark {
-    /// (PictureID break, TL0PICIDX break) between this packet and the `next` one.
-    fn breaks(&self, next: &Vp8Mark) -> (bool, bool) {
-        let picture_id = match (self.picture_id, next.picture_id) {
-            (Some(a), Some(b)) if self.marker => b != (a + 1) & PICTURE_ID_MASK,
-            // A picture cut short by a layer switch, followed by the new layer's keyframe: the
-            // decoder drops the unfinished picture and starts again, as after a loss.
-            (Some(a), Some(b)) if next.keyframe => b != (a + 1) & PICTURE_ID_MASK && b != a,
-            (Some(a), Some(b)) => b != a,
-            _ => false,
-        };
-        let tl0 = match (self.tl0_pic_idx, next.tl0_pic_idx) {
-            (Some(a), Some(b)) => b.wrapping_sub(a) > 1,
-            _ => false,
-        };
-        (picture_id, tl0)
-    }
-}
-
-impl TrackStats {
-    /// Frames per second received over the `window` before `now`: frames (marker packets)
-    /// that arrived after `now - window`, divided by the window. Only the latest 512 frames
-    /// are remembered, so a window longer than that many frames reads low.
-    pub fn fps_over(&self, window: Duration, now: Instant) -> f64 {
-        if window.is_zero() {
-            return 0.0;
-        }
-        let frames = self
-            .continuity
-            .frame_times
-            .iter()
-            .rev()
-            .take_while(|t| now.saturating_duration_since(**t) < window)
-            .filter(|t| **t <= now)
-            .count();
-        frames as f64 / window.as_secs_f64()
-    }
-
-    fn record(&mut self, mid: &str, pkt: &RtpPacket, is_video: bool, now: Instant) {
-        let packet = Received {
-            seq: *pkt.seq_no,
-            ssrc: *pkt.header.ssrc,
-            marker: pkt.header.marker,
-            payload: &pkt.payload,
-        };
-        self.record_packet(mid, packet, is_video, now);
-    }
-
-    fn record_packet(&mut self, mid: &str, pkt: Received<'_>, is_video: bool, now: Instant) {
-        let Received { seq, ssrc, .. } = pkt;
-        if self.packets > 0 && ssrc != self.ssrc {
-            self.ssrc_changes += 1;
-            self.last_seq = None;
-            // A new stream: its numbering has nothing to do with the old one's.
-            self.continuity.holes.clear();
-            self.continuity.descriptors.clear();
-        }
-        self.ssrc = ssrc;
-        if self.mid != mid {
-            self.mid = mid.to_owned();
-        }
-        self.packets += 1;
-        self.bytes += pkt.payload.len() as u64;
-        self.first_packet_at.get_or_insert(now);
-        self.last_packet_at = Some(now);
-        self.first_seq.get_or_insert(seq);
-        let mut in_order = true;
-        let mut duplicate = false;
-        match self.last_seq {
-            None => self.last_seq = Some(seq),
-            Some(last) if seq > last => {
-                let skipped = seq - last - 1;
-                self.gaps += skipped;
-                if !is_video || self.keyframes > 0 {
-                    self.gaps_after_keyframe += skipped;
-                }
-                self.missing += skipped;
-                let floor = seq.saturating_sub(HOLE_WINDOW);
-                let holes = &mut self.continuity.holes;
-                holes.extend((last + 1).max(floor)..seq);
-                if holes.first().is_some_and(|h| *h < floor) {
-                    *holes = holes.split_off(&floor);
-                }
-                self.last_seq = Some(seq);
-            }
-            Some(_) => {
-                self.late_or_duplicate += 1;
-                in_order = false;
-                if self.continuity.holes.remove(&seq) {
-                    self.missing -= 1;
-                } else {
-                    duplicate = true;
-                }
-            }
-        }
-        if is_video && detect_vp8_keyframe(pkt.payload) {
-            self.keyframes += 1;
-            self.first_keyframe_at.get_or_insert(now);
-        }
-        if is_video && !duplicate {
-            self.record_video(pkt, in_order, now);
-        }
-    }
-
-    /// PictureID and TL0PICIDX continuity with the packets just before and after this one.
-    fn record_descriptor(&mut self, pkt: Received<'_>) {
-        let Ok(descriptor) = Vp8Descriptor::parse(pkt.payload) else {
-            return;
-        };
-        let mark = Vp8Mark {
-            picture_id: descriptor.picture_id(),
-            tl0_pic_idx: descriptor.tl0_pic_idx(),
-            marker: pkt.marker,
-            keyframe: descriptor.starts_keyframe(pkt.payload),
-        };
-        let marks = &mut self.continuity.descriptors;
-        let before = pkt.seq.checked_sub(1).and_then(|s| marks.get(&s));
-        let after = marks.get(&(pkt.seq + 1));
-        let pairs = [
-            before.map(|b| b.breaks(&mark)),
-            after.map(|a| mark.breaks(a)),
-        ];
-        for (picture_id, tl0) in pairs.into_iter().flatten() {
-            self.picture_id_breaks += u64::from(picture_id);
-            self.tl0_breaks += u64::from(tl0);
-        }
-        marks.insert(pkt.seq, mark);
-        let floor = self.last_seq.unwrap_or(pkt.seq).saturating_sub(HOLE_WINDOW);
-        if marks.first_key_value().is_some_and(|(s, _)| *s < floor) {
-            *marks = marks.split_off(&floor);
-        }
-    }
-
-    /// Frame and layer bookkeeping for a video packet seen for the first time.
-    fn record_video(&mut self, pkt: Received<'_>, in_order: bool, now: Instant) {
-        self.record_descriptor(pkt);
-        let tail = layer_and_tid(pkt.payload);
-        if let (true, Some((layer, _))) = (in_order, tail) {
-            if self.last_layer != Some(layer) {
-                if self.last_layer.is_some() && !detect_vp8_keyframe(pkt.payload) {
-                    self.switches_off_keyframe += 1;
-                }
-                self.last_layer = Some(layer);
-                if self.layer_changes.len() == LAYER_CHANGES_LEN {
-                    self.layer_changes.remove(0);
-                }
-                self.layer_changes.push((now, layer));
-            }
-        }
-        if !pkt.marker {
-            return;
-        }
-        if let Some((layer, tid)) = tail {
-            self.frames_by_layer[usize::from(layer.min(2))] += 1;
-            self.frames_by_tid[usize::from(tid.min(3))] += 1;
-        }
-        let c = &mut self.continuity;
-        if c.frame_times.len() == FRAME_TIMES_LEN {
-            c.frame_times.pop_front();
-        }
-        c.frame_times.push_back(now);
-        if !in_order {
-            return;
-        }
-        if self.keyframes > 0 {
-            if let Some(prev) = c.last_frame_at {
-                self.max_frame_gap = self.max_frame_gap.max(now.saturating_duration_since(prev));
-            }
-            c.last_frame_at = Some(now);
-        }
     }
 }
 
@@ -676,9 +393,13 @@ pub struct SimPeer {
     dead: bool,
     outbox: Vec<PeerTransmit>,
     signals_out: Vec<PeerSignal>,
-    tracks: Vec<TrackInfo>,
+    slots: SlotMap,
     received: BTreeMap<(SessionId, u8), TrackStats>,
     unattributed: BTreeMap<String, TrackStats>,
+    /// What arrived on each receive slot, by mid, whoever it came from.
+    slot_stats: BTreeMap<String, TrackStats>,
+    /// Packets whose payload came from another publisher than the slot's mapping said.
+    misattributed: u64,
     ssrc_mids: BTreeMap<u32, Mid>,
     signal_log: VecDeque<ServerMessage>,
     layers_log: Vec<(Instant, String, Vec<String>)>,
@@ -712,21 +433,6 @@ fn source_rank(source: TrackSource) -> u8 {
         TrackSource::Microphone => 0,
         TrackSource::Camera => 1,
         TrackSource::Screen => 2,
-    }
-}
-
-fn message_kind(msg: &ServerMessage) -> &'static str {
-    match msg {
-        ServerMessage::Answer { .. } => "answer",
-        ServerMessage::Offer { .. } => "offer",
-        ServerMessage::Tracks { .. } => "tracks",
-        ServerMessage::ParticipantJoined { .. } => "participant_joined",
-        ServerMessage::ParticipantLeft { .. } => "participant_left",
-        ServerMessage::Muted { .. } => "muted",
-        ServerMessage::Screen { .. } => "screen",
-        ServerMessage::Layers { .. } => "layers",
-        ServerMessage::Speaker { .. } => "speaker",
-        ServerMessage::Error { .. } => "error",
     }
 }
 
@@ -777,9 +483,11 @@ impl SimPeer {
             dead: false,
             outbox: Vec::new(),
             signals_out: Vec::new(),
-            tracks: Vec::new(),
+            slots: SlotMap::default(),
             received: BTreeMap::new(),
             unattributed: BTreeMap::new(),
+            slot_stats: BTreeMap::new(),
+            misattributed: 0,
             ssrc_mids: BTreeMap::new(),
             signal_log: VecDeque::new(),
             layers_log: Vec::new(),
@@ -894,9 +602,21 @@ impl SimPeer {
             .and_then(|p| p.mid)
     }
 
-    /// The latest `Tracks` message: which of our mids carries whose track.
-    pub fn tracks(&self) -> &[TrackInfo] {
-        &self.tracks
+    /// The slot mapping the router sent: which of our mids carries whose source.
+    pub fn slots(&self) -> &SlotMap {
+        &self.slots
+    }
+
+    /// What arrived on each receive slot (by mid), whoever it came from: one continuous stream
+    /// per slot.
+    pub fn slot_stats(&self) -> &BTreeMap<String, TrackStats> {
+        &self.slot_stats
+    }
+
+    /// Packets whose payload (its source tag) came from another publisher than the slot
+    /// mapping said at the time: the router forwarded a source before telling us.
+    pub fn misattributed(&self) -> u64 {
+        self.misattributed
     }
 
     /// What we received of `publisher`'s `source` track.
@@ -916,7 +636,7 @@ impl SimPeer {
         })
     }
 
-    /// Packets that arrived on mids no `Tracks` message explained, by mid.
+    /// Packets that arrived on slots the mapping called empty (or never described), by mid.
     pub fn unattributed(&self) -> &BTreeMap<String, TrackStats> {
         &self.unattributed
     }
@@ -1134,7 +854,7 @@ impl SimPeer {
 
     /// A message from the router's signaling channel.
     pub fn handle_signal(&mut self, msg: ServerMessage, now: Instant) {
-        *self.signal_counts.entry(message_kind(&msg)).or_insert(0) += 1;
+        *self.signal_counts.entry(msg.kind()).or_insert(0) += 1;
         if let ServerMessage::Offer { sdp } | ServerMessage::Answer { sdp } = &msg {
             let (ufrag, media_lines) = sdp_summary(sdp);
             self.remote_ufrag = ufrag.or(self.remote_ufrag.take());
@@ -1143,10 +863,13 @@ impl SimPeer {
         match &msg {
             ServerMessage::Answer { sdp } => self.accept_answer(sdp, now),
             ServerMessage::Offer { sdp } => self.accept_offer(sdp, now),
-            ServerMessage::Tracks { tracks } => self.tracks = tracks.clone(),
+            ServerMessage::Slots { slots } => self.slots.apply(slots),
             ServerMessage::ParticipantJoined { session, .. } => {
                 self.participants_joined.push(*session)
             }
+            ServerMessage::Roster { participants } => self
+                .participants_joined
+                .extend(participants.iter().map(|p| p.session)),
             ServerMessage::ParticipantLeft { session, .. } => self.participants_left.push(*session),
             ServerMessage::Error { code, message } => {
                 self.errors.push((code.clone(), message.clone()))
@@ -1327,6 +1050,7 @@ impl SimPeer {
             }
             return false;
         };
+        let tag = session_tag(self.session);
         let SimPeer {
             rtc,
             rng,
@@ -1390,7 +1114,8 @@ impl SimPeer {
                 e.sent.skipped += 1;
                 continue;
             };
-            for (payload, marker) in frame.packets {
+            for (mut payload, marker) in frame.packets {
+                tag_source(&mut payload, tag);
                 e.sent.packets += 1;
                 e.sent.bytes += payload.len() as u64;
                 stream.write_rtp(
@@ -1499,15 +1224,22 @@ impl SimPeer {
             .map(|m| m.kind() == MediaKind::Video)
             .unwrap_or(false);
         let mid_str = mid.to_string();
-        let info = self.tracks.iter().find(|t| t.mid == mid_str);
-        let stats = match info {
-            Some(t) => self
+        let stats = match self.slots.attribute(&mid_str, &pkt.payload) {
+            Attribution::Mapped(session, source) => self
                 .received
-                .entry((t.session, source_rank(t.source)))
+                .entry((session, source_rank(source)))
                 .or_default(),
-            None => self.unattributed.entry(mid_str.clone()).or_default(),
+            Attribution::Unmapped => self.unattributed.entry(mid_str.clone()).or_default(),
+            Attribution::Misattributed => {
+                self.misattributed += 1;
+                self.unattributed.entry(mid_str.clone()).or_default()
+            }
         };
         stats.record(&mid_str, &pkt, is_video, now);
+        self.slot_stats
+            .entry(mid_str.clone())
+            .or_default()
+            .record(&mid_str, &pkt, is_video, now);
     }
 
     /// One `Timeout` input, then drain.
@@ -1592,7 +1324,9 @@ mod tests {
     use str0m::net::{Protocol, Receive};
     use str0m::{Candidate, Event, Input, Output, Rtc};
 
-    use super::super::encoder::{Vp8Encoder, CAMERA_LAYERS};
+    use str0m::format::detect_vp8_keyframe;
+
+    use super::super::encoder::layer_and_tid;
     use super::*;
 
     const CAM: TrackSource = TrackSource::Camera;
@@ -1940,148 +1674,5 @@ mod tests {
                 session: Some(SessionId(4))
             }
         )));
-    }
-
-    /// Synthetic frames of one layer, as (extended seq, marker, payload) packets.
-    fn packets(layer: usize, frames: usize, first_seq: u64) -> Vec<(u64, bool, Vec<u8>)> {
-        let mut rng = fastrand::Rng::with_seed(5);
-        let mut legacy = fastrand::Rng::with_seed(6);
-        let mut enc = Vp8Encoder::new(Some(CAMERA_LAYERS[layer]), 3, &mut rng);
-        let frame = Duration::from_nanos(33_333_333);
-        let mut seq = first_seq;
-        let mut out = Vec::new();
-        for n in 0..frames {
-            for (payload, marker) in enc
-                .encode(n == 0, frame, 90.0, &mut rng, &mut legacy)
-                .packets
-            {
-                out.push((seq, marker, payload));
-                seq += 1;
-            }
-        }
-        out
-    }
-
-    fn feed(stats: &mut TrackStats, packets: &[(u64, bool, Vec<u8>)], at: Instant) {
-        for (seq, marker, payload) in packets {
-            let pkt = Received {
-                seq: *seq,
-                ssrc: 1,
-                marker: *marker,
-                payload,
-            };
-            stats.record_packet("0", pkt, true, at);
-        }
-    }
-
-    #[test]
-    fn missing_counts_holes_a_retransmission_did_not_fill() {
-        let start = Instant::now();
-        let all = packets(0, 30, 100);
-        let (lost, kept): (Vec<_>, Vec<_>) = all
-            .iter()
-            .cloned()
-            .enumerate()
-            .partition(|(n, _)| *n == 5 || *n == 6 || *n == 20);
-        let kept: Vec<_> = kept.into_iter().map(|(_, p)| p).collect();
-        let lost: Vec<_> = lost.into_iter().map(|(_, p)| p).collect();
-        let mut stats = TrackStats::default();
-        feed(&mut stats, &kept, start);
-        assert_eq!((stats.gaps, stats.missing), (3, 3));
-        // A retransmission fills one hole; a duplicate of a received packet changes nothing.
-        feed(&mut stats, &lost[..1], start);
-        feed(&mut stats, &kept[..1], start);
-        assert_eq!((stats.gaps, stats.missing), (3, 2));
-        assert_eq!(stats.late_or_duplicate, 2);
-    }
-
-    #[test]
-    fn frames_layers_and_breaks_are_measured() {
-        let start = Instant::now();
-        let frame = Duration::from_nanos(33_333_333);
-        let mut stats = TrackStats::default();
-        // Ten frames of q, one frame each 33 ms.
-        let q = packets(0, 10, 1);
-        let mut at = start;
-        for p in &q {
-            feed(&mut stats, std::slice::from_ref(p), at);
-            if p.1 {
-                at += frame;
-            }
-        }
-        assert_eq!(stats.frames_by_layer, [10, 0, 0]);
-        assert_eq!(stats.frames_by_tid, [3, 2, 5, 0]);
-        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (0, 0));
-        assert_eq!(stats.max_frame_gap, frame);
-        // A 300 ms freeze, then a switch to f (its own picture ids: a break).
-        at += Duration::from_millis(300);
-        let last_seq = q.last().map(|p| p.0).unwrap_or(0);
-        let f = packets(2, 4, last_seq + 1);
-        feed(&mut stats, &f, at);
-        assert_eq!(stats.frames_by_layer, [10, 0, 4]);
-        assert_eq!(stats.last_layer, Some(2));
-        let changes: Vec<u8> = stats.layer_changes.iter().map(|(_, l)| *l).collect();
-        assert_eq!(changes, [0, 2]);
-        assert_eq!(stats.layer_changes[1].0, at);
-        assert_eq!(stats.max_frame_gap, frame + Duration::from_millis(300));
-        assert_eq!(stats.picture_id_breaks, 1);
-        assert_eq!(stats.missing, 0);
-        // Frames within the last second: the 4 f frames at `at`, and the q frames after
-        // `at - 1 s` (all of them: they span 300 ms before the freeze).
-        let fps = stats.fps_over(Duration::from_secs(1), at);
-        assert!((fps - 14.0).abs() < 1e-9, "{fps}");
-        let fps = stats.fps_over(Duration::from_millis(100), at);
-        assert!((fps - 40.0).abs() < 1e-9, "{fps}");
-    }
-
-    /// Frames 0..9 of layer h (TIDs 0,2,1,2,0,2,1,2,0), packets grouped by frame.
-    fn frames_of_h() -> Vec<Vec<(u64, bool, Vec<u8>)>> {
-        let mut frames = Vec::new();
-        let mut frame = Vec::new();
-        for p in packets(1, 9, 1) {
-            let end = p.1;
-            frame.push(p);
-            if end {
-                frames.push(std::mem::take(&mut frame));
-            }
-        }
-        frames
-    }
-
-    #[test]
-    fn frames_dropped_without_renumbering_are_breaks() {
-        // A router that drops frames 4..=7 and closes the sequence gap: PictureID jumps by
-        // five, and TL0PICIDX by two (a whole TL0 picture is skipped).
-        let mut stats = TrackStats::default();
-        let mut seq = 1;
-        for (n, frame) in frames_of_h().into_iter().enumerate() {
-            if (4..8).contains(&n) {
-                continue;
-            }
-            for (_, marker, payload) in frame {
-                feed(&mut stats, &[(seq, marker, payload)], Instant::now());
-                seq += 1;
-            }
-        }
-        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (1, 1));
-        assert_eq!(stats.missing, 0);
-    }
-
-    #[test]
-    fn loss_repaired_out_of_order_is_no_break() {
-        // Frames 4..=7 are lost on the wire and arrive later, retransmitted.
-        let start = Instant::now();
-        let frames = frames_of_h();
-        let mut stats = TrackStats::default();
-        for frame in frames[..4].iter().chain(&frames[8..]) {
-            feed(&mut stats, frame, start);
-        }
-        assert!(stats.missing > 0);
-        for frame in &frames[4..8] {
-            feed(&mut stats, frame, start + Duration::from_millis(50));
-        }
-        assert_eq!(stats.missing, 0);
-        assert_eq!((stats.picture_id_breaks, stats.tl0_breaks), (0, 0));
-        assert_eq!(stats.frames_by_layer, [0, 9, 0]);
     }
 }

@@ -582,14 +582,18 @@ impl SimWorld {
         candidates.into_iter().flatten().min()
     }
 
-    /// Processes everything due at `self.now`: datagrams, TCP bytes (per connection in id
-    /// order, upstream then downstream), signaling, the router's timer, then each peer's timer,
-    /// in that order.
+    /// Processes everything due at `self.now`: signaling, datagrams, TCP bytes (per connection
+    /// in id order, upstream then downstream), signaling sent meanwhile, the router's timer,
+    /// then each peer's timer, in that order.
     fn step(&mut self) {
         self.steps += 1;
         let now = self.now;
+        // Signaling due now goes first: the router's outputs leave in order, and a slot
+        // mapping sent before a packet must not be overtaken by it on a zero-delay network.
+        self.deliver_due_signals(now);
         while let Some(d) = self.net.pop_due(now) {
             self.deliver_datagram(d.from, d.to, &d.contents);
+            self.deliver_due_signals(now);
         }
         let due: Vec<ConnId> = self
             .tcp_conns
@@ -601,13 +605,7 @@ impl SimWorld {
             self.deliver_tcp_up(conn);
             self.deliver_tcp_down(conn);
         }
-        while let Some(entry) = self.signals.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let signal = entry.remove();
-            self.deliver_signal(signal);
-        }
+        self.deliver_due_signals(now);
         if self.router_timeout.is_some_and(|t| t <= now) {
             self.router.handle_timeout(now);
             self.drain_router();
@@ -626,6 +624,16 @@ impl SimWorld {
                 peer.handle_timeout(now);
             }
             self.flush_peer(session);
+        }
+    }
+
+    fn deliver_due_signals(&mut self, now: Instant) {
+        while let Some(entry) = self.signals.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let signal = entry.remove();
+            self.deliver_signal(signal);
         }
     }
 

@@ -1,5 +1,6 @@
-//! The router's bandwidth side: sharing each subscriber's estimate among its video tracks
-//! (with hysteresis), subscriber preferences, dynacast and the periodic tick.
+//! Allocation: sharing each subscriber's bandwidth estimate among its video slots (with
+//! hysteresis), the subscriber's slot preferences, dynacast (which layers a publisher needs to
+//! send at all) and the periodic tick (active speaker, pending upgrades, parking idle streams).
 
 use std::time::Instant;
 
@@ -7,7 +8,7 @@ use str0m::bwe::Bitrate;
 use str0m::media::{Mid, Rid};
 
 use super::{Event, Output, Router};
-use crate::call::TrackKey;
+use crate::call::{TrackKey, RECENT_SPEAKERS};
 use crate::error::SignalError;
 use crate::ids::{SessionId, TrackSource};
 use crate::layers::{
@@ -16,38 +17,30 @@ use crate::layers::{
 use crate::session::INITIAL_ESTIMATE_BPS;
 use crate::signal::ServerMessage;
 
-/// Allocation priority of a video track for one subscriber.
-fn priority(source: TrackSource, publisher: SessionId, speaker: Option<SessionId>) -> u8 {
+/// Allocation priority of a video slot's source for one subscriber: the screen, then the
+/// active speaker and pinned participants, then the others.
+fn priority(
+    source: TrackSource,
+    publisher: SessionId,
+    speaker: Option<SessionId>,
+    pinned: bool,
+) -> u8 {
     match source {
         TrackSource::Screen => 3,
-        _ if speaker == Some(publisher) => 2,
+        _ if speaker == Some(publisher) || pinned => 2,
         _ => 1,
     }
 }
 
 impl Router {
-    /// A subscription's answer was accepted: the track starts flowing to `session` at the
-    /// layer its bandwidth allows. Choosing that layer (`allocate`) requests its keyframe at
-    /// once and updates the track's dynacast state; a track with no layer seen yet gets both
-    /// when its first packet arrives.
-    pub(super) fn subscribed(&mut self, session: SessionId, key: TrackKey, now: Instant) {
-        let Some(track) = self.tracks.get_mut(&key) else {
-            return;
-        };
-        track.subscribers.push(session);
-        if !track.is_audio() {
-            self.allocate(session, now);
-        }
-    }
-
-    /// Shares `session`'s bandwidth among the video tracks it receives (see
+    /// Shares `session`'s bandwidth among its video slots (see
     /// [`layers::allocate`]): downgrades at once, upgrades after [`UPGRADE_HOLD`] above the
     /// new cost × [`UPGRADE_MARGIN`]. Tells str0m's estimator what to probe for.
     pub(super) fn allocate(&mut self, session: SessionId, now: Instant) {
         let Some(state) = self.sessions.get(&session) else {
             return;
         };
-        if state.video_out == 0 {
+        if state.video_feeds() == 0 {
             return;
         }
         let estimate = state.bwe_estimate.unwrap_or(INITIAL_ESTIMATE_BPS);
@@ -58,17 +51,26 @@ impl Router {
             .calls
             .get(&state.call)
             .and_then(|c| c.speakers.active());
-        let audio = state.outgoing.len() - state.video_out;
-        let top_n = self.config.top_n_audio;
-        let audio = if top_n == 0 { audio } else { audio.min(top_n) };
+        let audio = state
+            .slots
+            .iter()
+            .filter(|s| !s.is_video() && s.current.is_some())
+            .count();
         let reserve = AUDIO_RESERVE_BPS * audio as u64;
-        let mut keys: Vec<TrackKey> = Vec::with_capacity(state.video_out);
-        let mut wants: Vec<Want> = Vec::with_capacity(state.video_out);
-        for (key, out) in &state.outgoing {
-            let Some(track) = self.tracks.get(key) else {
+        let feeds = state.video_feeds();
+        let mut indices: Vec<usize> = Vec::with_capacity(feeds);
+        let mut wants: Vec<Want> = Vec::with_capacity(feeds);
+        for (index, slot) in state.slots.iter().enumerate() {
+            if !slot.active || !slot.is_video() {
+                continue;
+            }
+            let Some(feed) = slot.target() else {
                 continue;
             };
-            if track.is_audio() || track.layers.is_empty() {
+            let Some(track) = self.tracks.get(&feed.key) else {
+                continue;
+            };
+            if track.layers.is_empty() {
                 continue;
             }
             let mut choices = Vec::new();
@@ -76,13 +78,14 @@ impl Router {
             if choices.is_empty() {
                 continue; // every layer stalled: keep waiting on the current one
             }
-            let max = layers::max_choice(&track.layers, &choices, out.sel.max_layer);
-            keys.push(*key);
+            let max = layers::max_choice(&track.layers, &choices, slot.max_layer);
+            let pinned = state.pins.contains(&feed.key.publisher);
+            indices.push(index);
             wants.push(Want {
-                priority: priority(track.source, key.publisher, speaker),
+                priority: priority(track.source, feed.key.publisher, speaker, pinned),
                 choices,
                 max,
-                paused: out.sel.paused,
+                paused: slot.paused,
             });
         }
         let video_budget = budget.saturating_sub(reserve);
@@ -94,13 +97,22 @@ impl Router {
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
         };
-        for (i, key) in keys.iter().enumerate() {
-            let Some(track) = self.tracks.get(key) else {
+        for (i, &index) in indices.iter().enumerate() {
+            let crate::slot::Slot {
+                next,
+                current,
+                rewriter,
+                ..
+            } = &mut state.slots[index];
+            let waiting = next.is_some();
+            let Some(feed) = next.as_mut().or(current.as_mut()) else {
                 continue;
             };
-            let Some(out) = state.outgoing.get_mut(key) else {
+            let key = feed.key;
+            let Some(track) = self.tracks.get(&key) else {
                 continue;
             };
+            let out = feed;
             let w = &wants[i];
             let rid_of = |c: &Choice| track.layers.get(c.layer).and_then(|l| l.rid);
             let current = out.sel.target.and_then(|(rid, tid)| {
@@ -129,11 +141,12 @@ impl Router {
                 out.sel.upgrade_since = None;
                 let before = out.sel.target;
                 out.sel.target = new.map(|k| (rid_of(&w.choices[k]), w.choices[k].tid));
-                if out.sel.target.is_none() {
+                // A source waiting for its keyframe has not started: nothing to pause.
+                if out.sel.target.is_none() && !waiting {
                     out.sel.current = None;
-                    out.rewriter.pause();
-                } else if before.is_none() && !track.is_simulcast() {
-                    out.rewriter.pause(); // resumes at the next keyframe
+                    rewriter.pause();
+                } else if before.is_none() && !track.is_simulcast() && !waiting {
+                    rewriter.pause(); // resumes at the next keyframe
                 }
                 let new_rid = out.sel.target.and_then(|t| t.0);
                 if out.sel.target.is_some()
@@ -143,9 +156,9 @@ impl Router {
                     out.sel.switch_started = Some(now);
                 }
                 if out.sel.target.is_some() && before.map(|b| b.0) != Some(new_rid) {
-                    changed.push((*key, new_rid));
+                    changed.push((key, new_rid));
                 }
-                self.dynacast.push(*key);
+                self.dynacast.push(key);
             }
             let top = w
                 .max
@@ -172,7 +185,8 @@ impl Router {
         }
     }
 
-    /// [`ClientMessage::Preference`](crate::ClientMessage::Preference).
+    /// [`ClientMessage::Preference`](crate::ClientMessage::Preference): per camera or screen
+    /// slot, whoever it carries.
     pub(super) fn set_preference(
         &mut self,
         session: SessionId,
@@ -184,17 +198,13 @@ impl Router {
         let Some(state) = self.sessions.get_mut(&session) else {
             return Ok(());
         };
-        let line = Mid::from(mid);
-        let key = state
-            .out_by_mid
-            .get(&line)
-            .copied()
+        let index = state
+            .slot_by_mid(Mid::from(mid))
+            .filter(|&i| state.slots[i].is_video())
             .ok_or_else(|| SignalError::UnknownMid(mid.to_owned()))?;
-        let Some(out) = state.outgoing.get_mut(&key) else {
-            return Err(SignalError::UnknownMid(mid.to_owned()));
-        };
-        out.sel.paused = paused;
-        out.sel.max_layer = max_layer;
+        let slot = &mut state.slots[index];
+        slot.paused = paused;
+        slot.max_layer = max_layer;
         self.allocate(session, now);
         Ok(())
     }
@@ -210,13 +220,29 @@ impl Router {
         }
         let mut needed = [false; crate::call::MAX_LAYERS];
         for sub in &track.subscribers {
-            let Some(out) = self.sessions.get(sub).and_then(|s| s.outgoing.get(&key)) else {
+            let Some(s) = self.sessions.get(sub) else {
                 continue;
             };
-            for (i, layer) in track.layers.iter().enumerate() {
-                let wanted = out.sel.target.is_some_and(|t| t.0 == layer.rid)
-                    || (out.sel.target.is_some() && out.sel.current == layer.rid);
-                needed[i] |= wanted;
+            for slot in s.slots.iter().filter(|slot| slot.holds(key)) {
+                let frozen = slot.next.as_ref().is_some_and(|n| n.key != key);
+                let feed = if frozen {
+                    slot.current.as_ref()
+                } else {
+                    slot.target()
+                };
+                let Some(feed) = feed else {
+                    continue;
+                };
+                for (i, layer) in track.layers.iter().enumerate() {
+                    // A source about to be replaced keeps only the layer it forwards.
+                    let wanted = if frozen {
+                        feed.sel.current == layer.rid
+                    } else {
+                        feed.sel.target.is_some_and(|t| t.0 == layer.rid)
+                            || (feed.sel.target.is_some() && feed.sel.current == layer.rid)
+                    };
+                    needed[i] |= wanted;
+                }
             }
         }
         let Some(track) = self.tracks.get_mut(&key) else {
@@ -276,19 +302,20 @@ impl Router {
                 call: call.clone(),
                 session,
             }));
-            // The speaker's camera gets priority: re-share everyone's bandwidth in that call.
-            if let Some(c) = self.calls.get(&call) {
-                for member in &c.members {
-                    if !self.reallocate.contains(member) {
-                        self.reallocate.push(*member);
-                    }
+            // The speaker's camera goes on everyone's slots (and gets priority there).
+            if let Some(c) = self.calls.get_mut(&call) {
+                if let Some(speaker) = session {
+                    c.recent_speakers.retain(|s| *s != speaker);
+                    c.recent_speakers.insert(0, speaker);
+                    c.recent_speakers.truncate(RECENT_SPEAKERS);
                 }
             }
+            self.remap_call(&call, None);
         }
         let sessions: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.video_out > 0)
+            .filter(|(_, s)| s.video_feeds() > 0)
             .map(|(id, _)| *id)
             .collect();
         for session in sessions {

@@ -1,0 +1,514 @@
+//! Forwarding: a publisher's RTP packet (decrypted by its session) to every subscriber slot
+//! that carries its track. Nothing is depacketized: the packet's layer and keyframe marks are
+//! read from the payload descriptor, then each slot decides (its layer, its temporal cap, a
+//! keyframe-gated source or layer switch), rewrites sequence number and timestamp, and writes.
+//!
+//! Audio goes to the call's members through their audio slots (the loudest few, see
+//! `speaker.rs`); video to the sessions whose camera or screen slot holds the track
+//! (`PublishedTrack::subscribers`, kept by `slots.rs`).
+
+use std::time::Instant;
+
+use str0m::media::{KeyframeRequestKind, Rid};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+
+use super::Router;
+use crate::call::TrackKey;
+use crate::forward::{Verdict, VideoCodec};
+use crate::ids::SessionId;
+use crate::layers;
+use crate::session::{pt_for, Session};
+use crate::slot::{Feed, AUDIO_SLOT_STALE};
+use crate::speaker::SpeakerDetector;
+
+/// What forwarding needs to know about one incoming packet, measured once for all slots.
+struct Incoming<'a> {
+    packet: &'a RtpPacket,
+    key: TrackKey,
+    rid: Option<Rid>,
+    codec: str0m::format::Codec,
+    clock_rate: u32,
+    epoch: u32,
+    is_audio: bool,
+    keyframe: bool,
+    tid: Option<u8>,
+    starts_picture: bool,
+    vp8: Option<Vp8Descriptor>,
+}
+
+/// What writing one packet into one slot did.
+enum Written {
+    /// Sent (queued in str0m).
+    Sent,
+    /// Not for this slot now.
+    Skipped,
+    /// The slot waits for a keyframe of this track.
+    WantsKeyframe,
+}
+
+impl Router {
+    /// One RTP packet from a publisher: measure its layer, then for every slot that carries
+    /// its track decide, rewrite and write.
+    pub(super) fn forward(&mut self, publisher: SessionId, packet: RtpPacket, now: Instant) {
+        let Some(state) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let Some((mid, rid)) = state.rx_stream(packet.header.ssrc) else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let muted = state.muted;
+        let codec = state.codec_of(packet.header.payload_type);
+        let key = TrackKey { publisher, mid };
+        let Some(track) = self.tracks.get_mut(&key) else {
+            // Not a published track (forbidden by the grants, or already stopped).
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let payload_len = packet.payload.len();
+        let is_audio = track.is_audio();
+        self.counters.snapshot.media_in.add(is_audio, payload_len);
+        if is_audio && muted {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        }
+        let Some((codec, clock_rate)) = codec else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        if is_audio {
+            if let Some(call) = self.calls.get_mut(&state.call) {
+                if let Some(level) = packet.header.ext_vals.audio_level {
+                    call.speakers.observe(
+                        publisher,
+                        level,
+                        packet.header.ext_vals.voice_activity,
+                        now,
+                    );
+                }
+                if !call.speakers.is_forwarded(publisher, now) {
+                    // Not among the loudest: nobody needs this packet (top-N audio).
+                    self.counters.snapshot.audio_not_forwarded += 1;
+                    track.forwarding = false;
+                    return;
+                }
+            }
+            if !std::mem::replace(&mut track.forwarding, true) {
+                track.epoch = track.epoch.wrapping_add(1);
+            }
+            let call = state.call.clone();
+            let incoming = Incoming {
+                packet: &packet,
+                key,
+                rid,
+                codec,
+                clock_rate,
+                epoch: track.epoch,
+                is_audio,
+                keyframe: false,
+                tid: None,
+                starts_picture: false,
+                vp8: None,
+            };
+            self.forward_audio(&call, &incoming, now);
+            return;
+        }
+        let mut tid = None;
+        let mut starts_picture = false;
+        let mut vp8 = None;
+        track.codec = VideoCodec::from_str0m(codec);
+        let keyframe = track.codec.is_keyframe(&packet.payload);
+        match track.codec {
+            VideoCodec::Vp8 => {
+                (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
+                vp8 = Vp8Descriptor::parse(&packet.payload).ok();
+            }
+            VideoCodec::Vp9 => (tid, starts_picture) = layers::vp9_temporal(&packet.payload),
+            _ => {}
+        }
+        let Some((index, new_layer)) = track.layer_index(rid, now) else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
+        let layer = &mut track.layers[index];
+        layer.last_seen = now;
+        layer.max_tid = layer
+            .max_tid
+            .max(tid.unwrap_or(0).min(layers::MAX_TID as u8));
+        layer
+            .meter
+            .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
+        let epoch = track.epoch;
+        if new_layer {
+            // Every subscriber of this track can be given the new layer — before this packet
+            // (often the keyframe that starts the layer) is fanned out.
+            let subscribers = track.subscribers.clone();
+            for sub in subscribers {
+                self.allocate(sub, now);
+            }
+        }
+        let incoming = Incoming {
+            packet: &packet,
+            key,
+            rid,
+            codec,
+            clock_rate,
+            epoch,
+            is_audio,
+            keyframe,
+            tid,
+            starts_picture,
+            vp8,
+        };
+        self.forward_video(&incoming, now);
+    }
+
+    /// A forwarded speaker's packet to every member's audio slots: the slot that carries this
+    /// speaker, or a free one (empty, or its speaker is no longer forwarded, or silent for
+    /// [`AUDIO_SLOT_STALE`]). An audio slot changes speaker at once; the client hears of it
+    /// first.
+    fn forward_audio(&mut self, call: &crate::ids::CallId, incoming: &Incoming<'_>, now: Instant) {
+        let Some(c) = self.calls.get_mut(call) else {
+            return;
+        };
+        let members = std::mem::take(&mut c.members);
+        let speakers = &c.speakers;
+        let mut switched: Vec<(SessionId, str0m::media::Mid)> = Vec::new();
+        for member in &members {
+            if *member == incoming.key.publisher {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(member) else {
+                continue;
+            };
+            if !s.connected {
+                continue; // str0m would drop it, and the slot's numbering would have a gap
+            }
+            let Some(index) = audio_slot(s, incoming.key, speakers, now) else {
+                if s.slots
+                    .iter()
+                    .any(|slot| slot.kind == crate::SlotKind::Audio)
+                {
+                    self.counters.snapshot.audio_without_slot += 1;
+                }
+                continue;
+            };
+            let slot = &mut s.slots[index];
+            if slot.current.as_ref().is_none_or(|f| f.key != incoming.key) {
+                slot.switch_audio(incoming.key, incoming.epoch);
+                switched.push((*member, slot.mid));
+                self.counters.snapshot.slot_switches += 1;
+            }
+            if let Written::Sent = write(s, index, incoming, &mut self.counters.snapshot, now) {
+                if !s.touched {
+                    s.touched = true;
+                    self.touched.push(*member);
+                }
+            }
+        }
+        if let Some(c) = self.calls.get_mut(call) {
+            c.members = members;
+        }
+        // Queued before the packets leave (they go out when the touched sessions run).
+        for (member, mid) in switched {
+            self.tell_slots(member, &[mid]);
+        }
+    }
+
+    /// A video packet to every slot that carries its track or waits for it.
+    fn forward_video(&mut self, incoming: &Incoming<'_>, now: Instant) {
+        let key = incoming.key;
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        let subscribers = std::mem::take(&mut track.subscribers);
+        let mut need_keyframe = false;
+        let mut switches = 0;
+        let mut switched: Vec<(SessionId, str0m::media::Mid, Option<TrackKey>)> = Vec::new();
+        for sub in &subscribers {
+            let Some(s) = self.sessions.get_mut(sub) else {
+                continue;
+            };
+            if !s.connected {
+                continue; // asked for keyframes when it connects
+            }
+            let Some(index) = s.slots.iter().position(|slot| slot.holds(key)) else {
+                continue;
+            };
+            let slot = &mut s.slots[index];
+            if slot.next.as_ref().is_some_and(|f| f.key == key) {
+                // A new source waits for this slot: it takes over at a keyframe of its target
+                // layer, and the stream goes on seamlessly.
+                let Some(target) = slot.next.as_ref().and_then(|f| f.sel.target) else {
+                    continue; // no budget for it yet
+                };
+                if target.0 != incoming.rid {
+                    continue;
+                }
+                if !incoming.keyframe {
+                    need_keyframe = true;
+                    continue;
+                }
+                let old = slot.take_next(incoming.epoch);
+                if let Some(feed) = slot.current.as_mut() {
+                    feed.sel.current = incoming.rid;
+                    feed.sel.tid_cap = target.1;
+                    if let Some(started) = feed.sel.switch_started.take() {
+                        self.counters
+                            .snapshot
+                            .layer_switch_time
+                            .record(now.saturating_duration_since(started));
+                    }
+                }
+                switched.push((*sub, slot.mid, old));
+                self.counters.snapshot.slot_switches += 1;
+            } else if slot.next.is_some() {
+                // The current source goes on, frozen at its layer, until the next one's
+                // keyframe.
+                let frozen = slot.current.as_ref().and_then(|f| f.sel.current);
+                if frozen != incoming.rid {
+                    continue;
+                }
+            } else {
+                let Some(feed) = slot.current.as_mut() else {
+                    continue;
+                };
+                let sel = &mut feed.sel;
+                let Some((target_rid, target_tid)) = sel.target else {
+                    continue; // paused: no budget, or the subscriber hid it
+                };
+                if incoming.rid.is_some() && sel.current != incoming.rid {
+                    if target_rid != incoming.rid {
+                        continue; // another layer than this slot's
+                    }
+                    if !incoming.keyframe {
+                        need_keyframe = true; // switching waits for this layer's keyframe
+                        continue;
+                    }
+                    // The switch: this keyframe starts the new layer, seamlessly.
+                    if sel.current.is_some() {
+                        slot.rewriter.switch_layer();
+                    }
+                    sel.current = incoming.rid;
+                    slot.vp8.switch_layer();
+                    sel.tid_cap = target_tid;
+                    if let Some(started) = sel.switch_started.take() {
+                        self.counters
+                            .snapshot
+                            .layer_switch_time
+                            .record(now.saturating_duration_since(started));
+                    }
+                    switches += 1;
+                }
+            }
+            match write(s, index, incoming, &mut self.counters.snapshot, now) {
+                Written::Sent => {
+                    if !s.touched {
+                        s.touched = true;
+                        self.touched.push(*sub);
+                    }
+                }
+                Written::WantsKeyframe => need_keyframe = true,
+                Written::Skipped => {}
+            }
+        }
+        if let Some(track) = self.tracks.get_mut(&key) {
+            track.subscribers = subscribers;
+        }
+        for (sub, mid, old) in switched {
+            self.tell_slots(sub, &[mid]);
+            if let Some(old) = old {
+                self.forget_subscriber(old, sub);
+                self.dynacast.push(old);
+            }
+            self.dynacast.push(key);
+        }
+        if switches > 0 {
+            self.counters.snapshot.layer_switches += switches;
+            self.dynacast.push(key);
+        }
+        if need_keyframe {
+            self.request_keyframe(key, incoming.rid, now, false);
+        }
+    }
+
+    /// Asks a publisher for a keyframe of one layer, at most once per
+    /// `keyframe_request_interval` per layer (all subscribers' requests are aggregated into
+    /// one). `urgent` (a new subscriber) allows a request after a fifth of the interval.
+    pub(super) fn request_keyframe(
+        &mut self,
+        key: TrackKey,
+        rid: Option<Rid>,
+        now: Instant,
+        urgent: bool,
+    ) {
+        let interval = self.config.keyframe_request_interval();
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        if track.is_audio() {
+            return;
+        }
+        let min_gap = if urgent { interval / 5 } else { interval };
+        if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == rid) {
+            if layer
+                .last_keyframe_request
+                .is_some_and(|last| now.saturating_duration_since(last) < min_gap)
+            {
+                return;
+            }
+            layer.last_keyframe_request = Some(now);
+        }
+        let Some(publisher) = self.sessions.get_mut(&key.publisher) else {
+            return;
+        };
+        let mut api = publisher.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(key.mid, rid) else {
+            return;
+        };
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        self.counters.snapshot.keyframe_requests_out += 1;
+        self.touch(key.publisher);
+    }
+}
+
+/// The audio slot of `s` for the speaker `key`: the one carrying it, else an empty one, else
+/// one whose speaker is no longer forwarded, else one silent for [`AUDIO_SLOT_STALE`] (the
+/// longest silent of those). Someone who just unmuted, finding none, takes the slot of the
+/// weakest top-N speaker: their first words are heard (the displaced speaker waits for a free
+/// slot; nobody displaces back, so slots do not flap).
+fn audio_slot(
+    s: &Session,
+    key: TrackKey,
+    speakers: &SpeakerDetector,
+    now: Instant,
+) -> Option<usize> {
+    let audio = || {
+        s.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.kind == crate::SlotKind::Audio && slot.active)
+    };
+    if let Some((i, _)) = audio().find(|(_, slot)| slot.holds(key)) {
+        return Some(i);
+    }
+    if let Some((i, _)) = audio().find(|(_, slot)| slot.current.is_none()) {
+        return Some(i);
+    }
+    let free = |slot: &crate::slot::Slot| {
+        let Some(Feed { key: held, .. }) = slot.current.as_ref() else {
+            return true;
+        };
+        !speakers.is_forwarded(held.publisher, now)
+            || now.saturating_duration_since(slot.last_write) >= AUDIO_SLOT_STALE
+    };
+    let stale = audio()
+        .filter(|(_, slot)| free(slot))
+        .min_by_key(|(_, slot)| slot.last_write)
+        .map(|(i, _)| i);
+    if stale.is_some() || !speakers.in_unmute_grace(key.publisher, now) {
+        return stale;
+    }
+    audio()
+        .filter_map(|(i, slot)| {
+            let held = slot.current.as_ref()?.key.publisher;
+            Some((speakers.weakness(held, now), i))
+        })
+        .filter(|(weakness, _)| *weakness > 0)
+        .max()
+        .map(|(_, i)| i)
+}
+
+/// Rewrites and writes one packet into slot `index` of subscriber `s`, whose current source
+/// is the packet's track: the temporal cap, the payload type of this session, sequence number
+/// and timestamp continuity, VP8 picture ids.
+fn write(
+    s: &mut Session,
+    index: usize,
+    incoming: &Incoming<'_>,
+    counters: &mut crate::metrics::MetricsSnapshot,
+    now: Instant,
+) -> Written {
+    let packet = incoming.packet;
+    let slot = &mut s.slots[index];
+    let Some(feed) = slot.current.as_mut() else {
+        return Written::Skipped;
+    };
+    if !incoming.is_audio {
+        let sel = &mut feed.sel;
+        // Temporal layers: raise the cap only where the stream can be decoded from (a TL0
+        // picture), lower it at any picture start.
+        if let Some((_, target_tid)) = sel.target {
+            if incoming.starts_picture && (incoming.tid == Some(0) || target_tid < sel.tid_cap) {
+                sel.tid_cap = target_tid;
+            }
+        }
+        if incoming.tid.is_some_and(|t| t > sel.tid_cap) {
+            slot.rewriter.skip(*packet.seq_no);
+            if incoming.starts_picture {
+                slot.vp8.dropped_picture();
+            }
+            return Written::Skipped;
+        }
+    }
+    let in_pt = packet.header.payload_type;
+    let out_pt = match feed.pt_map.iter().find(|(i, _)| *i == in_pt) {
+        Some(&(_, pt)) => pt,
+        None => {
+            let Some(pt) = pt_for(&s.rtc, incoming.codec, incoming.clock_rate) else {
+                return Written::Skipped; // this subscriber did not negotiate the codec
+            };
+            feed.pt_map.push((in_pt, pt));
+            pt
+        }
+    };
+    let verdict = slot.rewriter.rewrite(
+        incoming.epoch,
+        *packet.seq_no,
+        packet.header.timestamp,
+        incoming.keyframe,
+        now,
+    );
+    let Verdict::Forward { seq, timestamp } = verdict else {
+        return if slot.rewriter.waits_for_keyframe() {
+            Written::WantsKeyframe
+        } else {
+            Written::Skipped
+        };
+    };
+    let patch = incoming.vp8.as_ref().and_then(|d| slot.vp8.patch(d));
+    let ssrc = slot.ssrc;
+    slot.last_write = now;
+    if std::mem::take(&mut slot.parked) && s.unpark(ssrc) {
+        counters.streams_unparked += 1;
+    }
+    // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
+    let ext = ExtensionValues {
+        audio_level: packet.header.ext_vals.audio_level,
+        voice_activity: packet.header.ext_vals.voice_activity,
+        video_orientation: packet.header.ext_vals.video_orientation,
+        ..Default::default()
+    };
+    let mut api = s.rtc.direct_api();
+    let Some(tx) = api.stream_tx(&ssrc) else {
+        return Written::Skipped;
+    };
+    let mut rtp = RtpWrite::new(
+        out_pt,
+        seq.into(),
+        timestamp,
+        packet.timestamp,
+        packet.payload.clone(),
+    )
+    .marker(packet.header.marker)
+    .ext_vals(ext)
+    .nackable(!incoming.is_audio);
+    if let Some(patch) = patch {
+        rtp = rtp.vp8_patch(patch);
+    }
+    tx.write_rtp(rtp);
+    counters
+        .media_out
+        .add(incoming.is_audio, packet.payload.len());
+    Written::Sent
+}

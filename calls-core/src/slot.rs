@@ -1,0 +1,132 @@
+//! Receive slots: the fixed set of router→client m-lines a subscriber receives on (a few audio,
+//! the camera tiles it shows, one screen), and what each one carries now.
+//!
+//! A slot is one send stream (one SSRC and RTX SSRC for its life) with one [`Rewriter`] and one
+//! [`Vp8Munger`]: whichever publisher track it carries, the subscriber sees one continuous
+//! stream. A source change is the same keyframe-gated switch as a simulcast layer change (video)
+//! or an immediate resync (audio). The mapping (slot → publisher) lives in [`Slot::current`] and
+//! [`Slot::next`]; the router tells the client before the first packet of a new source.
+
+use std::time::{Duration, Instant};
+
+use str0m::media::{Mid, Pt};
+use str0m::rtp::Ssrc;
+
+use crate::call::TrackKey;
+use crate::forward::{Rewriter, Vp8Munger};
+use crate::session::Selection;
+use crate::signal::SlotKind;
+
+/// An audio slot whose source sent nothing for this long may be given to another speaker even
+/// if its source is still among the forwarded ones (longer than Opus DTX's 400 ms between
+/// comfort-noise packets, so a pausing talker keeps its slot).
+pub(crate) const AUDIO_SLOT_STALE: Duration = Duration::from_millis(1000);
+
+/// One publisher track on a slot.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    pub key: TrackKey,
+    /// Video: which layer of the track this slot forwards.
+    pub sel: Selection,
+    /// Publisher payload type → this session's payload type (filled lazily).
+    pub pt_map: Vec<(Pt, Pt)>,
+}
+
+impl Feed {
+    pub fn new(key: TrackKey) -> Self {
+        Feed {
+            key,
+            sel: Selection::default(),
+            pt_map: Vec::new(),
+        }
+    }
+}
+
+/// One receive slot of a subscriber.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub mid: Mid,
+    pub kind: SlotKind,
+    pub ssrc: Ssrc,
+    /// Negotiated `sendonly`; `false` once a smaller `slots` request turned it `inactive` (kept
+    /// for a later larger request, so the SDP never grows past the largest count asked).
+    pub active: bool,
+    /// The source forwarded now.
+    pub current: Option<Feed>,
+    /// Video: the source that takes over at its next keyframe (the current one goes on until
+    /// then).
+    pub next: Option<Feed>,
+    pub rewriter: Rewriter,
+    pub vp8: Vp8Munger,
+    /// The subscriber's preferences for this slot (camera and screen).
+    pub paused: bool,
+    pub max_layer: Option<u8>,
+    /// When something was last written into this slot (or it was created).
+    pub last_write: Instant,
+    /// Its str0m send stream is parked (see [`crate::session::PARK_AFTER`]).
+    pub parked: bool,
+    /// The source the client was last told this slot carries (`None`: empty).
+    pub told: Option<TrackKey>,
+}
+
+impl Slot {
+    pub fn new(mid: Mid, kind: SlotKind, ssrc: Ssrc, now: Instant) -> Self {
+        let rewriter = match kind {
+            SlotKind::Audio => Rewriter::new(48_000, false, 0),
+            SlotKind::Camera | SlotKind::Screen => Rewriter::new(90_000, true, 0),
+        };
+        Slot {
+            mid,
+            kind,
+            ssrc,
+            active: true,
+            current: None,
+            next: None,
+            rewriter,
+            vp8: Vp8Munger::default(),
+            paused: false,
+            max_layer: None,
+            last_write: now,
+            parked: false,
+            told: None,
+        }
+    }
+
+    pub fn is_video(&self) -> bool {
+        self.kind != SlotKind::Audio
+    }
+
+    /// The source this slot is headed for: the one waiting for its keyframe, else the current.
+    pub fn target(&self) -> Option<&Feed> {
+        self.next.as_ref().or(self.current.as_ref())
+    }
+
+    /// Whether this slot carries `key` now or is about to.
+    pub fn holds(&self, key: TrackKey) -> bool {
+        self.current.as_ref().is_some_and(|f| f.key == key)
+            || self.next.as_ref().is_some_and(|f| f.key == key)
+    }
+
+    /// Starts carrying `key` on an audio slot at once: the next packet resyncs the stream.
+    pub fn switch_audio(&mut self, key: TrackKey, epoch: u32) {
+        self.current = Some(Feed::new(key));
+        self.rewriter.switch_source(epoch);
+    }
+
+    /// The waiting source's keyframe arrived: it becomes the current one; the stream continues
+    /// across the change (numbering, timestamps, VP8 picture ids).
+    pub fn take_next(&mut self, epoch: u32) -> Option<TrackKey> {
+        let next = self.next.take()?;
+        let old = self.current.replace(next).map(|f| f.key);
+        self.rewriter.switch_source(epoch);
+        self.vp8.switch_layer();
+        old
+    }
+
+    /// Carries nothing any more; a later source starts at a keyframe (video).
+    pub fn clear(&mut self) {
+        self.current = None;
+        self.next = None;
+        self.rewriter.pause();
+    }
+}

@@ -1,0 +1,468 @@
+//! Receive slots on the simulated network: a subscriber's connection is a fixed set of slots
+//! (audio, camera, screen) whose sources change by mapping messages, never by renegotiation.
+//! Every assertion is about what peers received (per slot and per publisher, checked against
+//! the source tag in each synthetic payload), messages they got, or router counters.
+//!
+//! Run with `cargo test -p calls-core --test slots`.
+
+// The wall clock is read exactly once, for the virtual epoch; everything else is virtual time.
+#![allow(clippy::disallowed_methods)]
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
+use calls_core::{ClientMessage, Config, SessionId, SlotKind, TrackSource};
+
+const MIC: TrackSource = TrackSource::Microphone;
+const CAM: TrackSource = TrackSource::Camera;
+
+/// The virtual epoch: the only wall-clock read in this file.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
+    world
+        .peer(rx)
+        .received_from(tx, src)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Who `rx`'s slots of `kind` carry now, by the mapping it was sent.
+fn carried(world: &SimWorld, rx: SessionId, kind: SlotKind) -> Vec<SessionId> {
+    let mut list: Vec<SessionId> = world
+        .peer(rx)
+        .slots()
+        .iter()
+        .filter(|s| s.kind == kind)
+        .filter_map(|s| s.session)
+        .collect();
+    list.sort();
+    list
+}
+
+/// The mid of `rx`'s slot that carries `tx`'s `kind` source now.
+fn slot_of(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> Option<String> {
+    world
+        .peer(rx)
+        .slots()
+        .slot_of(tx, src)
+        .map(|s| s.mid.clone())
+}
+
+/// What arrived on `rx`'s first camera slot.
+fn camera_slot(world: &SimWorld, rx: SessionId) -> TrackStats {
+    let peer = world.peer(rx);
+    peer.slots()
+        .iter()
+        .find(|s| s.kind == SlotKind::Camera)
+        .and_then(|s| peer.slot_stats().get(&s.mid))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A readable dump of slots and what arrived, for assertion messages.
+fn describe(world: &SimWorld) -> String {
+    let mut out = format!("\nat {:?}:", world.elapsed());
+    for p in world.peers() {
+        out += &format!(
+            "\n  {} neg={:?} errors={:?} misattributed={} unattributed={:?}",
+            p.session(),
+            p.negotiation_counts(),
+            p.errors(),
+            p.misattributed(),
+            p.unattributed()
+                .iter()
+                .map(|(m, t)| (m.as_str(), t.packets))
+                .collect::<Vec<_>>(),
+        );
+        for s in p.slots().iter() {
+            let t = p.slot_stats().get(&s.mid);
+            out += &format!(
+                "\n    slot {} {:?} -> {:?} {:?}: {} pkts, gaps {}, missing {}, ssrc changes {}, pic breaks {}, ts back {}",
+                s.mid,
+                s.kind,
+                s.session,
+                s.source,
+                t.map_or(0, |t| t.packets),
+                t.map_or(0, |t| t.gaps),
+                t.map_or(0, |t| t.missing),
+                t.map_or(0, |t| t.ssrc_changes),
+                t.map_or(0, |t| t.picture_id_breaks),
+                t.map_or(0, |t| t.timestamp_regressions),
+            );
+        }
+    }
+    out
+}
+
+/// No packet arrived on a slot before the mapping naming its source (or on an empty slot).
+fn assert_attribution_clean(world: &SimWorld) {
+    for p in world.peers() {
+        assert_eq!(p.misattributed(), 0, "{}", describe(world));
+        assert!(p.unattributed().is_empty(), "{}", describe(world));
+    }
+}
+
+/// `n` participants with microphones in `call`, all silent (a muted-looking meeting), the
+/// first `speakers` of them talking.
+fn meeting(world: &mut SimWorld, n: usize, speakers: usize) -> Vec<SessionId> {
+    let peers: Vec<SessionId> = (0..n)
+        .map(|i| world.add_peer("meeting", format!("p{i}"), PeerOptions::audio_only()))
+        .collect();
+    for (i, &p) in peers.iter().enumerate() {
+        world.peer_mut(p).set_silent(i >= speakers);
+    }
+    peers
+}
+
+#[test]
+fn joining_never_renegotiates_others() {
+    let mut world = SimWorld::new(101, epoch());
+    let peers = meeting(&mut world, 50, 2);
+    let (talker, other_talker) = (peers[0], peers[1]);
+    let ok = world.run_until(
+        |w| {
+            peers[2..]
+                .iter()
+                .all(|&rx| stats(w, rx, talker, MIC).packets > 0)
+        },
+        secs(10.0),
+    );
+    assert!(ok, "the meeting did not settle{}", describe(&world));
+    world.run_for(secs(1.0));
+    let offers: Vec<u64> = peers
+        .iter()
+        .map(|&p| world.peer(p).negotiation_counts().offers_received)
+        .collect();
+    // Each got exactly one router offer: its slots.
+    assert!(offers.iter().all(|&n| n == 1), "{offers:?}");
+    let renegotiations = world.metrics().renegotiations;
+
+    // The 51st joins, with a camera, and talks.
+    let newcomer = world.add_peer("meeting", "p50", PeerOptions::default());
+    let ok = world.run_until(
+        |w| {
+            stats(w, newcomer, talker, MIC).packets > 0
+                && [peers[2], peers[49]]
+                    .iter()
+                    .all(|&rx| stats(w, rx, newcomer, CAM).keyframes > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "the newcomer did not settle{}", describe(&world));
+    world.run_for(secs(1.0));
+    for (i, &p) in peers.iter().enumerate() {
+        assert_eq!(
+            world.peer(p).negotiation_counts().offers_received,
+            offers[i],
+            "{p} got a router offer when the 51st joined"
+        );
+    }
+    // One renegotiation in all: the newcomer's own slots.
+    assert_eq!(world.metrics().renegotiations, renegotiations + 1);
+    assert!(stats(&world, newcomer, other_talker, MIC).packets > 0);
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn audio_slots_follow_the_loudest() {
+    let mut world = SimWorld::new(102, epoch());
+    // p0..p2 talk, p3 and p4 are quiet, p5 listens.
+    let peers = meeting(&mut world, 6, 3);
+    let listener = peers[5];
+    world.run_for(secs(4.0));
+    assert_eq!(
+        carried(&world, listener, SlotKind::Audio),
+        peers[..3].to_vec(),
+        "{}",
+        describe(&world)
+    );
+    // A turn change: p2 stops, p4 starts.
+    world.peer_mut(peers[2]).set_silent(true);
+    world.peer_mut(peers[4]).set_silent(false);
+    let ok = world.run_until(
+        |w| carried(w, listener, SlotKind::Audio) == vec![peers[0], peers[1], peers[4]],
+        secs(6.0),
+    );
+    assert!(ok, "the slots did not follow p4{}", describe(&world));
+    let before = stats(&world, listener, peers[4], MIC).packets;
+    world.run_for(secs(1.0));
+    assert!(stats(&world, listener, peers[4], MIC).packets >= before + 40);
+    // The slot p4 took kept its SSRC and numbering: one stream per slot.
+    for (mid, t) in world.peer(listener).slot_stats() {
+        assert_eq!(t.ssrc_changes, 0, "slot {mid}{}", describe(&world));
+        assert_eq!(t.gaps, 0, "slot {mid}{}", describe(&world));
+        assert_eq!(t.timestamp_regressions, 0, "slot {mid}{}", describe(&world));
+    }
+    assert!(world.metrics().slot_switches > 0);
+    assert_attribution_clean(&world);
+}
+
+/// A camera meeting: `cameras` publishers (simulcast off, 10 s keyframe interval so that
+/// switches need keyframe requests) and one viewer with `video_slots` camera slots.
+fn camera_meeting(
+    seed: u64,
+    cameras: usize,
+    video_slots: usize,
+    impairment: Impairment,
+) -> (SimWorld, Vec<SessionId>, SessionId) {
+    let mut config = Config::default();
+    config.video_slots = video_slots;
+    let mut world = SimWorld::with_config(seed, epoch(), config);
+    world.set_impairment(impairment);
+    let slow = PeerOptions::default().keyframe_interval(secs(10.0));
+    let publishers: Vec<SessionId> = (0..cameras)
+        .map(|i| world.add_peer("room", format!("cam{i}"), slow.clone()))
+        .collect();
+    for &p in &publishers {
+        world.peer_mut(p).set_silent(true);
+    }
+    let viewer = world.add_peer(
+        "room",
+        "viewer",
+        PeerOptions {
+            audio: false,
+            video: false,
+            ..PeerOptions::default()
+        },
+    );
+    (world, publishers, viewer)
+}
+
+/// Pins `who` for `viewer` (a `pin` message).
+fn pin(world: &mut SimWorld, viewer: SessionId, who: &[SessionId]) {
+    let msg = ClientMessage::Pin {
+        sessions: who.to_vec(),
+    };
+    world.signal_now(viewer, msg).expect("pin accepted");
+}
+
+#[test]
+fn video_slot_switch_waits_for_keyframe() {
+    let (mut world, cams, viewer) = camera_meeting(103, 2, 1, Impairment::default());
+    let (a, b) = (cams[0], cams[1]);
+    pin(&mut world, viewer, &[a]);
+    let ok = world.run_until(|w| stats(w, viewer, a, CAM).keyframes > 0, secs(5.0));
+    assert!(ok, "a never showed{}", describe(&world));
+    world.run_for(secs(2.0));
+    let keyframes_before = world.peer(b).sent(CAM).keyframes;
+
+    pin(&mut world, viewer, &[b]);
+    let t0 = world.now();
+    let ok = world.run_until(|w| stats(w, viewer, b, CAM).packets > 0, secs(3.0));
+    assert!(ok, "the slot never switched to b{}", describe(&world));
+    let t = stats(&world, viewer, b, CAM);
+    // b's first packet on the slot was a keyframe: the switch waited for one, and one was
+    // asked for (b's own interval is 10 s).
+    assert_eq!(
+        t.first_keyframe_at,
+        t.first_packet_at,
+        "{}",
+        describe(&world)
+    );
+    assert!(world.peer(b).sent(CAM).keyframes > keyframes_before);
+    assert!(t.first_packet_at.is_some_and(|at| at - t0 <= secs(1.0)));
+    // a went on until b's keyframe (within a frame interval): the tile never went blank,
+    // and the slot's numbering has no gap.
+    let a_last = stats(&world, viewer, a, CAM).last_packet_at;
+    let b_first = t.first_packet_at;
+    assert!(
+        matches!((a_last, b_first), (Some(a), Some(b)) if a + secs(0.05) >= b),
+        "a stopped {a_last:?} before b started {b_first:?}"
+    );
+    let slot = camera_slot(&world, viewer);
+    assert!(slot.gaps == 0 && slot.ssrc_changes == 0, "{slot:?}");
+    assert_eq!(
+        slot_of(&world, viewer, b, CAM),
+        world
+            .peer(viewer)
+            .slots()
+            .iter()
+            .find(|s| s.kind == SlotKind::Camera)
+            .map(|s| s.mid.clone())
+    );
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn slot_stream_is_continuous_across_sources() {
+    let (mut world, cams, viewer) = camera_meeting(104, 3, 1, Impairment::default());
+    for round in 0..6 {
+        let who = cams[round % 3];
+        pin(&mut world, viewer, &[who]);
+        let since = stats(&world, viewer, who, CAM).packets;
+        let ok = world.run_until(
+            |w| stats(w, viewer, who, CAM).packets > since + 30,
+            secs(4.0),
+        );
+        assert!(ok, "round {round}: {who} never showed{}", describe(&world));
+    }
+    let slot = camera_slot(&world, viewer);
+    let mid = slot.mid.clone();
+    assert!(world.metrics().slot_switches >= 5);
+    assert_eq!(slot.ssrc_changes, 0, "slot {mid}{}", describe(&world));
+    assert_eq!(
+        slot.gaps,
+        0,
+        "sequence gap on slot {mid}{}",
+        describe(&world)
+    );
+    assert_eq!(slot.picture_id_breaks, 0, "{}", describe(&world));
+    assert_eq!(slot.timestamp_regressions, 0, "{}", describe(&world));
+    // Five switches (round 0 pins the camera already shown), each at a keyframe.
+    assert!(slot.keyframes >= 5, "{slot:?}");
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn nack_on_a_slot_resends_the_sources_packet() {
+    let lossy = Impairment::delay(Duration::from_millis(20)).with_loss(0.05);
+    let (mut world, cams, viewer) = camera_meeting(105, 2, 1, Impairment::default());
+    world.set_peer_impairment(viewer, Impairment::default(), lossy);
+    for round in 0..4 {
+        let who = cams[round % 2];
+        pin(&mut world, viewer, &[who]);
+        let since = stats(&world, viewer, who, CAM).packets;
+        let ok = world.run_until(
+            |w| stats(w, viewer, who, CAM).packets > since + 100,
+            secs(6.0),
+        );
+        assert!(ok, "round {round}: {who} never showed{}", describe(&world));
+    }
+    world.run_for(secs(1.0));
+    let slot = camera_slot(&world, viewer);
+    // Losses happened and were repaired by retransmissions of the right source's packets
+    // (a retransmission of another source's packet would be misattributed).
+    assert!(slot.gaps > 5, "no loss to repair: {slot:?}");
+    assert!(
+        slot.late_or_duplicate >= slot.gaps / 2,
+        "few retransmissions arrived{}",
+        describe(&world)
+    );
+    assert!(
+        slot.missing * 10 <= slot.gaps,
+        "holes left unrepaired: {} of {}{}",
+        slot.missing,
+        slot.gaps,
+        describe(&world)
+    );
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn mapping_message_precedes_first_packet() {
+    // Speakers taking turns, cameras switching with them, people joining and leaving: every
+    // packet on every slot came from the source the mapping named when it arrived.
+    let mut world = SimWorld::new(106, epoch());
+    let mut peers: Vec<SessionId> = (0..6)
+        .map(|i| world.add_peer("room", format!("p{i}"), PeerOptions::default()))
+        .collect();
+    for &p in &peers {
+        world.peer_mut(p).set_silent(true);
+    }
+    for turn in 0..6 {
+        let talker = peers[turn % peers.len()];
+        world.peer_mut(talker).set_silent(false);
+        world.run_for(secs(2.5));
+        world.peer_mut(talker).set_silent(true);
+        if turn == 2 {
+            let (left, _) = world.leave(peers.remove(1));
+            assert_eq!(left, Ok(()));
+            peers.push(world.add_peer("room", "late", PeerOptions::default()));
+        }
+    }
+    world.run_for(secs(1.0));
+    assert!(world.metrics().slot_switches > 10);
+    assert!(world.metrics().slot_messages > 10);
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn pinned_participant_keeps_a_slot() {
+    let (mut world, cams, viewer) = camera_meeting(107, 3, 1, Impairment::default());
+    let pinned = cams[2];
+    pin(&mut world, viewer, &[pinned]);
+    let ok = world.run_until(|w| stats(w, viewer, pinned, CAM).packets > 0, secs(5.0));
+    assert!(ok, "the pinned camera never showed{}", describe(&world));
+    // The others take turns speaking: the active speaker would take the only camera slot if
+    // the viewer had not pinned.
+    let before = [cams[0], cams[1]].map(|c| stats(&world, viewer, c, CAM).packets);
+    for &talker in &cams[..2] {
+        world.peer_mut(talker).set_silent(false);
+        world.run_for(secs(3.0));
+        world.peer_mut(talker).set_silent(true);
+    }
+    assert_eq!(carried(&world, viewer, SlotKind::Camera), vec![pinned]);
+    let after = [cams[0], cams[1]].map(|c| stats(&world, viewer, c, CAM).packets);
+    assert_eq!(before, after, "an unpinned camera took the slot");
+    // Unpinned, the slot follows the speaker.
+    pin(&mut world, viewer, &[]);
+    world.peer_mut(cams[0]).set_silent(false);
+    let ok = world.run_until(
+        |w| carried(w, viewer, SlotKind::Camera) == vec![cams[0]],
+        secs(5.0),
+    );
+    assert!(
+        ok,
+        "unpinned, the slot did not follow the speaker{}",
+        describe(&world)
+    );
+    assert_attribution_clean(&world);
+}
+
+#[test]
+fn more_slots_on_request() {
+    let (mut world, cams, viewer) = camera_meeting(108, 4, 1, Impairment::default());
+    let ok = world.run_until(
+        |w| carried(w, viewer, SlotKind::Camera).len() == 1,
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    let offers = world.peer(viewer).negotiation_counts().offers_received;
+    world
+        .signal_now(viewer, ClientMessage::Slots { video: 3 })
+        .expect("slots accepted");
+    let ok = world.run_until(
+        |w| {
+            carried(w, viewer, SlotKind::Camera).len() == 3
+                && cams[..3]
+                    .iter()
+                    .all(|&c| stats(w, viewer, c, CAM).keyframes > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "three cameras never showed{}", describe(&world));
+    assert_eq!(
+        world.peer(viewer).negotiation_counts().offers_received,
+        offers + 1
+    );
+    // Fewer again: the surplus slots are turned off (and kept); nothing arrives on them.
+    world
+        .signal_now(viewer, ClientMessage::Slots { video: 2 })
+        .expect("slots accepted");
+    world.run_for(secs(2.0));
+    assert_eq!(carried(&world, viewer, SlotKind::Camera).len(), 2);
+    let lines = world.peer(viewer).remote_media_lines();
+    // Back up to 3: the kept m-line is turned on again, the SDP does not grow.
+    world
+        .signal_now(viewer, ClientMessage::Slots { video: 3 })
+        .expect("slots accepted");
+    let ok = world.run_until(
+        |w| carried(w, viewer, SlotKind::Camera).len() == 3,
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    assert_eq!(world.peer(viewer).remote_media_lines(), lines);
+    // Beyond the maximum: a typed error, nothing renegotiated.
+    let too_many = world.signal_now(viewer, ClientMessage::Slots { video: 26 });
+    assert!(too_many.is_err());
+    assert_attribution_clean(&world);
+}
