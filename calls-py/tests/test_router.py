@@ -1,7 +1,7 @@
 """The router scripted in-process: two str0m peers driven from Python in virtual time."""
 
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import calls
 from calls.testing import Network
@@ -108,9 +108,9 @@ def test_the_active_speaker_is_announced_to_the_embedder_and_the_call() -> None:
 SOURCE_OF_SLOT = {"audio": "microphone", "camera": "camera", "screen": "screen"}
 
 
-def slot_mapping(net: Network, session: int) -> Dict[str, dict]:
+def slot_mapping(net: Network, session: int) -> Dict[str, Dict[str, Any]]:
     """The slot mapping ``session`` was told, as it stands now: mid -> latest slot entry."""
-    mapping: Dict[str, dict] = {}
+    mapping: Dict[str, Dict[str, Any]] = {}
     for s in net.signals:
         if s.session == session and s.type == "slots":
             for slot in s.message["slots"]:
@@ -162,18 +162,37 @@ def test_a_pin_puts_that_camera_on_a_viewers_only_camera_slot() -> None:
 
     # One camera slot: the router renegotiates the viewer (and only the viewer).
     offers_before = Counter(s.session for s in net.signals if s.type == "offer")
-    net.router.handle_signal(viewer.session, {"type": "slots", "video": 1}, net.now)
+    viewer.request_slots(1)
     net.run_for(1.0)
     offers = Counter(s.session for s in net.signals if s.type == "offer")
     assert offers - offers_before == Counter({viewer.session: 1})
     assert len([s for s in camera_sessions() if s is not None]) == 1, slot_mapping(net, viewer.session)
 
     for target in (pia, pat, pia):
-        net.router.handle_signal(viewer.session, {"type": "pin", "sessions": [target.session]}, net.now)
-        assert net.run_until(
-            lambda: [s for s in camera_sessions() if s is not None] == [target.session], limit=5.0
-        ), (target.session, slot_mapping(net, viewer.session))
+        viewer.pin([target.session])
+
+        def shows_target() -> bool:
+            cameras = [s for s in viewer.slots() if s["kind"] == "camera" and s["session"]]
+            if [s["session"] for s in cameras] != [target.session]:
+                return False
+            got: Dict[Tuple[int, str], int] = {
+                (t["publisher"], t["source"]): t["packets"] for t in viewer.received()
+            }
+            return got.get((target.session, "camera"), 0) > counted.get(target.session, 0) + 30
+
+        counted: Dict[int, int] = {
+            t["publisher"]: t["packets"] for t in viewer.received() if t["source"] == "camera"
+        }
+        assert net.run_until(shows_target, limit=5.0), (target.session, viewer.slots())
+        # What the peer follows is what the router said.
+        assert [s for s in camera_sessions() if s is not None] == [target.session]
     assert not viewer.errors()
+    assert viewer.misattributed == 0
+    # One stream on the camera slot across the three sources: one SSRC, no picture-id break.
+    [camera_slot] = [s for s in viewer.slots() if s["kind"] == "camera" and s["session"]]
+    [stream] = [s for s in viewer.slot_stats() if s["mid"] == camera_slot["mid"]]
+    assert stream["ssrc_changes"] == 0 and stream["picture_id_breaks"] == 0, stream
+    assert calls.PROTOCOL_VERSION == 2
 
     # Too many pins is refused with `invalid`; the session goes on.
     try:
