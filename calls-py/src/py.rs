@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{PeerOptions, PeerSignal, SimPeer, Transport};
 use calls_core::sim::TrackStats;
+use calls_core::sim::{PeerOptions, PeerSignal, SimPeer, Transport};
 use calls_core::{
     CallId, ClientMessage, ConnId, Datagram, Event as CoreEvent, Grants, LeaveReason, Output,
     Proto, Router as CoreRouter, RouterError, ServerMessage, SessionId, SlotInfo,
@@ -947,7 +947,10 @@ impl Peer {
     /// (`audio`, `camera`, `screen`), and `session`, `user`, `source` (`None`: empty).
     fn slots<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let peer = lock(&self.inner)?;
-        peer.slots().iter().map(|slot| slot_dict(py, slot)).collect()
+        peer.slots()
+            .iter()
+            .map(|slot| slot_dict(py, slot))
+            .collect()
     }
 
     /// What arrived on each receive slot, whoever it came from (one continuous stream per
