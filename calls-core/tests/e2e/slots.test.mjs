@@ -3,7 +3,8 @@
 // decoded frame tells whom it shows. The other three publish only a microphone. One of those asks
 // for a single camera slot and pins a publisher, then another one. On every page, each camera tile
 // must show the person the `slots` messages named: the decoded picture's colour says who it is,
-// and inbound-rtp on the slot's mid shows frames being decoded.
+// and inbound-rtp on the slot's mid shows frames being decoded. Also: the participant list, a
+// hidden page pausing its camera slots, and that nobody's joining renegotiated anyone.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -177,6 +178,40 @@ test('receive slots: six Chromium participants, three cameras, a pin; every tile
     // The others did not notice: still every other camera.
     await Promise.all(pages.filter((p) => p.user !== PINNER).map((p) => waitShows(
       p, cameraUsers.filter((u) => u !== p.user), sessionOf, 'every other camera after the pins', 20000)));
+
+    // The participant list (roster, published): everyone else, the camera publishers marked,
+    // and the pinned one's button says so.
+    const people = await pinner.page.$$eval('#people li', (lis) => lis.map((li) => ({
+      session: Number(li.dataset.session), who: li.querySelector('.who').textContent,
+      what: li.querySelector('.what').textContent, pin: li.querySelector('button').textContent,
+    })));
+    assert.deepEqual(people.map((x) => x.who).sort(), pages.map((p) => p.user).filter((u) => u !== PINNER).sort(),
+      `${PINNER}'s participant list: ${JSON.stringify(people)}`);
+    for (const x of people) {
+      assert.equal(/camera/.test(x.what), cameraUsers.includes(x.who), `${JSON.stringify(x)} shows whether they publish a camera`);
+      assert.equal(x.pin, x.who === order[order.length - 1] ? 'Unpin' : 'Pin', JSON.stringify(x));
+    }
+
+    // A hidden page pauses its camera slots (`preference` by slot mid) and resumes them when
+    // visible again.
+    const hider = byUser.get('val');
+    const setHidden = (hidden) => hider.page.evaluate((h) => {
+      Object.defineProperty(document, 'hidden', { configurable: true, get: () => h });
+      document.dispatchEvent(new Event('visibilitychange'));
+    }, hidden);
+    const cameraFrames = async () => (await cameraView(hider)).tiles.reduce((a, t) => a + t.frames, 0);
+    await setHidden(true);
+    let before = await cameraFrames();
+    await waitFor('val hidden: its camera slots stop', async () => {
+      await new Promise((r) => setTimeout(r, 1500));
+      const now = await cameraFrames();
+      const still = now === before;
+      before = now;
+      return still;
+    }, { timeout: 15000, interval: 0 });
+    await setHidden(false);
+    await waitShows(hider, cameraUsers, sessionOf, 'every camera again once visible', 20000);
+    console.log('# val hid its page: its camera slots paused, then resumed');
 
     // 4. The mapping messages themselves: every non-empty slot named a participant of this call
     //    with its real user and a source that fits the slot; cameras only from camera publishers.
