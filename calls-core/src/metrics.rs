@@ -159,6 +159,9 @@ pub struct MetricsSnapshot {
     /// Forwarded audio packets a member had no free audio slot for (more forwarded speakers
     /// than `audio_slots`).
     pub audio_without_slot: u64,
+    /// Sessions woken because their own timer fell due (str0m's pacer, RTCP, feedback), not
+    /// counting the wake-ups that send what was just forwarded to them.
+    pub session_wakeups: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -212,6 +215,7 @@ impl MetricsSnapshot {
         self.slot_switches += other.slot_switches;
         self.slot_messages += other.slot_messages;
         self.audio_without_slot += other.audio_without_slot;
+        self.session_wakeups += other.session_wakeups;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -461,6 +465,12 @@ mod prom {
             "audio_without_slot",
             "Forwarded audio packets a member had no free audio slot for",
             m.audio_without_slot,
+        );
+        counter(
+            &mut registry,
+            "session_wakeups",
+            "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
+            m.session_wakeups,
         );
         let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();

@@ -56,7 +56,9 @@ const MIN_WAKE: Duration = Duration::from_millis(1);
 /// The timeout reported when nothing is scheduled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Period of the router's tick: layer allocation (upgrades after their hold time, stalled
-/// layers), dynacast pauses, active speaker.
+/// layers), dynacast pauses, active speaker. Also the timer granularity of quiet sessions (see
+/// `is_quiet`): str0m's timers of a muted listener fire at most this often (instead of every
+/// 40 ms for the pacer), on the tick's grid, so one wake-up serves them all.
 const TICK: Duration = Duration::from_millis(250);
 
 /// An incoming datagram (or, for ICE-TCP, one de-framed RFC 4571 frame).
@@ -223,6 +225,8 @@ pub struct Router {
     probe_bucket: (f64, Instant),
     draining: bool,
     last_now: Instant,
+    /// When the router was created: the origin of the quiet grid.
+    started: Instant,
     /// Next periodic tick (layer allocation, dynacast, active speaker).
     next_tick: Instant,
     /// Scratch list of sessions whose timeout is due (kept to avoid an allocation per call).
@@ -284,6 +288,7 @@ impl Router {
             probe_bucket: (f64::from(probe_burst), now),
             draining: false,
             last_now: now,
+            started: now,
             next_tick: later(now, TICK),
             due: Vec::new(),
             reallocate: Vec::new(),
@@ -554,6 +559,7 @@ impl Router {
                 continue;
             };
             state.next_timeout = None;
+            self.counters.snapshot.session_wakeups += 1;
             if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(%session, "timeout failed: {e}");
             }
@@ -561,7 +567,7 @@ impl Router {
         }
         self.due = due;
         if now >= self.next_tick {
-            self.next_tick = later(now, TICK);
+            self.next_tick = on_tick_grid(self.started, later(now, MIN_WAKE));
             self.tick(now);
         }
         self.finish(now);
@@ -677,7 +683,10 @@ impl Router {
                     }
                     // "Again at once" becomes a millisecond later: the embedder's loop must
                     // not spin (str0m's pacer can ask for `now` again).
-                    let at = if at <= now { later(now, MIN_WAKE) } else { at };
+                    let mut at = if at <= now { later(now, MIN_WAKE) } else { at };
+                    if is_quiet(state, session, &self.tracks) {
+                        at = on_tick_grid(self.started, at);
+                    }
                     if state.next_timeout != Some(at) {
                         state.next_timeout = Some(at);
                         self.timers.push(Reverse((at, session)));
@@ -912,6 +921,42 @@ impl Router {
         }));
         tracing::debug!(%session, ?reason, "left");
     }
+}
+
+/// Whether a session has nothing that needs str0m's timers on time: connected, no video to
+/// send (its camera and screen slots carry nothing) and nothing to receive but a muted
+/// microphone. A muted listener in a big call. Its pacer (40 ms ticks with congestion control)
+/// and RTCP run on the quiet grid instead; a packet written to it still goes out at once (the
+/// touched sessions get their timeout after each input).
+fn is_quiet(
+    state: &Session,
+    session: SessionId,
+    tracks: &HashMap<TrackKey, PublishedTrack>,
+) -> bool {
+    state.connected
+        && state
+            .slots
+            .iter()
+            .all(|slot| !slot.is_video() || slot.target().is_none())
+        && state.published.iter().all(|&mid| {
+            tracks
+                .get(&TrackKey {
+                    publisher: session,
+                    mid,
+                })
+                .is_none_or(|t| t.is_audio() && state.muted)
+        })
+}
+
+/// The first point of the tick grid (multiples of [`TICK`] from `started`, the router's start)
+/// at or after `at`: quiet sessions' timers are rounded up to it, so they are woken together
+/// with the tick (four times a second) instead of one by one.
+fn on_tick_grid(started: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(started);
+    let grid = TICK.as_nanos();
+    let ticks = since.as_nanos().div_ceil(grid);
+    let offset = Duration::from_nanos(u64::try_from(ticks * grid).unwrap_or(u64::MAX));
+    started.checked_add(offset).unwrap_or(at).max(at)
 }
 
 /// `at + by`, saturating at `at` where `Instant` cannot go further (an embedder's clock near

@@ -466,3 +466,40 @@ fn more_slots_on_request() {
     assert!(too_many.is_err());
     assert_attribution_clean(&world);
 }
+
+#[test]
+fn muted_listeners_wake_on_the_tick_grid() {
+    // One speaker, 20 listeners holding muted microphones: their timers (pacer, RTCP) are
+    // coalesced on the router's 250 ms tick instead of str0m's 40 ms pacer period.
+    let mut world = SimWorld::new(109, epoch());
+    let peers = meeting(&mut world, 21, 1);
+    let talker = peers[0];
+    for &p in &peers[1..] {
+        world.set_muted(p, true);
+    }
+    let ok = world.run_until(
+        |w| {
+            peers[1..]
+                .iter()
+                .all(|&rx| stats(w, rx, talker, MIC).packets > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    world.run_for(secs(2.0));
+    let before = world.metrics().session_wakeups;
+    let heard = stats(&world, peers[20], talker, MIC).packets;
+    world.run_for(secs(10.0));
+    let wakeups = world.metrics().session_wakeups - before;
+    let per_listener_second = wakeups as f64 / (20.0 * 10.0);
+    println!("# {per_listener_second:.1} timer wake-ups per muted listener per second");
+    // 4 per second on the grid, plus the speaker's own (≤ 25 per second); 25 each before.
+    assert!(
+        per_listener_second <= 6.0,
+        "{per_listener_second:.1} wake-ups per listener per second"
+    );
+    // They still hear the speaker, every packet.
+    let t = stats(&world, peers[20], talker, MIC);
+    assert!(t.packets >= heard + 480, "{t:?}");
+    assert_eq!(t.gaps, 0);
+}
