@@ -9,10 +9,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use calls_core::sim::TrackStats;
 use calls_core::sim::{PeerOptions, PeerSignal, SimPeer, Transport};
 use calls_core::{
-    CallId, ConnId, Datagram, Event as CoreEvent, Grants, LeaveReason, Output, Proto,
-    Router as CoreRouter, RouterError, ServerMessage, SessionId, TcpError as CoreTcpError, UserId,
+    CallId, ClientMessage, ConnId, Datagram, Event as CoreEvent, Grants, LeaveReason, Output,
+    Proto, Router as CoreRouter, RouterError, ServerMessage, SessionId, SlotInfo,
+    TcpError as CoreTcpError, UserId, PROTOCOL_VERSION,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -927,22 +929,66 @@ impl Peer {
         Ok(lock(&self.inner)?.packets_received())
     }
 
-    /// What was received per publisher track: dicts with `publisher`, `source`, `packets`,
-    /// `bytes`, `lost`, `keyframes`.
+    /// What was received per publisher track (attributed by the slot mapping): dicts with
+    /// `publisher`, `source`, `mid` (the slot it arrived on last), `packets`, `bytes`, `lost`,
+    /// `keyframes`.
     fn received<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let peer = lock(&self.inner)?;
         peer.received()
             .map(|(publisher, source, stats)| {
-                let d = PyDict::new(py);
+                let d = stats_dict(py, stats)?;
                 d.set_item("publisher", publisher.0)?;
                 d.set_item("source", source.as_str())?;
-                d.set_item("packets", stats.packets)?;
-                d.set_item("bytes", stats.bytes)?;
-                d.set_item("lost", stats.gaps)?;
-                d.set_item("keyframes", stats.keyframes)?;
                 Ok(d)
             })
             .collect()
+    }
+
+    /// The receive slots as the router's `slots` messages left them: dicts with `mid`, `kind`
+    /// (`audio`, `camera`, `screen`), and `session`, `user`, `source` (`None`: empty).
+    fn slots<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let peer = lock(&self.inner)?;
+        peer.slots()
+            .iter()
+            .map(|slot| slot_dict(py, slot))
+            .collect()
+    }
+
+    /// What arrived on each receive slot, whoever it came from (one continuous stream per
+    /// slot): dicts with `mid`, `packets`, `bytes`, `lost`, `keyframes`, `ssrc`,
+    /// `ssrc_changes`, `picture_id_breaks`.
+    fn slot_stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let peer = lock(&self.inner)?;
+        peer.slot_stats()
+            .values()
+            .map(|stats| {
+                let d = stats_dict(py, stats)?;
+                d.set_item("ssrc", stats.ssrc)?;
+                d.set_item("ssrc_changes", stats.ssrc_changes)?;
+                d.set_item("picture_id_breaks", stats.picture_id_breaks)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Packets whose payload came from another publisher than the slot mapping said (the
+    /// router forwarded a source before telling the client); 0 when the router is right.
+    #[getter]
+    fn misattributed(&self) -> PyResult<u64> {
+        Ok(lock(&self.inner)?.misattributed())
+    }
+
+    /// Sends `pin`: put these participants' cameras on this peer's camera slots first.
+    fn pin(&self, sessions: Vec<u64>) -> PyResult<()> {
+        let sessions = sessions.into_iter().map(SessionId).collect();
+        lock(&self.inner)?.send_signal(ClientMessage::Pin { sessions });
+        Ok(())
+    }
+
+    /// Sends `slots`: ask for `video` camera slots (the router renegotiates this peer).
+    fn request_slots(&self, video: u16) -> PyResult<()> {
+        lock(&self.inner)?.send_signal(ClientMessage::Slots { video });
+        Ok(())
     }
 
     /// `ServerMessage::Error`s received, as (code, message).
@@ -961,6 +1007,27 @@ impl Peer {
             Err(_) => "Peer(<poisoned>)".to_owned(),
         }
     }
+}
+
+/// The counters every received-stream dict has.
+fn stats_dict<'py>(py: Python<'py>, stats: &TrackStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mid", stats.mid.as_str())?;
+    d.set_item("packets", stats.packets)?;
+    d.set_item("bytes", stats.bytes)?;
+    d.set_item("lost", stats.gaps)?;
+    d.set_item("keyframes", stats.keyframes)?;
+    Ok(d)
+}
+
+fn slot_dict<'py>(py: Python<'py>, slot: &SlotInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mid", slot.mid.as_str())?;
+    d.set_item("kind", slot.kind.as_str())?;
+    d.set_item("session", slot.session.map(|s| s.0))?;
+    d.set_item("user", slot.user.as_ref().map(|u| u.0.as_str()))?;
+    d.set_item("source", slot.source.map(|s| s.as_str()))?;
+    Ok(d)
 }
 
 // --------------------------------------------------------------------------------- swarm
@@ -1135,6 +1202,7 @@ impl Swarm {
 fn _calls(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add_class::<Router>()?;
     m.add_class::<Transmit>()?;
     m.add_class::<Signal>()?;

@@ -11,11 +11,16 @@
 //! four times a second.
 //!
 //! Video is simulcast by default ([`ParticipantSpec::simulcast`]): the router picks one layer
-//! per subscriber. Most measurements come from the peer's [`TrackStats`]; two are taken here,
-//! where datagrams are read, because the peer keeps no per-packet record: the RFC 3550
-//! interarrival jitter (from the clear-text RTP header of each SRTP packet and its arrival
-//! time) and the payload bytes per simulcast layer (the peer's byte count, attributed to the
-//! layer it was receiving when each packet arrived).
+//! per subscriber. A participant receives on a fixed set of slots (signaling protocol 2); the
+//! peer follows the router's slot mapping and measures each slot's stream and each publisher's
+//! share of it with the simulation's receiver ([`calls_core::sim::receiver`]: [`TrackStats`],
+//! the [`SlotMap`](calls_core::sim::SlotMap)), so the load test and the scenario tests measure
+//! alike. Two measurements are taken here, where datagrams are read, because the peer keeps no
+//! per-packet record: the RFC 3550 interarrival jitter (from the clear-text RTP header of each
+//! SRTP packet and its arrival time) and the payload bytes per simulcast layer (the peer's byte
+//! count, attributed to the layer it was receiving when each packet arrived). Both are kept per
+//! slot (one SSRC for the slot's life) and per publisher (whoever the mapping says the slot
+//! carries).
 //!
 //! Everything is bounded: each participant stops at the swarm's deadline (or on
 //! [`Swarm::stop`]), says `{"type":"leave"}`, closes its WebSocket and drops its socket.
@@ -31,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use calls_core::sim::{simulcast_layers, PeerOptions, PeerSignal, SimPeer, TrackStats, Transport};
-use calls_core::{Proto, ServerMessage, SessionId, TrackSource, UserId};
+use calls_core::{Proto, ServerMessage, SessionId, SlotKind, TrackSource, UserId};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use serde::Serialize;
@@ -193,6 +198,53 @@ pub struct TrackReport {
     pub jitter_max_ms: Option<f64>,
 }
 
+/// What one participant received on one receive slot: one continuous stream, whoever it
+/// carried.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SlotReport {
+    /// The slot's m-line.
+    pub mid: String,
+    /// `audio`, `camera` or `screen`.
+    pub kind: &'static str,
+    /// The publisher the slot carries now (`None`: empty).
+    pub session: Option<u64>,
+    /// That publisher's source.
+    pub source: Option<&'static str>,
+    /// RTP packets received.
+    pub packets: u64,
+    /// RTP payload bytes received.
+    pub bytes: u64,
+    /// Sequence numbers never received (loss).
+    pub lost: u64,
+    /// VP8 keyframes received.
+    pub keyframes: u64,
+    /// Payload bitrate between the first and the last packet, kbit/s.
+    pub kbps: f64,
+    /// Video gaps longer than 500 ms (including one still going on at the end).
+    pub freezes: u64,
+    /// Their total length, ms.
+    pub freeze_ms: f64,
+    /// Video frames by spatial layer index (0 = lowest).
+    pub frames_by_layer: [u64; 3],
+    /// Video: the RID of the layer received last.
+    pub layer: Option<&'static str>,
+    /// How often the received spatial layer changed (of the latest 1024 changes).
+    pub layer_switches: u64,
+    /// Video: the longest time between two consecutive frames after the first keyframe, ms.
+    pub max_frame_gap_ms: f64,
+    /// RFC 3550 §6.4.1 interarrival jitter at the end (or now), ms; `None` before two packets.
+    pub jitter_ms: Option<f64>,
+    /// The largest value the jitter estimate reached, ms.
+    pub jitter_max_ms: Option<f64>,
+    /// How often the slot's SSRC changed (0: one SSRC for the slot's life, as it should be).
+    pub ssrc_changes: u64,
+    /// Video: consecutive frames whose VP8 PictureIDs are not consecutive (a source or layer
+    /// change the router did not smooth over).
+    pub picture_id_breaks: u64,
+    /// Video: layer or source changes that did not start at a keyframe.
+    pub switches_off_keyframe: u64,
+}
+
 /// One participant's statistics (times in seconds since the swarm started, or milliseconds).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ParticipantStats {
@@ -249,8 +301,13 @@ pub struct ParticipantStats {
     pub keyframe_requests: u64,
     /// Server messages that could not be parsed or `error` messages from the router.
     pub signal_errors: u64,
-    /// Per publisher track.
+    /// Per publisher track (attributed by the slot mapping).
     pub tracks: Vec<TrackReport>,
+    /// Per receive slot.
+    pub slots: Vec<SlotReport>,
+    /// Packets whose payload came from another publisher than the slot mapping said (the
+    /// router forwarded a source before telling the client): 0 when the router is right.
+    pub misattributed: u64,
     /// Received simulcast video payload bitrate by layer over `media_s`, kbit/s (single-layer
     /// video is only in `rx_kbps`).
     pub rx_kbps_by_layer: LayerKbps,
@@ -663,7 +720,8 @@ impl Jitter {
     }
 }
 
-/// What the media thread measures itself about one received track, next to its `TrackStats`.
+/// What the media thread measures itself about one received stream (a slot, or a publisher's
+/// share of the slots), next to its `TrackStats`.
 #[derive(Debug, Default, Clone, Copy)]
 struct TrackWatch {
     freeze: FreezeWatch,
@@ -688,12 +746,41 @@ fn rtp_header(datagram: &[u8]) -> Option<(u32, u32)> {
     Some((ssrc, rtp_time))
 }
 
-fn clock_rate(source: TrackSource) -> f64 {
-    if source.is_audio() {
+fn clock_rate(is_audio: bool) -> f64 {
+    if is_audio {
         OPUS_CLOCK_RATE
     } else {
         VP8_CLOCK_RATE
     }
+}
+
+/// The source a slot of `kind` carries (what names its simulcast layers).
+fn slot_source(kind: SlotKind) -> TrackSource {
+    match kind {
+        SlotKind::Audio => TrackSource::Microphone,
+        SlotKind::Camera => TrackSource::Camera,
+        SlotKind::Screen => TrackSource::Screen,
+    }
+}
+
+/// Counts a freeze when the stream's last packet came more than [`FREEZE`] after the one
+/// before.
+fn watch_freeze(watch: &mut FreezeWatch, last_packet_at: Option<Instant>) {
+    if let (Some(prev), Some(last)) = (watch.last, last_packet_at) {
+        let gap = last.saturating_duration_since(prev);
+        if gap > FREEZE {
+            watch.freezes += 1;
+            watch.frozen += gap;
+        }
+    }
+    watch.last = last_packet_at;
+}
+
+/// Adds the payload bytes `stats` gained since the last look to the layer it is on.
+fn count_layer_bytes(watch: &mut TrackWatch, stats: &TrackStats) {
+    let layer = usize::from(stats.last_layer.unwrap_or(0).min(2));
+    watch.bytes_by_layer[layer] += stats.bytes.saturating_sub(watch.bytes_seen);
+    watch.bytes_seen = stats.bytes;
 }
 
 /// The RID of `source`'s simulcast layer `index` (camera `q`/`h`/`f`, screen `h`/`f`).
@@ -726,12 +813,15 @@ struct Live {
     opened_at: Instant,
     connected_at: Option<Instant>,
     first_media_at: Option<Instant>,
-    /// Per received track, by (publisher session, source).
+    /// Per publisher track received, by (publisher session, source).
     watches: HashMap<(u64, TrackSource), TrackWatch>,
-    /// Which received track an SSRC carries (learnt from the peer's `TrackStats::ssrc`).
-    ssrcs: HashMap<u32, (u64, TrackSource)>,
-    /// SSRCs no received track carries (RTX, or not yet attributed); forgotten every
-    /// publish, so a track attributed later is found.
+    /// Per receive slot: its mid and what the thread measured of its stream.
+    slot_watches: Vec<(String, TrackWatch)>,
+    /// Which slot (index in `slot_watches`) an SSRC is (learnt from the peer's per-slot
+    /// `TrackStats::ssrc`: one SSRC per slot for its life).
+    slot_of_ssrc: HashMap<u32, usize>,
+    /// SSRCs no slot carries (RTX, probes, or not yet seen by the peer); forgotten every
+    /// report, so a slot seen later is found.
     unknown_ssrcs: HashSet<u32>,
     signal_errors: u64,
     failed: Option<String>,
@@ -926,7 +1016,8 @@ impl MediaThread {
             connected_at: None,
             first_media_at: None,
             watches: HashMap::new(),
-            ssrcs: HashMap::new(),
+            slot_watches: Vec::new(),
+            slot_of_ssrc: HashMap::new(),
             unknown_ssrcs: HashSet::new(),
             signal_errors: 0,
             failed: None,
@@ -1043,19 +1134,18 @@ impl Live {
             if source.is_audio() {
                 continue;
             }
-            let watch = &mut self
-                .watches
-                .entry((publisher.0, source))
-                .or_default()
-                .freeze;
-            if let (Some(prev), Some(last)) = (watch.last, stats.last_packet_at) {
-                let gap = last.saturating_duration_since(prev);
-                if gap > FREEZE {
-                    watch.freezes += 1;
-                    watch.frozen += gap;
-                }
+            let watch = self.watches.entry((publisher.0, source)).or_default();
+            watch_freeze(&mut watch.freeze, stats.last_packet_at);
+        }
+        for (mid, watch) in &mut self.slot_watches {
+            let is_video = self
+                .peer
+                .slots()
+                .get(mid)
+                .is_some_and(|s| s.kind != SlotKind::Audio);
+            if let (true, Some(stats)) = (is_video, self.peer.slot_stats().get(mid.as_str())) {
+                watch_freeze(&mut watch.freeze, stats.last_packet_at);
             }
-            watch.last = stats.last_packet_at;
         }
     }
 
@@ -1129,36 +1219,54 @@ impl Live {
     }
 
     /// An RTP packet of `ssrc` was just handed to the peer: its jitter, and for video the
-    /// bytes it added, counted on the layer the track is on.
+    /// bytes it added, counted on the layer the stream is on, for its slot and for the
+    /// publisher the slot carries.
     fn on_rtp(&mut self, ssrc: u32, rtp_time: u32, arrival: Instant) {
-        let key = match self.ssrcs.get(&ssrc) {
-            Some(key) => *key,
+        let index = match self.slot_of_ssrc.get(&ssrc) {
+            Some(index) => *index,
             None if self.unknown_ssrcs.contains(&ssrc) => return,
             None => {
                 let found = self
                     .peer
-                    .received()
-                    .find(|(_, _, stats)| stats.packets > 0 && stats.ssrc == ssrc)
-                    .map(|(publisher, source, _)| (publisher.0, source));
-                let Some(key) = found else {
+                    .slot_stats()
+                    .iter()
+                    .find(|(_, stats)| stats.packets > 0 && stats.ssrc == ssrc)
+                    .map(|(mid, _)| mid.clone());
+                let Some(mid) = found else {
                     self.unknown_ssrcs.insert(ssrc);
                     return;
                 };
-                self.ssrcs.insert(ssrc, key);
-                key
+                let index = match self.slot_watches.iter().position(|(m, _)| *m == mid) {
+                    Some(index) => index,
+                    None => {
+                        self.slot_watches.push((mid, TrackWatch::default()));
+                        self.slot_watches.len() - 1
+                    }
+                };
+                self.slot_of_ssrc.insert(ssrc, index);
+                index
             }
         };
-        let Some(stats) = self.peer.received_from(SessionId(key.0), key.1) else {
+        let (mid, slot_watch) = &mut self.slot_watches[index];
+        let Some(slot) = self.peer.slots().get(mid) else {
             return;
         };
-        let watch = self.watches.entry(key).or_default();
-        watch
-            .jitter
-            .on_packet(ssrc, arrival, rtp_time, clock_rate(key.1));
-        if !key.1.is_audio() {
-            let layer = usize::from(stats.last_layer.unwrap_or(0).min(2));
-            watch.bytes_by_layer[layer] += stats.bytes.saturating_sub(watch.bytes_seen);
-            watch.bytes_seen = stats.bytes;
+        let is_audio = slot.kind == SlotKind::Audio;
+        let clock = clock_rate(is_audio);
+        slot_watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
+        if let (false, Some(stream)) = (is_audio, self.peer.slot_stats().get(mid.as_str())) {
+            count_layer_bytes(slot_watch, stream);
+        }
+        let (Some(publisher), Some(source)) = (slot.session, slot.source) else {
+            return;
+        };
+        let Some(stats) = self.peer.received_from(publisher, source) else {
+            return;
+        };
+        let watch = self.watches.entry((publisher.0, source)).or_default();
+        watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
+        if !is_audio {
+            count_layer_bytes(watch, stats);
         }
     }
 
@@ -1243,7 +1351,13 @@ impl Live {
     }
 
     fn freeze_check_at_end(&mut self, now: Instant) {
-        for watch in self.watches.values_mut().map(|w| &mut w.freeze) {
+        let slots = self.slot_watches.iter_mut().map(|(_, w)| &mut w.freeze);
+        for watch in self
+            .watches
+            .values_mut()
+            .map(|w| &mut w.freeze)
+            .chain(slots)
+        {
             if let Some(last) = watch.last {
                 let gap = now.saturating_duration_since(last);
                 if gap > FREEZE {
@@ -1260,7 +1374,7 @@ impl Live {
         deadline: Instant,
         simulcast: &HashSet<u64>,
     ) -> ParticipantStats {
-        // A track attributed since the last look can be found by its SSRC now.
+        // A slot the peer saw since the last look can be found by its SSRC now.
         self.unknown_ssrcs.clear();
         let end = now.min(deadline);
         let mut r = ParticipantStats {
@@ -1290,8 +1404,21 @@ impl Live {
                 MediaSocket::Tcp(link) => link.frames_dropped(),
                 MediaSocket::Udp(_) => 0,
             },
+            misattributed: self.peer.misattributed(),
             ..ParticipantStats::default()
         };
+        for (mid, stream) in self.peer.slot_stats() {
+            let Some(slot) = self.peer.slots().get(mid) else {
+                continue;
+            };
+            let watch = self
+                .slot_watches
+                .iter()
+                .find(|(m, _)| m == mid)
+                .map(|(_, w)| *w)
+                .unwrap_or_default();
+            r.slots.push(slot_report(slot, stream, &watch));
+        }
         for source in [
             TrackSource::Microphone,
             TrackSource::Camera,
@@ -1364,6 +1491,52 @@ impl Live {
     }
 }
 
+/// The bitrate of `bytes` over the span between a stream's first and last packet, kbit/s.
+fn span_kbps(stats: &TrackStats) -> impl Fn(u64) -> f64 {
+    let span = match (stats.first_packet_at, stats.last_packet_at) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    move |bytes: u64| {
+        if span > 0.0 {
+            bytes as f64 * 8.0 / span / 1000.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One receive slot's report from the peer's statistics and the media thread's own.
+fn slot_report(slot: &calls_core::SlotInfo, stats: &TrackStats, watch: &TrackWatch) -> SlotReport {
+    let kbps = span_kbps(stats);
+    let jitter = watch.jitter.millis();
+    let source = slot_source(slot.kind);
+    SlotReport {
+        mid: slot.mid.clone(),
+        kind: slot.kind.as_str(),
+        session: slot.session.map(|s| s.0),
+        source: slot.source.map(TrackSource::as_str),
+        packets: stats.packets,
+        bytes: stats.bytes,
+        lost: stats.gaps,
+        keyframes: stats.keyframes,
+        kbps: kbps(stats.bytes),
+        freezes: watch.freeze.freezes,
+        freeze_ms: millis(watch.freeze.frozen),
+        frames_by_layer: stats.frames_by_layer,
+        layer: stats
+            .last_layer
+            .and_then(|l| layer_rid(source, usize::from(l))),
+        layer_switches: stats.layer_changes.len().saturating_sub(1) as u64,
+        max_frame_gap_ms: millis(stats.max_frame_gap),
+        jitter_ms: jitter.map(|(j, _)| j),
+        jitter_max_ms: jitter.map(|(_, max)| max),
+        ssrc_changes: stats.ssrc_changes,
+        picture_id_breaks: stats.picture_id_breaks,
+        switches_off_keyframe: stats.switches_off_keyframe,
+    }
+}
+
 /// One received track's report from the peer's statistics and the media thread's own.
 fn track_report(
     publisher: u64,
@@ -1372,17 +1545,7 @@ fn track_report(
     watch: &TrackWatch,
     is_simulcast: bool,
 ) -> TrackReport {
-    let span = match (stats.first_packet_at, stats.last_packet_at) {
-        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
-        _ => 0.0,
-    };
-    let kbps = |bytes: u64| {
-        if span > 0.0 {
-            bytes as f64 * 8.0 / span / 1000.0
-        } else {
-            0.0
-        }
-    };
+    let kbps = span_kbps(stats);
     let kbps_by_layer = is_simulcast.then(|| {
         let mut by_layer = LayerKbps::default();
         for (index, bytes) in watch.bytes_by_layer.iter().enumerate() {

@@ -9,7 +9,7 @@ import pytest
 from conftest import SECRET, Server
 
 from calls.loadtest import Participant, Swarm, mint_token, plan
-from calls.loadtest.report import by_transport
+from calls.loadtest.report import build_report, by_transport
 
 
 def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -> None:
@@ -37,6 +37,22 @@ def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -
     assert len(speakers) == 2
     # The camera publisher got keyframe requests answered: every viewer has a keyframe.
     assert all(t.keyframes > 0 for s in stats for t in s.tracks if t.source == "camera")
+    # Slots: each participant received the speakers on audio slots and the camera on a camera
+    # slot, each slot one continuous stream the mapping announced correctly.
+    speaker_sessions = {s.session for s in speakers}
+    camera_publisher = stats[0].session
+    for s in stats:
+        assert s.misattributed == 0, s
+        audio = [x for x in s.slots if x.kind == "audio" and x.packets > 100]
+        assert {x.session for x in audio} >= speaker_sessions - {s.session}, s.slots
+        if s.index != 0:
+            [camera] = [x for x in s.slots if x.kind == "camera" and x.packets > 100]
+            assert camera.session == camera_publisher and camera.source == "camera", camera
+        for x in s.slots:
+            assert x.ssrc_changes == 0 and x.picture_id_breaks == 0, x
+    report = build_report({}, stats, wall_s=10.0)
+    assert report["totals"]["slots"]["misattributed"] == 0
+    assert report["totals"]["slots"]["receiving"]["camera"] == 19
 
 
 def test_simulcast_viewers_report_layer_bitrates_jitter_and_the_speaker(server: Server) -> None:

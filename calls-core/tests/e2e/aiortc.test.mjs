@@ -35,11 +35,14 @@ test('aiortc participant and Chromium: audio and video both ways', async () => {
     const snap = await snapshot(web);
     console.log(`# chromium inbound from aiortc ${JSON.stringify(snap.inbound)}`);
     assert.deepEqual(st.errors, [], 'aiortc got no signaling errors');
+    assert.equal(st.protocol, 2, 'the server speaks protocol 2');
+    assert.equal(st.router_offers, 1, 'one router offer: the slots');
+    assert.ok(Object.values(st.slots).some((x) => x.session === sWeb && x.source === 'camera'), 'a camera slot carries Chromium');
     // aiortc says {"type": "leave"} (json.dumps spacing) and goes: Chromium drops it at once.
     await py.stop();
-    await waitFor('chrome: aiortc gone from roster and track map', async () => {
+    await waitFor('chrome: aiortc gone from roster and slot map', async () => {
       const s = await snapshot(web);
-      return s.roster.length === 0 && s.tracks.length === 0;
+      return s.roster.length === 0 && s.slots.every((x) => x.session === null);
     }, { timeout: 5000 });
     const log = readFileSync(server.log, 'utf8').replace(/\x1b\[[0-9;]*m/g, '');
     assert.match(log, new RegExp(`left .*session=s${sPy} reason=Left`), 'the server saw a leave, not a dropped connection');

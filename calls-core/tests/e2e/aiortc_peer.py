@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """An aiortc participant for the end-to-end tests.
 
-Joins a call through the reference server's WebSocket signaling (docs/signaling.md), publishes a
-tone (Opus) and a moving test pattern (VP8), answers the server's offers, and counts the frames
-it decodes per m-line. Every half second it prints one JSON status line on stdout:
+Joins a call through the reference server's WebSocket signaling (docs/signaling.md, protocol 2),
+publishes a tone (Opus) and a moving test pattern (VP8), answers the server's offer of its receive
+slots, keeps the slot mapping from the `slots` messages, and counts the frames it decodes per slot
+(m-line). Every half second it prints one JSON status line on stdout:
 
-    {"session": 3, "roster": {"1": "web"}, "tracks": {"4": {...}}, "recv": {"4": {"kind": "video", "frames": 120}},
+    {"session": 3, "protocol": 2, "roster": {"1": "web"},
+     "slots": {"4": {"mid": "4", "kind": "camera", "session": 1, "user": "web", "source": "camera"}},
+     "recv": {"4": {"kind": "video", "frames": 120}}, "router_offers": 1,
      "ice": "completed", "connection": "connected", "errors": [...]}
 
 The Node tests read those lines. It runs until stdin closes or it gets SIGTERM.
@@ -103,8 +106,10 @@ async def main(url):
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     state = {
         "session": None,
+        "protocol": None,
         "roster": {},
-        "tracks": {},
+        "slots": {},
+        "router_offers": 0,
         "recv": {},
         "errors": [],
         "making_offer": False,
@@ -156,8 +161,10 @@ async def main(url):
                 line = {
                     "t": time.time(),
                     "session": state["session"],
+                    "protocol": state["protocol"],
                     "roster": state["roster"],
-                    "tracks": state["tracks"],
+                    "slots": state["slots"],
+                    "router_offers": state["router_offers"],
                     "recv": state["recv"],
                     "ice": pc.iceConnectionState,
                     "connection": pc.connectionState,
@@ -172,6 +179,9 @@ async def main(url):
                 kind = msg.get("type")
                 if kind == "welcome":
                     state["session"] = msg["session"]
+                    state["protocol"] = msg.get("protocol")
+                    # The client offers first (what it publishes); the router then offers the
+                    # receive slots.
                     await offer()
                 elif kind == "answer":
                     state["making_offer"] = False
@@ -184,8 +194,13 @@ async def main(url):
                     await pc.setRemoteDescription(RTCSessionDescription(msg["sdp"], "offer"))
                     await pc.setLocalDescription(await pc.createAnswer())
                     await send({"type": "answer", "sdp": pc.localDescription.sdp})
-                elif kind == "tracks":
-                    state["tracks"] = {t["mid"]: t for t in msg["tracks"]}
+                    state["router_offers"] += 1
+                elif kind == "slots":
+                    # Every slot before each router offer, then the slots whose source changes.
+                    for slot in msg["slots"]:
+                        state["slots"][slot["mid"]] = slot
+                elif kind == "roster":
+                    state["roster"] = {str(p["session"]): p["user"] for p in msg["participants"]}
                 elif kind == "participant_joined":
                     state["roster"][str(msg["session"])] = msg["user"]
                 elif kind == "participant_left":

@@ -1,11 +1,12 @@
 // End-to-end: headless Chromium participants (and one aiortc participant) against the reference
 // server binary. Every assertion is on received media (inbound-rtp in the pages, decoded frames
-// in aiortc), matched to publishers through the server's `tracks` map (window.callState.tracks).
+// in aiortc), matched to publishers through the server's slot mapping (window.slotMap, from the
+// `slots` messages).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import {
-  counter, dumpOnFailure, join, launchBrowser, mintToken, snapshot, startAiortc, startServer,
+  counter, dumpOnFailure, join, launchBrowser, mintToken, snapshot, startAiortc, startServer, tileOf,
   waitAiortcGrowing, waitFor, waitGrowing, waitStalled, sleep,
 } from './lib.mjs';
 
@@ -20,6 +21,28 @@ const sessionOf = (p) => waitFor(`${p.user} to be welcomed`, async () => (await 
 /** Sum of one page's inbound counters (packets) on the given mids. */
 function midPackets(snap, mids) {
   return snap.inbound.filter((r) => mids.includes(r.mid)).reduce((a, r) => a + r.packets, 0);
+}
+
+/** Polls until page `p` received nothing on `mids` over 2 s (stats may also vanish). */
+async function waitMidsStalled(p, mids, what) {
+  let a = midPackets(await snapshot(p), mids);
+  await waitFor(`${p.user}: ${what}`, async () => {
+    await sleep(2000);
+    const b = midPackets(await snapshot(p), mids);
+    const stopped = b === a;
+    a = b;
+    return stopped;
+  }, { timeout: 15000, interval: 0 });
+}
+
+/** Every SSRC page `p` ever received on each of its audio slots: { mid: [ssrc…] }. */
+async function audioSlotSsrcs(p) {
+  const out = {};
+  for (const r of (await snapshot(p)).inbound) {
+    if (r.slot !== 'audio') continue;
+    (out[r.mid] ||= []).push(r.ssrc);
+  }
+  return out;
 }
 
 test('three Chromium participants: audio+video both ways, mute, screen share, leave', async () => {
@@ -56,33 +79,42 @@ test('three Chromium participants: audio+video both ways, mute, screen share, le
     // Alice mutes: bob and carol stop receiving her audio packets, her video goes on.
     // (Chrome keeps sending silence on a disabled track: stopping it is the server's doing.)
     const audioSent = async () => (await snapshot(alice)).outbound.filter((r) => r.kind === 'audio').reduce((a, r) => a + r.packets, 0);
+    // Her microphone arrives on one audio slot at each of them.
+    const aliceMicMids = await Promise.all([bob, carol].map(async (p) => (await snapshot(p)).inbound
+      .filter((r) => r.session === sa && r.source === 'microphone').map((r) => r.mid)));
+    assert.ok(aliceMicMids.every((m) => m.length === 1), `alice's microphone on one audio slot each: ${JSON.stringify(aliceMicMids)}`);
+    const ssrcsBefore = await Promise.all([bob, carol].map(audioSlotSsrcs));
     await alice.page.click('#mute');
     const sentAtMute = await audioSent();
-    for (const p of [bob, carol]) {
+    for (const [k, p] of [bob, carol].entries()) {
       await waitStalled(p, sa, 'microphone', { alive: [[sa, 'camera']] });
+      await waitMidsStalled(p, aliceMicMids[k], 'the audio slot that carried alice goes quiet');
       assert.ok((await p.page.evaluate((s) => window.callState.mutedSessions.has(s), sa)), `${p.user} was told alice is muted`);
     }
     const sentMuted = await audioSent();
     console.log(`# alice muted: she sent ${sentMuted - sentAtMute} audio packets meanwhile, bob and carol received none for 2 s`);
     assert.ok(sentMuted > sentAtMute + 25, 'alice kept sending (silence) while muted');
-    // After 5 s without media the router parks her microphone's send stream at bob and carol
-    // (takes it out of str0m); unmuting declares it again with the same SSRC.
+    // After 5 s without media the router parks the audio slot's send stream at bob and carol
+    // (takes it out of str0m); unmuting declares it again with the same SSRC: a slot keeps one
+    // SSRC for its life.
     const parked = async () => {
       const m = /^calls_streams_parked_total (\d+)/m.exec(await server.metrics());
       return m ? Number(m[1]) : 0;
     };
-    const micSsrcs = async (p) => (await snapshot(p)).inbound
-      .filter((r) => r.session === sa && r.source === 'microphone').map((r) => r.ssrc);
-    const ssrcsMuted = await Promise.all([bob, carol].map(micSsrcs));
     await waitFor('alice\'s microphone parked at bob and carol', async () => (await parked()) >= 2, { timeout: 12000 });
-    // Unmute: her audio flows again, on the same SSRC.
+    // Unmute: her audio flows again, on an audio slot whose SSRC never changed.
     await alice.page.click('#mute');
     await Promise.all([bob, carol].map((p) => waitGrowing(p, [[sa, 'microphone']], 'alice audio after unmute')));
-    const ssrcsUnmuted = await Promise.all([bob, carol].map(micSsrcs));
-    assert.deepEqual(ssrcsUnmuted, ssrcsMuted, 'one SSRC for alice\'s microphone across parking');
-    console.log(`# alice's microphone parked (${await parked()} streams parked), resumed on SSRCs ${JSON.stringify(ssrcsUnmuted)}`);
+    const ssrcsAfter = await Promise.all([bob, carol].map(audioSlotSsrcs));
+    for (const [k, p] of [bob, carol].entries()) {
+      for (const [mid, ssrcs] of Object.entries(ssrcsAfter[k])) {
+        assert.equal(new Set(ssrcs).size, 1, `${p.user}: audio slot ${mid} has one SSRC: ${JSON.stringify(ssrcs)}`);
+        if (ssrcsBefore[k][mid]) assert.deepEqual(ssrcs, ssrcsBefore[k][mid], `${p.user}: audio slot ${mid} kept its SSRC across parking`);
+      }
+    }
+    console.log(`# alice's microphone parked (${await parked()} streams parked), resumed; audio slot SSRCs ${JSON.stringify(ssrcsAfter)}`);
 
-    // Bob shares his screen: alice and carol decode a third video track from him, source screen.
+    // Bob shares his screen: alice and carol decode it on their screen slot, shown large.
     await bob.page.click('#screen');
     await waitFor('bob: screen capture started', () => bob.page.evaluate(() => !!window.callState.screen), { timeout: 10000 });
     await Promise.all([alice, carol].map((p) => waitGrowing(p, [[sb, 'screen'], [sb, 'camera']], 'bob screen + camera')));
@@ -91,29 +123,24 @@ test('three Chromium participants: audio+video both ways, mute, screen share, le
       const fromBob = snap.inbound.filter((r) => r.session === sb && r.kind === 'video');
       assert.equal(fromBob.length, 2, `${p.user} has bob's camera and screen: ${JSON.stringify(fromBob)}`);
       assert.deepEqual(fromBob.map((r) => r.source).sort(), ['camera', 'screen']);
+      assert.deepEqual(fromBob.map((r) => r.slot).sort(), ['camera', 'screen']);
+      assert.ok(await p.page.$(tileOf(sb, 'screen')), `${p.user} shows bob's screen tile`);
+      assert.ok(await p.page.$(tileOf(sb, 'camera')), `${p.user} shows bob's camera tile`);
     }
 
-    // Carol leaves: her tile goes away on alice's and bob's pages and her tracks stop.
+    // Carol leaves: her tile goes away on alice's and bob's pages and her slots stop.
     const before = await Promise.all([alice, bob].map(snapshot));
     const carolMids = before.map((s) => s.inbound.filter((r) => r.session === sc).map((r) => r.mid));
     assert.ok(carolMids.every((m) => m.length === 2), `carol's mids: ${JSON.stringify(carolMids)}`);
     await carol.page.click('#leave');
     for (const [k, p] of [alice, bob].entries()) {
-      await waitFor(`${p.user}: carol's tile gone`, async () => (await p.page.$(`#tile-${sc}`)) === null);
-      await waitFor(`${p.user}: carol gone from roster and track map`, async () => {
+      await waitFor(`${p.user}: carol's tile gone`, async () => (await p.page.$(tileOf(sc))) === null);
+      await waitFor(`${p.user}: carol gone from roster and slot map`, async () => {
         const s = await snapshot(p);
-        return !s.roster.some(([id]) => id === sc) && !s.tracks.some((t) => t.session === sc);
+        return !s.roster.some(([id]) => id === sc) && !s.slots.some((t) => t.session === sc);
       });
-      // Her former m-lines carry nothing any more (stats may also vanish with the stopped m-lines).
-      const mids = carolMids[k];
-      let a = midPackets(await snapshot(p), mids);
-      await waitFor(`${p.user}: carol's tracks stop`, async () => {
-        await sleep(2000);
-        const b = midPackets(await snapshot(p), mids);
-        const stopped = b === a;
-        a = b;
-        return stopped;
-      }, { timeout: 15000, interval: 0 });
+      // Her former slots carry nothing any more: nobody else is left to put there.
+      await waitMidsStalled(p, carolMids[k], 'carol\'s former slots stop');
     }
     // The remaining two still hear and see each other.
     await waitGrowing(alice, av([sb]), 'bob after carol left');
@@ -173,16 +200,19 @@ test('two concurrent calls on one server are isolated', async () => {
       const mine = callOf.get(snap.session);
       const rosterCalls = snap.roster.map(([s]) => callOf.get(s));
       assert.deepEqual(rosterCalls, [mine], `${p.user}'s roster is its own call's other member: ${JSON.stringify(snap.roster)}`);
-      for (const t of snap.tracks) assert.equal(callOf.get(t.session), mine, `${p.user} was given a track of ${JSON.stringify(t)}`);
-      // Every inbound stream that carries anything comes from the own call.
-      for (const r of snap.inbound) {
-        if (r.packets > 0) assert.equal(callOf.get(r.session), mine, `${p.user} receives ${JSON.stringify(r)}`);
+      for (const t of snap.slots.filter((x) => x.session !== null)) {
+        assert.equal(callOf.get(t.session), mine, `${p.user} was given a slot carrying ${JSON.stringify(t)}`);
       }
-      assert.equal(snap.inbound.filter((r) => r.packets > 0).length, 2, `${p.user}: exactly one peer's audio + video`);
+      // Every slot that carries media comes from the own call. (Payload bytes, not packets: the
+      // router's bandwidth probes are padding-only packets on video slots, empty ones too.)
+      for (const r of snap.inbound) {
+        if (r.bytes > 0) assert.equal(callOf.get(r.session), mine, `${p.user} receives ${JSON.stringify(r)}`);
+      }
+      assert.equal(snap.inbound.filter((r) => r.bytes > 0).length, 2, `${p.user}: exactly one peer's audio + video`);
     }
     const st = py.status();
     assert.deepEqual(Object.keys(st.roster).map(Number), [sBen], `bea's roster: ${JSON.stringify(st.roster)}`);
-    for (const t of Object.values(st.tracks)) assert.equal(t.session, sBen);
+    for (const t of Object.values(st.slots)) if (t.session !== null) assert.equal(t.session, sBen);
   } catch (e) {
     if (py) console.error(py.logs.join(''));
     dumpOnFailure(null, pages, [server])(e);
@@ -257,7 +287,7 @@ test('auth: valid tokens join; forged, expired, tampered and wrong-call tokens a
 });
 
 test('slow setRemoteDescription: a server offer right after its answer is not lost', async () => {
-  // The router answers a client offer and re-offers other participants' tracks right after. A
+  // The router answers a client offer and offers the client's receive slots right after. A
   // page that handles signaling messages concurrently sees that offer while the answer is still
   // being applied (signalingState have-local-offer), takes it for glare and drops it; the router
   // then waits for an answer forever and the newcomer never receives anyone. Slowing

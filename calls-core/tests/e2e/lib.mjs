@@ -266,8 +266,9 @@ export async function join(browser, server, call, user, { token, initScript, par
 
 /**
  * Init script (join's `record` option): logs every signaling WebSocket's life into
- * window.__signaling — { socket, event: 'open' | 'message' | 'close', type, msg, code, reason, clean }
- * with `socket` counting the page's WebSockets from 1. Listens only; the page sees no change.
+ * window.__signaling — { socket, event: 'open' | 'message' | 'close', type, msg, sdp, code, reason,
+ * clean } with `socket` counting the page's WebSockets from 1 (`sdp`: { bytes, mlines } of an
+ * offer or answer). Listens only; the page sees no change.
  */
 function recordSignaling() {
   const Native = window.WebSocket;
@@ -282,9 +283,11 @@ function recordSignaling() {
       this.addEventListener('message', (e) => {
         let msg = null;
         try { msg = JSON.parse(e.data); } catch { /* not JSON */ }
-        // Keep small messages whole; SDP is long and not needed.
+        // Keep small messages whole; of SDP only its size and m-line count.
         const keep = msg && !msg.sdp ? msg : null;
-        log.push({ socket, event: 'message', type: msg && msg.type, msg: keep });
+        const sdp = msg && typeof msg.sdp === 'string'
+          ? { bytes: msg.sdp.length, mlines: (msg.sdp.match(/^m=/gm) || []).length } : undefined;
+        log.push({ socket, event: 'message', type: msg && msg.type, msg: keep, sdp });
       });
       this.addEventListener('close', (e) => log.push({ socket, event: 'close', code: e.code, reason: e.reason, clean: e.wasClean }));
     }
@@ -297,10 +300,14 @@ export function signalingLog(p) {
 }
 
 /**
- * Everything the tests look at, from one page: its session, roster, m-line map, inbound RTP (with
- * the decoded video size), outbound RTP per simulcast encoding (`rid`, `active`, `frameWidth`),
- * the sender encodings as the page set them (`encodings`), the `layers` the server asked for
- * (dynacast) and the active `speaker`.
+ * Everything the tests look at, from one page: its session, roster, slot mapping (`slots`: what
+ * each receive slot carries now, from the `slots` messages), inbound RTP per slot (with the
+ * slot's current mapping and the decoded video size), outbound RTP per simulcast encoding (`rid`,
+ * `active`, `frameWidth`), the sender encodings as the page set them (`encodings`), the `layers`
+ * the server asked for (dynacast), the tiles shown and the active `speaker`.
+ *
+ * An inbound row's counters are the slot's, over every source it carried; `session`/`source` are
+ * what it carries now. `counter` sums them per current source, and the tests look at growth.
  */
 export async function snapshot(p) {
   return p.page.evaluate(async () => {
@@ -308,15 +315,21 @@ export async function snapshot(p) {
     const pc = window.pc;
     const out = {
       session: s.session,
-      roster: [...s.roster.entries()],
-      tracks: [...s.tracks.values()],
+      roster: [...s.roster.entries()].map(([id, p]) => [id, p.user]),
+      slots: [...s.slots.values()],
+      pins: [...s.pins],
+      routerOffers: s.routerOffers,
       inbound: [],
       outbound: [],
       pair: null,
       connection: pc ? pc.connectionState : null,
       tiles: [...document.querySelectorAll('.tile')].map((e) => e.id),
+      cameraTiles: [...document.querySelectorAll('.tile[data-mid]')].map((e) => ({
+        id: e.id, mid: e.dataset.mid, kind: e.dataset.kind, session: Number(e.dataset.session), user: e.dataset.user,
+        label: e.querySelector('.name').textContent,
+      })),
       speaker: s.speaker ?? null,
-      speakerTiles: [...document.querySelectorAll('.tile.speaking')].map((e) => e.id),
+      speakerTiles: [...document.querySelectorAll('.tile.speaking')].map((e) => Number(e.dataset.session)),
       layers: [...(s.layers || new Map()).entries()],
       encodings: [],
     };
@@ -333,9 +346,10 @@ export async function snapshot(p) {
     report.forEach((r) => {
       if (r.type === 'inbound-rtp') {
         const mid = r.mid ?? midOfTrack.get(r.trackIdentifier);
-        const info = s.tracks.get(mid) || {};
+        const info = s.slots.get(mid) || {};
         out.inbound.push({
-          mid, kind: r.kind, session: info.session, user: info.user, source: info.source, ssrc: r.ssrc,
+          mid, kind: r.kind, slot: info.kind ?? null, session: info.session ?? null, user: info.user ?? null,
+          source: info.source ?? null, ssrc: r.ssrc,
           packets: r.packetsReceived || 0, frames: r.framesDecoded || 0, bytes: r.bytesReceived || 0,
           frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
         });
@@ -362,6 +376,9 @@ export async function snapshot(p) {
     return out;
   });
 }
+
+/** The tile of `session`'s camera or screen on page `p` (a CSS selector for `page.$`). */
+export const tileOf = (session, kind = 'camera') => `.tile[data-kind="${kind}"][data-session="${session}"]`;
 
 /** The counter that shows media arriving: decoded frames for video, packets for audio. */
 export function counter(snap, session, source) {
@@ -474,7 +491,7 @@ export function startAiortc(server, call, user) {
       if (!s) return -1;
       let sum = 0;
       let seen = false;
-      for (const [mid, info] of Object.entries(s.tracks)) {
+      for (const [mid, info] of Object.entries(s.slots)) {
         if (info.session !== session || info.source !== source || !s.recv[mid]) continue;
         seen = true;
         sum += s.recv[mid].frames;

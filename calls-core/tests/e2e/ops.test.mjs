@@ -3,7 +3,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  dumpOnFailure, join, launchBrowser, metric, signalingLog, snapshot, startServer, waitFor, waitGrowing,
+  dumpOnFailure, join, launchBrowser, metric, signalingLog, snapshot, startServer, tileOf, waitFor, waitGrowing,
 } from './lib.mjs';
 
 let browser;
@@ -145,7 +145,7 @@ test('admin API: key required, lists the call, removes a participant, ends a cal
     console.log(`# alf removed: close ${alfClose.code} ${JSON.stringify(alfClose.reason)}`);
     assert.equal(alfClose.code, 4000);
     assert.match(alfClose.reason, /removed by an administrator/);
-    await waitFor('ava: alf\'s tile gone', async () => (await ava.page.$(`#tile-${sAlf}`)) === null);
+    await waitFor('ava: alf\'s tile gone', async () => (await ava.page.$(tileOf(sAlf))) === null);
     assert.ok((await signalingLog(ava)).some((e) => e.type === 'participant_left' && e.msg.session === sAlf));
     // The page does not reconnect after a 4xxx close, and the server forgot alf.
     assert.match(await alf.page.textContent('#banner'), /Disconnected: removed by an administrator/);

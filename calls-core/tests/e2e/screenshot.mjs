@@ -1,5 +1,5 @@
 // Not a test: makes docs/demo-three-participants.png — three headless Chromium participants
-// (fake 640x360 cameras) in one call, a screenshot of one page once every page decodes both
+// (fake cameras) in one call, a screenshot of one page once every page decodes both
 // others and shows their video.
 //
 //   cargo build -p calls-core --features server --bin calls-server
@@ -25,10 +25,14 @@ try {
   }, { timeout: 40000, interval: 300 })));
   // ...and the page we photograph shows three playing videos (its own and two remote ones).
   const shot = pages[0];
-  await waitFor('three tiles with playing 640x360 video', () => shot.page.evaluate(() => {
+  await waitFor('three tiles with playing video, the remote ones at least 640 wide', () => shot.page.evaluate(() => {
     const vids = [...document.querySelectorAll('.tile video')];
-    return vids.length === 3 && vids.every((v) => v.videoWidth === 640 && v.videoHeight === 360 && v.currentTime > 1 && !v.paused);
-  }), { timeout: 20000, interval: 300 });
+    return vids.length === 3 && vids.every((v) => v.videoWidth >= 640 && v.currentTime > 1 && !v.paused);
+  }), { timeout: 20000, interval: 300 }).catch(async (e) => {
+    console.warn(e.message, await shot.page.evaluate(() => [...document.querySelectorAll('.tile video')]
+      .map((v) => [v.videoWidth, v.videoHeight, v.currentTime, v.paused])));
+    throw e;
+  });
   // The status line shows the RTT once Chrome measured one (cosmetic: do not fail without it).
   await waitFor('an RTT in the status line', () => shot.page.evaluate(() => /rtt \d+ ms/.test(document.getElementById('status').textContent)),
     { timeout: 10000, interval: 300 }).catch((e) => console.warn(e.message));

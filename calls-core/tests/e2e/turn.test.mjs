@@ -54,9 +54,13 @@ test('TURN relay only (coturn, REST credentials): media both ways through the re
     await Promise.all(pages.map((p, i) => waitGrowing(p, av(sessions.filter((_, j) => j !== i)), 'audio+video through TURN', 40000)));
     console.log(`# media both ways through coturn ${Date.now() - t0} ms after welcome (pages opened ${t0 - pages[0].openedAt} ms before)`);
     for (const p of pages) {
-      const snap = await snapshot(p);
+      // Media flows over the selected pair; its stats state can read `in-progress` for a moment
+      // while Chrome re-checks it (consent freshness, RFC 7675), so wait for `succeeded`.
+      const snap = await waitFor(`${p.user}: selected pair succeeded`, async () => {
+        const s = await snapshot(p);
+        return s.pair?.state === 'succeeded' ? s : false;
+      }, { timeout: 10000, interval: 250 });
       console.log(`# ${p.user}: selected pair ${JSON.stringify(snap.pair)}`);
-      assert.equal(snap.pair?.state, 'succeeded');
       assert.equal(snap.pair?.local?.type, 'relay', `${p.user}'s selected local candidate is a TURN relay`);
       assert.equal(snap.pair?.remote?.address, '127.0.0.1:18450', 'the relay reaches the calls server\'s UDP port');
       // Relay-only: no host/srflx candidate was even gathered.

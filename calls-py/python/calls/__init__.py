@@ -13,6 +13,7 @@ Every error is a :class:`CallsError`.
 from typing import Union
 
 from calls._calls import (
+    PROTOCOL_VERSION,
     CallFullError,
     CallsError,
     ConfigError,
@@ -36,6 +37,7 @@ Output = Union[Transmit, Signal, Event, Timeout]
 
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "CallFullError",
     "CallsError",
     "ConfigError",

@@ -1,7 +1,8 @@
 """Helpers for scripting a :class:`calls.Router` in tests without sockets.
 
 :class:`Peer` is a str0m client (the core's simulation peer): it publishes synthetic Opus and
-VP8, answers router offers and counts what it receives. :class:`Network` connects peers to a
+VP8, answers the router's offer of its receive slots, follows the slot mapping (``slots()``) and
+counts what it receives per slot (``slot_stats()``) and per publisher (``received()``). :class:`Network` connects peers to a
 router in virtual time::
 
     net = Network(calls.Router())

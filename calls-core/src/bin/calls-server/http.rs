@@ -426,6 +426,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
     let welcome = json!({
         "type": "welcome",
         "session": session.0,
+        "protocol": calls_core::PROTOCOL_VERSION,
         "user": admission.user,
         "name": admission.name,
         "resume": resume_token,

@@ -31,6 +31,7 @@ __all__ = [
     "Participant",
     "ParticipantStats",
     "Swarm",
+    "SlotStats",
     "TrackStats",
     "mint_token",
     "plan",
@@ -103,6 +104,43 @@ class TrackStats:
 
 
 @dataclass(frozen=True)
+class SlotStats:
+    """What a participant received on one receive slot: one stream, whoever it carried."""
+
+    mid: str
+    #: ``audio``, ``camera`` or ``screen``.
+    kind: str
+    #: The publisher the slot carries now (None: empty), and its source.
+    session: Optional[int]
+    source: Optional[str]
+    packets: int
+    bytes: int
+    lost: int
+    keyframes: int
+    kbps: float
+    freezes: int
+    freeze_ms: float
+    #: Video frames by spatial layer index (0 = lowest).
+    frames_by_layer: List[int] = field(default_factory=lambda: [0, 0, 0])
+    #: Video: the RID of the layer received last.
+    layer: Optional[str] = None
+    #: How often the received layer changed.
+    layer_switches: int = 0
+    #: Video: the longest time between two frames after the first keyframe.
+    max_frame_gap_ms: float = 0.0
+    #: RFC 3550 interarrival jitter at the end (None before two packets).
+    jitter_ms: Optional[float] = None
+    #: The largest value the jitter estimate reached.
+    jitter_max_ms: Optional[float] = None
+    #: How often the slot's SSRC changed (0: one SSRC for its life, as it should be).
+    ssrc_changes: int = 0
+    #: Video: frames whose VP8 PictureID does not follow the previous one's.
+    picture_id_breaks: int = 0
+    #: Video: layer or source changes that did not start at a keyframe.
+    switches_off_keyframe: int = 0
+
+
+@dataclass(frozen=True)
 class ParticipantStats:
     """One participant's measurements (times in ms from opening its WebSocket)."""
 
@@ -132,7 +170,12 @@ class ParticipantStats:
     freezes: int
     keyframe_requests: int
     signal_errors: int
+    #: Per publisher track (attributed by the slot mapping).
     tracks: List[TrackStats] = field(default_factory=list)
+    #: Per receive slot.
+    slots: List[SlotStats] = field(default_factory=list)
+    #: Packets whose payload came from another publisher than the slot mapping said.
+    misattributed: int = 0
     #: Whether it publishes video as simulcast.
     simulcast: bool = False
     #: Received simulcast video bitrate by layer over ``media_s``: ``{"q", "h", "f"}`` kbit/s.
@@ -159,6 +202,7 @@ class ParticipantStats:
     def from_dict(d: Dict[str, Any]) -> "ParticipantStats":
         fields = dict(d)
         fields["tracks"] = [TrackStats(**t) for t in d.get("tracks", [])]
+        fields["slots"] = [SlotStats(**t) for t in d.get("slots", [])]
         return ParticipantStats(**fields)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -196,6 +196,18 @@ def render(report: Dict[str, Any], console: Console) -> None:
     totals.add_row(
         "speaker / layers messages received", f"{t['speaker_messages']} / {t['layers_messages']}"
     )
+    slots = t.get("slots")
+    if slots:
+        rx = slots["receiving"]
+        totals.add_row(
+            "slots receiving (audio / camera / screen)",
+            f"{rx['audio']} / {rx['camera']} / {rx['screen']}",
+        )
+        totals.add_row(
+            "slot errors (misattributed / SSRC changes / picture-id breaks / off-keyframe)",
+            f"{slots['misattributed']} / {slots['ssrc_changes']} / "
+            f"{slots['picture_id_breaks']} / {slots['switches_off_keyframe']}",
+        )
     for transport, g in t["by_transport"].items():
         totals.add_row(
             f"{transport}: joined / receiving / failed",

@@ -311,6 +311,25 @@ def by_transport(stats: List[ParticipantStats]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def slot_totals(stats: List[ParticipantStats]) -> Dict[str, Any]:
+    """What the receive slots carried, over all participants: slots that received media (by
+    kind), the publishers the audio and camera slots named at the end, and the counts that must
+    stay 0 when the router keeps each slot one continuous, correctly announced stream."""
+    slots = [slot for s in stats for slot in s.slots]
+    receiving = [slot for slot in slots if slot.packets > 0]
+    return {
+        "receiving": {
+            kind: sum(1 for slot in receiving if slot.kind == kind)
+            for kind in ("audio", "camera", "screen")
+        },
+        "publishers_shown": len({slot.session for slot in slots if slot.session is not None}),
+        "misattributed": sum(s.misattributed for s in stats),
+        "ssrc_changes": sum(slot.ssrc_changes for slot in slots),
+        "picture_id_breaks": sum(slot.picture_id_breaks for slot in slots),
+        "switches_off_keyframe": sum(slot.switches_off_keyframe for slot in slots),
+    }
+
+
 def build_report(
     config: Dict[str, Any],
     stats: List[ParticipantStats],
@@ -391,6 +410,7 @@ def build_report(
             "max_frame_gap_ms": max((s.max_frame_gap_ms for s in stats), default=0.0),
             "speaker_messages": sum(s.speaker_messages for s in stats),
             "layers_messages": sum(s.layers_messages for s in stats),
+            "slots": slot_totals(stats),
             "by_transport": by_transport(stats),
         },
     }
