@@ -12,7 +12,7 @@ use str0m::ice::{StunMessage, StunMessageBuilder};
 use str0m::net::Receive;
 use str0m::Input;
 
-use super::{Datagram, Event, Output, Router, Transmit};
+use super::{Datagram, Output, Router, Transmit};
 use crate::demux::{self, Class, DropReason, FlowKey, Proto, MAX_DATAGRAM_BYTES};
 use crate::ids::SessionId;
 use crate::tcp::{self, ConnId, Framer, TcpConn, TcpError};

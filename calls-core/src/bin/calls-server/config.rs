@@ -63,6 +63,12 @@ pub struct ServerConfig {
     pub max_participants_per_call: usize,
     /// Audio streams forwarded per call (the loudest; 0 = every unmuted microphone).
     pub top_n_audio: usize,
+    /// Audio receive slots per participant (the loudest voices heard at once).
+    pub audio_slots: usize,
+    /// Camera receive slots per participant unless its client asks for another number.
+    pub video_slots: usize,
+    /// Most camera slots a client may ask for.
+    pub max_video_slots: usize,
     /// Router worker threads (0: one per core).
     pub workers: usize,
     /// How long a dropped WebSocket may reconnect and resume its session, seconds.
@@ -118,6 +124,9 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             max_participants_per_call: 100,
             top_n_audio: 3,
+            audio_slots: 3,
+            video_slots: 9,
+            max_video_slots: 25,
             workers: 0,
             reconnect_grace_s: 10,
             drain_deadline_s: 60,
@@ -212,6 +221,9 @@ impl ServerConfig {
             "ALLOWED_ORIGINS" => self.allowed_origins = list(value).map(str::to_owned).collect(),
             "MAX_PARTICIPANTS_PER_CALL" => self.max_participants_per_call = parse(value)?,
             "TOP_N_AUDIO" => self.top_n_audio = parse(value)?,
+            "AUDIO_SLOTS" => self.audio_slots = parse(value)?,
+            "VIDEO_SLOTS" => self.video_slots = parse(value)?,
+            "MAX_VIDEO_SLOTS" => self.max_video_slots = parse(value)?,
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
@@ -344,6 +356,9 @@ impl ServerConfig {
         config.ice_port_override = self.ice_port_override;
         config.max_participants_per_call = self.max_participants_per_call;
         config.top_n_audio = self.top_n_audio;
+        config.audio_slots = self.audio_slots;
+        config.video_slots = self.video_slots;
+        config.max_video_slots = self.max_video_slots;
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
         config.enable_tcp = self.tcp_port != 0;
@@ -489,6 +504,21 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "top_n_audio",
         "CALLS_TOP_N_AUDIO",
         "loudest microphones forwarded per call (0: all)",
+    ),
+    (
+        "audio_slots",
+        "CALLS_AUDIO_SLOTS",
+        "audio receive slots per participant (1-16)",
+    ),
+    (
+        "video_slots",
+        "CALLS_VIDEO_SLOTS",
+        "camera receive slots per participant unless its client asks for another number",
+    ),
+    (
+        "max_video_slots",
+        "CALLS_MAX_VIDEO_SLOTS",
+        "most camera slots a client may ask for (at most 64)",
     ),
     (
         "workers",
