@@ -1,7 +1,7 @@
 /*
  * calls-server: a complete SFU in one C file on libcalls, plain POSIX sockets and poll(2).
  *
- *   calls-server [--media ADDR:PORT] [--signal ADDR:PORT]
+ *   calls-server [--media ADDR:PORT] [--signal ADDR:PORT] [--version] [--help]
  *
  * Media: UDP and ICE-TCP on one port (default 127.0.0.1:8443; port 0 picks a free one).
  * Signaling (default 127.0.0.1:8444): JSON lines over TCP, one connection per participant.
@@ -468,16 +468,27 @@ static void read_tcp_media(tcp_media *t) {
 
 /* ---- main ------------------------------------------------------------------------------- */
 
+static const char USAGE[] = "usage: %s [--media ADDR:PORT] [--signal ADDR:PORT] [--version]\n";
+
 int main(int argc, char **argv) {
     const char *media_arg = "127.0.0.1:8443";
     const char *signal_arg = "127.0.0.1:8444";
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (strcmp(argv[i], "--media") == 0) {
-            media_arg = argv[i + 1];
-        } else if (strcmp(argv[i], "--signal") == 0) {
-            signal_arg = argv[i + 1];
+    /* Every argument is read: a lone or unknown flag is refused, never ignored. */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            printf(USAGE, argv[0]);
+            return 0;
+        } else if (strcmp(argv[i], "--version") == 0) {
+            const char *version = "unknown";
+            calls_version(&version);
+            printf("%s\n", version);
+            return 0;
+        } else if (strcmp(argv[i], "--media") == 0 && i + 1 < argc) {
+            media_arg = argv[++i];
+        } else if (strcmp(argv[i], "--signal") == 0 && i + 1 < argc) {
+            signal_arg = argv[++i];
         } else {
-            fprintf(stderr, "usage: %s [--media ADDR:PORT] [--signal ADDR:PORT]\n", argv[0]);
+            fprintf(stderr, USAGE, argv[0]);
             return 2;
         }
     }
