@@ -121,6 +121,13 @@ fn consent_answer(check: &[u8], creds: &Creds, source: SocketAddr) -> Vec<u8> {
 /// A client's authenticated binding request from `source`, through the consent check the
 /// router sends back (answered as the client would). Returns what the router sent after the
 /// answer (the binding response to the held request) and every event on the way.
+/// The default configuration with consent checks on (issue 16, finding 3; off by default).
+fn consent_config() -> Config {
+    let mut config = Config::default();
+    config.consent_checks = true;
+    config
+}
+
 fn admit(
     router: &mut Router,
     creds: &Creds,
@@ -219,7 +226,7 @@ fn join_beyond_the_call_limit_is_call_full() {
 #[test]
 fn commands_on_unknown_or_duplicate_sessions_are_typed_errors() {
     let now = Instant::now();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let ghost = SessionId(99);
     assert_eq!(
         router.leave(ghost, now),
@@ -275,7 +282,7 @@ fn commands_on_unknown_or_duplicate_sessions_are_typed_errors() {
 #[test]
 fn draining_router_refuses_new_joins() {
     let now = Instant::now();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     router.start_draining();
     assert_eq!(
         router.join(
@@ -292,7 +299,7 @@ fn draining_router_refuses_new_joins() {
 #[test]
 fn only_an_authenticated_binding_request_admits_a_new_flow() {
     let now = Instant::now();
-    let config = Config::from_toml_str("worker_index = 7").unwrap();
+    let config = Config::from_toml_str("worker_index = 7\nconsent_checks = true").unwrap();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
     let mut router = Router::new(config, now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
@@ -343,7 +350,7 @@ fn only_an_authenticated_binding_request_admits_a_new_flow() {
 #[test]
 fn ipv6_flows_are_admitted_like_ipv4() {
     let now = Instant::now();
-    let config = Config::from_toml_str("bind_address = \"::1\"").unwrap();
+    let config = Config::from_toml_str("bind_address = \"::1\"\nconsent_checks = true").unwrap();
     let local: SocketAddr = "[::1]:8443".parse().unwrap();
     let mut router = Router::new(config, now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
@@ -360,7 +367,7 @@ fn ipv6_flows_are_admitted_like_ipv4() {
 fn leaving_frees_flows_and_ufrags() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
     admit(&mut router, &creds, "192.0.2.20:5000", local, now);
@@ -377,7 +384,7 @@ fn leaving_frees_flows_and_ufrags() {
 #[test]
 fn metrics_render_as_prometheus_text() {
     let now = Instant::now();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     router
         .join(
             CallId::from("c"),
@@ -397,7 +404,7 @@ fn ice_tcp_frames_split_anywhere_reach_the_session_and_replies_are_framed() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
     let remote: SocketAddr = "192.0.2.30:40000".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     let conn = ConnId(5);
     router.tcp_accepted(conn, remote, local).unwrap();
@@ -439,7 +446,7 @@ fn ice_tcp_frames_split_anywhere_reach_the_session_and_replies_are_framed() {
 fn an_oversized_tcp_frame_closes_only_that_connection() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     router
         .tcp_accepted(ConnId(1), "192.0.2.1:1000".parse().unwrap(), local)
         .unwrap();
@@ -526,7 +533,7 @@ fn the_probe_credential_gets_an_authenticated_reply_and_nothing_more() {
 fn a_batch_of_datagrams_is_handled_like_each_one() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     let forged = binding_request(&creds.ufrag, &creds.client_ufrag, "not-the-password-at-all");
     let good = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
@@ -611,7 +618,7 @@ impl FlowMap {
 fn flow_events_keep_an_embedders_map_exact_while_ports_rotate() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let max = router.config().max_flows_per_session;
     let mut map = FlowMap::default();
     let alice = join_and_offer(&mut router, SessionId(1), now);
@@ -668,7 +675,7 @@ fn flow_events_keep_an_embedders_map_exact_while_ports_rotate() {
 fn a_spoofed_source_gets_one_check_and_no_flow() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     admit(&mut router, &creds, "192.0.2.20:5000", local, now);
     let spoofed = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);
@@ -725,7 +732,7 @@ fn a_spoofed_source_gets_one_check_and_no_flow() {
 #[test]
 fn an_offer_beyond_the_track_limits_is_refused_and_the_session_goes_on() {
     let now = Instant::now();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     router
         .join(
             CallId::from("room"),
@@ -807,7 +814,7 @@ fn a_session_that_leaves_reports_its_tcp_flows_for_closing() {
     let now = Instant::now();
     let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
     let remote: SocketAddr = "192.0.2.30:40000".parse().unwrap();
-    let mut router = Router::new(Config::default(), now).unwrap();
+    let mut router = Router::new(consent_config(), now).unwrap();
     let creds = join_and_offer(&mut router, SessionId(1), now);
     router.tcp_accepted(ConnId(5), remote, local).unwrap();
     let request = binding_request(&creds.ufrag, &creds.client_ufrag, &creds.pwd);

@@ -249,7 +249,7 @@ impl Router {
         if !authentic {
             return Err(DropReason::StunAuthFailed);
         }
-        if key.proto == Proto::Udp {
+        if key.proto == Proto::Udp && self.config.consent_checks {
             // Issue 16, finding 3: a new UDP address answers a check first (consent.rs).
             let local = self.local_address(Proto::Udp, key.destination);
             let (ufrag, remote) = (&state.local_creds.ufrag, state.remote_ice.as_ref());
