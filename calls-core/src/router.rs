@@ -721,8 +721,11 @@ impl Router {
                     }
                     // "Again at once" becomes a millisecond later: the embedder's loop must
                     // not spin (str0m's pacer can ask for `now` again).
-                    let mut at = if at <= now { later(now, MIN_WAKE) } else { at };
-                    if is_quiet(state, session, &self.tracks) {
+                    // A session that wants to run again at once has output queued (str0m's
+                    // pacer sends one packet per wake-up): that never waits for the grid.
+                    let immediate = at <= now;
+                    let mut at = if immediate { later(now, MIN_WAKE) } else { at };
+                    if !immediate && is_quiet(state, session, &self.tracks) {
                         at = on_tick_grid(self.started, at);
                     }
                     if state.next_timeout != Some(at) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use calls_core::sim::{PeerOptions, SimWorld};
 use calls_core::str0m::ice::{StunMessage, TransId};
-use calls_core::{DropReason, TrackSource};
+use calls_core::{Config, DropReason, TrackSource};
 
 /// Finding 3 (issue 16): a connected participant signs a USE-CANDIDATE binding request with
 /// its own ICE password and spoofs a victim's address. Before, ICE-lite nominated the victim
@@ -20,7 +20,9 @@ use calls_core::{DropReason, TrackSource};
 /// its media at its real address.
 #[test]
 fn a_spoofed_nomination_does_not_redirect_media_to_a_victim() {
-    let mut world = SimWorld::new(16, Instant::now());
+    let mut config = Config::default();
+    config.consent_checks = true; // opt-in: see docs/security.md
+    let mut world = SimWorld::with_config(16, Instant::now(), config);
     let alice = world.add_peer("c", "alice", PeerOptions::audio_only());
     let alice_addr = world.peer(alice).addr();
     world.capture_from(alice_addr, 50);

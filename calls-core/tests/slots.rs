@@ -503,3 +503,35 @@ fn muted_listeners_wake_on_the_tick_grid() {
     assert!(t.packets >= heard + 480, "{t:?}");
     assert_eq!(t.gaps, 0);
 }
+
+#[test]
+fn quiet_listeners_hear_two_speakers_without_delay() {
+    // Two speakers' packets reach a muted listener in the same instant: str0m sends one per
+    // wake-up, and the second must not wait for the tick grid.
+    let mut world = SimWorld::new(110, epoch());
+    let peers = meeting(&mut world, 6, 2);
+    for &p in &peers[2..] {
+        world.set_muted(p, true);
+    }
+    let listener = peers[5];
+    let ok = world.run_until(
+        |w| {
+            peers[..2]
+                .iter()
+                .all(|&s| stats(w, listener, s, MIC).packets > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    world.run_for(secs(3.0));
+    for &speaker in &peers[..2] {
+        let t = stats(&world, listener, speaker, MIC);
+        let sent_for = t.last_packet_at.zip(t.first_packet_at).map(|(l, f)| l - f);
+        // 50 packets a second arrive as they are sent: none held back for a quarter second.
+        assert!(
+            sent_for.is_some_and(|d| t.packets as f64 >= d.as_secs_f64() * 50.0 * 0.95),
+            "{t:?}"
+        );
+        assert!(world.now() - t.last_packet_at.unwrap_or(world.now()) < secs(0.1));
+    }
+}
