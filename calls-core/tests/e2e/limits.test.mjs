@@ -52,10 +52,12 @@ test('the WebSocket edge: Origin check, rate limit, size limit; STUN failure is 
     assert.equal(await upgradeStatus(18096, undefined), 101);
     assert.equal(await upgradeStatus(18096, 'http://evil.example'), 403);
 
-    // (The two accepted upgrades joined call "c" and dropped: they wait out the reconnect grace.)
+    // (The two accepted upgrades joined call "c" as the same user and dropped; the second
+    // replaced the first (one session per user and call, `max_sessions_per_user`), which waits
+    // out the reconnect grace.)
     const sessions = async () => (await server.metrics()).match(/^calls_sessions (\d+)/m)?.[1];
     const baseline = await sessions();
-    assert.equal(baseline, '2');
+    assert.equal(baseline, '1');
 
     const page = await (await browser.newContext()).newPage();
     await page.goto(server.url);
