@@ -7,9 +7,12 @@
 // The wall clock is read exactly once, for the virtual epoch; everything else is virtual time.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
+use common::{epoch, secs, stats};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use calls_core::sim::{
     simulcast_layers, Impairment, PeerOptions, SentStats, SimWorld, TrackStats, Transport,
@@ -23,18 +26,8 @@ const MIC: TrackSource = TrackSource::Microphone;
 const CAM: TrackSource = TrackSource::Camera;
 const SCREEN: TrackSource = TrackSource::Screen;
 
-/// The virtual epoch: the only wall-clock read in this file.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
 fn world(seed: u64) -> SimWorld {
     SimWorld::new(seed, epoch())
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
 }
 
 /// Every peer in `sessions` receives every source in `sources` of every other peer.
@@ -55,14 +48,6 @@ fn everyone_receives(world: &SimWorld, sessions: &[SessionId], sources: &[TrackS
 fn settle(world: &mut SimWorld, sessions: &[SessionId], sources: &[TrackSource]) {
     let ok = world.run_until(|w| everyone_receives(w, sessions, sources), secs(5.0));
     assert!(ok, "call did not settle: {}", describe(world));
-}
-
-fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
-    world
-        .peer(rx)
-        .received_from(tx, src)
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// A readable dump of who received what, for assertion messages.

@@ -10,8 +10,11 @@
 #![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+mod common;
+
+use common::{epoch, secs, stats};
+
+use std::time::Duration;
 
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
 use calls_core::{Config, Event, ServerMessage, SessionId, TrackSource};
@@ -22,23 +25,6 @@ const SCREEN: TrackSource = TrackSource::Screen;
 /// The top camera layer (`f`) and the lowest (`q`).
 const TOP: u8 = 2;
 const LOWEST: u8 = 0;
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
-
-fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
-    world
-        .peer(rx)
-        .received_from(tx, src)
-        .cloned()
-        .unwrap_or_default()
-}
 
 fn layer(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> Option<u8> {
     stats(world, rx, tx, src).last_layer

@@ -8,32 +8,17 @@
 // The wall clock is read exactly once, for the virtual epoch; everything else is virtual time.
 #![allow(clippy::disallowed_methods)]
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+mod common;
+
+use common::{epoch, secs, stats};
+
+use std::time::Duration;
 
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
 use calls_core::{ClientMessage, Config, SessionId, SlotKind, TrackSource};
 
 const MIC: TrackSource = TrackSource::Microphone;
 const CAM: TrackSource = TrackSource::Camera;
-
-/// The virtual epoch: the only wall-clock read in this file.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s)
-}
-
-fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
-    world
-        .peer(rx)
-        .received_from(tx, src)
-        .cloned()
-        .unwrap_or_default()
-}
 
 /// Who `rx`'s slots of `kind` carry now, by the mapping it was sent.
 fn carried(world: &SimWorld, rx: SessionId, kind: SlotKind) -> Vec<SessionId> {

@@ -1,0 +1,29 @@
+//! Helpers shared by the scenario test files (`scenarios.rs`, `simulcast.rs`, `slots.rs`):
+//! the virtual epoch, durations, and what a peer received.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use calls_core::sim::{SimWorld, TrackStats};
+use calls_core::{SessionId, TrackSource};
+
+/// The virtual epoch: the only wall-clock read of a test binary.
+#[allow(clippy::disallowed_methods)]
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `s` seconds.
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// What `rx` received of `tx`'s `src` (empty if nothing).
+pub fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
+    world
+        .peer(rx)
+        .received_from(tx, src)
+        .cloned()
+        .unwrap_or_default()
+}
