@@ -207,15 +207,13 @@ impl Session {
         }
     }
 
-    /// Parks the send streams of slots idle for [`PARK_AFTER`], and of slots that never
-    /// carried anything at once (an audio-only meeting leaves 10 video slots empty: str0m would
-    /// visit their streams on every wake-up). Returns how many were parked.
+    /// Parks the send streams of slots idle for [`PARK_AFTER`] (and of inactive slots).
+    /// Returns how many were parked.
     pub fn park_idle(&mut self, now: Instant) -> usize {
         let mut count = 0;
         let mut api = self.rtc.direct_api();
         for slot in &mut self.slots {
-            let idle = now.saturating_duration_since(slot.last_write) >= PARK_AFTER;
-            if slot.parked || (slot.written && !idle) {
+            if slot.parked || now.saturating_duration_since(slot.last_write) < PARK_AFTER {
                 continue;
             }
             let Some(rtx) = api.stream_tx(&slot.ssrc).map(|tx| tx.rtx()) else {

@@ -63,9 +63,6 @@ pub(crate) struct Slot {
     pub max_layer: Option<u8>,
     /// When something was last written into this slot (or it was created).
     pub last_write: Instant,
-    /// Something was ever written into it: a slot that never carried anything has nothing
-    /// queued in str0m and is parked at once (see `Session::park_idle`).
-    pub written: bool,
     /// Its str0m send stream is parked (see [`crate::session::PARK_AFTER`]).
     pub parked: bool,
     /// The source the client was last told this slot carries (`None`: empty).
@@ -90,7 +87,6 @@ impl Slot {
             paused: false,
             max_layer: None,
             last_write: now,
-            written: false,
             parked: false,
             told: None,
         }

@@ -479,7 +479,6 @@ fn write(
     let patch = incoming.vp8.as_ref().and_then(|d| slot.vp8.patch(d));
     let ssrc = slot.ssrc;
     slot.last_write = now;
-    slot.written = true;
     if std::mem::take(&mut slot.parked) && s.unpark(ssrc) {
         counters.streams_unparked += 1;
     }
