@@ -637,7 +637,8 @@ mod tests {
             ingress_loss: None,
             bandwidth_bps: Some(800_000),
         });
-        let text = m.to_prometheus();
+        // Per-session series are opt-in (issue 16); their units are checked too.
+        let text = m.to_prometheus_with(true);
         assert!(
             text.contains("calls_layer_switch_seconds_total 1.5\n"),
             "{text}"
