@@ -56,7 +56,12 @@ test('the WebSocket edge: Origin check, rate limit, size limit; STUN failure is 
     // replaced the first (one session per user and call, `max_sessions_per_user`), which waits
     // out the reconnect grace.)
     const sessions = async () => (await server.metrics()).match(/^calls_sessions (\d+)/m)?.[1];
-    const baseline = await sessions();
+    // The replacement is handled by the worker after the upgrade answered, so wait for it.
+    let baseline = await sessions();
+    for (let i = 0; i < 50 && baseline !== '1'; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      baseline = await sessions();
+    }
     assert.equal(baseline, '1');
 
     const page = await (await browser.newContext()).newPage();
