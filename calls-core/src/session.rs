@@ -26,6 +26,11 @@ const SEND_BUFFER_AUDIO: usize = 16;
 /// Outgoing video packets str0m keeps per stream for NACK/RTX and BWE probing: at 1.5 Mbit/s
 /// of ~1100-byte packets, 300 packets are ~1.7 s of history (str0m's default is 1000).
 const SEND_BUFFER_VIDEO: usize = 300;
+/// Sent packets the TWCC register keeps per session (str0m's default is 1000, ~88 KB per
+/// session; the vendored str0m makes it configurable). Feedback for a packet comes within an
+/// RTT plus Chromium's ~100 ms feedback interval: 250 records cover ~550 ms at 450 packets/s
+/// (nine camera slots and a screen), and listeners send far fewer.
+const TWCC_SEND_HISTORY: usize = 250;
 
 /// A send stream that has carried nothing for this long is taken out of str0m (parked): str0m
 /// visits every send stream of a session on every timeout (sender reports, pacer queue
@@ -153,6 +158,7 @@ impl Session {
             .set_send_buffer_audio(SEND_BUFFER_AUDIO)
             .set_send_buffer_video(SEND_BUFFER_VIDEO)
             .enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)))
+            .set_twcc_send_history(TWCC_SEND_HISTORY)
             .build(now);
         let udp = config
             .udp_candidates()

@@ -58,6 +58,8 @@ pub struct RtcConfig {
     pub(crate) vp9_packetizer_mode: Vp9PacketizerMode,
     pub(crate) snap_enabled: bool,
     pub(crate) mtu: RangeInclusive<usize>,
+    // calls patch: see `set_twcc_send_history`.
+    pub(crate) twcc_send_history: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -738,6 +740,23 @@ impl RtcConfig {
         self
     }
 
+    /// How many sent packets the TWCC send register remembers (default 1000, at least 64).
+    ///
+    /// Feedback for a packet arrives within an RTT plus the peer's feedback interval, so a
+    /// session that sends a few hundred packets a second needs far fewer than 1000 records
+    /// (~88 bytes each, per `Rtc`). Lower it for servers that hold many sessions.
+    ///
+    /// (calls patch, proposed upstream.)
+    pub fn set_twcc_send_history(mut self, records: usize) -> Self {
+        self.twcc_send_history = records.max(64);
+        self
+    }
+
+    /// The TWCC send history, see [`RtcConfig::set_twcc_send_history`].
+    pub fn twcc_send_history(&self) -> usize {
+        self.twcc_send_history
+    }
+
     /// Checks if RTP mode is set.
     ///
     /// ```
@@ -910,6 +929,7 @@ impl Default for RtcConfig {
             vp9_packetizer_mode: Vp9PacketizerMode::default(),
             snap_enabled: false,
             mtu: DATAGRAM_MTU_TARGET..=DATAGRAM_MTU_WARN,
+            twcc_send_history: 1000,
         }
     }
 }

@@ -200,7 +200,7 @@ impl Session {
             last_twcc: already_happened(),
             twcc: 0,
             twcc_rx_register: TwccRecvRegister::new(100),
-            twcc_tx_register: TwccSendRegister::new(1000),
+            twcc_tx_register: TwccSendRegister::new(config.twcc_send_history),
             max_rx_seq_lookup: HashMap::new(),
             bwe,
             bwe_last_event: None,
@@ -284,8 +284,11 @@ impl Session {
             return Ok(());
         }
 
-        // Payload ready media.
-        self.do_payload(now)?;
+        // Payload ready media. RTP mode has no packetizer: nothing is ever queued to payload
+        // (calls patch: skip the walk over every m-line).
+        if !self.rtp_mode {
+            self.do_payload(now)?;
+        }
 
         let sender_ssrc = self.streams.first_ssrc_local();
 
@@ -1307,17 +1310,26 @@ impl Session {
             };
         }
 
-        self.update_receive_recovery();
+        // RTP mode has no packetizer and no depacketizer (packets are events): the three walks
+        // over every m-line below would find nothing (calls patch).
+        if !self.rtp_mode {
+            self.update_receive_recovery();
+        }
         let feedback_at = self.regular_feedback_at();
         let nack_at = self.nack_at();
         let twcc_at = self.twcc_at();
         let pacing_at = self.pacer.poll_timeout();
-        let packetize_at = self.medias.iter().filter_map(|m| m.poll_timeout()).min();
-        let receive_at = self
-            .medias
-            .iter_mut()
-            .filter_map(|media| media.poll_receive_timeout(self.reordering_timeout_audio))
-            .min();
+        let (packetize_at, receive_at) = if self.rtp_mode {
+            (None, None)
+        } else {
+            let packetize_at = self.medias.iter().filter_map(|m| m.poll_timeout()).min();
+            let receive_at = self
+                .medias
+                .iter_mut()
+                .filter_map(|media| media.poll_receive_timeout(self.reordering_timeout_audio))
+                .min();
+            (packetize_at, receive_at)
+        };
         let paused_at = self.paused_at();
         let send_stream_at = self.streams.send_stream();
         let request_at = self.streams.pending_request();
