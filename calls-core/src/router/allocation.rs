@@ -17,6 +17,9 @@ use crate::layers::{
 use crate::session::INITIAL_ESTIMATE_BPS;
 use crate::signal::ServerMessage;
 
+/// How far above the rate an upgrade needs the estimator is asked to probe.
+const PROBE_HEADROOM: f64 = 1.1;
+
 /// Allocation priority of a video slot's source for one subscriber: the screen, then the
 /// active speaker and pinned participants, then the others.
 fn priority(
@@ -92,7 +95,7 @@ impl Router {
         let down = layers::allocate(video_budget, &wants);
         let up = layers::allocate((video_budget as f64 / UPGRADE_MARGIN) as u64, &wants);
 
-        let mut wanted_bps = reserve;
+        let mut video_wanted_bps: u64 = 0;
         let mut changed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
@@ -165,12 +168,18 @@ impl Router {
                 .unwrap_or(usize::MAX)
                 .min(w.choices.len().saturating_sub(1));
             if let Some(top) = w.choices.get(top).filter(|_| !w.paused) {
-                wanted_bps += top.bps;
+                video_wanted_bps += top.bps;
             }
         }
         // Probe for what the subscriber would like (str0m sends probe clusters when the desired
-        // rate rises above the estimate). No sustained padding: at one padding stream per
-        // subscriber, a big call would spend more on padding than on media.
+        // rate rises above the estimate). An upgrade needs the estimate UPGRADE_MARGIN above
+        // the layers' cost, so that is what is probed for (with headroom: an estimate settles
+        // a little under the probed rate). Asking for the bare cost deadlocked: an estimate
+        // between the cost and cost × margin was never probed higher, and the slot stayed a
+        // layer down for good. No sustained padding: at one padding stream per subscriber, a
+        // big call would spend more on padding than on media.
+        let wanted_bps =
+            reserve + (video_wanted_bps as f64 * UPGRADE_MARGIN * PROBE_HEADROOM) as u64;
         let minimum = 0;
         if state.bwe_asked != (minimum, wanted_bps) {
             state.bwe_asked = (minimum, wanted_bps);
