@@ -15,12 +15,12 @@
 //! peer follows the router's slot mapping and measures each slot's stream and each publisher's
 //! share of it with the simulation's receiver ([`calls_core::sim::receiver`]: [`TrackStats`],
 //! the [`SlotMap`](calls_core::sim::SlotMap)), so the load test and the scenario tests measure
-//! alike. Two measurements are taken here, where datagrams are read, because the peer keeps no
-//! per-packet record: the RFC 3550 interarrival jitter (from the clear-text RTP header of each
-//! SRTP packet and its arrival time) and the payload bytes per simulcast layer (the peer's byte
-//! count, attributed to the layer it was receiving when each packet arrived). Both are kept per
-//! slot (one SSRC for the slot's life) and per publisher (whoever the mapping says the slot
-//! carries).
+//! alike. Three measurements are fed where datagrams are read, because the peer keeps no
+//! per-packet record, with the same receiver module's [`Jitter`] (RFC 3550 interarrival jitter,
+//! from the clear-text RTP header of each SRTP packet and its arrival time), [`LayerBytes`]
+//! (the peer's byte count, attributed to the layer it was receiving when each packet arrived)
+//! and [`Freezes`]. They are kept per slot (one SSRC for the slot's life) and per publisher
+//! (whoever the mapping says the slot carries).
 //!
 //! Everything is bounded: each participant stops at the swarm's deadline (or on
 //! [`Swarm::stop`]), says `{"type":"leave"}`, closes its WebSocket and drops its socket.
@@ -35,7 +35,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use calls_core::sim::{simulcast_layers, PeerOptions, PeerSignal, SimPeer, TrackStats, Transport};
+use calls_core::sim::receiver::{clear_rtp_header, OPUS_CLOCK_RATE, VP8_CLOCK_RATE};
+use calls_core::sim::{
+    simulcast_layers, Freezes, Jitter, LayerBytes, PeerOptions, PeerSignal, SimPeer, TrackStats,
+    Transport,
+};
 use calls_core::{Proto, ServerMessage, SessionId, SlotKind, TrackSource, UserId};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -45,8 +49,6 @@ use tungstenite::Message;
 
 use crate::ice_tcp::{Deframer, TcpLink, TcpLinkError};
 
-/// A gap longer than this between two packets of a video track is a freeze.
-const FREEZE: Duration = Duration::from_millis(500);
 /// How often a media thread publishes its participants' statistics.
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// The longest a media thread sleeps (it also wakes for peers' timers and sockets).
@@ -58,10 +60,6 @@ const READ_BUFFER: usize = 16 * 1024;
 const UDP_RECV_BUFFER: usize = 1 << 20;
 /// How long a WebSocket connect + handshake + `welcome` may take.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// RTP clock rate of Opus (RFC 7587 §4.1: always 48 kHz).
-const OPUS_CLOCK_RATE: f64 = 48_000.0;
-/// RTP clock rate of VP8 (RFC 7741 §4.1).
-const VP8_CLOCK_RATE: f64 = 90_000.0;
 
 /// What one simulated participant does.
 #[derive(Debug, Clone, PartialEq)]
@@ -667,83 +665,13 @@ impl Connector {
     }
 }
 
-/// Freeze bookkeeping of one received video track.
-#[derive(Debug, Default, Clone, Copy)]
-struct FreezeWatch {
-    last: Option<Instant>,
-    freezes: u64,
-    frozen: Duration,
-}
-
-/// RFC 3550 §6.4.1 interarrival jitter of one received RTP stream.
-#[derive(Debug, Default, Clone, Copy)]
-struct Jitter {
-    /// SSRC, arrival time and RTP timestamp of the previous packet.
-    last: Option<(u32, Instant, u32)>,
-    /// Packets of the current SSRC seen.
-    packets: u64,
-    /// The estimate J, seconds.
-    estimate: f64,
-    /// The largest estimate so far, seconds.
-    max: f64,
-}
-
-impl Jitter {
-    fn on_packet(&mut self, ssrc: u32, arrival: Instant, rtp_time: u32, clock_rate: f64) {
-        match self.last {
-            Some((last_ssrc, prev_arrival, prev_rtp_time)) if last_ssrc == ssrc => {
-                // D(i,j) = (Rj - Ri) - (Sj - Si), in seconds; the RTP difference is signed so a
-                // reordered packet or a timestamp wrap counts right.
-                let sent = f64::from(rtp_time.wrapping_sub(prev_rtp_time) as i32) / clock_rate;
-                let received = arrival
-                    .saturating_duration_since(prev_arrival)
-                    .as_secs_f64();
-                let d = received - sent;
-                self.estimate += (d.abs() - self.estimate) / 16.0;
-                self.max = self.max.max(self.estimate);
-                self.packets += 1;
-            }
-            // A new stream starts a new estimate.
-            _ => {
-                *self = Jitter {
-                    packets: 1,
-                    ..Jitter::default()
-                }
-            }
-        }
-        self.last = Some((ssrc, arrival, rtp_time));
-    }
-
-    /// (the estimate, its maximum) in ms, once there are two packets.
-    fn millis(&self) -> Option<(f64, f64)> {
-        (self.packets >= 2).then_some((self.estimate * 1000.0, self.max * 1000.0))
-    }
-}
-
 /// What the media thread measures itself about one received stream (a slot, or a publisher's
 /// share of the slots), next to its `TrackStats`.
 #[derive(Debug, Default, Clone, Copy)]
 struct TrackWatch {
-    freeze: FreezeWatch,
+    freeze: Freezes,
     jitter: Jitter,
-    /// The peer's `TrackStats::bytes` when the last packet was attributed to a layer.
-    bytes_seen: u64,
-    /// Payload bytes by the spatial layer index being received when they arrived.
-    bytes_by_layer: [u64; 3],
-}
-
-/// SSRC and RTP timestamp of an SRTP packet (RFC 3711 §3.1: the RTP header is not
-/// encrypted), or `None` for STUN, DTLS and RTCP.
-fn rtp_header(datagram: &[u8]) -> Option<(u32, u32)> {
-    let header = datagram.get(..12)?;
-    // RFC 7983 §7: a first byte of 128–191 is RTP or RTCP; RFC 5761 §4: a second byte of
-    // 192–223 (payload type 64–95 with the marker bit) is RTCP.
-    if !(128..=191).contains(&header[0]) || (192..=223).contains(&header[1]) {
-        return None;
-    }
-    let rtp_time = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    let ssrc = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
-    Some((ssrc, rtp_time))
+    layers: LayerBytes,
 }
 
 fn clock_rate(is_audio: bool) -> f64 {
@@ -761,26 +689,6 @@ fn slot_source(kind: SlotKind) -> TrackSource {
         SlotKind::Camera => TrackSource::Camera,
         SlotKind::Screen => TrackSource::Screen,
     }
-}
-
-/// Counts a freeze when the stream's last packet came more than [`FREEZE`] after the one
-/// before.
-fn watch_freeze(watch: &mut FreezeWatch, last_packet_at: Option<Instant>) {
-    if let (Some(prev), Some(last)) = (watch.last, last_packet_at) {
-        let gap = last.saturating_duration_since(prev);
-        if gap > FREEZE {
-            watch.freezes += 1;
-            watch.frozen += gap;
-        }
-    }
-    watch.last = last_packet_at;
-}
-
-/// Adds the payload bytes `stats` gained since the last look to the layer it is on.
-fn count_layer_bytes(watch: &mut TrackWatch, stats: &TrackStats) {
-    let layer = usize::from(stats.last_layer.unwrap_or(0).min(2));
-    watch.bytes_by_layer[layer] += stats.bytes.saturating_sub(watch.bytes_seen);
-    watch.bytes_seen = stats.bytes;
 }
 
 /// The RID of `source`'s simulcast layer `index` (camera `q`/`h`/`f`, screen `h`/`f`).
@@ -1135,7 +1043,7 @@ impl Live {
                 continue;
             }
             let watch = self.watches.entry((publisher.0, source)).or_default();
-            watch_freeze(&mut watch.freeze, stats.last_packet_at);
+            watch.freeze.observe(stats.last_packet_at);
         }
         for (mid, watch) in &mut self.slot_watches {
             let is_video = self
@@ -1144,7 +1052,7 @@ impl Live {
                 .get(mid)
                 .is_some_and(|s| s.kind != SlotKind::Audio);
             if let (true, Some(stats)) = (is_video, self.peer.slot_stats().get(mid.as_str())) {
-                watch_freeze(&mut watch.freeze, stats.last_packet_at);
+                watch.freeze.observe(stats.last_packet_at);
             }
         }
     }
@@ -1213,7 +1121,7 @@ impl Live {
     fn receive(&mut self, proto: Proto, source: SocketAddr, datagram: &[u8], now: Instant) {
         let arrival = Instant::now();
         self.peer.handle_receive(proto, source, datagram, now);
-        if let Some((ssrc, rtp_time)) = rtp_header(datagram) {
+        if let Some((ssrc, rtp_time)) = clear_rtp_header(datagram) {
             self.on_rtp(ssrc, rtp_time, arrival);
         }
     }
@@ -1255,7 +1163,7 @@ impl Live {
         let clock = clock_rate(is_audio);
         slot_watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
         if let (false, Some(stream)) = (is_audio, self.peer.slot_stats().get(mid.as_str())) {
-            count_layer_bytes(slot_watch, stream);
+            slot_watch.layers.count(stream);
         }
         let (Some(publisher), Some(source)) = (slot.session, slot.source) else {
             return;
@@ -1266,7 +1174,7 @@ impl Live {
         let watch = self.watches.entry((publisher.0, source)).or_default();
         watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
         if !is_audio {
-            count_layer_bytes(watch, stats);
+            watch.layers.count(stats);
         }
     }
 
@@ -1358,13 +1266,7 @@ impl Live {
             .map(|w| &mut w.freeze)
             .chain(slots)
         {
-            if let Some(last) = watch.last {
-                let gap = now.saturating_duration_since(last);
-                if gap > FREEZE {
-                    watch.freezes += 1;
-                    watch.frozen += gap;
-                }
-            }
+            watch.finish(now);
         }
     }
 
@@ -1445,7 +1347,7 @@ impl Live {
             let is_simulcast = !source.is_audio() && simulcast.contains(&publisher.0);
             let track = track_report(publisher.0, source, stats, &watch, is_simulcast);
             if is_simulcast {
-                for (index, bytes) in watch.bytes_by_layer.iter().enumerate() {
+                for (index, bytes) in watch.layers.by_layer.iter().enumerate() {
                     if let Some(rid) = layer_rid(source, index) {
                         layer_bytes.add(rid, *bytes as f64);
                     }
@@ -1464,7 +1366,7 @@ impl Live {
             r.bytes_received += stats.bytes;
             r.lost += stats.gaps;
             r.late_or_duplicate += stats.late_or_duplicate;
-            r.freezes += watch.freeze.freezes;
+            r.freezes += watch.freeze.count;
             r.tracks.push(track);
         }
         for stats in self.peer.unattributed().values() {
@@ -1521,7 +1423,7 @@ fn slot_report(slot: &calls_core::SlotInfo, stats: &TrackStats, watch: &TrackWat
         lost: stats.gaps,
         keyframes: stats.keyframes,
         kbps: kbps(stats.bytes),
-        freezes: watch.freeze.freezes,
+        freezes: watch.freeze.count,
         freeze_ms: millis(watch.freeze.frozen),
         frames_by_layer: stats.frames_by_layer,
         layer: stats
@@ -1548,7 +1450,7 @@ fn track_report(
     let kbps = span_kbps(stats);
     let kbps_by_layer = is_simulcast.then(|| {
         let mut by_layer = LayerKbps::default();
-        for (index, bytes) in watch.bytes_by_layer.iter().enumerate() {
+        for (index, bytes) in watch.layers.by_layer.iter().enumerate() {
             if let Some(rid) = layer_rid(source, index) {
                 by_layer.add(rid, kbps(*bytes));
             }
@@ -1564,7 +1466,7 @@ fn track_report(
         lost: stats.gaps,
         keyframes: stats.keyframes,
         kbps: kbps(stats.bytes),
-        freezes: watch.freeze.freezes,
+        freezes: watch.freeze.count,
         freeze_ms: millis(watch.freeze.frozen),
         simulcast: is_simulcast,
         kbps_by_layer,
@@ -1600,60 +1502,6 @@ mod tests {
             resolve("https://127.0.0.1:8080"),
             Err(SwarmError::BadUrl(_))
         ));
-    }
-
-    #[test]
-    fn rtp_headers_are_read_and_everything_else_skipped() {
-        let mut rtp = vec![0x80, 111, 0, 7, 0, 0, 0x03, 0xC0, 0xDE, 0xAD, 0xBE, 0xEF];
-        rtp.extend_from_slice(&[0; 20]);
-        assert_eq!(rtp_header(&rtp), Some((0xDEAD_BEEF, 960)));
-        // The marker bit is not RTCP.
-        rtp[1] = 0x80 | 96;
-        assert!(rtp_header(&rtp).is_some());
-        let mut rtcp_rr = rtp.clone();
-        rtcp_rr[1] = 201;
-        assert_eq!(rtp_header(&rtcp_rr), None);
-        let stun = [0u8; 20];
-        assert_eq!(rtp_header(&stun), None);
-        let dtls = [22u8; 20];
-        assert_eq!(rtp_header(&dtls), None);
-        assert_eq!(rtp_header(&rtp[..11]), None);
-    }
-
-    #[test]
-    fn jitter_follows_rfc_3550() {
-        let start = Instant::now();
-        // Opus: 960 ticks per 20 ms, starting just before the 32-bit timestamp wraps.
-        let packet = |i: u32, late_ms: u64| {
-            let at = start + Duration::from_millis(20 * u64::from(i) + late_ms);
-            (at, (u32::MAX - 5000).wrapping_add(i * 960))
-        };
-        let mut jitter = Jitter::default();
-        assert_eq!(jitter.millis(), None);
-        for i in 0..50 {
-            let (at, rtp_time) = packet(i, 0);
-            jitter.on_packet(1, at, rtp_time, 48_000.0);
-        }
-        assert_eq!(jitter.millis(), Some((0.0, 0.0)), "on time: no jitter");
-        // 16 ms late: J += (16 - J) / 16 → 1 ms. The next is on time, 16 ms early relative to
-        // it: J += (16 - 1) / 16.
-        let (at, rtp_time) = packet(50, 16);
-        jitter.on_packet(1, at, rtp_time, 48_000.0);
-        let (j, max) = jitter.millis().expect("an estimate");
-        assert!(
-            (j - 1.0).abs() < 1e-9 && (max - 1.0).abs() < 1e-9,
-            "{j} {max}"
-        );
-        let (at, rtp_time) = packet(51, 0);
-        jitter.on_packet(1, at, rtp_time, 48_000.0);
-        let (j, max) = jitter.millis().expect("an estimate");
-        assert!(
-            (j - (1.0 + 15.0 / 16.0)).abs() < 1e-9 && j == max,
-            "{j} {max}"
-        );
-        // Another SSRC (the track was published again) starts over.
-        jitter.on_packet(2, start + Duration::from_secs(5), 7, 48_000.0);
-        assert_eq!(jitter.millis(), None);
     }
 
     #[test]

@@ -76,56 +76,54 @@ impl Router {
             self.counters.snapshot.media_dropped += 1;
             return;
         };
+        // Measured once for every slot; the video fields are filled below for video only.
+        let mut incoming = Incoming {
+            packet: &packet,
+            key,
+            rid,
+            codec,
+            clock_rate,
+            epoch: track.epoch,
+            is_audio,
+            keyframe: false,
+            tid: None,
+            starts_picture: false,
+            vp8: None,
+        };
         if is_audio {
-            if let Some(call) = self.calls.get_mut(&state.call) {
-                if let Some(level) = packet.header.ext_vals.audio_level {
-                    call.speakers.observe(
-                        publisher,
-                        level,
-                        packet.header.ext_vals.voice_activity,
-                        now,
-                    );
-                }
-                if !call.speakers.is_forwarded(publisher, now) {
-                    // Not among the loudest: nobody needs this packet (top-N audio).
-                    self.counters.snapshot.audio_not_forwarded += 1;
-                    track.forwarding = false;
-                    return;
-                }
+            let Some(call) = self.calls.get_mut(&state.call) else {
+                return;
+            };
+            if let Some(level) = packet.header.ext_vals.audio_level {
+                call.speakers
+                    .observe(publisher, level, packet.header.ext_vals.voice_activity, now);
+            }
+            if !call.speakers.is_forwarded(publisher, now) {
+                // Not among the loudest: nobody needs this packet (top-N audio).
+                self.counters.snapshot.audio_not_forwarded += 1;
+                track.forwarding = false;
+                return;
             }
             if !std::mem::replace(&mut track.forwarding, true) {
                 track.epoch = track.epoch.wrapping_add(1);
             }
-            let call = state.call.clone();
-            let incoming = Incoming {
-                packet: &packet,
-                key,
-                rid,
-                codec,
-                clock_rate,
-                epoch: track.epoch,
-                is_audio,
-                keyframe: false,
-                tid: None,
-                starts_picture: false,
-                vp8: None,
-            };
-            self.forward_audio(&call, &incoming, now);
+            incoming.epoch = track.epoch;
+            self.forward_audio(&incoming, now);
             return;
         }
-        let mut tid = None;
-        let mut starts_picture = false;
-        let mut vp8 = None;
         track.codec = VideoCodec::from_str0m(codec);
-        let keyframe = track.codec.is_keyframe(&packet.payload);
+        incoming.keyframe = track.codec.is_keyframe(&packet.payload);
         match track.codec {
             VideoCodec::Vp8 => {
-                (tid, starts_picture) = layers::vp8_temporal(&packet.payload);
-                vp8 = Vp8Descriptor::parse(&packet.payload).ok();
+                (incoming.tid, incoming.starts_picture) = layers::vp8_temporal(&packet.payload);
+                incoming.vp8 = Vp8Descriptor::parse(&packet.payload).ok();
             }
-            VideoCodec::Vp9 => (tid, starts_picture) = layers::vp9_temporal(&packet.payload),
+            VideoCodec::Vp9 => {
+                (incoming.tid, incoming.starts_picture) = layers::vp9_temporal(&packet.payload);
+            }
             _ => {}
         }
+        let tid = incoming.tid;
         let Some((index, new_layer)) = track.layer_index(rid, now) else {
             self.counters.snapshot.media_dropped += 1;
             return;
@@ -138,7 +136,6 @@ impl Router {
         layer
             .meter
             .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
-        let epoch = track.epoch;
         if new_layer {
             // Every subscriber of this track can be given the new layer — before this packet
             // (often the keyframe that starts the layer) is fanned out.
@@ -147,19 +144,6 @@ impl Router {
                 self.allocate(sub, now);
             }
         }
-        let incoming = Incoming {
-            packet: &packet,
-            key,
-            rid,
-            codec,
-            clock_rate,
-            epoch,
-            is_audio,
-            keyframe,
-            tid,
-            starts_picture,
-            vp8,
-        };
         self.forward_video(&incoming, now);
     }
 
@@ -167,15 +151,22 @@ impl Router {
     /// speaker, or a free one (empty, or its speaker is no longer forwarded, or silent for
     /// [`AUDIO_SLOT_STALE`]). An audio slot changes speaker at once; the client hears of it
     /// first.
-    fn forward_audio(&mut self, call: &crate::ids::CallId, incoming: &Incoming<'_>, now: Instant) {
-        let Some(c) = self.calls.get_mut(call) else {
+    fn forward_audio(&mut self, incoming: &Incoming<'_>, now: Instant) {
+        let publisher = incoming.key.publisher;
+        // The call is looked up by reference (the sessions and calls maps are disjoint
+        // borrows): no copy of its id per packet.
+        let Some(c) = self
+            .sessions
+            .get(&publisher)
+            .and_then(|p| self.calls.get_mut(&p.call))
+        else {
             return;
         };
         let members = std::mem::take(&mut c.members);
         let speakers = &c.speakers;
         let mut switched: Vec<(SessionId, str0m::media::Mid)> = Vec::new();
         for member in &members {
-            if *member == incoming.key.publisher {
+            if *member == publisher {
                 continue;
             }
             let Some(s) = self.sessions.get_mut(member) else {
@@ -206,7 +197,11 @@ impl Router {
                 }
             }
         }
-        if let Some(c) = self.calls.get_mut(call) {
+        if let Some(c) = self
+            .sessions
+            .get(&publisher)
+            .and_then(|p| self.calls.get_mut(&p.call))
+        {
             c.members = members;
         }
         // Queued before the packets leave (they go out when the touched sessions run).

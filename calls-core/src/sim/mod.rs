@@ -32,6 +32,6 @@ pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{
     NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, Transport,
 };
-pub use receiver::{Attribution, SlotMap, TrackStats};
+pub use receiver::{Attribution, Freezes, Jitter, LayerBytes, SlotMap, TrackStats};
 pub use tcp::{Deframer, TcpDirStats, TcpStats};
 pub use world::SimWorld;

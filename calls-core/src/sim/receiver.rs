@@ -4,7 +4,10 @@
 //! against the source tag every synthetic payload carries).
 //!
 //! Shared by the simulated peers ([`SimPeer`](super::SimPeer)) and the load tester's
-//! participants (calls-py), so both measure the same way.
+//! participants (calls-py), so both measure the same way. What a receiver measures where its
+//! datagrams arrive (the peer keeps no per-packet record) is here too: the RFC 3550
+//! interarrival jitter ([`Jitter`], from [`clear_rtp_header`]), freezes ([`Freezes`]) and
+//! payload bytes per simulcast layer ([`LayerBytes`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,6 +29,12 @@ const FRAME_TIMES_LEN: usize = 512;
 const LAYER_CHANGES_LEN: usize = 1024;
 /// VP8 PictureIDs are 15 bits (RFC 7741 §4.2, M=1).
 const PICTURE_ID_MASK: u16 = 0x7FFF;
+/// A gap longer than this between two packets of a video stream is a freeze.
+pub const FREEZE: Duration = Duration::from_millis(500);
+/// RTP clock rate of Opus (RFC 7587 §4.1: always 48 kHz).
+pub const OPUS_CLOCK_RATE: f64 = 48_000.0;
+/// RTP clock rate of VP8 (RFC 7741 §4.1).
+pub const VP8_CLOCK_RATE: f64 = 90_000.0;
 
 /// What one peer received on one track.
 ///
@@ -409,6 +418,120 @@ pub fn session_tag(session: SessionId) -> u32 {
     session.0 as u32
 }
 
+/// SSRC and RTP timestamp of an SRTP packet (RFC 3711 §3.1: the RTP header is not
+/// encrypted), or `None` for STUN, DTLS and RTCP.
+pub fn clear_rtp_header(datagram: &[u8]) -> Option<(u32, u32)> {
+    let header = datagram.get(..12)?;
+    // RFC 7983 §7: a first byte of 128–191 is RTP or RTCP; RFC 5761 §4: a second byte of
+    // 192–223 (payload type 64–95 with the marker bit) is RTCP.
+    if !(128..=191).contains(&header[0]) || (192..=223).contains(&header[1]) {
+        return None;
+    }
+    let rtp_time = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let ssrc = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+    Some((ssrc, rtp_time))
+}
+
+/// RFC 3550 §6.4.1 interarrival jitter of one received RTP stream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Jitter {
+    /// SSRC, arrival time and RTP timestamp of the previous packet.
+    last: Option<(u32, Instant, u32)>,
+    /// Packets of the current SSRC seen.
+    packets: u64,
+    /// The estimate J, seconds.
+    estimate: f64,
+    /// The largest estimate so far, seconds.
+    max: f64,
+}
+
+impl Jitter {
+    /// One packet of `ssrc` with RTP timestamp `rtp_time` arrived at `arrival`. A new SSRC
+    /// starts a new estimate.
+    pub fn on_packet(&mut self, ssrc: u32, arrival: Instant, rtp_time: u32, clock_rate: f64) {
+        match self.last {
+            Some((last_ssrc, prev_arrival, prev_rtp_time)) if last_ssrc == ssrc => {
+                // D(i,j) = (Rj - Ri) - (Sj - Si), in seconds; the RTP difference is signed so a
+                // reordered packet or a timestamp wrap counts right.
+                let sent = f64::from(rtp_time.wrapping_sub(prev_rtp_time) as i32) / clock_rate;
+                let received = arrival
+                    .saturating_duration_since(prev_arrival)
+                    .as_secs_f64();
+                let d = received - sent;
+                self.estimate += (d.abs() - self.estimate) / 16.0;
+                self.max = self.max.max(self.estimate);
+                self.packets += 1;
+            }
+            _ => {
+                *self = Jitter {
+                    packets: 1,
+                    ..Jitter::default()
+                }
+            }
+        }
+        self.last = Some((ssrc, arrival, rtp_time));
+    }
+
+    /// (the estimate, its maximum) in ms, once there are two packets of the stream.
+    pub fn millis(&self) -> Option<(f64, f64)> {
+        (self.packets >= 2).then_some((self.estimate * 1000.0, self.max * 1000.0))
+    }
+}
+
+/// Freezes of one received video stream: gaps over [`FREEZE`] between packets.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Freezes {
+    last: Option<Instant>,
+    /// Gaps over [`FREEZE`] so far.
+    pub count: u64,
+    /// Their total length.
+    pub frozen: Duration,
+}
+
+impl Freezes {
+    /// The stream's last packet arrived at `last_packet_at` (from [`TrackStats`]); a gap
+    /// since the one before counts if it is over [`FREEZE`].
+    pub fn observe(&mut self, last_packet_at: Option<Instant>) {
+        if let (Some(prev), Some(last)) = (self.last, last_packet_at) {
+            self.count_gap(last.saturating_duration_since(prev));
+        }
+        self.last = last_packet_at;
+    }
+
+    /// The end of the measurement at `now`: a freeze still going on counts.
+    pub fn finish(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            self.count_gap(now.saturating_duration_since(last));
+        }
+    }
+
+    fn count_gap(&mut self, gap: Duration) {
+        if gap > FREEZE {
+            self.count += 1;
+            self.frozen += gap;
+        }
+    }
+}
+
+/// Payload bytes of one received video stream by the simulcast layer it was on when they
+/// arrived.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LayerBytes {
+    /// The stream's [`TrackStats::bytes`] at the last look.
+    seen: u64,
+    /// Bytes by spatial layer index (0 = lowest; higher indices count as 2).
+    pub by_layer: [u64; 3],
+}
+
+impl LayerBytes {
+    /// Adds the payload bytes `stats` gained since the last look to the layer it is on.
+    pub fn count(&mut self, stats: &TrackStats) {
+        let layer = usize::from(stats.last_layer.unwrap_or(0).min(2));
+        self.by_layer[layer] += stats.bytes.saturating_sub(self.seen);
+        self.seen = stats.bytes;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // a base instant for virtual time
 mod tests {
@@ -446,6 +569,83 @@ mod tests {
             };
             stats.record_packet("0", pkt, true, at);
         }
+    }
+
+    #[test]
+    fn rtp_headers_are_read_and_everything_else_skipped() {
+        let mut rtp = vec![0x80, 111, 0, 7, 0, 0, 0x03, 0xC0, 0xDE, 0xAD, 0xBE, 0xEF];
+        rtp.extend_from_slice(&[0; 20]);
+        assert_eq!(clear_rtp_header(&rtp), Some((0xDEAD_BEEF, 960)));
+        // The marker bit is not RTCP.
+        rtp[1] = 0x80 | 96;
+        assert!(clear_rtp_header(&rtp).is_some());
+        let mut rtcp_rr = rtp.clone();
+        rtcp_rr[1] = 201;
+        assert_eq!(clear_rtp_header(&rtcp_rr), None);
+        let stun = [0u8; 20];
+        assert_eq!(clear_rtp_header(&stun), None);
+        let dtls = [22u8; 20];
+        assert_eq!(clear_rtp_header(&dtls), None);
+        assert_eq!(clear_rtp_header(&rtp[..11]), None);
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        let start = Instant::now();
+        // Opus: 960 ticks per 20 ms, starting just before the 32-bit timestamp wraps.
+        let packet = |i: u32, late_ms: u64| {
+            let at = start + Duration::from_millis(20 * u64::from(i) + late_ms);
+            (at, (u32::MAX - 5000).wrapping_add(i * 960))
+        };
+        let mut jitter = Jitter::default();
+        assert_eq!(jitter.millis(), None);
+        for i in 0..50 {
+            let (at, rtp_time) = packet(i, 0);
+            jitter.on_packet(1, at, rtp_time, 48_000.0);
+        }
+        assert_eq!(jitter.millis(), Some((0.0, 0.0)), "on time: no jitter");
+        // 16 ms late: J += (16 - J) / 16 → 1 ms. The next is on time, 16 ms early relative to
+        // it: J += (16 - 1) / 16.
+        let (at, rtp_time) = packet(50, 16);
+        jitter.on_packet(1, at, rtp_time, 48_000.0);
+        let (j, max) = jitter.millis().expect("an estimate");
+        assert!(
+            (j - 1.0).abs() < 1e-9 && (max - 1.0).abs() < 1e-9,
+            "{j} {max}"
+        );
+        let (at, rtp_time) = packet(51, 0);
+        jitter.on_packet(1, at, rtp_time, 48_000.0);
+        let (j, max) = jitter.millis().expect("an estimate");
+        assert!(
+            (j - (1.0 + 15.0 / 16.0)).abs() < 1e-9 && j == max,
+            "{j} {max}"
+        );
+        // Another SSRC (the track was published again) starts over.
+        jitter.on_packet(2, start + Duration::from_secs(5), 7, 48_000.0);
+        assert_eq!(jitter.millis(), None);
+    }
+
+    #[test]
+    fn freezes_count_gaps_over_half_a_second_and_one_still_going_on() {
+        let start = Instant::now();
+        let mut freezes = Freezes::default();
+        freezes.observe(None);
+        freezes.observe(Some(start));
+        freezes.observe(Some(start + Duration::from_millis(400)));
+        assert_eq!(freezes.count, 0, "400 ms is no freeze");
+        freezes.observe(Some(start + Duration::from_millis(1100)));
+        assert_eq!(
+            (freezes.count, freezes.frozen),
+            (1, Duration::from_millis(700))
+        );
+        // The same packet again (no new arrival) adds nothing.
+        freezes.observe(Some(start + Duration::from_millis(1100)));
+        assert_eq!(freezes.count, 1);
+        freezes.finish(start + Duration::from_millis(3100));
+        assert_eq!(
+            (freezes.count, freezes.frozen),
+            (2, Duration::from_millis(2700))
+        );
     }
 
     #[test]
