@@ -229,7 +229,9 @@ pub struct Router {
     /// The advertised candidate addresses, computed once (consulted for every datagram).
     udp_candidates: Vec<SocketAddr>,
     tcp_candidates: Vec<SocketAddr>,
-    sessions: HashMap<SessionId, Session>,
+    /// Boxed: a `Session` is ~11 KB inline (str0m's `Rtc`), and a map of them would keep up
+    /// to twice that per session in empty buckets.
+    sessions: HashMap<SessionId, Box<Session>>,
     calls: HashMap<CallId, Call>,
     tracks: HashMap<TrackKey, PublishedTrack>,
     ufrags: HashMap<String, SessionId>,
@@ -410,7 +412,7 @@ impl Router {
             now,
         );
         self.ufrags.insert(state.local_creds.ufrag.clone(), session);
-        self.sessions.insert(session, state);
+        self.sessions.insert(session, Box::new(state));
         self.deadlines.push(Reverse((
             later(now, self.config.connect_timeout()),
             session,

@@ -996,6 +996,8 @@ impl Session {
                 stream.handle_rtcp(now, fb);
             }
         }
+        // calls patch: see `trim_feedback`.
+        trim_feedback(&mut self.feedback_rx);
 
         // Not in the above if due to lifetime issues, still okay because the method
         // doesn't do anything when BWE isn't configured.
@@ -1213,6 +1215,8 @@ impl Session {
         };
 
         let len = Rtcp::write_packet(&mut self.feedback_tx, &mut data, output);
+        // calls patch: see `trim_feedback`.
+        trim_feedback(&mut self.feedback_tx);
 
         if len == 0 {
             return None;
@@ -1777,5 +1781,19 @@ mod tests {
             un_red(&mut header, &data, expected_primary_pt).is_none(),
             "RED associated with Opus must not reinterpret a PCMU primary block as Opus"
         );
+    }
+}
+
+/// RTCP feedback queues kept between reports (calls patch, proposed upstream).
+const FEEDBACK_QUEUE_KEEP: usize = 8;
+
+/// Frees an emptied RTCP feedback queue that grew past [`FEEDBACK_QUEUE_KEEP`] entries. An
+/// `Rtcp` is ~1 KB, and a report round for a session with a dozen send streams queues a few
+/// dozen (a sender report and SDES per stream), so each queue would otherwise keep ~33 KB per
+/// session between rounds, however rarely they come. Regrowing costs a few allocations per
+/// report round, not per packet.
+fn trim_feedback(queue: &mut VecDeque<Rtcp>) {
+    if queue.is_empty() && queue.capacity() > FEEDBACK_QUEUE_KEEP {
+        *queue = VecDeque::new();
     }
 }

@@ -339,7 +339,13 @@ impl Streams {
     }
 
     pub fn remove_stream_tx(&mut self, ssrc: Ssrc) -> bool {
-        self.streams_tx.remove(&ssrc).is_some()
+        let removed = self.streams_tx.remove(&ssrc).is_some();
+        if removed {
+            // calls patch: a `StreamTx` is ~2 KB inline and the map never shrinks by itself;
+            // an SFU that removes idle send streams wants that memory back.
+            self.streams_tx.shrink_to_fit();
+        }
+        removed
     }
 
     pub(crate) fn local_sender_ssrcs(&self) -> Vec<Ssrc> {
