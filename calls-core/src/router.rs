@@ -35,6 +35,7 @@ use crate::tcp::{ConnId, TcpConn};
 mod allocation;
 mod forwarding;
 mod ingress;
+mod listener_loss;
 mod negotiation;
 mod slots;
 
@@ -661,6 +662,7 @@ impl Router {
         m.flows = self.flows.len() as u64;
         m.tcp_connections = self.tcp_conns.len() as u64;
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
+        m.red_streams = self.tracks.values().filter(|t| t.red).count() as u64;
         let mut stats: Vec<SessionStats> = self
             .sessions
             .iter()
@@ -674,6 +676,8 @@ impl Router {
                     (Some(e), Some(c)) => Some(e.min(c)),
                     (e, c) => e.or(c),
                 },
+                red_stripped: s.red_stripped,
+                listener_loss: self.listener_loss(*id),
             })
             .collect();
         stats.sort_by_key(|s| s.session);

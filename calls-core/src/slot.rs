@@ -28,8 +28,20 @@ pub(crate) struct Feed {
     pub key: TrackKey,
     /// Video: which layer of the track this slot forwards.
     pub sel: Selection,
-    /// Publisher payload type → this session's payload type (filled lazily).
-    pub pt_map: Vec<(Pt, Pt)>,
+    /// Publisher payload type → this session's (filled lazily).
+    pub pt_map: Vec<PtMapping>,
+}
+
+/// How one publisher payload type goes out on a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PtMapping {
+    /// The publisher's payload type.
+    pub publisher: Pt,
+    /// The subscriber's payload type for it.
+    pub subscriber: Pt,
+    /// The publisher's type is RED and the subscriber gets the primary Opus block only (it did
+    /// not negotiate RED, or its Opus payload type differs from the one inside the blocks).
+    pub strip_red: bool,
 }
 
 impl Feed {
