@@ -663,6 +663,7 @@ impl Router {
         m.tcp_connections = self.tcp_conns.len() as u64;
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
         m.red_streams = self.tracks.values().filter(|t| t.red).count() as u64;
+        let listener_losses = self.listener_losses();
         let mut stats: Vec<SessionStats> = self
             .sessions
             .iter()
@@ -677,7 +678,7 @@ impl Router {
                     (e, c) => e.or(c),
                 },
                 red_stripped: s.red_stripped,
-                listener_loss: self.listener_loss(*id),
+                listener_loss: listener_losses.get(id).copied(),
             })
             .collect();
         stats.sort_by_key(|s| s.session);

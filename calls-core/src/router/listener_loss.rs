@@ -17,41 +17,48 @@
 //! the reported fraction: the router computes the value (exported per session as
 //! `listener_loss`) and applying it to the reports waits for a str0m hook (docs/quality.md).
 
-use crate::call::TrackKey;
+use std::collections::HashMap;
+
 use crate::ids::SessionId;
 use crate::signal::SlotKind;
 
 use super::Router;
 
 impl Router {
-    /// The loss to report to `publisher`'s microphone (0.0–0.2), or `None` if it publishes no
-    /// audio.
-    pub(super) fn listener_loss(&self, publisher: SessionId) -> Option<f64> {
-        let state = self.sessions.get(&publisher)?;
-        let mic = state
-            .published
+    /// The loss to report to each session that publishes a microphone (0.0–0.2). One pass over
+    /// every session's audio slots (each slot's current source gets its listener's downlink
+    /// loss), not a scan of the call per publisher.
+    pub(super) fn listener_losses(&self) -> HashMap<SessionId, f64> {
+        let mut worst_listener: HashMap<SessionId, f64> = HashMap::new();
+        for listener in self.sessions.values() {
+            let Some(loss) = listener.egress_loss else {
+                continue;
+            };
+            let sources = listener
+                .slots
+                .iter()
+                .filter(|slot| slot.kind == SlotKind::Audio && slot.active)
+                .filter_map(|slot| slot.current.as_ref());
+            for feed in sources {
+                let worst = worst_listener.entry(feed.key.publisher).or_insert(loss);
+                *worst = worst.max(loss);
+            }
+        }
+        self.sessions
             .iter()
-            .map(|&mid| TrackKey { publisher, mid })
-            .find(|key| self.tracks.get(key).is_some_and(|t| t.is_audio()))?;
-        let listeners = self
-            .calls
-            .get(&state.call)
-            .map(|call| call.members.as_slice())
-            .unwrap_or_default();
-        let worst_listener = listeners
-            .iter()
-            .filter_map(|member| self.sessions.get(member))
-            .filter(|listener| {
-                listener
-                    .slots
-                    .iter()
-                    .any(|slot| slot.kind == SlotKind::Audio && slot.holds(mic))
+            .filter(|(&publisher, state)| {
+                state.published.iter().any(|&mid| {
+                    let key = crate::call::TrackKey { publisher, mid };
+                    self.tracks.get(&key).is_some_and(|t| t.is_audio())
+                })
             })
-            .filter_map(|listener| listener.egress_loss)
-            .reduce(f64::max);
-        Some(crate::red::reported_loss(
-            state.ingress_loss,
-            worst_listener,
-        ))
+            .map(|(&publisher, state)| {
+                let worst = worst_listener.get(&publisher).copied();
+                (
+                    publisher,
+                    crate::red::reported_loss(state.ingress_loss, worst),
+                )
+            })
+            .collect()
     }
 }
