@@ -182,7 +182,7 @@ pub struct MetricsSnapshot {
     #[serde(default)]
     pub red_stripped: u64,
     /// RED packets dropped because their headers did not add up (lengths past the end, no
-    /// primary block, too many blocks).
+    /// primary block, too many blocks) or their primary block is not the negotiated Opus.
     #[serde(default)]
     pub red_malformed: u64,
     /// Opus packets from publishers (the primary block of RED ones) that carry in-band FEC

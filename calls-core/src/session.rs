@@ -130,6 +130,8 @@ pub(crate) struct Session {
 pub(crate) struct PayloadCodec {
     pub codec: Codec,
     pub clock_rate: u32,
+    /// The codec's own payload type (for a RED type: the one its blocks must carry).
+    pub primary_pt: Pt,
     /// The payload type is the RFC 2198 RED type wrapping `codec` (its primary).
     pub red: bool,
 }
@@ -322,6 +324,7 @@ impl Session {
             .map(|p| PayloadCodec {
                 codec: p.spec().codec,
                 clock_rate: p.spec().clock_rate.get(),
+                primary_pt: p.pt(),
                 red: p.pt() != pt,
             })
     }

@@ -154,6 +154,38 @@ fn plain_opus_publisher_reaches_red_subscribers_as_plain_opus() {
     }
 }
 
+/// Payload types are per subscriber: a plain-Opus subscriber on payload type 109 (as Firefox)
+/// gets the stripped primary on 109 (its str0m would drop any type it did not negotiate), while
+/// the RED subscriber gets RED on its RED type.
+#[test]
+fn payload_types_are_mapped_per_subscriber() {
+    let mut world = world(178, Config::default());
+    let alice = world.add_peer("room", "alice", PeerOptions::audio_only().with_red());
+    let dave = world.add_peer("room", "dave", PeerOptions::audio_only().opus_pt(109));
+    let carol = world.add_peer("room", "carol", PeerOptions::audio_only().with_red());
+    world.run_for(secs(4.0));
+    let to_dave = stats(&world, dave, alice, MIC);
+    assert!(
+        to_dave.packets >= 150,
+        "dave hears alice: {}{}",
+        to_dave.packets,
+        describe(&world)
+    );
+    assert_eq!((to_dave.red_packets, to_dave.audio_unreadable), (0, 0));
+    assert_eq!(to_dave.audio_checked, to_dave.packets);
+    assert_eq!(to_dave.audio_offset_changes, 0);
+    let to_carol = stats(&world, carol, alice, MIC);
+    assert!(to_carol.packets >= 150);
+    assert_eq!(to_carol.red_packets, to_carol.packets);
+    // Dave's own Opus on 109 reaches the RED subscribers as plain Opus on their type.
+    let from_dave = stats(&world, carol, dave, MIC);
+    assert!(from_dave.packets >= 150);
+    assert_eq!(
+        (from_dave.red_packets, from_dave.audio_checked),
+        (0, from_dave.packets)
+    );
+}
+
 #[test]
 fn red_off_by_config_negotiates_plain_opus() {
     let mut config = Config::default();

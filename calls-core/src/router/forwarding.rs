@@ -100,6 +100,7 @@ impl Router {
         let Some(PayloadCodec {
             codec,
             clock_rate,
+            primary_pt,
             red,
         }) = codec
         else {
@@ -110,7 +111,14 @@ impl Router {
             let red = if red {
                 self.counters.snapshot.red_packets_in += 1;
                 match red::primary(&packet.payload) {
-                    Ok(primary) => Some(primary),
+                    Ok(primary) if primary.pt == *primary_pt => Some(primary),
+                    Ok(primary) => {
+                        // RFC 2198 allows another codec in the blocks; this RED type was
+                        // negotiated for Opus only.
+                        tracing::trace!(%publisher, pt = primary.pt, "RED of another codec dropped");
+                        self.counters.snapshot.red_malformed += 1;
+                        return;
+                    }
                     Err(error) => {
                         tracing::trace!(%publisher, "RED packet dropped: {error}");
                         self.counters.snapshot.red_malformed += 1;

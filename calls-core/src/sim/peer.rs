@@ -49,9 +49,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, FormatParams};
 use str0m::media::{
-    Direction, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
+    Direction, Frequency, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
 };
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RedEncoder, RedundantBlock, RtpPacket, RtpWrite};
@@ -126,6 +126,9 @@ pub struct PeerOptions {
     pub red: bool,
     /// Mark every Opus packet as carrying in-band FEC (the LBRR flag). Default off.
     pub opus_fec: bool,
+    /// Offer Opus on this payload type instead of str0m's 111 (Firefox uses 109); `None`
+    /// keeps the default. Not with `red` (str0m numbers RED itself).
+    pub opus_pt: Option<u8>,
 }
 
 impl Default for PeerOptions {
@@ -142,6 +145,7 @@ impl Default for PeerOptions {
             temporal_layers: 1,
             red: false,
             opus_fec: false,
+            opus_pt: None,
         }
     }
 }
@@ -184,6 +188,12 @@ impl PeerOptions {
     /// Offers Opus RED and sends audio as RED where it was negotiated.
     pub fn with_red(mut self) -> Self {
         self.red = true;
+        self
+    }
+
+    /// Offers Opus on payload type `pt` (see [`PeerOptions::opus_pt`]).
+    pub fn opus_pt(mut self, pt: u8) -> Self {
+        self.opus_pt = Some(pt);
         self
     }
 
@@ -479,6 +489,22 @@ impl SimPeer {
         let mut builder = Rtc::builder().set_rtp_mode(true);
         if options.red {
             builder = builder.enable_opus(true, true);
+        }
+        if let Some(pt) = options.opus_pt {
+            let codecs = builder.codec_config();
+            codecs.enable_opus(false, false);
+            codecs.add_config(
+                pt.into(),
+                None,
+                Codec::Opus,
+                Frequency::FORTY_EIGHT_KHZ,
+                Some(2),
+                FormatParams {
+                    min_p_time: Some(10),
+                    use_inband_fec: Some(true),
+                    ..FormatParams::default()
+                },
+            );
         }
         let mut rtc = builder.build(now);
         let candidate = match options.transport {
