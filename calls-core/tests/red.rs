@@ -12,10 +12,10 @@
 
 mod common;
 
-use common::{epoch, secs, stats};
+use common::{epoch, secs, speaker_announced, stats};
 
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
-use calls_core::{Config, ServerMessage, SessionId, TrackSource};
+use calls_core::{Config, SessionId, TrackSource};
 
 const MIC: TrackSource = TrackSource::Microphone;
 
@@ -258,17 +258,6 @@ fn audio_level_and_speaker_work_with_red() {
         (t.gaps, t.red_packets, t.audio_unreadable),
         (0, t.packets, 0)
     );
-}
-
-fn speaker_announced(world: &SimWorld, to: SessionId) -> Option<Option<SessionId>> {
-    world
-        .peer(to)
-        .signal_log()
-        .filter_map(|m| match m {
-            ServerMessage::Speaker { session } => Some(*session),
-            _ => None,
-        })
-        .last()
 }
 
 #[test]
