@@ -27,7 +27,11 @@ after(async () => { await browser?.close(); });
 /** Runs red_loss.mjs in a fresh network namespace; resolves with its RESULT object. */
 async function measureInNamespace() {
   const ns = `calls-red-${process.pid}`;
-  execFileSync('ip', ['netns', 'add', ns]);
+  try {
+    execFileSync('ip', ['netns', 'add', ns], { stdio: 'pipe' });
+  } catch (e) {
+    throw new Error(`cannot create network namespace ${ns} (needs root / CAP_NET_ADMIN, iproute2 and nftables): ${e.stderr || e.message}`);
+  }
   try {
     execFileSync('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
     const child = spawn('ip', ['netns', 'exec', ns, process.execPath, resolve(here, 'red_loss.mjs')], {
