@@ -186,6 +186,42 @@ fn payload_types_are_mapped_per_subscriber() {
     );
 }
 
+/// RED headers can lie: a redundant block claiming more bytes than the packet has is dropped
+/// for everyone and counted, never forwarded (a RED subscriber's decoder would choke on it, a
+/// plain one would get garbage as Opus), and the stream goes on around it.
+#[test]
+fn lying_red_packets_are_dropped_and_counted() {
+    let mut world = world(179, Config::default());
+    let mut liar = PeerOptions::audio_only().with_red();
+    liar.red_lie_every = Some(10);
+    let alice = world.add_peer("room", "alice", liar);
+    let bob = world.add_peer("room", "bob", PeerOptions::audio_only());
+    let carol = world.add_peer("room", "carol", PeerOptions::audio_only().with_red());
+    world.run_for(secs(5.0));
+    let m = world.metrics();
+    let sent = world.peer(alice).sent(MIC).packets;
+    assert!(sent >= 240);
+    // One in ten lies (the very first RED packet has no redundant block to lie about).
+    assert!(
+        m.red_malformed * 10 + 10 >= sent && m.red_malformed * 10 <= sent + 10,
+        "{} malformed of {sent}",
+        m.red_malformed
+    );
+    for rx in [bob, carol] {
+        let t = stats(&world, rx, alice, MIC);
+        assert!(
+            t.packets + m.red_malformed + 5 >= sent,
+            "{rx} got {} of {sent}",
+            t.packets
+        );
+        assert!(t.packets + m.red_malformed <= sent);
+        // What arrived is intact: a primary or a whole RED packet, with the right numbers.
+        assert_eq!((t.audio_unreadable, t.red_redundancy_wrong), (0, 0));
+        assert_eq!(t.audio_checked, t.packets);
+        assert_eq!(t.audio_offset_changes, 0);
+    }
+}
+
 #[test]
 fn red_off_by_config_negotiates_plain_opus() {
     let mut config = Config::default();

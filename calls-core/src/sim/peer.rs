@@ -129,6 +129,9 @@ pub struct PeerOptions {
     /// Offer Opus on this payload type instead of str0m's 111 (Firefox uses 109); `None`
     /// keeps the default. Not with `red` (str0m numbers RED itself).
     pub opus_pt: Option<u8>,
+    /// With `red`: every n-th RED packet (by sequence number) lies about its redundant block's
+    /// length (1023 bytes, past the packet's end), as a broken or hostile client might.
+    pub red_lie_every: Option<u64>,
 }
 
 impl Default for PeerOptions {
@@ -146,6 +149,7 @@ impl Default for PeerOptions {
             red: false,
             opus_fec: false,
             opus_pt: None,
+            red_lie_every: None,
         }
     }
 }
@@ -1134,6 +1138,7 @@ impl SimPeer {
         };
         let red_pt = if is_video { None } else { self.red_pt(pt) };
         let fec = self.options.opus_fec;
+        let red_lie_every = self.options.red_lie_every;
         let tag = session_tag(self.session);
         let SimPeer {
             rtc,
@@ -1182,7 +1187,14 @@ impl SimPeer {
                         })
                         .into_iter()
                         .collect();
-                    RedEncoder::encode(*pt, &opus, &redundant)
+                    let mut red = RedEncoder::encode(*pt, &opus, &redundant);
+                    let lie = red_lie_every.is_some_and(|n| n > 0 && e.seq % n == 0);
+                    if lie && !redundant.is_empty() {
+                        // RFC 2198 §3: the block length is the low 10 bits of the 4-byte header.
+                        red[2] |= 0x03;
+                        red[3] = 0xFF;
+                    }
+                    red
                 }
                 None => opus.clone(),
             };
