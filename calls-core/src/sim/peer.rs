@@ -1194,11 +1194,11 @@ impl SimPeer {
                         red[2] |= 0x03;
                         red[3] = 0xFF;
                     }
+                    p.last_opus = Some(opus);
                     red
                 }
-                None => opus.clone(),
+                None => opus,
             };
-            p.last_opus = Some(opus);
             frames.push((
                 0,
                 Frame {
