@@ -347,8 +347,7 @@ fn loss_reported_to_publisher_reflects_listeners() {
         "alice would be told {reported} with bob at 10 % loss{}",
         describe(&world)
     );
-    // Carol, who hears alice and bob over clean links, is unaffected... except through bob,
-    // who hears her too.
+    // Bob hears carol too: her report rises the same way.
     assert!(listener_loss(&world, carol).unwrap_or(0.0) >= 0.04);
 
     // A listener at 40 % loss is capped at the 20 % the encoder acts on.
