@@ -873,6 +873,9 @@ impl Router {
                     }
                     if let Some(loss) = stats.loss {
                         state.egress_loss = Some(loss as f64);
+                        if let Some(slot) = state.slots.iter_mut().find(|s| s.mid == stats.mid) {
+                            slot.egress_loss = Some(loss as f64);
+                        }
                     }
                 }
             }

@@ -79,6 +79,9 @@ pub(crate) struct Slot {
     pub parked: bool,
     /// The source the client was last told this slot carries (`None`: empty).
     pub told: Option<TrackKey>,
+    /// The loss the subscriber last reported for this slot's stream (0.0–1.0), for the loss
+    /// reported to the publishers it carries (`router/listener_loss.rs`).
+    pub egress_loss: Option<f64>,
 }
 
 impl Slot {
@@ -101,6 +104,7 @@ impl Slot {
             last_write: now,
             parked: false,
             told: None,
+            egress_loss: None,
         }
     }
 

@@ -26,23 +26,21 @@ use super::Router;
 
 impl Router {
     /// The loss to report to each session that publishes a microphone (0.0–0.2). One pass over
-    /// every session's audio slots (each slot's current source gets its listener's downlink
-    /// loss), not a scan of the call per publisher.
+    /// every session's audio slots (each slot's current source gets the loss its listener
+    /// reported for that slot's stream), not a scan of the call per publisher.
     pub(super) fn listener_losses(&self) -> HashMap<SessionId, f64> {
         let mut worst_listener: HashMap<SessionId, f64> = HashMap::new();
-        for listener in self.sessions.values() {
-            let Some(loss) = listener.egress_loss else {
+        let audio_slots = self
+            .sessions
+            .values()
+            .flat_map(|listener| &listener.slots)
+            .filter(|slot| slot.kind == SlotKind::Audio && slot.active);
+        for slot in audio_slots {
+            let (Some(feed), Some(loss)) = (slot.current.as_ref(), slot.egress_loss) else {
                 continue;
             };
-            let sources = listener
-                .slots
-                .iter()
-                .filter(|slot| slot.kind == SlotKind::Audio && slot.active)
-                .filter_map(|slot| slot.current.as_ref());
-            for feed in sources {
-                let worst = worst_listener.entry(feed.key.publisher).or_insert(loss);
-                *worst = worst.max(loss);
-            }
+            let worst = worst_listener.entry(feed.key.publisher).or_insert(loss);
+            *worst = worst.max(loss);
         }
         self.sessions
             .iter()
