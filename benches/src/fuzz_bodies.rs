@@ -59,6 +59,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("ffi", ffi),
     ("signal_session", signal_session),
     ("rtp_payload", rtp_payload),
+    ("red_payload", red_payload),
 ];
 
 /// The one clock read: a base instant for virtual time.
@@ -958,5 +959,26 @@ pub fn rtp_payload(data: &[u8]) {
                 let _ = speakers.is_forwarded(u64::from(selector % 8), now);
             }
         }
+    }
+}
+
+/// RFC 2198 RED payloads (and the Opus FEC flag reader): arbitrary bytes never panic, an
+/// accepted packet's primary block is non-empty and inside it, and where str0m's own RED
+/// decoder (an independent reader) also accepts the packet, both find the same primary block.
+pub fn red_payload(data: &[u8]) {
+    use calls_core::fuzzing::{opus_has_fec, red_primary, MAX_RED_BLOCKS};
+    use calls_core::str0m::rtp::RedDecoder;
+    let _ = opus_has_fec(data);
+    let Some((pt, offset, redundant)) = red_primary(data) else {
+        return;
+    };
+    assert!(pt < 128, "payload type {pt}");
+    assert!(offset < data.len(), "primary at {offset} of {}", data.len());
+    assert!(redundant <= MAX_RED_BLOCKS, "{redundant} redundant blocks");
+    let _ = opus_has_fec(&data[offset..]);
+    if let Ok(blocks) = RedDecoder::decode(data) {
+        let theirs = blocks.iter().find(|b| b.is_primary).map(|b| b.payload);
+        assert_eq!(theirs, Some(&data[offset..]), "str0m finds another primary");
+        assert_eq!(blocks.len(), redundant + 1);
     }
 }

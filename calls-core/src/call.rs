@@ -64,6 +64,8 @@ pub(crate) struct PublishedTrack {
     /// Dynacast: the RIDs the publisher was last told to send (`None`: never told).
     pub announced: Option<Vec<Rid>>,
     pub codec: VideoCodec,
+    /// Audio: its latest packet was RED (RFC 2198), for the `red_streams` gauge.
+    pub red: bool,
 }
 
 /// Most simulcast layers accepted per track (browsers send up to 3).
@@ -80,6 +82,7 @@ impl PublishedTrack {
             layers: Vec::new(),
             announced: None,
             codec: VideoCodec::Other,
+            red: false,
         }
     }
 

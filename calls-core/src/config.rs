@@ -109,6 +109,11 @@ pub struct Config {
     /// the bindings and the reference server. Default `false`: one series per session is
     /// unbounded cardinality for a metrics store, and call names are user input.
     pub metrics_per_session: bool,
+    /// Negotiate RFC 2198 redundant audio (`red/48000/2` wrapping Opus) with clients that offer
+    /// it, and forward it as is to subscribers that negotiated it (the primary Opus block to the
+    /// others). Default `true`: at 5 % loss RED keeps speech clean for the price of about twice
+    /// the audio bitrate ([quality.md](../docs/quality.md)). `false` negotiates plain Opus only.
+    pub red: bool,
 }
 
 /// Upper bound of `audio_slots`: more voices at once than anyone can follow.
@@ -146,6 +151,7 @@ impl Default for Config {
             max_mlines_per_offer: 512,
             max_simulcast_layers: 3,
             metrics_per_session: false,
+            red: true,
         }
     }
 }

@@ -160,3 +160,19 @@ impl SpeakerDetector {
         self.0.is_forwarded(crate::SessionId(session), now)
     }
 }
+
+/// The forwarding path's RFC 2198 reader: `Some((primary payload type, primary offset,
+/// redundant blocks))`, or `None` for a payload it refuses (dropped and counted).
+pub fn red_primary(payload: &[u8]) -> Option<(u8, usize, usize)> {
+    crate::red::primary(payload)
+        .ok()
+        .map(|p| (p.pt, p.offset, p.redundant))
+}
+
+/// Whether an Opus packet carries in-band FEC, as the router counts it.
+pub fn opus_has_fec(packet: &[u8]) -> bool {
+    crate::red::opus_has_fec(packet)
+}
+
+/// Most redundant blocks the RED reader accepts.
+pub const MAX_RED_BLOCKS: usize = crate::red::MAX_REDUNDANT_BLOCKS;

@@ -27,6 +27,7 @@
 //! | `forward` | per-subscriber RTP rewriting, keyframe detection, VP8 picture-id continuity |
 //! | `layers` | simulcast/temporal layer measurement and the per-subscriber bandwidth allocator |
 //! | `speaker` | voice activity from RFC 6464 audio levels, active speaker, top-N audio |
+//! | `red` | RFC 2198 redundant audio (primary block) and Opus in-band FEC flags, read in place |
 //! | [`signal`] | typed JSON signaling messages |
 //! | [`metrics`] | counters, snapshot, Prometheus text |
 //! | [`config`] | [`Config`] with defaults and `validate()` |
@@ -93,6 +94,7 @@ mod ids;
 mod layers;
 mod limits;
 pub mod metrics;
+mod red;
 pub mod router;
 mod session;
 pub mod signal;

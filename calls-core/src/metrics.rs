@@ -80,6 +80,15 @@ pub struct SessionStats {
     /// controller's estimate, or the session's cap if lower (`None` before the first estimate).
     #[serde(default)]
     pub bandwidth_bps: Option<u64>,
+    /// RED packets this subscriber got as their primary Opus block only (it did not
+    /// negotiate RED).
+    #[serde(default)]
+    pub red_stripped: u64,
+    /// The loss the router would report to this publisher's microphone encoder: the worst of
+    /// its own uplink and its current listeners' downlinks, capped (see
+    /// [`quality.md`](../docs/quality.md)); `None` when it publishes no forwarded audio.
+    #[serde(default)]
+    pub listener_loss: Option<f64>,
 }
 
 /// A point-in-time copy of every metric of one router.
@@ -162,6 +171,24 @@ pub struct MetricsSnapshot {
     /// Sessions woken because their own timer fell due (str0m's pacer, RTCP, feedback), not
     /// counting the wake-ups that send what was just forwarded to them.
     pub timer_wakeups: u64,
+    /// Published microphones whose latest packet was RED (RFC 2198 redundant audio).
+    #[serde(default)]
+    pub red_streams: u64,
+    /// RED packets received from publishers.
+    #[serde(default)]
+    pub red_packets_in: u64,
+    /// RED packets written to subscribers as their primary Opus block only (subscribers that
+    /// did not negotiate RED); per subscriber in `session_stats`.
+    #[serde(default)]
+    pub red_stripped: u64,
+    /// RED packets dropped because their headers did not add up (lengths past the end, no
+    /// primary block, too many blocks) or their primary block is not the negotiated Opus.
+    #[serde(default)]
+    pub red_malformed: u64,
+    /// Opus packets from publishers (the primary block of RED ones) that carry in-band FEC
+    /// (the LBRR flag of their first SILK frame).
+    #[serde(default)]
+    pub opus_fec_packets: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -216,6 +243,11 @@ impl MetricsSnapshot {
         self.slot_messages += other.slot_messages;
         self.audio_without_slot += other.audio_without_slot;
         self.timer_wakeups += other.timer_wakeups;
+        self.red_streams += other.red_streams;
+        self.red_packets_in += other.red_packets_in;
+        self.red_stripped += other.red_stripped;
+        self.red_malformed += other.red_malformed;
+        self.opus_fec_packets += other.opus_fec_packets;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -501,6 +533,36 @@ mod prom {
             "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
             m.timer_wakeups,
         );
+        gauge(
+            &mut registry,
+            "red_streams",
+            "Published microphones sending RED (redundant audio)",
+            m.red_streams,
+        );
+        counter(
+            &mut registry,
+            "red_packets_in",
+            "RED audio packets received from publishers",
+            m.red_packets_in,
+        );
+        counter(
+            &mut registry,
+            "red_stripped",
+            "RED packets sent as plain Opus to subscribers without RED",
+            m.red_stripped,
+        );
+        counter(
+            &mut registry,
+            "red_malformed",
+            "RED packets dropped for headers that do not add up",
+            m.red_malformed,
+        );
+        counter(
+            &mut registry,
+            "opus_fec_packets",
+            "Opus packets from publishers carrying in-band FEC (LBRR)",
+            m.opus_fec_packets,
+        );
         if per_session {
             session_series(&mut registry, m);
         }
@@ -529,6 +591,28 @@ mod prom {
                 loss.get_or_create(&labels).set(v);
             }
         }
+        let red_stripped = Family::<Labels, Counter>::default();
+        let listener_loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for s in &m.session_stats {
+            if s.red_stripped > 0 {
+                red_stripped
+                    .get_or_create(&labels_of(s))
+                    .inc_by(s.red_stripped);
+            }
+            if let Some(v) = s.listener_loss {
+                listener_loss.get_or_create(&labels_of(s)).set(v);
+            }
+        }
+        registry.register(
+            "session_red_stripped",
+            "RED packets each subscriber got as plain Opus",
+            red_stripped,
+        );
+        registry.register(
+            "session_listener_loss_ratio",
+            "Loss the router would report to each publisher's audio encoder (worst listener, capped)",
+            listener_loss,
+        );
         let bandwidth = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         for s in &m.session_stats {
             if let Some(v) = s.bandwidth_bps {
@@ -583,6 +667,8 @@ mod tests {
             rtt_ms: Some(20.0),
             egress_loss: Some(0.0),
             ingress_loss: None,
+            red_stripped: 0,
+            listener_loss: None,
             bandwidth_bps: Some(1_000_000),
         }
     }
@@ -635,6 +721,8 @@ mod tests {
             rtt_ms: Some(20.0),
             egress_loss: Some(0.01),
             ingress_loss: None,
+            red_stripped: 0,
+            listener_loss: None,
             bandwidth_bps: Some(800_000),
         });
         // Per-session series are opt-in (issue 16); their units are checked too.

@@ -35,6 +35,7 @@ use crate::tcp::{ConnId, TcpConn};
 mod allocation;
 mod forwarding;
 mod ingress;
+mod listener_loss;
 mod negotiation;
 mod slots;
 
@@ -663,6 +664,8 @@ impl Router {
         m.flows = self.flows.len() as u64;
         m.tcp_connections = self.tcp_conns.len() as u64;
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
+        m.red_streams = self.tracks.values().filter(|t| t.red).count() as u64;
+        let listener_losses = self.listener_losses();
         let mut stats: Vec<SessionStats> = self
             .sessions
             .iter()
@@ -676,6 +679,8 @@ impl Router {
                     (Some(e), Some(c)) => Some(e.min(c)),
                     (e, c) => e.or(c),
                 },
+                red_stripped: s.red_stripped,
+                listener_loss: listener_losses.get(id).copied(),
             })
             .collect();
         stats.sort_by_key(|s| s.session);
@@ -870,6 +875,9 @@ impl Router {
                     }
                     if let Some(loss) = stats.loss {
                         state.egress_loss = Some(loss as f64);
+                        if let Some(slot) = state.slots.iter_mut().find(|s| s.mid == stats.mid) {
+                            slot.egress_loss = Some(loss as f64);
+                        }
                     }
                 }
             }

@@ -126,6 +126,19 @@ pub(crate) struct Session {
     /// The client's ICE credentials from its latest offer: the router's consent checks to a
     /// new address of this session are signed with them ([`crate::consent`]).
     pub remote_ice: Option<crate::limits::RemoteIce>,
+    /// RED packets written to this subscriber as their primary Opus block only.
+    pub red_stripped: u64,
+}
+
+/// What one of a session's payload types carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PayloadCodec {
+    pub codec: Codec,
+    pub clock_rate: u32,
+    /// The codec's own payload type (for a RED type: the one its blocks must carry).
+    pub primary_pt: Pt,
+    /// The payload type is the RFC 2198 RED type wrapping `codec` (its primary).
+    pub red: bool,
 }
 
 impl Session {
@@ -149,7 +162,7 @@ impl Session {
             .set_local_ice_credentials(local_creds.clone())
             .set_dtls_cert(dtls_cert.clone())
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_opus(true, config.red)
             .enable_vp8(true)
             .enable_h264(true)
             .enable_vp9(true)
@@ -210,6 +223,7 @@ impl Session {
             bwe_asked: (0, 0),
             parked: HashMap::new(),
             remote_ice: None,
+            red_stripped: 0,
         }
     }
 
@@ -305,15 +319,31 @@ impl Session {
         Some(found)
     }
 
-    /// The codec of one of this session's payload types.
-    pub fn codec_of(&self, pt: Pt) -> Option<(Codec, u32)> {
+    /// The codec of one of this session's payload types (a RED type counts as its primary's,
+    /// with `red` set).
+    pub fn codec_of(&self, pt: Pt) -> Option<PayloadCodec> {
         self.rtc
             .codec_config()
             .params()
             .iter()
-            .find(|p| p.pt() == pt)
-            .map(|p| (p.spec().codec, p.spec().clock_rate.get()))
+            .find(|p| p.pt() == pt || p.red() == Some(pt))
+            .map(|p| PayloadCodec {
+                codec: p.spec().codec,
+                clock_rate: p.spec().clock_rate.get(),
+                primary_pt: p.pt(),
+                red: p.pt() != pt,
+            })
     }
+}
+
+/// A session's RED payload type wrapping `primary` (its payload type for the codec), if it
+/// negotiated RED.
+pub(crate) fn red_pt_for(rtc: &Rtc, primary: Pt) -> Option<Pt> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.pt() == primary)
+        .and_then(|p| p.red())
 }
 
 /// A session's payload type for a codec (and clock rate).

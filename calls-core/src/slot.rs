@@ -28,8 +28,20 @@ pub(crate) struct Feed {
     pub key: TrackKey,
     /// Video: which layer of the track this slot forwards.
     pub sel: Selection,
-    /// Publisher payload type → this session's payload type (filled lazily).
-    pub pt_map: Vec<(Pt, Pt)>,
+    /// Publisher payload type → this session's (filled lazily).
+    pub pt_map: Vec<PtMapping>,
+}
+
+/// How one publisher payload type goes out on a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PtMapping {
+    /// The publisher's payload type.
+    pub publisher: Pt,
+    /// The subscriber's payload type for it.
+    pub subscriber: Pt,
+    /// The publisher's type is RED and the subscriber gets the primary Opus block only (it did
+    /// not negotiate RED, or its Opus payload type differs from the one inside the blocks).
+    pub strip_red: bool,
 }
 
 impl Feed {
@@ -67,6 +79,9 @@ pub(crate) struct Slot {
     pub parked: bool,
     /// The source the client was last told this slot carries (`None`: empty).
     pub told: Option<TrackKey>,
+    /// The loss the subscriber last reported for this slot's stream (0.0–1.0), for the loss
+    /// reported to the publishers it carries (`router/listener_loss.rs`).
+    pub egress_loss: Option<f64>,
 }
 
 impl Slot {
@@ -89,6 +104,7 @@ impl Slot {
             last_write: now,
             parked: false,
             told: None,
+            egress_loss: None,
         }
     }
 

@@ -12,12 +12,12 @@
 
 mod common;
 
-use common::{epoch, secs, stats};
+use common::{epoch, secs, speaker_announced, stats};
 
 use std::time::Duration;
 
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
-use calls_core::{Config, Event, ServerMessage, SessionId, TrackSource};
+use calls_core::{Config, Event, SessionId, TrackSource};
 
 const MIC: TrackSource = TrackSource::Microphone;
 const CAM: TrackSource = TrackSource::Camera;
@@ -398,17 +398,6 @@ fn audio_call(seed: u64, n: usize, config: Config) -> (SimWorld, Vec<SessionId>)
         world.peer_mut(p).set_silent(true);
     }
     (world, peers)
-}
-
-fn speaker_announced(world: &SimWorld, to: SessionId) -> Option<Option<SessionId>> {
-    world
-        .peer(to)
-        .signal_log()
-        .filter_map(|m| match m {
-            ServerMessage::Speaker { session } => Some(*session),
-            _ => None,
-        })
-        .last()
 }
 
 #[test]

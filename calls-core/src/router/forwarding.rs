@@ -5,8 +5,11 @@
 //!
 //! Audio goes to the call's members through their audio slots (the loudest few, see
 //! `speaker.rs`); video to the sessions whose camera or screen slot holds the track
-//! (`PublishedTrack::subscribers`, kept by `slots.rs`).
+//! (`PublishedTrack::subscribers`, kept by `slots.rs`). RED audio (RFC 2198, `red.rs`) goes as
+//! is to subscribers that negotiated RED, and as its primary Opus block to the others.
 
+use std::cell::OnceCell;
+use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::media::{KeyframeRequestKind, Rid};
@@ -17,8 +20,9 @@ use crate::call::TrackKey;
 use crate::forward::{Verdict, VideoCodec};
 use crate::ids::SessionId;
 use crate::layers;
-use crate::session::{pt_for, Session};
-use crate::slot::{Feed, AUDIO_SLOT_STALE};
+use crate::red::{self, RedPrimary};
+use crate::session::{pt_for, red_pt_for, PayloadCodec, Session};
+use crate::slot::{Feed, PtMapping, AUDIO_SLOT_STALE};
 use crate::speaker::SpeakerDetector;
 
 /// What forwarding needs to know about one incoming packet, measured once for all slots.
@@ -34,6 +38,27 @@ struct Incoming<'a> {
     tid: Option<u8>,
     starts_picture: bool,
     vp8: Option<Vp8Descriptor>,
+    /// Audio: where the primary block of a RED packet is.
+    red: Option<RedPrimary>,
+    /// The primary block as a payload of its own, made at most once per packet, when the first
+    /// subscriber without RED needs it.
+    primary: OnceCell<Arc<[u8]>>,
+}
+
+impl Incoming<'_> {
+    /// The packet's primary Opus block (the whole payload unless it is RED).
+    fn primary_payload(&self) -> Arc<[u8]> {
+        let payload = &self.packet.payload;
+        match self.red {
+            None => payload.clone(),
+            // str0m takes an `Arc<[u8]>` and cannot share a slice of one: one copy per
+            // packet, shared by every subscriber that gets it.
+            Some(primary) => self
+                .primary
+                .get_or_init(|| Arc::from(&payload[primary.offset..]))
+                .clone(),
+        }
+    }
 }
 
 /// What writing one packet into one slot did.
@@ -72,7 +97,13 @@ impl Router {
             self.counters.snapshot.media_dropped += 1;
             return;
         }
-        let Some((codec, clock_rate)) = codec else {
+        let Some(PayloadCodec {
+            codec,
+            clock_rate,
+            primary_pt,
+            red,
+        }) = codec
+        else {
             self.counters.snapshot.media_dropped += 1;
             return;
         };
@@ -89,25 +120,56 @@ impl Router {
             tid: None,
             starts_picture: false,
             vp8: None,
+            red: None,
+            primary: OnceCell::new(),
         };
         if is_audio {
-            let Some(call) = self.calls.get_mut(&state.call) else {
-                return;
+            let red = if red {
+                self.counters.snapshot.red_packets_in += 1;
+                match red::primary(&packet.payload) {
+                    Ok(primary) if primary.pt == *primary_pt => Some(primary),
+                    Ok(primary) => {
+                        // RFC 2198 allows another codec in the blocks; this RED type was
+                        // negotiated for Opus only.
+                        tracing::trace!(%publisher, pt = primary.pt, "RED of another codec dropped");
+                        self.counters.snapshot.red_malformed += 1;
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::trace!(%publisher, "RED packet dropped: {error}");
+                        self.counters.snapshot.red_malformed += 1;
+                        return;
+                    }
+                }
+            } else {
+                None
             };
-            if let Some(level) = packet.header.ext_vals.audio_level {
-                call.speakers
-                    .observe(publisher, level, packet.header.ext_vals.voice_activity, now);
+            track.red = red.is_some();
+            let opus = &packet.payload[red.map_or(0, |p| p.offset)..];
+            if codec == str0m::format::Codec::Opus && red::opus_has_fec(opus) {
+                self.counters.snapshot.opus_fec_packets += 1;
             }
-            if !call.speakers.is_forwarded(publisher, now) {
-                // Not among the loudest: nobody needs this packet (top-N audio).
-                self.counters.snapshot.audio_not_forwarded += 1;
-                track.forwarding = false;
-                return;
+            if let Some(call) = self.calls.get_mut(&state.call) {
+                if let Some(level) = packet.header.ext_vals.audio_level {
+                    call.speakers.observe(
+                        publisher,
+                        level,
+                        packet.header.ext_vals.voice_activity,
+                        now,
+                    );
+                }
+                if !call.speakers.is_forwarded(publisher, now) {
+                    // Not among the loudest: nobody needs this packet (top-N audio).
+                    self.counters.snapshot.audio_not_forwarded += 1;
+                    track.forwarding = false;
+                    return;
+                }
             }
             if !std::mem::replace(&mut track.forwarding, true) {
                 track.epoch = track.epoch.wrapping_add(1);
             }
             incoming.epoch = track.epoch;
+            incoming.red = red;
             self.forward_audio(&incoming, now);
             return;
         }
@@ -447,14 +509,25 @@ fn write(
         }
     }
     let in_pt = packet.header.payload_type;
-    let out_pt = match feed.pt_map.iter().find(|(i, _)| *i == in_pt) {
-        Some(&(_, pt)) => pt,
+    let mapping = match feed.pt_map.iter().find(|m| m.publisher == in_pt) {
+        Some(&mapping) => mapping,
         None => {
             let Some(pt) = pt_for(&s.rtc, incoming.codec, incoming.clock_rate) else {
                 return Written::Skipped; // this subscriber did not negotiate the codec
             };
-            feed.pt_map.push((in_pt, pt));
-            pt
+            // RED goes as is only where the payload type inside its blocks means the same
+            // codec to this subscriber; otherwise the primary block goes as plain Opus.
+            let red_pt = incoming
+                .red
+                .filter(|primary| *pt == primary.pt)
+                .and_then(|_| red_pt_for(&s.rtc, pt));
+            let mapping = PtMapping {
+                publisher: in_pt,
+                subscriber: red_pt.unwrap_or(pt),
+                strip_red: incoming.red.is_some() && red_pt.is_none(),
+            };
+            feed.pt_map.push(mapping);
+            mapping
         }
     };
     let verdict = slot.rewriter.rewrite(
@@ -484,16 +557,22 @@ fn write(
         video_orientation: packet.header.ext_vals.video_orientation,
         ..Default::default()
     };
+    let payload = if mapping.strip_red {
+        incoming.primary_payload()
+    } else {
+        packet.payload.clone()
+    };
+    let payload_len = payload.len();
     let mut api = s.rtc.direct_api();
     let Some(tx) = api.stream_tx(&ssrc) else {
         return Written::Skipped;
     };
     let mut rtp = RtpWrite::new(
-        out_pt,
+        mapping.subscriber,
         seq.into(),
         timestamp,
         packet.timestamp,
-        packet.payload.clone(),
+        payload,
     )
     .marker(packet.header.marker)
     .ext_vals(ext)
@@ -502,8 +581,10 @@ fn write(
         rtp = rtp.vp8_patch(patch);
     }
     tx.write_rtp(rtp);
-    counters
-        .media_out
-        .add(incoming.is_audio, packet.payload.len());
+    counters.media_out.add(incoming.is_audio, payload_len);
+    if mapping.strip_red {
+        counters.red_stripped += 1;
+        s.red_stripped += 1;
+    }
     Written::Sent
 }

@@ -347,6 +347,40 @@ pub fn source_tag(payload: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(tag))
 }
 
+/// TOC byte of the synthetic Opus packets: config 15 (hybrid, fullband, 20 ms), mono, one
+/// frame (RFC 6716 §3.1).
+pub const OPUS_TOC: u8 = 0x78;
+/// The first byte after the TOC of a SILK or hybrid frame: the VAD flag, and the LBRR (in-band
+/// FEC) flag after it (RFC 6716 §4.2.3).
+const OPUS_VAD: u8 = 0x80;
+const OPUS_LBRR: u8 = 0x40;
+/// Filler of synthetic payloads.
+const FILLER: u8 = 0x5A;
+
+/// A synthetic Opus packet of `len` bytes (at least 32): the TOC, the VAD flag (and LBRR flag
+/// with `fec`), then the publisher's own 16-bit sequence number and RTP time, so a receiver
+/// can check that what reached it is this packet with its numbers merely rebased
+/// ([`opus_origin`]); the rest is filler (and the source tag).
+pub(crate) fn opus_payload(len: usize, seq: u64, rtp_time: u32, fec: bool) -> Vec<u8> {
+    let mut payload = vec![FILLER; len.max(32)];
+    payload[0] = OPUS_TOC;
+    payload[1] = if fec { OPUS_VAD | OPUS_LBRR } else { OPUS_VAD };
+    payload[2..4].copy_from_slice(&(seq as u16).to_be_bytes());
+    payload[4..8].copy_from_slice(&rtp_time.to_be_bytes());
+    payload
+}
+
+/// The publisher's (16-bit sequence number, RTP time) written into a synthetic Opus payload by
+/// [`opus_payload`]; `None` for anything else (a RED header where Opus was expected).
+pub(crate) fn opus_origin(payload: &[u8]) -> Option<(u16, u32)> {
+    if payload.len() < 32 || payload[0] != OPUS_TOC {
+        return None;
+    }
+    let seq = u16::from_be_bytes([payload[2], payload[3]]);
+    let rtp_time = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+    Some((seq, rtp_time))
+}
+
 /// Frames in one keyframe interval at one frame per `frame_interval` (over which a layer's
 /// keyframe bytes are spread).
 pub(crate) fn frames_per_interval(keyframe_interval: Duration, frame_interval: Duration) -> f64 {

@@ -9,7 +9,12 @@
 //!
 //! # What a peer publishes ([`PeerOptions`])
 //!
-//! - `audio`: Opus, one 60–120-byte packet per 20 ms, with RFC 6464 audio levels.
+//! - `audio`: Opus, one 60–120-byte packet per 20 ms, with RFC 6464 audio levels. Each
+//!   payload carries the publisher's own sequence number and RTP time after the TOC
+//!   ([`super::encoder`]), and the LBRR (in-band FEC) flag with `opus_fec`. With `red`
+//!   ([`PeerOptions::with_red`]) the peer offers `red/48000/2` and, where it was negotiated,
+//!   sends every packet as RFC 2198 RED: the previous packet as the redundant block (timestamp
+//!   offset 960), this one as the primary.
 //! - `video` (camera) and `screen`: VP8 with an RFC 7741 payload descriptor on every packet
 //!   (see [`super::encoder`]): a 15-bit PictureID, and with `temporal_layers` = 3 (the default
 //!   with simulcast) TL0PICIDX and TID in the L1T3 pattern 0,2,1,2 (keyframes are TID0); with
@@ -44,12 +49,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, FormatParams};
 use str0m::media::{
-    Direction, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
+    Direction, Frequency, KeyframeRequest, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
 };
 use str0m::net::{Protocol, Receive, TcpType};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RedEncoder, RedundantBlock, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::ids::{SessionId, TrackSource, UserId};
@@ -57,8 +62,8 @@ use crate::signal::{ClientMessage, ServerMessage};
 use crate::Proto;
 
 use super::encoder::{
-    frames_per_interval, keyframe_due, simulcast_frame_interval, simulcast_layers, tag_source,
-    Frame, Vp8Encoder,
+    frames_per_interval, keyframe_due, opus_payload, simulcast_frame_interval, simulcast_layers,
+    tag_source, Frame, Vp8Encoder,
 };
 use super::receiver::{session_tag, Attribution, SlotMap, TrackStats};
 
@@ -116,6 +121,17 @@ pub struct PeerOptions {
     /// pattern 0,2,1,2 with TL0PICIDX and TID in the payload descriptor; the default set by
     /// [`PeerOptions::with_simulcast`], as browsers send VP8 simulcast).
     pub temporal_layers: u8,
+    /// Offer Opus RED (`red/48000/2`, RFC 2198) and send audio as RED where negotiated, as
+    /// Chromium does. Default off: plain Opus, as Firefox and aiortc.
+    pub red: bool,
+    /// Mark every Opus packet as carrying in-band FEC (the LBRR flag). Default off.
+    pub opus_fec: bool,
+    /// Offer Opus on this payload type instead of str0m's 111 (Firefox uses 109); `None`
+    /// keeps the default. Not with `red` (str0m numbers RED itself).
+    pub opus_pt: Option<u8>,
+    /// With `red`: every n-th RED packet (by sequence number) lies about its redundant block's
+    /// length (1023 bytes, past the packet's end), as a broken or hostile client might.
+    pub red_lie_every: Option<u64>,
 }
 
 impl Default for PeerOptions {
@@ -130,6 +146,10 @@ impl Default for PeerOptions {
             transport: Transport::Udp,
             simulcast: false,
             temporal_layers: 1,
+            red: false,
+            opus_fec: false,
+            opus_pt: None,
+            red_lie_every: None,
         }
     }
 }
@@ -166,6 +186,24 @@ impl PeerOptions {
     pub fn with_simulcast(mut self) -> Self {
         self.simulcast = true;
         self.temporal_layers = 3;
+        self
+    }
+
+    /// Offers Opus RED and sends audio as RED where it was negotiated.
+    pub fn with_red(mut self) -> Self {
+        self.red = true;
+        self
+    }
+
+    /// Offers Opus on payload type `pt` (see [`PeerOptions::opus_pt`]).
+    pub fn opus_pt(mut self, pt: u8) -> Self {
+        self.opus_pt = Some(pt);
+        self
+    }
+
+    /// Marks every Opus packet as carrying in-band FEC.
+    pub fn with_opus_fec(mut self) -> Self {
+        self.opus_fec = true;
         self
     }
 
@@ -283,6 +321,8 @@ struct Publisher {
     encodings: Vec<Encoding>,
     /// Keyframe requests received for this track (whichever layer they named).
     keyframe_requests: u64,
+    /// Audio: the previous Opus packet, the redundant block of the next RED packet.
+    last_opus: Option<Vec<u8>>,
 }
 
 impl Publisher {
@@ -342,6 +382,7 @@ impl Publisher {
             simulcast: !layers.is_empty(),
             encodings,
             keyframe_requests: 0,
+            last_opus: None,
         }
     }
 
@@ -449,7 +490,27 @@ impl SimPeer {
         seed: u64,
         now: Instant,
     ) -> Self {
-        let mut rtc = Rtc::builder().set_rtp_mode(true).build(now);
+        let mut builder = Rtc::builder().set_rtp_mode(true);
+        if options.red {
+            builder = builder.enable_opus(true, true);
+        }
+        if let Some(pt) = options.opus_pt {
+            let codecs = builder.codec_config();
+            codecs.enable_opus(false, false);
+            codecs.add_config(
+                pt.into(),
+                None,
+                Codec::Opus,
+                Frequency::FORTY_EIGHT_KHZ,
+                Some(2),
+                FormatParams {
+                    min_p_time: Some(10),
+                    use_inband_fec: Some(true),
+                    ..FormatParams::default()
+                },
+            );
+        }
+        let mut rtc = builder.build(now);
         let candidate = match options.transport {
             Transport::Udp => Candidate::host(addr, "udp"),
             Transport::Tcp => Candidate::builder()
@@ -1030,6 +1091,17 @@ impl SimPeer {
             .find(|pt| remote.is_empty() || remote.contains(pt))
     }
 
+    /// The RED payload type wrapping our Opus type `opus`, if the router accepted it (str0m
+    /// keeps a RED type on the codec only when both sides named it).
+    fn red_pt(&self, opus: Pt) -> Option<Pt> {
+        self.rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.pt() == opus)
+            .and_then(|p| p.red())
+    }
+
     fn send_due_media(&mut self, now: Instant) {
         let mut wrote = false;
         for i in 0..self.publishers.len() {
@@ -1064,6 +1136,9 @@ impl SimPeer {
             }
             return false;
         };
+        let red_pt = if is_video { None } else { self.red_pt(pt) };
+        let fec = self.options.opus_fec;
+        let red_lie_every = self.options.red_lie_every;
         let tag = session_tag(self.session);
         let SimPeer {
             rtc,
@@ -1096,9 +1171,34 @@ impl SimPeer {
             }
         } else {
             let len = rng.usize(60..=120);
-            // An Opus TOC byte (SILK/CELT config is irrelevant to the router).
-            let mut payload = vec![0x5Au8; len];
-            payload[0] = 0x78;
+            let e = &p.encodings[0];
+            let mut opus = opus_payload(len, e.seq, e.rtp_time, fec);
+            tag_source(&mut opus, tag);
+            let payload = match red_pt {
+                // RFC 2198: the previous packet (960 ticks earlier) as the redundant block.
+                Some(_) => {
+                    let redundant: Vec<RedundantBlock> = p
+                        .last_opus
+                        .take()
+                        .map(|payload| RedundantBlock {
+                            pt: *pt,
+                            timestamp_offset: p.ticks,
+                            payload,
+                        })
+                        .into_iter()
+                        .collect();
+                    let mut red = RedEncoder::encode(*pt, &opus, &redundant);
+                    let lie = red_lie_every.is_some_and(|n| n > 0 && e.seq % n == 0);
+                    if lie && !redundant.is_empty() {
+                        // RFC 2198 §3: the block length is the low 10 bits of the 4-byte header.
+                        red[2] |= 0x03;
+                        red[3] = 0xFF;
+                    }
+                    p.last_opus = Some(opus);
+                    red
+                }
+                None => opus,
+            };
             frames.push((
                 0,
                 Frame {
@@ -1133,7 +1233,7 @@ impl SimPeer {
                 e.sent.packets += 1;
                 e.sent.bytes += payload.len() as u64;
                 stream.write_rtp(
-                    RtpWrite::new(pt, e.seq.into(), e.rtp_time, now, payload)
+                    RtpWrite::new(red_pt.unwrap_or(pt), e.seq.into(), e.rtp_time, now, payload)
                         .marker(marker)
                         .ext_vals(ext_vals.clone())
                         .nackable(is_video),
@@ -1250,6 +1350,15 @@ impl SimPeer {
             }
         };
         stats.record(&mid_str, &pkt, is_video, now);
+        if !is_video {
+            let red = self
+                .rtc
+                .codec_config()
+                .params()
+                .iter()
+                .any(|p| p.red() == Some(pkt.header.payload_type));
+            stats.record_audio(&pkt, red);
+        }
         self.slot_stats
             .entry(mid_str.clone())
             .or_default()

@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use str0m::format::detect_vp8_keyframe;
-use str0m::rtp::{RtpPacket, Vp8Descriptor};
+use str0m::rtp::{RedDecoder, RtpPacket, Vp8Descriptor};
 
 use crate::ids::{SessionId, TrackSource};
 use crate::signal::SlotInfo;
 
-use super::encoder::{layer_and_tid, source_tag};
+use super::encoder::{layer_and_tid, opus_origin, source_tag};
 
 /// Sequence numbers behind the highest one received that are still watched for a late
 /// (retransmitted) arrival; holes further behind stay counted in [`TrackStats::missing`].
@@ -104,6 +104,22 @@ pub struct TrackStats {
     /// In-order packets whose RTP timestamp went backwards from the previous in-order one
     /// (wrapping): a stream the receiver's jitter buffer would have to reset.
     pub timestamp_regressions: u64,
+    /// Audio: packets that arrived as RED (RFC 2198) rather than plain Opus.
+    pub red_packets: u64,
+    /// Audio: packets whose Opus payload (a RED packet's primary block) carried the synthetic
+    /// publisher's own sequence number and RTP time (`encoder::opus_payload`).
+    pub audio_checked: u64,
+    /// Audio: packets that were neither a synthetic Opus packet nor a RED packet whose primary
+    /// block is one (a RED header sent where plain Opus was negotiated, a broken block).
+    pub audio_unreadable: u64,
+    /// Audio: how often the difference between the publisher's (sequence number, RTP time) and
+    /// the received packet's changed. The router's rebasing keeps it constant; each resync (a
+    /// source switch, an unmute, top-N forwarding again) changes it once. A packet carried with
+    /// another packet's numbers (a redundant block taken for the primary) changes it twice.
+    pub audio_offset_changes: u64,
+    /// RED packets whose redundant block was not the publisher's previous packet (its own
+    /// numbers one sequence number and one timestamp offset back).
+    pub red_redundancy_wrong: u64,
     /// Bookkeeping behind the counters above.
     continuity: Continuity,
 }
@@ -132,6 +148,8 @@ struct Continuity {
     descriptors: BTreeMap<u64, Vp8Mark>,
     /// RTP timestamp of the last in-order packet.
     last_timestamp: Option<u32>,
+    /// Audio: (received − publisher's) 16-bit sequence number and RTP time, last seen.
+    audio_offset: Option<(u16, u32)>,
 }
 
 /// What a packet's VP8 descriptor said, for continuity checks against its neighbours.
@@ -192,6 +210,51 @@ impl TrackStats {
             payload: &pkt.payload,
         };
         self.record_packet(mid, packet, is_video, now);
+    }
+
+    /// Checks an audio packet against the numbers its synthetic publisher wrote into it (call
+    /// after [`record`](Self::record)); `red`: it arrived with the RED payload type. RED is read
+    /// with str0m's decoder, independent of the router's parser.
+    pub(crate) fn record_audio(&mut self, pkt: &RtpPacket, red: bool) {
+        let payload: &[u8] = &pkt.payload;
+        let primary = if red {
+            self.red_packets += 1;
+            let Ok(blocks) = RedDecoder::decode(payload) else {
+                self.audio_unreadable += 1;
+                return;
+            };
+            let primary = blocks.iter().find(|b| b.is_primary).map(|b| b.payload);
+            let redundant = blocks.iter().find(|b| !b.is_primary);
+            if let (Some(block), Some(primary)) = (redundant, primary.and_then(opus_origin)) {
+                let expected = (
+                    primary.0.wrapping_sub(1),
+                    primary.1.wrapping_sub(block.timestamp_offset),
+                );
+                if opus_origin(block.payload) != Some(expected) {
+                    self.red_redundancy_wrong += 1;
+                }
+            }
+            primary
+        } else {
+            Some(payload)
+        };
+        let Some((seq, rtp_time)) = primary.and_then(opus_origin) else {
+            self.audio_unreadable += 1;
+            return;
+        };
+        self.audio_checked += 1;
+        let offset = (
+            (*pkt.seq_no as u16).wrapping_sub(seq),
+            pkt.header.timestamp.wrapping_sub(rtp_time),
+        );
+        if self
+            .continuity
+            .audio_offset
+            .replace(offset)
+            .is_some_and(|last| last != offset)
+        {
+            self.audio_offset_changes += 1;
+        }
     }
 
     fn record_packet(&mut self, mid: &str, pkt: Received<'_>, is_video: bool, now: Instant) {

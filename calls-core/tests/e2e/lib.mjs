@@ -302,8 +302,9 @@ export function signalingLog(p) {
 /**
  * Everything the tests look at, from one page: its session, roster, slot mapping (`slots`: what
  * each receive slot carries now, from the `slots` messages), inbound RTP per slot (with the
- * slot's current mapping and the decoded video size), outbound RTP per simulcast encoding (`rid`,
- * `active`, `frameWidth`), the sender encodings as the page set them (`encodings`), the `layers`
+ * slot's current mapping, the decoded video size, the codec's mime type and, for audio, the
+ * samples received and concealed), outbound RTP per simulcast encoding (`rid`, `active`,
+ * `frameWidth`, `codec`), the sender encodings as the page set them (`encodings`), the `layers`
  * the server asked for (dynacast), the tiles shown and the active `speaker`.
  *
  * An inbound row's counters are the slot's, over every source it carried; `session`/`source` are
@@ -352,11 +353,14 @@ export async function snapshot(p) {
           source: info.source ?? null, ssrc: r.ssrc,
           packets: r.packetsReceived || 0, frames: r.framesDecoded || 0, bytes: r.bytesReceived || 0,
           frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
+          codec: report.get(r.codecId)?.mimeType ?? null,
+          concealedSamples: r.concealedSamples || 0, totalSamplesReceived: r.totalSamplesReceived || 0,
         });
       }
       if (r.type === 'outbound-rtp') {
         out.outbound.push({
           mid: r.mid, kind: r.kind, packets: r.packetsSent || 0, bytes: r.bytesSent || 0,
+          codec: report.get(r.codecId)?.mimeType ?? null,
           rid: r.rid ?? null, active: r.active ?? null,
           frameWidth: r.frameWidth ?? null, frameHeight: r.frameHeight ?? null,
           limitation: r.qualityLimitationReason ?? null,

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub video_slots: usize,
     /// Most camera slots a client may ask for.
     pub max_video_slots: usize,
+    /// Negotiate Opus RED (RFC 2198 redundant audio) with clients that offer it.
+    pub red: bool,
     /// Router worker threads (0: one per core).
     pub workers: usize,
     /// How long a dropped WebSocket may reconnect and resume its session, seconds.
@@ -127,6 +129,7 @@ impl Default for ServerConfig {
             audio_slots: 3,
             video_slots: 9,
             max_video_slots: 25,
+            red: true,
             workers: 0,
             reconnect_grace_s: 10,
             drain_deadline_s: 60,
@@ -224,6 +227,7 @@ impl ServerConfig {
             "AUDIO_SLOTS" => self.audio_slots = parse(value)?,
             "VIDEO_SLOTS" => self.video_slots = parse(value)?,
             "MAX_VIDEO_SLOTS" => self.max_video_slots = parse(value)?,
+            "RED" => self.red = parse(value)?,
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
@@ -359,6 +363,7 @@ impl ServerConfig {
         config.audio_slots = self.audio_slots;
         config.video_slots = self.video_slots;
         config.max_video_slots = self.max_video_slots;
+        config.red = self.red;
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
         config.enable_tcp = self.tcp_port != 0;
@@ -514,6 +519,11 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "video_slots",
         "CALLS_VIDEO_SLOTS",
         "camera receive slots per participant unless its client asks for another number",
+    ),
+    (
+        "red",
+        "CALLS_RED",
+        "negotiate Opus RED (redundant audio) with clients that offer it (true/false)",
     ),
     (
         "max_video_slots",
