@@ -113,6 +113,9 @@ pub(crate) struct Session {
     pub rtt_ms: Option<f64>,
     pub egress_loss: Option<f64>,
     pub ingress_loss: Option<f64>,
+    /// The `fraction lost` floor (1/256) last set on this session's microphone streams'
+    /// receiver reports (`Router::apply_listener_loss`).
+    pub reported_loss_floor: Option<u8>,
     /// [`Router::set_bandwidth_cap`](crate::Router::set_bandwidth_cap).
     pub bandwidth_cap: Option<u64>,
     /// The congestion controller's latest estimate towards this session (bits per second).
@@ -218,6 +221,7 @@ impl Session {
             rtt_ms: None,
             egress_loss: None,
             ingress_loss: None,
+            reported_loss_floor: None,
             bandwidth_cap: None,
             bwe_estimate: None,
             bwe_asked: (0, 0),

@@ -332,9 +332,13 @@ fn loss_reported_to_publisher_reflects_listeners() {
             .find(|x| x.session == s)
             .and_then(|x| x.listener_loss)
     };
+    // What alice's encoder is told: the `fraction lost` of the router's receiver reports on
+    // the wire (str0m sends one for audio every 5 s; the floor is set on the router's tick).
+    let on_the_wire = |w: &SimWorld| w.peer(alice).reported_audio_loss().unwrap_or(0.0);
     // Clean links: nothing to report beyond the (clean) uplink.
     world.run_for(secs(4.0));
     assert_eq!(listener_loss(&world, alice), Some(0.0));
+    assert!(on_the_wire(&world) < 0.02, "{}", on_the_wire(&world));
 
     // Bob's downlink loses 10 %: alice's encoder should plan for bob, though her own uplink is
     // clean. (Carol's is clean: the worst listener counts.)
@@ -349,16 +353,30 @@ fn loss_reported_to_publisher_reflects_listeners() {
     );
     // Bob hears carol too: her report rises the same way.
     assert!(listener_loss(&world, carol).unwrap_or(0.0) >= 0.04);
+    // And alice's receiver reports say so, though her own uplink is clean: after bob's next
+    // report, the router's tick, and the router's next receiver report to alice (audio: every
+    // 5 s).
+    world.run_for(secs(6.0));
+    assert!(
+        on_the_wire(&world) >= 0.04,
+        "alice's receiver reports say {} with bob at 10 % loss",
+        on_the_wire(&world)
+    );
 
     // A listener at 40 % loss is capped at the 20 % the encoder acts on.
     let terrible = Impairment::default().with_loss(0.40);
     world.set_peer_impairment(bob, Impairment::default(), terrible);
     world.run_for(secs(8.0));
     assert_eq!(listener_loss(&world, alice), Some(0.2));
+    world.run_for(secs(6.0));
+    let capped = on_the_wire(&world);
+    assert!((0.19..=0.21).contains(&capped), "{capped}");
 
     // Bob leaves: alice's report falls back to her clean links.
     let (left, _) = world.leave(bob);
     assert!(left.is_ok());
     world.run_for(secs(1.0));
     assert_eq!(listener_loss(&world, alice), Some(0.0));
+    world.run_for(secs(6.0));
+    assert!(on_the_wire(&world) < 0.02, "{}", on_the_wire(&world));
 }

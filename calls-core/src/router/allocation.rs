@@ -342,5 +342,6 @@ impl Router {
         for state in self.sessions.values_mut() {
             self.counters.snapshot.streams_parked += state.park_idle(now) as u64;
         }
+        self.apply_listener_loss();
     }
 }

@@ -13,11 +13,16 @@
 //! libwebrtc's Opus encoder acts on. It changes only what the publisher's encoder sees; nothing
 //! is forwarded differently.
 //!
-//! str0m 0.25 writes its receiver reports itself, from what it received, with no way to raise
-//! the reported fraction: the router computes the value (exported per session as
-//! `listener_loss`) and applying it to the reports waits for a str0m hook (docs/quality.md).
+//! str0m writes its receiver reports itself, from what it received. The vendored str0m
+//! (`calls-core/vendor/README.md`) has a floor for the reported `fraction lost` per receive
+//! stream (`StreamRx::set_reported_loss_floor`): every tick the router sets it on each
+//! publisher's microphone streams to this value (exported per session as `listener_loss`). Only
+//! the reports on the wire change; the stream's own loss statistics stay what was measured, so
+//! the uplink loss read back does not feed on itself.
 
 use std::collections::HashMap;
+
+use str0m::media::MediaKind;
 
 use crate::ids::SessionId;
 use crate::signal::SlotKind;
@@ -58,5 +63,39 @@ impl Router {
                 )
             })
             .collect()
+    }
+
+    /// Every tick: the listener loss of each microphone publisher becomes the floor of the
+    /// `fraction lost` in the receiver reports str0m sends it (changed streams only).
+    pub(super) fn apply_listener_loss(&mut self) {
+        let losses = self.listener_losses();
+        for (publisher, loss) in losses {
+            let Some(state) = self.sessions.get_mut(&publisher) else {
+                continue;
+            };
+            // RFC 3550 §6.4.1: fraction lost in 1/256 units; no floor when nothing is lost.
+            let floor = ((loss * 256.0) as u8 > 0).then_some((loss * 256.0) as u8);
+            if state.reported_loss_floor == floor {
+                continue;
+            }
+            state.reported_loss_floor = floor;
+            let mids: Vec<_> = state
+                .published
+                .iter()
+                .copied()
+                .filter(|&mid| {
+                    state
+                        .rtc
+                        .media(mid)
+                        .is_some_and(|m| m.kind() == MediaKind::Audio)
+                })
+                .collect();
+            let mut api = state.rtc.direct_api();
+            for mid in mids {
+                if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+                    rx.set_reported_loss_floor(floor);
+                }
+            }
+        }
     }
 }

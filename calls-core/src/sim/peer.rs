@@ -455,6 +455,9 @@ pub struct SimPeer {
     answers_received: u64,
     answers_sent: u64,
     keyframe_requests: u64,
+    /// The `fraction lost` (0.0–1.0) the last receiver report for each of our send streams
+    /// said, by mid.
+    reported_loss: BTreeMap<Mid, f32>,
     remote_ufrag: Option<String>,
     /// The router's ICE password for this session, from its last SDP.
     remote_pwd: Option<String>,
@@ -510,7 +513,10 @@ impl SimPeer {
                 },
             );
         }
-        let mut rtc = builder.build(now);
+        // Egress stats carry the `fraction lost` the router's receiver reports say.
+        let mut rtc = builder
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .build(now);
         let candidate = match options.transport {
             Transport::Udp => Candidate::host(addr, "udp"),
             Transport::Tcp => Candidate::builder()
@@ -565,6 +571,7 @@ impl SimPeer {
             answers_received: 0,
             answers_sent: 0,
             keyframe_requests: 0,
+            reported_loss: BTreeMap::new(),
             remote_ufrag: None,
             remote_pwd: None,
             remote_media_lines: 0,
@@ -790,6 +797,20 @@ impl SimPeer {
             answers_received: self.answers_received,
             answers_sent: self.answers_sent,
         }
+    }
+
+    /// The `fraction lost` (0.0–1.0) the router's last receiver report for our audio (the
+    /// worst of our audio send streams) said, once one arrived.
+    pub fn reported_audio_loss(&self) -> Option<f32> {
+        self.reported_loss
+            .iter()
+            .filter(|(mid, _)| {
+                self.rtc
+                    .media(**mid)
+                    .is_some_and(|m| m.kind() == MediaKind::Audio)
+            })
+            .map(|(_, loss)| *loss)
+            .reduce(f32::max)
     }
 
     /// Keyframe requests received for any of our video tracks.
@@ -1415,6 +1436,11 @@ impl SimPeer {
             Event::IceConnectionStateChange(state) => self.ice_state = Some(state),
             Event::RtpPacket(pkt) => self.on_rtp(pkt, now),
             Event::KeyframeRequest(req) => self.on_keyframe_request(req, now),
+            Event::MediaEgressStats(stats) => {
+                if let Some(loss) = stats.loss {
+                    self.reported_loss.insert(stats.mid, loss);
+                }
+            }
             _ => {}
         }
     }

@@ -58,6 +58,10 @@ pub struct StreamRx {
     /// Defaults to false.
     suppress_nack: bool,
 
+    /// Least `fraction lost` reported in receiver reports for this stream (RFC 3550 §6.4.1,
+    /// 1/256 units); `None` reports what was measured.
+    reported_loss_floor: Option<u8>,
+
     /// Timestamp when we got some indication of remote using this stream.
     last_used: Instant,
 
@@ -169,6 +173,7 @@ impl StreamRx {
             midrid,
             cname: None,
             suppress_nack,
+            reported_loss_floor: None,
             last_used: already_happened(),
             last_clock_rate: None,
             sender_info: None,
@@ -255,6 +260,14 @@ impl StreamRx {
     /// desirable to manually suppress NACK sending regardless of RTX setting.
     pub fn suppress_nack(&mut self, suppress: bool) {
         self.suppress_nack = suppress;
+    }
+
+    /// Report at least this `fraction lost` (1/256 units) in the receiver reports for this
+    /// stream; `None` reports what was measured. An SFU uses it to tell a sender's encoder about
+    /// loss further downstream (e.g. to turn on Opus in-band FEC). Only the reports on the wire
+    /// change: the stream's stats (`MediaIngressStats::loss`) keep the measured loss.
+    pub fn set_reported_loss_floor(&mut self, floor: Option<u8>) {
+        self.reported_loss_floor = floor;
     }
 
     fn is_audio(&self) -> bool {
@@ -721,12 +734,12 @@ impl StreamRx {
         sender_ssrc: Ssrc,
         feedback: &mut VecDeque<Rtcp>,
     ) {
-        let mut rr = self.create_receiver_report(now);
+        let (mut rr, measured_loss) = self.create_receiver_report(now);
         rr.sender_ssrc = sender_ssrc;
 
         if !rr.reports.is_empty() {
             let report = &rr.reports[rr.reports.len() - 1];
-            self.stats.update_loss(report.fraction_lost);
+            self.stats.update_loss(measured_loss.unwrap_or(report.fraction_lost));
             self.stats.jitter = report.jitter;
         }
 
@@ -742,14 +755,20 @@ impl StreamRx {
         self.last_receiver_report = now;
     }
 
-    fn create_receiver_report(&mut self, now: Instant) -> ReceiverReport {
+    /// The receiver report, and the measured fraction lost (before `reported_loss_floor`).
+    fn create_receiver_report(&mut self, now: Instant) -> (ReceiverReport, Option<u8>) {
         let Some(mut report) = self.register.as_mut().and_then(|r| r.reception_report()) else {
-            return ReceiverReport {
+            let empty = ReceiverReport {
                 sender_ssrc: 0.into(), // set one level up
                 reports: ReportList::new(),
             };
+            return (empty, None);
         };
         report.ssrc = self.ssrc;
+        let measured = report.fraction_lost;
+        if let Some(floor) = self.reported_loss_floor {
+            report.fraction_lost = measured.max(floor);
+        }
 
         // The middle 32 bits out of 64 in the NTP timestamp (as explained in
         // Section 4) received as part of the most recent RTCP sender report
@@ -776,10 +795,11 @@ impl StreamRx {
             0
         };
 
-        ReceiverReport {
+        let rr = ReceiverReport {
             sender_ssrc: 0.into(), // set one level up
             reports: report.into(),
-        }
+        };
+        (rr, Some(measured))
     }
 
     fn create_extended_receiver_report(&self, now: Instant, sender_ssrc: Ssrc) -> ExtendedReport {
