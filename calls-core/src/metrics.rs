@@ -162,6 +162,16 @@ pub struct MetricsSnapshot {
     /// Sessions woken because their own timer fell due (str0m's pacer, RTCP, feedback), not
     /// counting the wake-ups that send what was just forwarded to them.
     pub timer_wakeups: u64,
+    /// The router's load level (0 normal, 1 degraded, 2 overloaded; see
+    /// [`LoadLevel`](crate::LoadLevel)). Merged snapshots keep the highest.
+    #[serde(default)]
+    pub load_level: u64,
+    /// Load level changes (both ways).
+    #[serde(default)]
+    pub load_level_changes: u64,
+    /// Joins refused because the router was overloaded (also counted in `joins_refused`).
+    #[serde(default)]
+    pub joins_refused_overloaded: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -216,6 +226,9 @@ impl MetricsSnapshot {
         self.slot_messages += other.slot_messages;
         self.audio_without_slot += other.audio_without_slot;
         self.timer_wakeups += other.timer_wakeups;
+        self.load_level = self.load_level.max(other.load_level);
+        self.load_level_changes += other.load_level_changes;
+        self.joins_refused_overloaded += other.joins_refused_overloaded;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -500,6 +513,24 @@ mod prom {
             "timer_wakeups",
             "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
             m.timer_wakeups,
+        );
+        gauge(
+            &mut registry,
+            "load_level",
+            "Load level the router acts on (0 normal, 1 degraded: joins refused and video at its lowest layer, 2 overloaded: cameras shed too); the highest of the routers",
+            m.load_level,
+        );
+        counter(
+            &mut registry,
+            "load_level_changes",
+            "Load level changes, both ways",
+            m.load_level_changes,
+        );
+        counter(
+            &mut registry,
+            "joins_refused_overloaded",
+            "Joins refused because the router was overloaded (also in joins_refused)",
+            m.joins_refused_overloaded,
         );
         if per_session {
             session_series(&mut registry, m);
