@@ -14,8 +14,12 @@
 //!
 //! A level is entered when [`ESCALATE_AFTER`] consecutive reports call for it (one report of a
 //! lag spike, a big join's SDP work, sheds nothing). It is left one step at a time, after the
-//! load has stayed below [`RECOVER_FRACTION`] of the thresholds for `overload_recover_ms`; each
-//! step restarts that hold. So a router near a threshold does not flap.
+//! load has stayed below [`RECOVER_FRACTION`] of the thresholds for the recovery hold
+//! (`overload_recover_ms`); each step restarts that hold. A level entered again soon after it
+//! was left (within [`RELAPSE_WINDOW`] holds: full quality did not fit after all) doubles the
+//! hold, up to [`MAX_BACKOFF`] times `overload_recover_ms`; a router that stays at a level for
+//! [`RELAPSE_WINDOW`] holds without relapsing gets the short hold back. So a router near a
+//! threshold does not flap, and one whose load fits only degraded settles there.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,11 @@ pub const ESCALATE_AFTER: u8 = 2;
 /// A level is left only while the load stays below this fraction of the thresholds that put
 /// the router there (lag and busy alike): the gap between entering and leaving a level.
 pub const RECOVER_FRACTION: f64 = 0.5;
+/// Re-entering a level within this many recovery holds after leaving it is a relapse: the
+/// next hold is twice as long.
+pub const RELAPSE_WINDOW: u32 = 3;
+/// The longest recovery hold, in multiples of `overload_recover_ms`.
+pub const MAX_BACKOFF: u32 = 16;
 
 /// How loaded a router is, as the router acts on it (see the [module docs](self)).
 #[derive(
@@ -145,6 +154,12 @@ pub(crate) struct Governor {
     /// Since when the load has stayed below [`RECOVER_FRACTION`] of the current level's
     /// thresholds.
     calm_since: Option<Instant>,
+    /// The recovery hold is `recover × backoff` (1, 2, 4, … [`MAX_BACKOFF`]).
+    backoff: u32,
+    /// The last step down: when, and from which level.
+    stepped_down: Option<(Instant, LoadLevel)>,
+    /// When the current level was entered.
+    entered: Option<Instant>,
 }
 
 impl Governor {
@@ -154,7 +169,15 @@ impl Governor {
             level: LoadLevel::Normal,
             pending_up: (0, LoadLevel::Normal),
             calm_since: None,
+            backoff: 1,
+            stepped_down: None,
+            entered: None,
         }
+    }
+
+    /// The recovery hold now (grows with relapses).
+    fn hold(&self) -> Duration {
+        self.thresholds.recover * self.backoff
     }
 
     pub fn level(&self) -> LoadLevel {
@@ -163,7 +186,7 @@ impl Governor {
 
     /// How long a refused client should wait before it tries again: one recovery hold.
     pub fn retry_after(&self) -> Duration {
-        self.thresholds.recover
+        self.hold()
     }
 
     /// Takes one report; returns the new level if it changed.
@@ -180,13 +203,28 @@ impl Governor {
             let count = count.saturating_add(1);
             if count >= ESCALATE_AFTER {
                 self.pending_up = (0, LoadLevel::Normal);
+                let window = self.hold() * RELAPSE_WINDOW;
+                let relapse = self.stepped_down.is_some_and(|(at, from)| {
+                    lowest >= from && now.saturating_duration_since(at) <= window
+                });
+                if relapse {
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
                 self.level = lowest;
+                self.entered = Some(now);
                 return Some(lowest);
             }
             self.pending_up = (count, lowest);
             return None;
         }
         self.pending_up = (0, LoadLevel::Normal);
+        // A level held without relapse for a while: the short hold again.
+        let settled = self.entered.is_none_or(|at| {
+            now.saturating_duration_since(at) >= self.thresholds.recover * RELAPSE_WINDOW * 4
+        });
+        if settled && self.level == LoadLevel::Normal {
+            self.backoff = 1;
+        }
         if self.level == LoadLevel::Normal {
             return None;
         }
@@ -196,10 +234,12 @@ impl Governor {
             return None;
         }
         let since = *self.calm_since.get_or_insert(now);
-        if now.saturating_duration_since(since) < self.thresholds.recover {
+        if now.saturating_duration_since(since) < self.hold() {
             return None;
         }
+        self.stepped_down = Some((now, self.level));
         self.level = self.level.down();
+        self.entered = Some(now);
         // The next step down needs its own calm period.
         self.calm_since = Some(now);
         Some(self.level)
@@ -304,6 +344,40 @@ mod tests {
         }
         assert_eq!(changes, 1, "entered once, never left: 45 ms is not calm");
         assert_eq!(g.level(), LoadLevel::Degraded);
+    }
+
+    /// Full quality does not fit: each return to Normal is followed by a relapse, and each
+    /// relapse doubles the hold, so the level changes ever more rarely.
+    #[test]
+    fn relapses_double_the_recovery_hold() {
+        let t = Instant::now();
+        let mut g = governor();
+        let mut at = t;
+        let mut entered_degraded = Vec::new();
+        let mut level = LoadLevel::Normal;
+        for _ in 0..600 {
+            at += ms(500);
+            // At Normal the load is too much; at Degraded it is calm.
+            let load = if level == LoadLevel::Normal {
+                Load::new(ms(80), 0.95)
+            } else {
+                Load::new(ms(2), 0.2)
+            };
+            if let Some(new) = g.report(load, at) {
+                if new == LoadLevel::Degraded {
+                    entered_degraded.push(at - t);
+                }
+                level = new;
+            }
+        }
+        // Holds of 5, 10, 20, 40, 80 s (then 80) between the entries, plus the first calm
+        // report (0.5 s after entering) and the two reports it takes to re-enter (1 s).
+        let gaps: Vec<u64> = entered_degraded
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect();
+        assert_eq!(gaps, vec![6_500, 11_500, 21_500, 41_500, 81_500, 81_500]);
+        assert_eq!(g.retry_after(), ms(80_000));
     }
 
     #[test]
