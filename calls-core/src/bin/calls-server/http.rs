@@ -130,7 +130,9 @@ pub fn admin(app: Arc<App>) -> Http {
         .route("/api/sessions/{session}/bandwidth", post(admin_bandwidth))
         .route("/api/drain", post(admin_drain));
     #[cfg(debug_assertions)]
-    let admin = admin.route("/api/debug/panic/{worker}", post(admin_debug_panic));
+    let admin = admin
+        .route("/api/debug/panic/{worker}", post(admin_debug_panic))
+        .route("/api/debug/lag/{worker}/{ms}", post(admin_debug_lag));
     admin.with_state(app)
 }
 
@@ -1001,6 +1003,24 @@ async fn admin_debug_panic(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     match app.workers.send(worker, Cmd::DebugPanic) {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
+    }
+}
+
+/// Debug builds only: worker `{worker}` reports at least `{ms}` of lag from now on (0 ends
+/// it), so tests can drive the overload levels, refusals and `/readyz` deterministically.
+#[cfg(debug_assertions)]
+async fn admin_debug_lag(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((worker, ms)): Path<(usize, u64)>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let lag = Duration::from_millis(ms);
+    match app.workers.send(worker, Cmd::DebugLag { lag }) {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
     }

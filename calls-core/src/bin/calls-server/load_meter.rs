@@ -69,6 +69,9 @@ pub struct LoadMeter {
     idle: Duration,
     timer_lag: Duration,
     input_lag: Duration,
+    /// The least lag reported (debug builds: `POST /api/debug/lag/{worker}/{ms}`, to test
+    /// overload deterministically); zero otherwise.
+    lag_floor: Duration,
 }
 
 impl LoadMeter {
@@ -80,7 +83,14 @@ impl LoadMeter {
             idle: Duration::ZERO,
             timer_lag: Duration::ZERO,
             input_lag: Duration::ZERO,
+            lag_floor: Duration::ZERO,
         }
+    }
+
+    /// Debug builds: every report from now on says at least `lag`.
+    #[cfg(debug_assertions)]
+    pub fn set_lag_floor(&mut self, lag: Duration) {
+        self.lag_floor = lag;
     }
 
     /// A due timer was handled `late` after its deadline.
@@ -113,7 +123,8 @@ impl LoadMeter {
             return None;
         }
         let busy = 1.0 - self.idle.as_secs_f64() / window.as_secs_f64();
-        let load = Load::new(self.timer_lag.max(self.input_lag), busy);
+        let lag = self.timer_lag.max(self.input_lag).max(self.lag_floor);
+        let load = Load::new(lag, busy);
         let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
         status
             .timer_lag_us
@@ -124,7 +135,9 @@ impl LoadMeter {
         status
             .busy_permille
             .store((load.busy * 1000.0).round() as u64, Ordering::Relaxed);
+        let floor = self.lag_floor;
         *self = LoadMeter::new(self.started, now);
+        self.lag_floor = floor;
         Some(load)
     }
 

@@ -112,6 +112,12 @@ pub enum Cmd {
     /// panics, to test what the server does then (it exits; docs/server.md, "Overload").
     #[cfg(debug_assertions)]
     DebugPanic,
+    /// Debug builds only (`POST /api/debug/lag/{worker}/{ms}`): the worker reports at least
+    /// this lag from now on (0 ends it), to test overload without overloading the machine.
+    #[cfg(debug_assertions)]
+    DebugLag {
+        lag: Duration,
+    },
 }
 
 /// A call as the admin API shows it.
@@ -441,6 +447,8 @@ impl Worker {
             }
             #[cfg(debug_assertions)]
             Cmd::DebugPanic => panic!("worker {} panicked on request (debug build)", self.index),
+            #[cfg(debug_assertions)]
+            Cmd::DebugLag { lag } => self.meter.set_lag_floor(lag),
         }
     }
 
