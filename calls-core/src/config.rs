@@ -114,6 +114,22 @@ pub struct Config {
     /// others). Default `true`: at 5 % loss RED keeps speech clean for the price of about twice
     /// the audio bitrate ([quality.md](../docs/quality.md)). `false` negotiates plain Opus only.
     pub red: bool,
+    /// Load reports ([`Router::set_load`](crate::Router::set_load)) with at least this lag, in
+    /// milliseconds, put the router in [`LoadLevel::Degraded`](crate::LoadLevel): joins are
+    /// refused with [`RouterError::Overloaded`](crate::RouterError) and video is capped at its
+    /// lowest simulcast layer. Default `50`.
+    pub overload_degrade_lag_ms: u64,
+    /// Load reports with at least this lag, in milliseconds, put the router in
+    /// [`LoadLevel::Overloaded`](crate::LoadLevel): cameras stop being forwarded, audio goes
+    /// on. Default `200`.
+    pub overload_shed_video_lag_ms: u64,
+    /// Load reports with the router's thread busy at least this percentage of the time also
+    /// put it in `Degraded` (no headroom left for a join). Default `90`.
+    pub overload_busy_percent: u8,
+    /// The load must stay below half the thresholds this long, in milliseconds, before the
+    /// router steps down one level (and again for the next); also the retry hint of
+    /// `Overloaded` refusals. Default `5000`.
+    pub overload_recover_ms: u64,
 }
 
 /// Upper bound of `audio_slots`: more voices at once than anyone can follow.
@@ -152,6 +168,10 @@ impl Default for Config {
             max_simulcast_layers: 3,
             metrics_per_session: false,
             red: true,
+            overload_degrade_lag_ms: 50,
+            overload_shed_video_lag_ms: 200,
+            overload_busy_percent: 90,
+            overload_recover_ms: 5_000,
         }
     }
 }
@@ -249,6 +269,26 @@ impl Config {
             problems.push(format!(
                 "`probe_replies_per_second` {} is outside 1..=10000",
                 self.probe_replies_per_second
+            ));
+        }
+        if self.overload_degrade_lag_ms == 0
+            || self.overload_shed_video_lag_ms <= self.overload_degrade_lag_ms
+        {
+            problems.push(format!(
+                "`overload_degrade_lag_ms` {} and `overload_shed_video_lag_ms` {} must satisfy 0 < degrade < shed_video",
+                self.overload_degrade_lag_ms, self.overload_shed_video_lag_ms
+            ));
+        }
+        if self.overload_busy_percent == 0 || self.overload_busy_percent > 100 {
+            problems.push(format!(
+                "`overload_busy_percent` {} is outside 1..=100",
+                self.overload_busy_percent
+            ));
+        }
+        if !(100..=600_000).contains(&self.overload_recover_ms) {
+            problems.push(format!(
+                "`overload_recover_ms` {} is outside 100..=600000",
+                self.overload_recover_ms
             ));
         }
         if !self.enable_udp && !self.enable_tcp {

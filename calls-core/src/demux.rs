@@ -52,6 +52,18 @@ pub fn classify(datagram: &[u8]) -> Class {
     }
 }
 
+/// Whether a datagram is RTP media, as opposed to control traffic (STUN, DTLS, RTCP) that an
+/// embedder under load should serve first (see [`crate::load`]). RFC 7983: first byte 128–191
+/// is RTP or RTCP; RFC 5761 §4: the second byte of RTCP is its packet type 192–223, which
+/// reads as payload type 64–95 with the marker bit masked off (never used by RTP then).
+/// Stateless and allocation-free: a dispatcher can call it for every datagram.
+pub fn is_rtp_media(datagram: &[u8]) -> bool {
+    match (classify(datagram), datagram.get(1)) {
+        (Class::Rtp, Some(second)) => !(64..=95).contains(&(second & 0x7F)),
+        _ => false,
+    }
+}
+
 /// Why an incoming datagram was dropped without reaching a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -249,6 +261,22 @@ fn removed(session: SessionId, key: FlowKey) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtp_media_is_told_from_rtcp_stun_and_dtls() {
+        // Opus PT 111 with and without the marker bit; VP8 PT 96.
+        assert!(is_rtp_media(&[0x80, 111, 0, 1]));
+        assert!(is_rtp_media(&[0x80, 0x80 | 111, 0, 1]));
+        assert!(is_rtp_media(&[0x90, 96, 0, 1]));
+        // RTCP SR 200, RR 201, RTPFB 205, PSFB 206 (a compound's first packet).
+        for pt in [200u8, 201, 205, 206] {
+            assert!(!is_rtp_media(&[0x81, pt, 0, 7]), "{pt}");
+        }
+        assert!(!is_rtp_media(&[0x00, 0x01, 0, 0])); // STUN binding request
+        assert!(!is_rtp_media(&[22, 0xfe, 0xfd])); // DTLS handshake
+        assert!(!is_rtp_media(&[0x80]));
+        assert!(!is_rtp_media(&[]));
+    }
 
     #[test]
     fn classify_follows_rfc7983() {

@@ -31,6 +31,14 @@ pub enum RouterError {
     /// The router is draining and accepts no new joins.
     #[error("router is draining and accepts no new joins")]
     Draining,
+    /// The router's thread is behind (its embedder reported lag, see
+    /// [`Router::set_load`](crate::Router::set_load)): it keeps the sessions it carries and
+    /// takes no new ones. Try again after `retry_after_s`, or on another router.
+    #[error("router is overloaded; retry after {retry_after_s} s")]
+    Overloaded {
+        /// Seconds after which a retry may succeed (one recovery hold).
+        retry_after_s: u64,
+    },
     /// A signaling message was refused (the session goes on).
     #[error("signaling error on {session}: {error}")]
     Signal {
@@ -39,6 +47,31 @@ pub enum RouterError {
         /// What was wrong.
         error: SignalError,
     },
+}
+
+impl RouterError {
+    /// Stable machine-readable code: what a client or an orchestrator acts on (the reference
+    /// server sends it as the `code` of an `error` message before closing a refused join).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RouterError::UnknownSession(_) => "unknown_session",
+            RouterError::SessionExists(_) => "session_exists",
+            RouterError::CallFull { .. } => "call_full",
+            RouterError::RouterFull { .. } => "router_full",
+            RouterError::Draining => "draining",
+            RouterError::Overloaded { .. } => "overloaded",
+            RouterError::Signal { error, .. } => error.code(),
+        }
+    }
+
+    /// For refusals that may succeed later (full, draining, overloaded): the seconds to wait
+    /// before trying again, if the router knows.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            RouterError::Overloaded { retry_after_s } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
 }
 
 /// What was wrong with a signaling message.

@@ -31,6 +31,7 @@
 //! | [`signal`] | typed JSON signaling messages |
 //! | [`metrics`] | counters, snapshot, Prometheus text |
 //! | [`config`] | [`Config`] with defaults and `validate()` |
+//! | [`load`] | overload: the embedder's [`Load`] reports, the router's [`LoadLevel`] |
 //! | [`error`] | [`RouterError`], [`SignalError`], [`ConfigError`] |
 //! | `sim` (feature `sim`) | deterministic network + str0m client peers for tests |
 //!
@@ -93,6 +94,7 @@ pub mod fuzzing;
 mod ids;
 mod layers;
 mod limits;
+pub mod load;
 pub mod metrics;
 mod red;
 pub mod router;
@@ -108,6 +110,7 @@ pub use config::Config;
 pub use demux::{DropReason, Proto};
 pub use error::{ConfigError, RouterError, SignalError};
 pub use ids::{CallId, Grants, SessionId, TrackSource, UserId};
+pub use load::{Load, LoadLevel};
 pub use metrics::MetricsSnapshot;
 pub use router::{Datagram, Event, LeaveReason, Output, Router, Transmit};
 pub use signal::{

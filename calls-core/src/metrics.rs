@@ -189,6 +189,16 @@ pub struct MetricsSnapshot {
     /// (the LBRR flag of their first SILK frame).
     #[serde(default)]
     pub opus_fec_packets: u64,
+    /// The router's load level (0 normal, 1 degraded, 2 overloaded; see
+    /// [`LoadLevel`](crate::LoadLevel)). Merged snapshots keep the highest.
+    #[serde(default)]
+    pub load_level: u64,
+    /// Load level changes (both ways).
+    #[serde(default)]
+    pub load_level_changes: u64,
+    /// Joins refused because the router was overloaded (also counted in `joins_refused`).
+    #[serde(default)]
+    pub joins_refused_overloaded: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -248,6 +258,9 @@ impl MetricsSnapshot {
         self.red_stripped += other.red_stripped;
         self.red_malformed += other.red_malformed;
         self.opus_fec_packets += other.opus_fec_packets;
+        self.load_level = self.load_level.max(other.load_level);
+        self.load_level_changes += other.load_level_changes;
+        self.joins_refused_overloaded += other.joins_refused_overloaded;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -562,6 +575,24 @@ mod prom {
             "opus_fec_packets",
             "Opus packets from publishers carrying in-band FEC (LBRR)",
             m.opus_fec_packets,
+        );
+        gauge(
+            &mut registry,
+            "load_level",
+            "Load level the router acts on (0 normal, 1 degraded: joins refused and video at its lowest layer, 2 overloaded: cameras shed too); the highest of the routers",
+            m.load_level,
+        );
+        counter(
+            &mut registry,
+            "load_level_changes",
+            "Load level changes, both ways",
+            m.load_level_changes,
+        );
+        counter(
+            &mut registry,
+            "joins_refused_overloaded",
+            "Joins refused because the router was overloaded (also in joins_refused)",
+            m.joins_refused_overloaded,
         );
         if per_session {
             session_series(&mut registry, m);

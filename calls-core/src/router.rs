@@ -27,6 +27,7 @@ use crate::consent::ConsentChecks;
 use crate::demux::{self, FlowTable, Proto};
 use crate::error::{ConfigError, RouterError};
 use crate::ids::{CallId, Grants, SessionId, TrackSource, UserId};
+use crate::load::{Governor, Load, LoadLevel};
 use crate::metrics::{MetricsSnapshot, SessionStats};
 use crate::session::Session;
 use crate::signal::{RosterEntry, ServerMessage};
@@ -199,6 +200,14 @@ pub enum Event {
         /// The new active speaker; `None` when nobody speaks.
         session: Option<SessionId>,
     },
+    /// The router's load level changed (see [`Router::set_load`]): it now sheds (or stops
+    /// shedding) video and refuses (or accepts) joins.
+    LoadLevelChanged {
+        /// The level before.
+        from: LoadLevel,
+        /// The level now.
+        to: LoadLevel,
+    },
 }
 
 /// What [`Router::poll_output`] yields.
@@ -258,6 +267,8 @@ pub struct Router {
     /// Probe-answer token bucket: (tokens, last refill).
     probe_bucket: (f64, Instant),
     draining: bool,
+    /// The load level from the embedder's reports (overload: shed video, refuse joins).
+    load: Governor,
     last_now: Instant,
     /// When the router was created: the origin of the quiet grid.
     started: Instant,
@@ -298,6 +309,7 @@ impl Router {
                 problems: vec!["the crypto provider cannot generate a DTLS certificate".to_owned()],
             })?;
         let (udp_candidates, tcp_candidates) = (config.udp_candidates(), config.tcp_candidates());
+        let load = Governor::new(&config);
         Ok(Router {
             config,
             hmac,
@@ -322,6 +334,7 @@ impl Router {
             counters: Counters::default(),
             probe_bucket: (f64::from(probe_burst), now),
             draining: false,
+            load,
             last_now: now,
             started: now,
             next_tick: later(now, TICK),
@@ -368,6 +381,52 @@ impl Router {
         self.draining = true;
     }
 
+    /// Reports how loaded the router's thread is (the embedder measures it; the core has no
+    /// clock of its own). Call it periodically, e.g. every 500 ms, with the window's figures:
+    ///
+    /// ```no_run
+    /// # use std::time::{Duration, Instant};
+    /// # use calls_core::{Config, Load, Router};
+    /// # let mut router = Router::new(Config::default(), Instant::now()).unwrap();
+    /// // The loop handled a due timer 80 ms late and was busy 95 % of the last 500 ms.
+    /// router.set_load(Load::new(Duration::from_millis(80), 0.95), Instant::now());
+    /// // ... then drain poll_output as after every input.
+    /// ```
+    ///
+    /// The router derives its [`LoadLevel`] with hysteresis (see [`crate::load`]): from
+    /// `Degraded` it refuses joins with [`RouterError::Overloaded`] and caps video at the
+    /// lowest simulcast layer, at `Overloaded` it stops forwarding cameras; audio, signaling,
+    /// ICE, DTLS and RTCP go on. A change is reported as [`Event::LoadLevelChanged`] and the
+    /// subscribers' layers are re-allocated at once. Returns the level now.
+    pub fn set_load(&mut self, load: Load, now: Instant) -> LoadLevel {
+        self.last_now = now;
+        let from = self.load.level();
+        if let Some(to) = self.load.report(load, now) {
+            self.counters.snapshot.load_level_changes += 1;
+            tracing::info!(
+                ?from,
+                ?to,
+                lag_ms = load.lag.as_millis() as u64,
+                busy = load.busy,
+                "load level changed"
+            );
+            self.outputs
+                .push_back(Output::Event(Event::LoadLevelChanged { from, to }));
+            for (id, state) in &self.sessions {
+                if state.video_feeds() > 0 && !self.reallocate.contains(id) {
+                    self.reallocate.push(*id);
+                }
+            }
+            self.finish(now);
+        }
+        self.load.level()
+    }
+
+    /// The load level the router acts on now (see [`Router::set_load`]).
+    pub fn load_level(&self) -> LoadLevel {
+        self.load.level()
+    }
+
     /// Adds a participant to a call. The client then sends its offer through
     /// [`handle_signal`](Self::handle_signal).
     pub fn join(
@@ -381,6 +440,11 @@ impl Router {
         self.last_now = now;
         let refused = if self.draining {
             Some(RouterError::Draining)
+        } else if !self.load.level().accepts_joins() {
+            self.counters.snapshot.joins_refused_overloaded += 1;
+            Some(RouterError::Overloaded {
+                retry_after_s: self.load.retry_after().as_secs().max(1),
+            })
         } else if self.sessions.contains_key(&session) {
             Some(RouterError::SessionExists(session))
         } else if self.sessions.len() >= self.config.max_sessions {
@@ -666,6 +730,7 @@ impl Router {
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
         m.red_streams = self.tracks.values().filter(|t| t.red).count() as u64;
         let listener_losses = self.listener_losses();
+        m.load_level = u64::from(self.load.level().as_u8());
         let mut stats: Vec<SessionStats> = self
             .sessions
             .iter()

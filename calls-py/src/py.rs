@@ -73,6 +73,12 @@ create_exception!(
 );
 create_exception!(
     _calls,
+    OverloadedError,
+    CallsError,
+    "The router is overloaded and takes no new joins; retry after `retry_after_s`."
+);
+create_exception!(
+    _calls,
     TcpError,
     CallsError,
     "An ICE-TCP connection error (unknown or duplicate connection, oversized frame)."
@@ -190,6 +196,14 @@ fn router_error(py: Python<'_>, e: RouterError) -> PyErr {
             )],
         ),
         RouterError::Draining => DrainingError::new_err(text),
+        RouterError::Overloaded { retry_after_s } => raise(
+            py,
+            OverloadedError::new_err(text),
+            &[(
+                "retry_after_s",
+                int(retry_after_s).unwrap_or_else(|| py.None().into_bound(py)),
+            )],
+        ),
         RouterError::Signal { session, error } => raise(
             py,
             SignalError::new_err(text),
@@ -732,6 +746,26 @@ impl Router {
         Ok(())
     }
 
+    /// Reports how loaded the thread driving this router is: `lag` (seconds: how late due
+    /// timers and queued input were handled over the last window) and `busy` (0.0–1.0).
+    /// Returns the load level the router acts on now: `"normal"`, `"degraded"` (joins raise
+    /// `OverloadedError`, video at its lowest layer) or `"overloaded"` (cameras shed too).
+    fn set_load(&self, lag: f64, busy: f64, now: f64) -> PyResult<&'static str> {
+        let at = self.clock.instant(now)?;
+        if !lag.is_finite() || lag < 0.0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "lag must be a finite number of seconds, 0 or more",
+            ));
+        }
+        let load = calls_core::Load::new(std::time::Duration::from_secs_f64(lag), busy);
+        Ok(lock(&self.inner)?.set_load(load, at).as_str())
+    }
+
+    /// The load level the router acts on (see `set_load`).
+    fn load_level(&self) -> PyResult<&'static str> {
+        Ok(lock(&self.inner)?.load_level().as_str())
+    }
+
     /// Sessions on this router.
     fn session_count(&self) -> PyResult<usize> {
         Ok(lock(&self.inner)?.session_count())
@@ -1220,6 +1254,7 @@ fn _calls(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("CallFullError", py.get_type::<CallFullError>()),
         ("RouterFullError", py.get_type::<RouterFullError>()),
         ("DrainingError", py.get_type::<DrainingError>()),
+        ("OverloadedError", py.get_type::<OverloadedError>()),
         ("TcpError", py.get_type::<TcpError>()),
         ("SwarmError", py.get_type::<SwarmError>()),
     ];

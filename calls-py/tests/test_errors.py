@@ -17,6 +17,7 @@ def test_every_exception_is_a_calls_error() -> None:
         calls.CallFullError,
         calls.RouterFullError,
         calls.DrainingError,
+        calls.OverloadedError,
         calls.TcpError,
         calls.SwarmError,
     ):
@@ -68,6 +69,25 @@ def test_router_command_errors() -> None:
     router.start_draining()
     with pytest.raises(calls.DrainingError):
         router.join("d", 5, "dee", 0.0)
+
+
+def test_an_overloaded_router_refuses_joins_until_it_recovers() -> None:
+    router = calls.Router({"overload_recover_ms": 1000})
+    router.join("a", 1, "ann", 0.0)
+    assert router.load_level() == "normal"
+    # One report of lag is a spike; two in a row are overload.
+    assert router.set_load(0.3, 1.0, 0.5) == "normal"
+    assert router.set_load(0.3, 1.0, 1.0) == "overloaded"
+    with pytest.raises(calls.OverloadedError) as refused:
+        router.join("a", 2, "bob", 1.1)
+    assert refused.value.retry_after_s == 1
+    # Calm: one step down per second.
+    assert router.set_load(0.001, 0.1, 1.5) == "overloaded"
+    assert router.set_load(0.001, 0.1, 2.5) == "degraded"
+    assert router.set_load(0.001, 0.1, 3.5) == "normal"
+    router.join("a", 2, "bob", 3.6)
+    with pytest.raises(ValueError):
+        router.set_load(-1.0, 0.5, 3.7)
 
 
 def test_signal_errors_carry_the_code() -> None:

@@ -14,6 +14,7 @@ use crate::ids::{SessionId, TrackSource};
 use crate::layers::{
     self, Choice, Want, AUDIO_RESERVE_BPS, DYNACAST_PAUSE_AFTER, UPGRADE_HOLD, UPGRADE_MARGIN,
 };
+use crate::load::LoadLevel;
 use crate::session::INITIAL_ESTIMATE_BPS;
 use crate::signal::ServerMessage;
 
@@ -39,6 +40,11 @@ impl Router {
     /// Shares `session`'s bandwidth among its video slots (see
     /// [`layers::allocate`]): downgrades at once, upgrades after [`UPGRADE_HOLD`] above the
     /// new cost × [`UPGRADE_MARGIN`]. Tells str0m's estimator what to probe for.
+    ///
+    /// The router's CPU is a budget too (see [`crate::load`]): from [`LoadLevel::Degraded`]
+    /// every slot is capped at its lowest spatial layer (fewer, smaller packets to encrypt and
+    /// send), at [`LoadLevel::Overloaded`] camera slots are paused (a screen share keeps its
+    /// lowest layer). Audio is never touched.
     pub(super) fn allocate(&mut self, session: SessionId, now: Instant) {
         let Some(state) = self.sessions.get(&session) else {
             return;
@@ -60,9 +66,14 @@ impl Router {
             .filter(|s| !s.is_video() && s.current.is_some())
             .count();
         let reserve = AUDIO_RESERVE_BPS * audio as u64;
+        let load = self.load.level();
         let feeds = state.video_feeds();
         let mut indices: Vec<usize> = Vec::with_capacity(feeds);
         let mut wants: Vec<Want> = Vec::with_capacity(feeds);
+        // What each slot would take without the CPU cap: the rate str0m's estimator is asked
+        // to reach stays there while the router sheds, so the estimate does not decay to the
+        // shed rate and recovery need not re-probe the link from the bottom.
+        let mut unshed: Vec<(Option<usize>, bool)> = Vec::with_capacity(feeds);
         for (index, slot) in state.slots.iter().enumerate() {
             if !slot.active || !slot.is_video() {
                 continue;
@@ -81,14 +92,21 @@ impl Router {
             if choices.is_empty() {
                 continue; // every layer stalled: keep waiting on the current one
             }
-            let max = layers::max_choice(&track.layers, &choices, slot.max_layer);
+            let mut max = layers::max_choice(&track.layers, &choices, slot.max_layer);
+            let mut paused = slot.paused;
+            unshed.push((max, paused));
+            if load >= LoadLevel::Degraded {
+                let lowest = layers::max_choice(&track.layers, &choices, Some(0)).unwrap_or(0);
+                max = Some(max.map_or(lowest, |m| m.min(lowest)));
+                paused |= load >= LoadLevel::Overloaded && track.source != TrackSource::Screen;
+            }
             let pinned = state.pins.contains(&feed.key.publisher);
             indices.push(index);
             wants.push(Want {
                 priority: priority(track.source, feed.key.publisher, speaker, pinned),
                 choices,
                 max,
-                paused: slot.paused,
+                paused,
             });
         }
         let video_budget = budget.saturating_sub(reserve);
@@ -163,11 +181,11 @@ impl Router {
                 }
                 self.dynacast.push(key);
             }
-            let top = w
-                .max
+            let (max, paused) = unshed[i];
+            let top = max
                 .unwrap_or(usize::MAX)
                 .min(w.choices.len().saturating_sub(1));
-            if let Some(top) = w.choices.get(top).filter(|_| !w.paused) {
+            if let Some(top) = w.choices.get(top).filter(|_| !paused) {
                 video_wanted_bps += top.bps;
             }
         }

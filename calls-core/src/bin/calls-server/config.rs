@@ -105,6 +105,24 @@ pub struct ServerConfig {
     /// Per-session series (`calls_session_*{call,session}`) in `/metrics`; off by default
     /// (unbounded cardinality).
     pub metrics_per_session: bool,
+    /// Sessions one worker takes; joins beyond it are refused (`router_full`).
+    pub worker_max_sessions: usize,
+    /// Commands (signaling, joins, STUN/DTLS/RTCP, ICE-TCP bytes) queued for one worker.
+    pub worker_queue_commands: usize,
+    /// RTP datagrams queued for one worker; beyond it the newest are dropped (counted).
+    pub worker_queue_datagrams: usize,
+    /// Messages queued for one WebSocket; a client that lets it fill up is closed (4009).
+    pub ws_send_queue_messages: usize,
+    /// A worker whose loop has not gone round this long makes `/healthz` answer 503.
+    pub worker_stall_s: u64,
+    /// Overload: lag (ms) that makes a worker refuse joins and cap video at its lowest layer.
+    pub overload_degrade_lag_ms: u64,
+    /// Overload: lag (ms) that makes a worker stop forwarding cameras (audio goes on).
+    pub overload_shed_video_lag_ms: u64,
+    /// Overload: a worker busy this percentage of the time refuses joins.
+    pub overload_busy_percent: u8,
+    /// Overload: calm time (ms) before a worker steps down one level; the retry hint.
+    pub overload_recover_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +164,15 @@ impl Default for ServerConfig {
             auth_audience: None,
             auth_issuer: None,
             metrics_per_session: false,
+            worker_max_sessions: 10_000,
+            worker_queue_commands: 4096,
+            worker_queue_datagrams: 8192,
+            ws_send_queue_messages: 1024,
+            worker_stall_s: 10,
+            overload_degrade_lag_ms: 50,
+            overload_shed_video_lag_ms: 200,
+            overload_busy_percent: 90,
+            overload_recover_ms: 5_000,
         }
     }
 }
@@ -244,6 +271,15 @@ impl ServerConfig {
             "AUTH_AUDIENCE" => self.auth_audience = Some(value.to_owned()),
             "AUTH_ISSUER" => self.auth_issuer = Some(value.to_owned()),
             "METRICS_PER_SESSION" => self.metrics_per_session = parse(value)?,
+            "WORKER_MAX_SESSIONS" => self.worker_max_sessions = parse(value)?,
+            "WORKER_QUEUE_COMMANDS" => self.worker_queue_commands = parse(value)?,
+            "WORKER_QUEUE_DATAGRAMS" => self.worker_queue_datagrams = parse(value)?,
+            "WS_SEND_QUEUE_MESSAGES" => self.ws_send_queue_messages = parse(value)?,
+            "WORKER_STALL_S" => self.worker_stall_s = parse(value)?,
+            "OVERLOAD_DEGRADE_LAG_MS" => self.overload_degrade_lag_ms = parse(value)?,
+            "OVERLOAD_SHED_VIDEO_LAG_MS" => self.overload_shed_video_lag_ms = parse(value)?,
+            "OVERLOAD_BUSY_PERCENT" => self.overload_busy_percent = parse(value)?,
+            "OVERLOAD_RECOVER_MS" => self.overload_recover_ms = parse(value)?,
             other => return Err(format!("unknown setting CALLS_{other}")),
         }
         Ok(())
@@ -318,6 +354,30 @@ impl ServerConfig {
         if self.ws_messages_per_second == 0 {
             p.push("`ws_messages_per_second` 0 would refuse every message".to_owned());
         }
+        if self.worker_max_sessions == 0 {
+            p.push("`worker_max_sessions` 0 admits nobody".to_owned());
+        }
+        if self.worker_queue_commands < 64 {
+            p.push(format!(
+                "`worker_queue_commands` {} is below 64: one join's signaling would not fit",
+                self.worker_queue_commands
+            ));
+        }
+        if self.worker_queue_datagrams < 64 {
+            p.push(format!(
+                "`worker_queue_datagrams` {} is below 64: one video frame's packets would not fit",
+                self.worker_queue_datagrams
+            ));
+        }
+        if self.ws_send_queue_messages < 16 {
+            p.push(format!(
+                "`ws_send_queue_messages` {} is below 16: a join's first messages would not fit",
+                self.ws_send_queue_messages
+            ));
+        }
+        if self.worker_stall_s == 0 {
+            p.push("`worker_stall_s` 0 would call every worker stalled".to_owned());
+        }
         p
     }
 
@@ -369,6 +429,11 @@ impl ServerConfig {
         config.enable_tcp = self.tcp_port != 0;
         config.probe_ufrag = self.probe_ufrag.clone();
         config.probe_password = self.probe_password.clone();
+        config.max_sessions = self.worker_max_sessions;
+        config.overload_degrade_lag_ms = self.overload_degrade_lag_ms;
+        config.overload_shed_video_lag_ms = self.overload_shed_video_lag_ms;
+        config.overload_busy_percent = self.overload_busy_percent;
+        config.overload_recover_ms = self.overload_recover_ms;
         config.validate().map_err(|e| e.problems)?;
         Ok(config)
     }
@@ -609,6 +674,51 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "metrics_per_session",
         "CALLS_METRICS_PER_SESSION",
         "per-session series in /metrics",
+    ),
+    (
+        "worker_max_sessions",
+        "CALLS_WORKER_MAX_SESSIONS",
+        "sessions per worker; more joins are refused (router_full)",
+    ),
+    (
+        "worker_queue_commands",
+        "CALLS_WORKER_QUEUE_COMMANDS",
+        "commands queued per worker (signaling, STUN/DTLS/RTCP, TCP)",
+    ),
+    (
+        "worker_queue_datagrams",
+        "CALLS_WORKER_QUEUE_DATAGRAMS",
+        "RTP datagrams queued per worker; the newest are dropped beyond it",
+    ),
+    (
+        "ws_send_queue_messages",
+        "CALLS_WS_SEND_QUEUE_MESSAGES",
+        "messages queued per WebSocket; a client that lets it fill is closed (4009)",
+    ),
+    (
+        "worker_stall_s",
+        "CALLS_WORKER_STALL_S",
+        "a worker stuck this long makes /healthz answer 503",
+    ),
+    (
+        "overload_degrade_lag_ms",
+        "CALLS_OVERLOAD_DEGRADE_LAG_MS",
+        "worker lag that refuses joins and caps video at its lowest layer",
+    ),
+    (
+        "overload_shed_video_lag_ms",
+        "CALLS_OVERLOAD_SHED_VIDEO_LAG_MS",
+        "worker lag that stops forwarding cameras (audio goes on)",
+    ),
+    (
+        "overload_busy_percent",
+        "CALLS_OVERLOAD_BUSY_PERCENT",
+        "worker busy share (%) that refuses joins",
+    ),
+    (
+        "overload_recover_ms",
+        "CALLS_OVERLOAD_RECOVER_MS",
+        "calm time before a worker steps down one level; the retry hint",
     ),
 ];
 

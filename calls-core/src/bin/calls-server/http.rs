@@ -20,8 +20,18 @@ use tokio::sync::mpsc;
 
 use crate::auth::{authorize, ice_servers, random_token, Purpose};
 use crate::config::ServerConfig;
+use crate::load_meter::WorkerStatus;
 use crate::tcp_limits::TcpLimits;
-use crate::worker::{worker_for_call, Cmd, ToClient, Workers};
+use crate::worker::{worker_for_call, ClientSender, Cmd, ToClient, Workers};
+
+/// WebSocket close code of a join refused because the worker is overloaded: 1013 "Try Again
+/// Later" (RFC 6455 registry); the reason and the `error` message before it carry the hint.
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+/// WebSocket close code of a join refused for good (token, call full, router full).
+const CLOSE_REFUSED: u16 = 4001;
+/// WebSocket close code of a client that did not read its signaling: its outgoing queue
+/// (`ws_send_queue_messages`) filled up and the worker ended its session.
+const CLOSE_SLOW_CONSUMER: u16 = 4009;
 
 const PAGE: &str = include_str!("page.html");
 
@@ -53,16 +63,21 @@ pub struct App {
     pub tcp: TcpLimits,
     pub open_sockets: AtomicU64,
     /// Every open WebSocket's sender, to announce a drain.
-    broadcast: Mutex<HashMap<u64, mpsc::UnboundedSender<ToClient>>>,
+    broadcast: Mutex<HashMap<u64, ClientSender>>,
 }
 
 impl App {
-    pub fn new(config: ServerConfig, workers: Workers, tcp: TcpLimits) -> Arc<App> {
+    pub fn new(
+        config: ServerConfig,
+        workers: Workers,
+        tcp: TcpLimits,
+        started: Instant,
+    ) -> Arc<App> {
         Arc::new(App {
             config,
             workers,
             draining: AtomicBool::new(false),
-            started: Instant::now(),
+            started,
             next_session: AtomicU64::new(1),
             resumes: Mutex::new(HashMap::new()),
             by_user: Mutex::new(UserSessions::default()),
@@ -83,13 +98,14 @@ impl App {
             "draining: no new joins"
         );
         for w in 0..self.workers.count() {
-            self.workers.send(w, Cmd::Drain);
+            self.workers.send_release(w, Cmd::Drain);
         }
         let msg =
             json!({"type": "draining", "deadline_s": self.config.drain_deadline_s}).to_string();
         if let Ok(all) = self.broadcast.lock() {
             for tx in all.values() {
-                let _ = tx.send(ToClient::Text(msg.clone()));
+                // A full queue: that client is a slow consumer, its worker closes it.
+                let _ = tx.try_send(ToClient::Text(msg.clone()));
             }
         }
     }
@@ -101,29 +117,89 @@ pub fn public(app: Arc<App>) -> Http {
         .route("/ws", get(ws))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/version", get(version))
         .with_state(app)
 }
 
 pub fn admin(app: Arc<App>) -> Http {
-    Http::new()
+    let admin = Http::new()
         .route("/api/calls", get(admin_calls))
         .route("/api/calls/{call}", delete(admin_end_call))
         .route("/api/sessions/{session}", delete(admin_kick))
         .route("/api/sessions/{session}/bandwidth", post(admin_bandwidth))
-        .route("/api/drain", post(admin_drain))
-        .with_state(app)
+        .route("/api/drain", post(admin_drain));
+    #[cfg(debug_assertions)]
+    let admin = admin
+        .route("/api/debug/panic/{worker}", post(admin_debug_panic))
+        .route("/api/debug/lag/{worker}/{ms}", post(admin_debug_lag));
+    admin.with_state(app)
 }
 
 async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
+impl App {
+    /// Milliseconds since the server started (the workers' heartbeat clock).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The first worker that is not running (thread gone, or no heartbeat for
+    /// `worker_stall_s`).
+    fn stalled_worker(&self) -> Option<usize> {
+        let now = self.now_ms();
+        let stall = Duration::from_secs(self.config.worker_stall_s);
+        self.workers
+            .status
+            .iter()
+            .position(|s| !s.is_running(now, stall))
+    }
+
+    /// Whether a worker takes joins: running, not overloaded, below `worker_max_sessions`.
+    fn accepts_joins(&self, status: &WorkerStatus) -> bool {
+        status.level() == 0
+            && status.sessions.load(Ordering::Relaxed) < self.config.worker_max_sessions as u64
+    }
+
+    /// `None` when ready for joins, else why not.
+    fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Some("draining".to_owned());
+        }
+        if let Some(w) = self.stalled_worker() {
+            return Some(format!("worker {w} is not running"));
+        }
+        if !self.workers.status.iter().any(|s| self.accepts_joins(s)) {
+            return Some("every worker is overloaded or full".to_owned());
+        }
+        None
+    }
+}
+
+/// Liveness: 503 while draining (as before) and whenever a worker is not running, so that no
+/// probe is ever told all is well by a process with a dead or stuck worker.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if let Some(w) = app.stalled_worker() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("worker {w} is not running\n"),
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+/// Readiness for new joins: also 503 while every worker is overloaded or full, so a load
+/// balancer or Kubernetes sends joins elsewhere (the calls already here go on).
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    match app.not_ready() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 
@@ -144,6 +220,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         text = stripped.to_owned();
     }
     text.push_str(&process_metrics(&app));
+    text.push_str(&worker_metrics(&app));
     text.push_str(&build_info());
     text.push_str("# TYPE calls_workers_unanswered gauge\n# HELP calls_workers_unanswered Router workers too busy to answer this scrape within 2 s (their counts are missing).\n");
     text.push_str(&format!("calls_workers_unanswered {unanswered}\n"));
@@ -165,6 +242,80 @@ fn build_info() -> String {
         crate::VERSION,
         crate::COMMIT
     )
+}
+
+/// Per-worker series (label `worker`, at most 255 values): load, lag, queues, liveness.
+fn worker_metrics(app: &App) -> String {
+    let now = app.now_ms();
+    let stall = Duration::from_secs(app.config.worker_stall_s);
+    let statuses = &app.workers.status;
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(usize, &WorkerStatus) -> String| {
+            out += &format!("# TYPE {name} {kind}\n# HELP {name} {help}\n");
+            let sample = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            for (w, s) in statuses.iter().enumerate() {
+                out += &format!("{sample}{{worker=\"{w}\"}} {}\n", value(w, s));
+            }
+        };
+    family(
+        "calls_worker_up",
+        "gauge",
+        "1 while the worker's thread runs and its loop went round within worker_stall_s.",
+        &|_, s| u8::from(s.is_running(now, stall)).to_string(),
+    );
+    family(
+        "calls_worker_timer_lag_seconds",
+        "gauge",
+        "Largest lateness of a due timer in the worker's last 0.5 s window.",
+        &|_, s| WorkerStatus::seconds(&s.timer_lag_us).to_string(),
+    );
+    family(
+        "calls_worker_input_lag_seconds",
+        "gauge",
+        "Longest time an input waited in the worker's queue in the last 0.5 s window.",
+        &|_, s| WorkerStatus::seconds(&s.input_lag_us).to_string(),
+    );
+    family(
+        "calls_worker_busy_ratio",
+        "gauge",
+        "Share of the worker's last 0.5 s window spent working rather than waiting.",
+        &|_, s| (s.busy_permille.load(Ordering::Relaxed) as f64 / 1000.0).to_string(),
+    );
+    family("calls_worker_load_level", "gauge", "Load level of the worker's router: 0 normal, 1 degraded (joins refused, video at its lowest layer), 2 overloaded (cameras shed).", &|_, s| s.level().to_string());
+    family(
+        "calls_worker_sessions",
+        "gauge",
+        "Sessions on the worker's router.",
+        &|_, s| s.sessions.load(Ordering::Relaxed).to_string(),
+    );
+    let queues = &app.workers.queues;
+    out += "# TYPE calls_worker_queue_depth gauge\n# HELP calls_worker_queue_depth Inputs waiting for the worker, by lane (control: signaling, STUN, DTLS, RTCP, TCP; media: RTP).\n";
+    for (w, q) in queues.iter().enumerate() {
+        let (control, media) = q.depth();
+        out += &format!("calls_worker_queue_depth{{worker=\"{w}\",lane=\"control\"}} {control}\ncalls_worker_queue_depth{{worker=\"{w}\",lane=\"media\"}} {media}\n");
+    }
+    out += "# TYPE calls_worker_queue_dropped counter\n# HELP calls_worker_queue_dropped Inputs refused because the worker's lane was full (worker_queue_commands, worker_queue_datagrams).\n";
+    for (w, q) in queues.iter().enumerate() {
+        out += &format!(
+            "calls_worker_queue_dropped_total{{worker=\"{w}\",lane=\"control\"}} {}\ncalls_worker_queue_dropped_total{{worker=\"{w}\",lane=\"media\"}} {}\n",
+            q.drops.control.load(Ordering::Relaxed),
+            q.drops.media.load(Ordering::Relaxed)
+        );
+    }
+    let slow: u64 = statuses
+        .iter()
+        .map(|s| s.ws_slow_consumers.load(Ordering::Relaxed))
+        .sum();
+    out += "# TYPE calls_ws_slow_consumers counter\n# HELP calls_ws_slow_consumers WebSockets closed (4009) because they did not read their signaling (ws_send_queue_messages full).\n";
+    out += &format!("calls_ws_slow_consumers_total {slow}\n");
+    out += "# TYPE calls_ready gauge\n# HELP calls_ready 1 when /readyz answers 200 (joins accepted somewhere).\n";
+    out += &format!("calls_ready {}\n", u8::from(app.not_ready().is_none()));
+    out
 }
 
 fn process_metrics(app: &App) -> String {
@@ -275,7 +426,27 @@ async fn ws(
 }
 
 async fn close(mut socket: WebSocket, reason: &str) {
-    close_with(&mut socket, 4001, reason).await;
+    close_with(&mut socket, CLOSE_REFUSED, reason).await;
+}
+
+/// A refused join: an `error` message with the router's code (and `retry_after_s` when a
+/// retry may work), then the close: 1013 for `overloaded`, 4001 for the rest.
+async fn refuse_join(mut socket: WebSocket, e: &RouterError) {
+    let mut msg = json!({"type": "error", "code": e.code(), "message": e.to_string()});
+    let code = match e.retry_after_s() {
+        Some(s) => {
+            msg["retry_after_s"] = json!(s);
+            CLOSE_TRY_AGAIN_LATER
+        }
+        None => CLOSE_REFUSED,
+    };
+    if socket
+        .send(Message::Text(msg.to_string().into()))
+        .await
+        .is_ok()
+    {
+        close_with(&mut socket, code, &e.to_string()).await;
+    }
 }
 
 /// Closes with a code and reason, then reads (and discards) until the client's close reply, for
@@ -322,7 +493,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
             return close(socket, &reason).await;
         }
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToClient>();
+    let (tx, mut rx) = mpsc::channel::<ToClient>(app.config.ws_send_queue_messages);
     // Resume a session of this user in this call (also while draining), or join anew.
     let resumed = q.resume.as_deref().and_then(|token| {
         let mut resumes = app.resumes.lock().ok()?;
@@ -332,7 +503,8 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
     let resumed = match resumed {
         Some((session, worker, token, generation)) => {
             let (reply, alive) = tokio::sync::oneshot::channel();
-            app.workers.send(
+            // A full queue drops `reply`: the resume fails like a vanished session.
+            let _ = app.workers.send(
                 worker,
                 Cmd::Reattach {
                     session,
@@ -360,25 +532,30 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
             let session = SessionId(app.next_session.fetch_add(1, Ordering::Relaxed));
             let worker = worker_for_call(&call, app.workers.count());
             let (reply, result) = tokio::sync::oneshot::channel();
-            app.workers.send(
-                worker,
-                Cmd::Join {
-                    session,
-                    call: CallId::from(call.as_str()),
-                    user: UserId::from(admission.user.as_str()),
-                    name: admission.name.clone(),
-                    grants: admission.grants,
-                    out: tx.clone(),
-                    reply,
-                },
-            );
-            match result.await {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => {
-                    tracing::info!(call = ?call, "join refused: {reason}");
-                    return close(socket, &reason).await;
+            let join = Cmd::Join {
+                session,
+                call: CallId::from(call.as_str()),
+                user: UserId::from(admission.user.as_str()),
+                name: admission.name.clone(),
+                grants: admission.grants,
+                out: tx.clone(),
+                reply,
+            };
+            let refusal = if app.workers.send(worker, join).is_err() {
+                // The worker's queue is full: it is far behind, whatever its level says.
+                Some(RouterError::Overloaded {
+                    retry_after_s: (app.config.overload_recover_ms / 1000).max(1),
+                })
+            } else {
+                match result.await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => return close(socket, "server is shutting down").await,
                 }
-                Err(_) => return close(socket, "server is shutting down").await,
+            };
+            if let Some(e) = refusal {
+                tracing::info!(call = ?call, worker, code = e.code(), "join refused: {e}");
+                return refuse_join(socket, &e).await;
             }
             let token = random_token();
             if let Ok(mut resumes) = app.resumes.lock() {
@@ -483,7 +660,8 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                             left_for_good = true;
                             break;
                         }
-                        app.workers.send(worker, Cmd::Signal { session, text: text.to_string() });
+                        // A full queue drops it (counted in calls_worker_queue_dropped_total).
+                        let _ = app.workers.send(worker, Cmd::Signal { session, text: text.to_string() });
                     }
                     Message::Binary(_) => {
                         close_with(&mut socket, 1003, "text messages only").await;
@@ -517,7 +695,12 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                         close_with(&mut socket, 4000, "resumed on another connection").await;
                         break;
                     }
-                    None => break,
+                    None => {
+                        // The worker dropped our sender without a close: we did not read our
+                        // messages fast enough and it ended the session.
+                        close_with(&mut socket, CLOSE_SLOW_CONSUMER, "too slow: signaling queue full; join again").await;
+                        break;
+                    }
                 }
             }
         }
@@ -561,7 +744,7 @@ fn end_session(app: &App, resume_token: &str, worker: usize, session: SessionId,
     if let Ok(mut by_user) = app.by_user.lock() {
         by_user.remove(session);
     }
-    app.workers.send(
+    app.workers.send_release(
         worker,
         Cmd::Leave {
             session,
@@ -723,7 +906,7 @@ async fn admin_end_call(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let worker = worker_for_call(&call, app.workers.count());
-    app.workers.send(
+    app.workers.send_release(
         worker,
         Cmd::EndCall {
             call: CallId::from(call.as_str()),
@@ -741,7 +924,7 @@ async fn admin_kick(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     for w in 0..app.workers.count() {
-        app.workers.send(
+        app.workers.send_release(
             w,
             Cmd::Leave {
                 session: SessionId(session),
@@ -806,6 +989,41 @@ async fn admin_drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Respons
     }
     app.start_drain();
     StatusCode::ACCEPTED.into_response()
+}
+
+/// Debug builds only: makes worker `{worker}` panic, to test the documented outcome (the
+/// process exits with status 70; docs/server.md, "Overload").
+#[cfg(debug_assertions)]
+async fn admin_debug_panic(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(worker): Path<usize>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match app.workers.send(worker, Cmd::DebugPanic) {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
+    }
+}
+
+/// Debug builds only: worker `{worker}` reports at least `{ms}` of lag from now on (0 ends
+/// it), so tests can drive the overload levels, refusals and `/readyz` deterministically.
+#[cfg(debug_assertions)]
+async fn admin_debug_lag(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((worker, ms)): Path<(usize, u64)>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let lag = Duration::from_millis(ms);
+    match app.workers.send(worker, Cmd::DebugLag { lag }) {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
+    }
 }
 
 pub async fn serve(

@@ -18,18 +18,20 @@
 mod auth;
 mod config;
 mod http;
+mod load_meter;
 mod media;
 mod probe;
 mod stun;
 mod tcp_limits;
 mod udp_send;
 mod worker;
+mod worker_queue;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use calls_core::Router;
@@ -37,12 +39,17 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::ServerConfig;
+use crate::load_meter::WorkerStatus;
 use crate::worker::{Worker, Workers};
+use crate::worker_queue::WorkerQueue;
 
 /// The crate version, as `--version`, `/version` and `calls_build_info` report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit built (build.rs; `GIT_COMMIT` at build time, or "unknown").
 pub const COMMIT: &str = env!("BUILD_GIT_COMMIT");
+/// Exit status when a router worker panicked (EX_SOFTWARE): the process exits so that its
+/// supervisor (systemd `Restart=`, Kubernetes) starts a fresh one (docs/server.md, "Overload").
+pub const EXIT_WORKER_PANICKED: i32 = 70;
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
@@ -160,31 +167,39 @@ fn run(config: ServerConfig) -> Result<(), String> {
         config.tcp_max_connections,
         config.tcp_max_connections_per_ip,
     );
-    let mut senders = Vec::new();
-    let mut threads = Vec::new();
+    let started = Instant::now();
+    let mut queues = Vec::new();
+    let mut statuses = Vec::new();
     for index in 0..workers_n {
         let router_config = config
             .router_config(index as u8, &discovered)
             .map_err(|p| format!("router config: {}", p.join("; ")))?;
         let router = Router::new(router_config, Instant::now()).map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(WorkerQueue::new(
+            config.worker_queue_commands,
+            config.worker_queue_datagrams,
+        ));
+        let status = Arc::new(WorkerStatus::new());
         let worker = Worker::new(
             index,
             router,
             udp.as_ref().and_then(media::clone_udp),
             flows.clone(),
-            std::sync::Arc::clone(&tcp_limits.counters),
+            Arc::clone(&tcp_limits.counters),
+            Arc::clone(&status),
+            started,
         );
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("router-{index}"))
-                .spawn(move || worker.run(rx))
-                .map_err(|e| e.to_string())?,
-        );
-        senders.push(tx);
+        let (thread_queue, thread_status) = (Arc::clone(&queue), Arc::clone(&status));
+        std::thread::Builder::new()
+            .name(format!("router-{index}"))
+            .spawn(move || run_worker(index, worker, thread_queue, &thread_status))
+            .map_err(|e| e.to_string())?;
+        queues.push(queue);
+        statuses.push(status);
     }
     let workers = Workers {
-        senders,
+        queues,
+        status: statuses,
         flows,
         probe_ufrag: config.probe_ufrag.clone(),
     };
@@ -202,7 +217,7 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let app = http::App::new(config.clone(), workers.clone(), tcp_limits.clone());
+        let app = http::App::new(config.clone(), workers.clone(), tcp_limits.clone(), started);
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);
             let listener = tokio::net::TcpListener::bind(addr)
@@ -271,6 +286,28 @@ fn run(config: ServerConfig) -> Result<(), String> {
         Ok::<(), String>(())
     })?;
     Ok(())
+}
+
+/// Runs one worker. A panic in it (a bug) ends the process with [`EXIT_WORKER_PANICKED`]: the
+/// router's state is lost, its calls cannot go on, and a server that kept running with a dead
+/// worker would keep routing that worker's calls and flows to nobody. All calls of the process
+/// drop and their clients rejoin the restarted server. The panic message is on stderr first.
+fn run_worker(
+    index: usize,
+    worker: Worker,
+    queue: Arc<WorkerQueue<worker::Cmd>>,
+    status: &WorkerStatus,
+) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(queue)));
+    status.alive.store(false, Ordering::SeqCst);
+    if outcome.is_err() {
+        tracing::error!(
+            worker = index,
+            status = EXIT_WORKER_PANICKED,
+            "router worker panicked; exiting so that the supervisor restarts the server"
+        );
+        std::process::exit(EXIT_WORKER_PANICKED);
+    }
 }
 
 async fn wait_for_signal() {

@@ -113,7 +113,7 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
                 // With GRO one buffer holds several datagrams of `stride` bytes (the last shorter).
                 for datagram in buf[..m.len].chunks(stride) {
                     match workers.route(Proto::Udp, m.addr, datagram) {
-                        Some(w) => workers.send(
+                        Some(w) => workers.send_datagram(
                             w,
                             Cmd::Datagram {
                                 source: m.addr,
@@ -121,6 +121,7 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
                                 bytes: datagram.to_vec(),
                                 at,
                             },
+                            calls_core::demux::is_rtp_media(datagram),
                         ),
                         None => tracing::trace!(source = %m.addr, "unroutable datagram dropped"),
                     }
@@ -199,25 +200,27 @@ pub async fn run_tcp(
             // Bounded: the worker closes the connection when it is full (the client does not
             // read), instead of queueing without end.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue_frames);
-            workers.send(
-                worker,
-                Cmd::TcpAccepted {
-                    conn,
-                    remote,
-                    local,
-                    writer: tx,
-                },
-            );
+            let accepted = Cmd::TcpAccepted {
+                conn,
+                remote,
+                local,
+                writer: tx,
+            };
+            if workers.send(worker, accepted).is_err() {
+                tracing::debug!(%remote, worker, "worker queue full: ICE-TCP connection closed");
+                return;
+            }
             let mut first = head.to_vec();
             first.extend_from_slice(&frame);
-            workers.send(
-                worker,
-                Cmd::TcpData {
-                    conn,
-                    bytes: first,
-                    at: Instant::now(),
-                },
-            );
+            let data = Cmd::TcpData {
+                conn,
+                bytes: first,
+                at: Instant::now(),
+            };
+            if workers.send(worker, data).is_err() {
+                workers.send_release(worker, Cmd::TcpClosed { conn });
+                return;
+            }
             // Dropped when the write task ends, which wakes the read loop below.
             let (writer_done, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
             let write_task = tokio::spawn(async move {
@@ -237,20 +240,25 @@ pub async fn run_tcp(
                 tokio::select! {
                     read = reader.read(&mut buf) => match read {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => workers.send(
-                            worker,
-                            Cmd::TcpData {
+                        Ok(n) => {
+                            let data = Cmd::TcpData {
                                 conn,
                                 bytes: buf[..n].to_vec(),
                                 at: Instant::now(),
-                            },
-                        ),
+                            };
+                            // A lost chunk would break the RFC 4571 framing: a worker too far
+                            // behind to take it loses the connection instead (counted).
+                            if workers.send(worker, data).is_err() {
+                                tracing::debug!(%remote, worker, "worker queue full: ICE-TCP connection closed");
+                                break;
+                            }
+                        }
                     },
                     // The writer gave up: stop reading too, so the socket (and its slot) goes.
                     _ = &mut writer_gone => break,
                 }
             }
-            workers.send(worker, Cmd::TcpClosed { conn });
+            workers.send_release(worker, Cmd::TcpClosed { conn });
             write_task.abort();
         });
     }

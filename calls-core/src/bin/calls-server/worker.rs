@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,10 +14,13 @@ use calls_core::{
     SessionId, UserId,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::load_meter::{LoadMeter, WorkerStatus};
 use crate::tcp_limits::TcpCounters;
 use crate::udp_send::UdpSender;
+use crate::worker_queue::{Lane, Queued, WorkerQueue};
 
 /// 5-tuple (remote, proto) → worker, kept from the routers' flow events (admitted, removed):
 /// exactly the flows some router has now, so it neither grows without bound nor keeps a
@@ -27,7 +30,12 @@ pub type FlowMap = Arc<Mutex<HashMap<(Proto, SocketAddr), usize>>>;
 /// The write side of one ICE-TCP connection: a bounded queue of frames for its writer task.
 pub type TcpWriter = tokio::sync::mpsc::Sender<Vec<u8>>;
 
-/// A message for a session's WebSocket (`None` closes it with the reason).
+/// The sending side of a session's WebSocket: bounded (`ws_send_queue_messages`). A worker
+/// that finds it full ends the session and drops it; the socket task then closes the
+/// WebSocket with 4009 (a slow consumer is closed, not buffered for ever).
+pub type ClientSender = mpsc::Sender<ToClient>;
+
+/// A message for a session's WebSocket.
 #[derive(Debug)]
 pub enum ToClient {
     Text(String),
@@ -65,14 +73,14 @@ pub enum Cmd {
         user: UserId,
         name: String,
         grants: Grants,
-        out: UnboundedSender<ToClient>,
-        reply: oneshot::Sender<Result<(), String>>,
+        out: ClientSender,
+        reply: oneshot::Sender<Result<(), RouterError>>,
     },
     /// A resumed WebSocket replaces the old one. `reply`: whether the session still exists
     /// (the router may have removed it while the client was away).
     Reattach {
         session: SessionId,
-        out: UnboundedSender<ToClient>,
+        out: ClientSender,
         reply: oneshot::Sender<bool>,
     },
     Signal {
@@ -99,6 +107,16 @@ pub enum Cmd {
     },
     ListCalls {
         reply: oneshot::Sender<Vec<CallInfo>>,
+    },
+    /// Debug builds only (`POST /api/debug/panic/{worker}` on the admin API): the worker
+    /// panics, to test what the server does then (it exits; docs/server.md, "Overload").
+    #[cfg(debug_assertions)]
+    DebugPanic,
+    /// Debug builds only (`POST /api/debug/lag/{worker}/{ms}`): the worker reports at least
+    /// this lag from now on (0 ends it), to test overload without overloading the machine.
+    #[cfg(debug_assertions)]
+    DebugLag {
+        lag: Duration,
     },
 }
 
@@ -132,13 +150,18 @@ struct Client {
     call: CallId,
     user: UserId,
     name: String,
-    out: UnboundedSender<ToClient>,
+    out: ClientSender,
     connected: bool,
 }
 
 pub struct Worker {
     index: usize,
     router: Router,
+    /// What the HTTP side reads of this worker (load, liveness).
+    status: Arc<WorkerStatus>,
+    meter: LoadMeter,
+    /// WebSockets whose queue was full this round: ended after the drain.
+    slow: Vec<SessionId>,
     /// Queues the UDP transmits of one drain and sends them in batches.
     udp: Option<UdpSender>,
     flows: FlowMap,
@@ -149,7 +172,7 @@ pub struct Worker {
     /// ICE-TCP counters for `/metrics` (write queues that filled up).
     tcp_counters: Arc<TcpCounters>,
     /// Reused buffer for a batch of datagrams.
-    batch: Vec<Cmd>,
+    batch: Vec<Queued<Cmd>>,
 }
 
 /// Most datagrams handed to the router as one batch (str0m holds a subscriber's writes until
@@ -163,10 +186,15 @@ impl Worker {
         udp: Option<UdpSocket>,
         flows: FlowMap,
         tcp_counters: Arc<TcpCounters>,
+        status: Arc<WorkerStatus>,
+        started: Instant,
     ) -> Self {
         Worker {
             index,
             router,
+            status,
+            meter: LoadMeter::new(started, Instant::now()),
+            slow: Vec::new(),
             udp: udp.map(UdpSender::new),
             flows,
             clients: HashMap::new(),
@@ -177,79 +205,92 @@ impl Worker {
         }
     }
 
-    /// Runs until every sender is gone.
-    pub fn run(mut self, commands: Receiver<Cmd>) {
+    /// Runs for the life of the process. Each round: drain the router, measure (timer
+    /// lateness, queue lateness, idle time; a load report per window), then either run the
+    /// due timers or take the next input, control before media.
+    pub fn run(mut self, queue: Arc<WorkerQueue<Cmd>>) {
         loop {
             let deadline = self.drain();
             let now = Instant::now();
+            if let Some(load) = self.meter.tick(now, &self.status) {
+                let level = self.router.set_load(load, now);
+                LoadMeter::publish_level(&self.status, level);
+                self.status
+                    .sessions
+                    .store(self.router.session_count() as u64, Ordering::Relaxed);
+                continue; // drain what the new level changed
+            }
             if deadline <= now {
-                // Timers first: under load the channel is never empty, and waiting for
-                // `recv_timeout` to time out would starve every session's timers (pacer,
-                // RTCP feedback, DTLS retransmits) for as long as datagrams keep coming.
+                // Timers first: under load the queue is never empty, and waiting for it to
+                // run dry would starve every session's timers (pacer, RTCP feedback, DTLS
+                // retransmits, ICE consent) for as long as datagrams keep coming.
+                self.meter.timer_late(now - deadline);
                 self.router.handle_timeout(now);
                 continue;
             }
-            let wait = deadline - now;
-            match commands.recv_timeout(wait.min(Duration::from_millis(500))) {
-                Ok(cmd) => self.handle_batch(cmd, &commands),
-                Err(RecvTimeoutError::Timeout) => self.router.handle_timeout(Instant::now()),
-                Err(RecvTimeoutError::Disconnected) => return,
+            let wait = (deadline - now)
+                .min(self.meter.until_report(now))
+                .min(Duration::from_millis(500));
+            let item = queue.pop(wait);
+            let after = Instant::now();
+            match item {
+                Some(first) => {
+                    // Idle until it arrived (nothing, if it was waiting already).
+                    self.meter
+                        .idle(first.queued_at.saturating_duration_since(now));
+                    self.handle_queued(first, &queue);
+                }
+                None => {
+                    self.meter.idle(after.saturating_duration_since(now));
+                    self.router.handle_timeout(after);
+                }
             }
         }
     }
 
-    /// `first` and the datagrams queued right behind it (up to [`MAX_BATCH`]) go to the router
-    /// as one batch: each subscriber session gets one str0m timeout per batch instead of one per
-    /// datagram. Anything else is handled in order after the batch.
-    fn handle_batch(&mut self, first: Cmd, commands: &Receiver<Cmd>) {
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            let Cmd::Datagram { .. } = cmd else {
-                self.handle(cmd);
-                continue;
-            };
-            let mut batch = std::mem::take(&mut self.batch);
-            batch.push(cmd);
-            while batch.len() < MAX_BATCH {
-                match commands.try_recv() {
-                    Ok(cmd @ Cmd::Datagram { .. }) => batch.push(cmd),
-                    Ok(other) => {
-                        next = Some(other);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let now = batch
-                .iter()
-                .filter_map(|c| match c {
-                    Cmd::Datagram { at, .. } => Some(*at),
-                    _ => None,
-                })
-                .max()
-                .unwrap_or_else(Instant::now);
-            let datagrams = batch.iter().filter_map(|c| match c {
-                Cmd::Datagram {
-                    source,
-                    destination,
-                    bytes,
-                    ..
-                } => Some(Datagram {
-                    proto: Proto::Udp,
-                    source: *source,
-                    destination: *destination,
-                    contents: bytes,
-                }),
-                _ => None,
-            });
-            self.router.handle_datagrams(datagrams, now);
-            batch.clear();
-            self.batch = batch;
-            if next.is_some() {
-                // Drain before the next input (the sans-IO rule).
-                self.drain();
-            }
+    /// A control item is handled alone; a media datagram together with the media datagrams
+    /// queued behind it (up to [`MAX_BATCH`], and only while no control item waits): each
+    /// subscriber session then gets one str0m timeout per batch instead of one per datagram.
+    fn handle_queued(&mut self, first: Queued<Cmd>, queue: &WorkerQueue<Cmd>) {
+        let now = Instant::now();
+        self.meter
+            .input_late(now.saturating_duration_since(first.queued_at));
+        if first.lane == Lane::Control {
+            self.handle(first.item);
+            return;
         }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.push(first);
+        queue.pop_media(&mut batch, MAX_BATCH - 1);
+        if let Some(last) = batch.last() {
+            self.meter
+                .input_late(now.saturating_duration_since(last.queued_at));
+        }
+        let at = batch
+            .iter()
+            .filter_map(|q| match &q.item {
+                Cmd::Datagram { at, .. } => Some(*at),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(now);
+        let datagrams = batch.iter().filter_map(|q| match &q.item {
+            Cmd::Datagram {
+                source,
+                destination,
+                bytes,
+                ..
+            } => Some(Datagram {
+                proto: Proto::Udp,
+                source: *source,
+                destination: *destination,
+                contents: bytes,
+            }),
+            _ => None,
+        });
+        self.router.handle_datagrams(datagrams, at);
+        batch.clear();
+        self.batch = batch;
     }
 
     fn handle(&mut self, cmd: Cmd) {
@@ -315,7 +356,7 @@ impl Worker {
                         },
                     );
                 }
-                let _ = reply.send(result.map_err(|e| e.to_string()));
+                let _ = reply.send(result);
             }
             Cmd::Reattach {
                 session,
@@ -327,7 +368,8 @@ impl Worker {
                         // The old socket (if it is still open) is closed: one live socket per
                         // session, the newest wins.
                         let old = std::mem::replace(&mut client.out, out);
-                        let _ = old.send(ToClient::Replaced);
+                        // Full: dropping `old` closes that socket all the same.
+                        let _ = old.try_send(ToClient::Replaced);
                         let _ = self.router.resend_signaling(session);
                         true
                     }
@@ -340,9 +382,7 @@ impl Worker {
                 let _ = self.router.handle_signal_json(session, &text, now);
             }
             Cmd::Leave { session, reason } => {
-                if let Some(client) = self.clients.get(&session) {
-                    let _ = client.out.send(ToClient::Close(reason));
-                }
+                self.send_to_client(session, ToClient::Close(reason));
                 let _ = self.router.leave(session, now);
             }
             Cmd::EndCall { call } => {
@@ -353,11 +393,10 @@ impl Worker {
                     .map(|(s, _)| *s)
                     .collect();
                 for session in sessions {
-                    if let Some(client) = self.clients.get(&session) {
-                        let _ = client
-                            .out
-                            .send(ToClient::Close("call ended by an administrator".into()));
-                    }
+                    self.send_to_client(
+                        session,
+                        ToClient::Close("call ended by an administrator".into()),
+                    );
                     let _ = self.router.leave(session, now);
                 }
             }
@@ -406,6 +445,10 @@ impl Worker {
                 }
                 let _ = reply.send(list);
             }
+            #[cfg(debug_assertions)]
+            Cmd::DebugPanic => panic!("worker {} panicked on request (debug build)", self.index),
+            #[cfg(debug_assertions)]
+            Cmd::DebugLag { lag } => self.meter.set_lag_floor(lag),
         }
     }
 
@@ -415,6 +458,10 @@ impl Worker {
         loop {
             match self.router.poll_output() {
                 Output::Timeout(at) => {
+                    if !self.slow.is_empty() {
+                        self.end_slow_consumers();
+                        continue; // drain what their leaving produced
+                    }
                     if let Some(udp) = &mut self.udp {
                         udp.flush();
                     }
@@ -445,12 +492,41 @@ impl Worker {
                     _ => {}
                 },
                 Output::Signal(session, msg) => {
-                    if let Some(client) = self.clients.get(&session) {
-                        let _ = client.out.send(ToClient::Text(msg.to_json()));
-                    }
+                    self.send_to_client(session, ToClient::Text(msg.to_json()));
                 }
                 Output::Event(event) => self.on_event(event),
                 _ => {}
+            }
+        }
+    }
+
+    /// Queues a message for a session's WebSocket. A full queue marks the session a slow
+    /// consumer (ended after this drain); a closed one is its socket task gone (nothing to do).
+    fn send_to_client(&mut self, session: SessionId, msg: ToClient) {
+        let Some(client) = self.clients.get(&session) else {
+            return;
+        };
+        if let Err(TrySendError::Full(_)) = client.out.try_send(msg) {
+            if !self.slow.contains(&session) {
+                self.slow.push(session);
+            }
+        }
+    }
+
+    /// Ends the sessions whose WebSocket did not read its messages: their sender is dropped
+    /// (the socket task closes with 4009) and they leave the call.
+    fn end_slow_consumers(&mut self) {
+        let now = Instant::now();
+        for session in std::mem::take(&mut self.slow) {
+            if self.clients.remove(&session).is_none() {
+                continue;
+            }
+            self.status
+                .ws_slow_consumers
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = self.index, %session, "signaling queue full: slow consumer closed");
+            if let Err(e) = self.router.leave(session, now) {
+                tracing::debug!(worker = self.index, %session, "slow consumer leave: {e}");
             }
         }
     }
@@ -488,11 +564,8 @@ impl Worker {
                 session, reason, ..
             } => {
                 tracing::info!(worker = self.index, %session, ?reason, "left");
-                if let Some(client) = self.clients.remove(&session) {
-                    let _ = client
-                        .out
-                        .send(ToClient::Close(format!("left: {reason:?}")));
-                }
+                self.send_to_client(session, ToClient::Close(format!("left: {reason:?}")));
+                self.clients.remove(&session);
             }
             other => tracing::debug!(worker = self.index, "{other:?}"),
         }
@@ -509,10 +582,11 @@ pub fn forget_flow(flows: &FlowMap, proto: Proto, remote: SocketAddr, worker: us
     }
 }
 
-/// Handles to all workers.
+/// Handles to all workers: their queues and what they publish.
 #[derive(Clone)]
 pub struct Workers {
-    pub senders: Vec<Sender<Cmd>>,
+    pub queues: Vec<Arc<WorkerQueue<Cmd>>>,
+    pub status: Vec<Arc<WorkerStatus>>,
     pub flows: FlowMap,
     /// The probe credential's ufrag: probes go to worker 0.
     pub probe_ufrag: Option<String>,
@@ -520,12 +594,31 @@ pub struct Workers {
 
 impl Workers {
     pub fn count(&self) -> usize {
-        self.senders.len()
+        self.queues.len()
     }
 
-    pub fn send(&self, worker: usize, cmd: Cmd) {
-        if let Some(s) = self.senders.get(worker) {
-            let _ = s.send(cmd);
+    /// Queues a command in `worker`'s control lane; gives it back when the lane is full (the
+    /// worker is far behind) or the worker does not exist.
+    pub fn send(&self, worker: usize, cmd: Cmd) -> Result<(), Cmd> {
+        match self.queues.get(worker) {
+            Some(q) => q.push(Lane::Control, cmd),
+            None => Err(cmd),
+        }
+    }
+
+    /// Queues a command that frees resources (leave, TCP closed): never refused.
+    pub fn send_release(&self, worker: usize, cmd: Cmd) {
+        if let Some(q) = self.queues.get(worker) {
+            q.push_release(cmd);
+        }
+    }
+
+    /// Queues a received datagram: RTP media in the media lane, STUN, DTLS and RTCP in the
+    /// control lane. A full lane drops it (counted per worker and lane).
+    pub fn send_datagram(&self, worker: usize, cmd: Cmd, media: bool) {
+        if let Some(q) = self.queues.get(worker) {
+            let lane = if media { Lane::Media } else { Lane::Control };
+            let _ = q.push(lane, cmd);
         }
     }
 
@@ -552,9 +645,11 @@ impl Workers {
 
     pub async fn metrics(&self) -> MetricsSnapshot {
         let mut total = MetricsSnapshot::default();
-        for s in &self.senders {
+        for w in 0..self.count() {
             let (reply, rx) = oneshot::channel();
-            let _ = s.send(Cmd::Metrics { reply });
+            if self.send(w, Cmd::Metrics { reply }).is_err() {
+                continue;
+            }
             if let Ok(m) = rx.await {
                 total.merge(&m);
             }
@@ -566,12 +661,11 @@ impl Workers {
     /// `limit`, so one worker busy with a huge call cannot stall `/metrics`. Returns the sum of
     /// the answers and how many workers did not answer in time.
     pub async fn metrics_within(&self, limit: std::time::Duration) -> (MetricsSnapshot, usize) {
-        let pending: Vec<_> = self
-            .senders
-            .iter()
-            .map(|s| {
+        let pending: Vec<_> = (0..self.count())
+            .map(|w| {
                 let (reply, rx) = oneshot::channel();
-                let _ = s.send(Cmd::Metrics { reply });
+                // A full queue drops `reply`: that worker counts as unanswered.
+                let _ = self.send(w, Cmd::Metrics { reply });
                 rx
             })
             .collect();
@@ -594,16 +688,17 @@ impl Workers {
         session: SessionId,
         bps: Option<u64>,
     ) -> Result<(), RouterError> {
-        let pending: Vec<_> = self
-            .senders
-            .iter()
-            .map(|s| {
+        let pending: Vec<_> = (0..self.count())
+            .map(|w| {
                 let (reply, rx) = oneshot::channel();
-                let _ = s.send(Cmd::SetBandwidthCap {
-                    session,
-                    bps,
-                    reply,
-                });
+                let _ = self.send(
+                    w,
+                    Cmd::SetBandwidthCap {
+                        session,
+                        bps,
+                        reply,
+                    },
+                );
                 rx
             })
             .collect();
@@ -621,9 +716,11 @@ impl Workers {
 
     pub async fn calls(&self) -> Vec<CallInfo> {
         let mut all = Vec::new();
-        for s in &self.senders {
+        for w in 0..self.count() {
             let (reply, rx) = oneshot::channel();
-            let _ = s.send(Cmd::ListCalls { reply });
+            if self.send(w, Cmd::ListCalls { reply }).is_err() {
+                continue;
+            }
             if let Ok(list) = rx.await {
                 all.extend(list);
             }
