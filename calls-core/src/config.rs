@@ -88,8 +88,7 @@ pub struct Config {
     pub max_video_slots: usize,
     /// Send a binding request to a new UDP address and admit it only when the client answers
     /// it (issue 16, finding 3: a participant cannot point its media at a spoofed address).
-    /// Default `false` for now: browsers answer, but aiortc's ICE agent (aioice) does not, and
-    /// its participants then never connect ([security.md](../docs/security.md)).
+    /// Default `true` ([security.md](../docs/security.md)).
     pub consent_checks: bool,
     /// Microphone tracks one session may send (sending audio m-lines in its offers); an offer
     /// beyond it is refused with [`SignalError::TooManyTracks`](crate::SignalError). Default `1`.
@@ -160,7 +159,7 @@ impl Default for Config {
             audio_slots: 3,
             video_slots: 9,
             max_video_slots: 25,
-            consent_checks: false,
+            consent_checks: true,
             max_microphones_per_session: 1,
             max_cameras_per_session: 2,
             max_screens_per_session: 1,

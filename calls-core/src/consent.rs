@@ -13,6 +13,12 @@
 //! (or answers without the client's signature), and gets nothing but one binding request of
 //! about the size of the spoofed one (no amplification).
 //!
+//! The check's transaction id is the only secret of the exchange (the participant knows its
+//! own password, so it could sign a forged answer): 11 of its 12 bytes come from the operating
+//! system's CSPRNG. The first byte is the router's worker index, so that a dispatcher that
+//! runs one router per core can route the answer, which carries no USERNAME, to the router
+//! that asked ([`crate::demux::consent_answer_worker`]).
+//!
 //! ICE-TCP needs none of this: a TCP handshake already proved that the address answers.
 
 use std::collections::{HashMap, VecDeque};
@@ -78,6 +84,7 @@ impl ConsentChecks {
         &mut self,
         key: FlowKey,
         session: SessionId,
+        worker: u8,
         local_ufrag: &str,
         remote: Option<&RemoteIce>,
         request: &[u8],
@@ -108,7 +115,9 @@ impl ConsentChecks {
         // RFC 8445 §7.2.2: USERNAME is "their ufrag:our ufrag", signed with their password;
         // we are the controlled agent (ICE-lite).
         let username = format!("{}:{}", remote.ufrag, local_ufrag);
-        let trans_id = TransId::new();
+        let Some(trans_id) = check_trans_id(worker) else {
+            return DropReason::ConsentPending; // no entropy: no check (the client retries)
+        };
         let message =
             StunMessage::binding_request(&username, trans_id, false, 0, CHECK_PRIORITY, false);
         let mut buf = [0u8; 512];
@@ -165,6 +174,19 @@ impl ConsentChecks {
     pub fn pop_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
+}
+
+/// A transaction id for a check from worker `worker`: the worker index, then 11 bytes from the
+/// operating system's CSPRNG (`TransId::new` is not cryptographic, and a participant that could
+/// predict it could forge the answer for a spoofed address). `None` if the OS has no entropy.
+fn check_trans_id(worker: u8) -> Option<TransId> {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes[1..]).ok()?;
+    bytes[0] = worker;
+    // `TransId` has no public constructor from bytes, but deserializes from them (a newtype
+    // of `[u8; 12]`, transparent in serde_json). Once per check, not per packet.
+    let value = serde_json::Value::Array(bytes.iter().map(|b| (*b).into()).collect());
+    serde_json::from_value(value).ok()
 }
 
 fn held(request: &[u8]) -> Vec<u8> {

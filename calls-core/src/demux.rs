@@ -155,6 +155,19 @@ pub fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
     Some(local)
 }
 
+/// The worker a STUN binding success response belongs to, read from its transaction id, if it
+/// answers one of the router's consent checks ([`crate::consent`]: their transaction ids
+/// start with the worker index). Stateless like [`stun_local_ufrag`]: a response comes from an
+/// address no flow has yet, and carries no USERNAME to route it by. Anything else is `None`.
+pub fn consent_answer_worker(datagram: &[u8]) -> Option<u8> {
+    // RFC 5389 §6: type 0x0101 (binding success), magic cookie, 12-byte transaction id.
+    let header = datagram.get(..20)?;
+    if header[..2] != [0x01, 0x01] || header[4..8] != [0x21, 0x12, 0xA4, 0x42] {
+        return None;
+    }
+    Some(header[8])
+}
+
 /// Mints ICE ufrags that carry the worker index, and reads it back.
 pub(crate) mod ufrag {
     /// `w` + two hex digits of the worker + random tail.

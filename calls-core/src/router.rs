@@ -353,8 +353,12 @@ impl Router {
     ///
     /// A dispatcher that runs one router per core calls this for datagrams from unknown
     /// 5-tuples, forwards them to that worker, and remembers the 5-tuple → worker mapping.
+    /// The answer to one of the router's consent checks (a binding success response from an
+    /// address no flow has yet) goes to the worker whose index its transaction id starts with.
     pub fn worker_of_datagram(datagram: &[u8]) -> Option<u8> {
-        demux::stun_local_ufrag(datagram).and_then(demux::ufrag::worker)
+        demux::stun_local_ufrag(datagram)
+            .and_then(demux::ufrag::worker)
+            .or_else(|| demux::consent_answer_worker(datagram))
     }
 
     /// Re-sends what a session's signaling channel may have lost (after the embedder's

@@ -21,7 +21,7 @@ use calls_core::{Config, DropReason, TrackSource};
 #[test]
 fn a_spoofed_nomination_does_not_redirect_media_to_a_victim() {
     let mut config = Config::default();
-    config.consent_checks = true; // opt-in: see docs/security.md
+    config.consent_checks = true; // the default, set here so the tests say what they rely on
     let mut world = SimWorld::with_config(16, Instant::now(), config);
     let alice = world.add_peer("c", "alice", PeerOptions::audio_only());
     let alice_addr = world.peer(alice).addr();

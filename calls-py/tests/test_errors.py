@@ -131,6 +131,22 @@ def test_bad_arguments_are_value_errors() -> None:
         router.join("a", 1, "ann", 0.0, grants={"fly": True})
 
 
+def test_times_past_the_clock_span_are_value_errors_not_panics() -> None:
+    """Finding 7 (issue 16): `now + grace` overflowed `Instant` and panicked for a huge time;
+    like the C ABI, a time more than 100 years from the router's origin is refused."""
+    router = calls.Router({}, 0.0)
+    router.join("a", 1, "ann", 0.0)
+    for far in (1e300, -1e300, 4.0e9, float("inf")):
+        with pytest.raises(ValueError):
+            router.handle_timeout(far)
+        with pytest.raises(ValueError):
+            router.join("a", 2, "bob", far)
+    # The router is intact: a sane time still works.
+    router.handle_timeout(1.0)
+    router.join("a", 2, "bob", 1.5)
+    assert router.session_count() == 2
+
+
 def test_a_swarm_refuses_remote_servers_and_bad_urls() -> None:
     p = [Participant(call="c", user="u")]
     with pytest.raises(calls.SwarmError, match="loopback"):

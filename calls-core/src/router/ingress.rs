@@ -254,10 +254,10 @@ impl Router {
             let local = self.local_address(Proto::Udp, key.destination);
             let (ufrag, remote) = (&state.local_creds.ufrag, state.remote_ice.as_ref());
             let (request, now) = (datagram.contents, self.last_now);
-            let hmac = self.hmac;
-            return Err(self
-                .consent
-                .challenge(key, session, ufrag, remote, request, local, hmac, now));
+            let (hmac, worker) = (self.hmac, self.config.worker_index);
+            return Err(self.consent.challenge(
+                key, session, worker, ufrag, remote, request, local, hmac, now,
+            ));
         }
         self.flows
             .insert(key, session, self.config.max_flows_per_session);

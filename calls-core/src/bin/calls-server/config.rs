@@ -71,6 +71,19 @@ pub struct ServerConfig {
     pub max_video_slots: usize,
     /// Negotiate Opus RED (RFC 2198 redundant audio) with clients that offer it.
     pub red: bool,
+    /// A new UDP address of a session gets media only after it answered the router's binding
+    /// request (no media redirection to a spoofed address; docs/security.md).
+    pub consent_checks: bool,
+    /// Sending audio m-lines one session's offer may carry.
+    pub max_microphones_per_session: usize,
+    /// Sending video m-lines other than the screen one session's offer may carry.
+    pub max_cameras_per_session: usize,
+    /// Sending screen m-lines one session's offer may carry.
+    pub max_screens_per_session: usize,
+    /// M-lines of any direction in one client offer.
+    pub max_mlines_per_offer: usize,
+    /// Simulcast layers one track may send.
+    pub max_simulcast_layers: usize,
     /// Router worker threads (0: one per core).
     pub workers: usize,
     /// How long a dropped WebSocket may reconnect and resume its session, seconds.
@@ -127,6 +140,8 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        // The router's own defaults, where a setting passes straight through.
+        let core = calls_core::Config::default();
         ServerConfig {
             media_bind: "127.0.0.1".parse().expect("literal"),
             udp_port: 8443,
@@ -148,6 +163,12 @@ impl Default for ServerConfig {
             video_slots: 9,
             max_video_slots: 25,
             red: true,
+            consent_checks: core.consent_checks,
+            max_microphones_per_session: core.max_microphones_per_session,
+            max_cameras_per_session: core.max_cameras_per_session,
+            max_screens_per_session: core.max_screens_per_session,
+            max_mlines_per_offer: core.max_mlines_per_offer,
+            max_simulcast_layers: core.max_simulcast_layers,
             workers: 0,
             reconnect_grace_s: 10,
             drain_deadline_s: 60,
@@ -255,6 +276,12 @@ impl ServerConfig {
             "VIDEO_SLOTS" => self.video_slots = parse(value)?,
             "MAX_VIDEO_SLOTS" => self.max_video_slots = parse(value)?,
             "RED" => self.red = parse(value)?,
+            "CONSENT_CHECKS" => self.consent_checks = parse(value)?,
+            "MAX_MICROPHONES_PER_SESSION" => self.max_microphones_per_session = parse(value)?,
+            "MAX_CAMERAS_PER_SESSION" => self.max_cameras_per_session = parse(value)?,
+            "MAX_SCREENS_PER_SESSION" => self.max_screens_per_session = parse(value)?,
+            "MAX_MLINES_PER_OFFER" => self.max_mlines_per_offer = parse(value)?,
+            "MAX_SIMULCAST_LAYERS" => self.max_simulcast_layers = parse(value)?,
             "WORKERS" => self.workers = parse(value)?,
             "RECONNECT_GRACE_S" => self.reconnect_grace_s = parse(value)?,
             "DRAIN_DEADLINE_S" => self.drain_deadline_s = parse(value)?,
@@ -423,6 +450,12 @@ impl ServerConfig {
         config.audio_slots = self.audio_slots;
         config.video_slots = self.video_slots;
         config.max_video_slots = self.max_video_slots;
+        config.consent_checks = self.consent_checks;
+        config.max_microphones_per_session = self.max_microphones_per_session;
+        config.max_cameras_per_session = self.max_cameras_per_session;
+        config.max_screens_per_session = self.max_screens_per_session;
+        config.max_mlines_per_offer = self.max_mlines_per_offer;
+        config.max_simulcast_layers = self.max_simulcast_layers;
         config.red = self.red;
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
@@ -589,6 +622,36 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "red",
         "CALLS_RED",
         "negotiate Opus RED (redundant audio) with clients that offer it (true/false)",
+    ),
+    (
+        "consent_checks",
+        "CALLS_CONSENT_CHECKS",
+        "a new UDP address of a session gets media only after answering a binding request (true/false)",
+    ),
+    (
+        "max_microphones_per_session",
+        "CALLS_MAX_MICROPHONES_PER_SESSION",
+        "sending audio m-lines one offer may carry",
+    ),
+    (
+        "max_cameras_per_session",
+        "CALLS_MAX_CAMERAS_PER_SESSION",
+        "sending camera m-lines one offer may carry",
+    ),
+    (
+        "max_screens_per_session",
+        "CALLS_MAX_SCREENS_PER_SESSION",
+        "sending screen m-lines one offer may carry",
+    ),
+    (
+        "max_mlines_per_offer",
+        "CALLS_MAX_MLINES_PER_OFFER",
+        "m-lines of any direction in one client offer",
+    ),
+    (
+        "max_simulcast_layers",
+        "CALLS_MAX_SIMULCAST_LAYERS",
+        "simulcast layers one track may send",
     ),
     (
         "max_video_slots",
