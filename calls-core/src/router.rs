@@ -649,12 +649,14 @@ impl Router {
                 break;
             }
             self.timers.pop();
-            let live = self
-                .sessions
-                .get_mut(&session)
-                .is_some_and(|state| state.next_timeout == Some(at));
-            if live {
-                due.push(session);
+            // The heap can hold the same (at, session) twice (a timeout moved away and back):
+            // taking `next_timeout` here makes the second entry stale, so a session is woken
+            // once per due time, not once per entry.
+            if let Some(state) = self.sessions.get_mut(&session) {
+                if state.next_timeout == Some(at) {
+                    state.next_timeout = None;
+                    due.push(session);
+                }
             }
         }
         for session in due.drain(..) {

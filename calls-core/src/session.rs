@@ -159,13 +159,17 @@ impl Session {
             ufrag: crate::demux::ufrag::mint(config.worker_index, &random.ufrag),
             pass: random.pass,
         };
-        let mut rtc = Rtc::builder()
+        let mut builder = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .set_local_ice_credentials(local_creds.clone())
             .set_dtls_cert(dtls_cert.clone())
             .clear_codecs()
-            .enable_opus(true, config.red)
+            .enable_opus(true, config.red);
+        // Our answer's Opus fmtp carries `usedtx=1`: the client's encoder sends DTX when
+        // silent (the vendored str0m's `set_opus_dtx`).
+        builder.codec_config().set_opus_dtx(config.opus_dtx);
+        let mut rtc = builder
             .enable_vp8(true)
             .enable_h264(true)
             .enable_vp9(true)

@@ -520,3 +520,82 @@ fn quiet_listeners_hear_two_speakers_without_delay() {
         assert!(world.now() - t.last_packet_at.unwrap_or(world.now()) < secs(0.1));
     }
 }
+
+/// Packets the router took in from `peer`'s microphone over `window` of simulated time.
+fn mic_packets_over(world: &mut SimWorld, peer: SessionId, window: Duration) -> u64 {
+    let before = world.peer(peer).sent(MIC).packets;
+    world.run_for(window);
+    world.peer(peer).sent(MIC).packets - before
+}
+
+#[test]
+fn muted_microphones_send_dtx_when_the_router_asks() {
+    // The router's answer asks for Opus DTX (`usedtx=1`): a muted microphone that honours it
+    // (as Chromium does) sends 2.5 packets a second instead of 50, so a call where everyone
+    // holds a microphone takes in little more than its speakers' packets.
+    let mut world = SimWorld::new(131, epoch());
+    let talker = world.add_peer("dtx", "talker", PeerOptions::audio_only());
+    let muted = world.add_peer("dtx", "muted", PeerOptions::audio_only());
+    let old = world.add_peer("dtx", "old", PeerOptions::audio_only().without_dtx());
+    let ok = world.run_until(
+        |w| {
+            [muted, old]
+                .iter()
+                .all(|&rx| stats(w, rx, talker, MIC).packets > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    world.set_muted(muted, true);
+    world.set_muted(old, true);
+    world.run_for(secs(1.0));
+    let window = secs(10.0);
+    let before = (
+        world.peer(muted).sent(MIC).packets,
+        world.peer(old).sent(MIC).packets,
+        world.peer(talker).sent(MIC).packets,
+    );
+    let heard = stats(&world, muted, talker, MIC).packets;
+    world.run_for(window);
+    let dtx = world.peer(muted).sent(MIC).packets - before.0;
+    let no_dtx = world.peer(old).sent(MIC).packets - before.1;
+    let talked = world.peer(talker).sent(MIC).packets - before.2;
+    println!("# 10 s muted: {dtx} packets with DTX, {no_dtx} without; the talker {talked}");
+    assert!(
+        (20..=30).contains(&dtx),
+        "{dtx} packets from a DTX microphone in 10 s"
+    );
+    assert!(
+        no_dtx >= 490,
+        "{no_dtx} packets from a microphone without DTX"
+    );
+    assert!(
+        talked >= 490,
+        "the talker's microphone is not DTX'd: {talked}"
+    );
+    // The muted listener still hears the talker, every packet.
+    assert!(stats(&world, muted, talker, MIC).packets >= heard + 490);
+    // Unmuted again: 50 a second at once.
+    world.set_muted(muted, false);
+    world.run_for(secs(0.5));
+    let unmuted = mic_packets_over(&mut world, muted, secs(2.0));
+    assert!(unmuted >= 98, "{unmuted} packets in 2 s after unmuting");
+}
+
+#[test]
+fn opus_dtx_off_leaves_muted_microphones_at_full_rate() {
+    let mut config = Config::default();
+    config.opus_dtx = false;
+    let mut world = SimWorld::with_config(132, epoch(), config);
+    let talker = world.add_peer("dtx", "talker", PeerOptions::audio_only());
+    let muted = world.add_peer("dtx", "muted", PeerOptions::audio_only());
+    let ok = world.run_until(|w| stats(w, muted, talker, MIC).packets > 0, secs(5.0));
+    assert!(ok, "{}", describe(&world));
+    world.set_muted(muted, true);
+    world.run_for(secs(1.0));
+    let sent = mic_packets_over(&mut world, muted, secs(10.0));
+    assert!(
+        sent >= 490,
+        "{sent} packets from a muted microphone, DTX not asked for"
+    );
+}

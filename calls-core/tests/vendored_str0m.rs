@@ -26,6 +26,20 @@ fn twcc_send_history_is_configurable() {
 }
 
 #[test]
+fn opus_dtx_is_settable() {
+    let mut config = RtcConfig::new().clear_codecs().enable_opus(true, true);
+    config.codec_config().set_opus_dtx(true);
+    let opus = config
+        .codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == str0m::format::Codec::Opus)
+        .expect("Opus configured");
+    assert_eq!(opus.spec().format.use_dtx, Some(true));
+    assert!(opus.red().is_some(), "RED kept");
+}
+
+#[test]
 fn every_line_the_patch_adds_is_in_the_vendored_source() {
     let vendor = Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor");
     let mut patches: Vec<_> = std::fs::read_dir(vendor.join("patches"))

@@ -1077,7 +1077,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             _ => Ok(default),
         }
     }
-    const KEYS: [&str; 12] = [
+    const KEYS: [&str; 13] = [
         "call",
         "user",
         "token",
@@ -1087,6 +1087,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         "simulcast",
         "speaking",
         "muted",
+        "dtx",
         "start_after",
         "seed",
         "transport",
@@ -1119,6 +1120,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         simulcast: get(d, "simulcast", true)?,
         speaking: get(d, "speaking", false)?,
         muted: get(d, "muted", true)?,
+        dtx: get(d, "dtx", true)?,
         start_after: Duration::try_from_secs_f64(start_after).map_err(|_| {
             pyo3::exceptions::PyValueError::new_err(format!(
                 "participant {index}: start_after {start_after} is not a duration"
@@ -1138,7 +1140,7 @@ struct Swarm {
 #[pymethods]
 impl Swarm {
     /// Starts at once. `participants`: dicts with `call`, `user`, `token`, `audio`, `video`,
-    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `start_after` (s), `seed`,
+    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `dtx` (default true), `start_after` (s), `seed`,
     /// `transport` (`"udp"`, the default, or `"tcp"`: ICE-TCP only).
     /// `threads` 0 = one per core.
     #[new]

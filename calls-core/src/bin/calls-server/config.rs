@@ -71,6 +71,7 @@ pub struct ServerConfig {
     pub max_video_slots: usize,
     /// Negotiate Opus RED (RFC 2198 redundant audio) with clients that offer it.
     pub red: bool,
+    pub opus_dtx: bool,
     /// A new UDP address of a session gets media only after it answered the router's binding
     /// request (no media redirection to a spoofed address; docs/security.md).
     pub consent_checks: bool,
@@ -163,6 +164,7 @@ impl Default for ServerConfig {
             video_slots: 9,
             max_video_slots: 25,
             red: true,
+            opus_dtx: true,
             consent_checks: core.consent_checks,
             max_microphones_per_session: core.max_microphones_per_session,
             max_cameras_per_session: core.max_cameras_per_session,
@@ -276,6 +278,7 @@ impl ServerConfig {
             "VIDEO_SLOTS" => self.video_slots = parse(value)?,
             "MAX_VIDEO_SLOTS" => self.max_video_slots = parse(value)?,
             "RED" => self.red = parse(value)?,
+            "OPUS_DTX" => self.opus_dtx = parse(value)?,
             "CONSENT_CHECKS" => self.consent_checks = parse(value)?,
             "MAX_MICROPHONES_PER_SESSION" => self.max_microphones_per_session = parse(value)?,
             "MAX_CAMERAS_PER_SESSION" => self.max_cameras_per_session = parse(value)?,
@@ -457,6 +460,7 @@ impl ServerConfig {
         config.max_mlines_per_offer = self.max_mlines_per_offer;
         config.max_simulcast_layers = self.max_simulcast_layers;
         config.red = self.red;
+        config.opus_dtx = self.opus_dtx;
         config.worker_index = index;
         config.enable_udp = !self.disable_udp;
         config.enable_tcp = self.tcp_port != 0;
@@ -622,6 +626,11 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "red",
         "CALLS_RED",
         "negotiate Opus RED (redundant audio) with clients that offer it (true/false)",
+    ),
+    (
+        "opus_dtx",
+        "CALLS_OPUS_DTX",
+        "ask clients for Opus DTX: a muted or silent microphone sends 2.5 packets/s, not 50 (true/false)",
     ),
     (
         "consent_checks",

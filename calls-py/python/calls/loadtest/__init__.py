@@ -63,6 +63,9 @@ class Participant:
     speaking: bool = False
     #: How a non-speaker is quiet: muted (the router forwards nothing) or silent (forwarded).
     muted: bool = True
+    #: Honour the server's request for Opus DTX (``usedtx=1``), as Chromium does: while muted
+    #: or silent, send a packet every 400 ms instead of every 20 ms.
+    dtx: bool = True
     #: Seconds after the swarm starts to join (ramp-up).
     start_after: float = 0.0
     #: Seed of its synthetic media.
@@ -297,6 +300,7 @@ def plan(
     ramp: float = 0.0,
     secret: Optional[str] = None,
     silent: bool = False,
+    dtx: bool = True,
     call_prefix: str = "loadtest",
     token_ttl: float = 3600.0,
     transport: str = "udp",
@@ -304,6 +308,8 @@ def plan(
     """``calls`` calls of ``participants`` each. In every call the first ``speakers`` talk,
     the first ``video`` publish a camera and the first ``screen`` share a screen (as simulcast
     unless ``simulcast`` is False); the others are muted (or send silence with ``silent``).
+    ``dtx``: quiet microphones honour the server's Opus DTX request (False: 50 packets a
+    second of silence, as a client without DTX).
     ``ramp``: joins per second (0: all at once).
     With ``secret``, each participant gets a join token.
     ``transport``: ``"udp"``, ``"tcp"`` (everyone ICE-TCP only) or ``"mixed"`` (participants
@@ -327,6 +333,7 @@ def plan(
                     simulcast=simulcast,
                     speaking=i < speakers,
                     muted=not silent,
+                    dtx=dtx,
                     start_after=n / ramp if ramp > 0 else 0.0,
                     seed=n + 1,
                     transport=_transport_of(transport, i),

@@ -75,6 +75,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "or mixed: every 4th participant of a call (0, 4, 8, …) on ICE-TCP",
     )
     p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
+    p.add_argument(
+        "--no-dtx",
+        dest="dtx",
+        action="store_false",
+        help="quiet microphones ignore the server's Opus DTX request and send 50 packets/s",
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds, ramp-up included")
     p.add_argument("--ramp", type=float, default=20.0, help="joins per second (0: all at once)")
     p.add_argument("--secret", help="the server's auth_secret: mint join tokens")
@@ -260,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         ramp=args.ramp,
         secret=args.secret,
         silent=args.silent,
+        dtx=args.dtx,
         token_ttl=args.duration + 3600,
         transport=args.transport,
     )
