@@ -28,6 +28,8 @@ pub(crate) struct Call {
     /// Who was the active speaker, most recent first (at most [`RECENT_SPEAKERS`]): camera
     /// slots go to them after pins and the current speaker.
     pub recent_speakers: Vec<SessionId>,
+    /// The call's recording, while one runs (`record/`).
+    pub recorder: Option<Box<crate::record::Recorder>>,
 }
 
 /// Recent speakers a call remembers for the camera slots (more than any grid shows).
@@ -40,6 +42,7 @@ impl Call {
             tracks: Vec::new(),
             speakers: SpeakerDetector::new(top_n_audio),
             recent_speakers: Vec::new(),
+            recorder: None,
         }
     }
 }
@@ -66,6 +69,8 @@ pub(crate) struct PublishedTrack {
     pub codec: VideoCodec,
     /// Audio: its latest packet was RED (RFC 2198), for the `red_streams` gauge.
     pub red: bool,
+    /// Its call's recording takes it: the one branch forwarding takes for recording.
+    pub recorded: bool,
 }
 
 /// Most simulcast layers accepted per track (browsers send up to 3).
@@ -83,6 +88,7 @@ impl PublishedTrack {
             announced: None,
             codec: VideoCodec::Other,
             red: false,
+            recorded: false,
         }
     }
 

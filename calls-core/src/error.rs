@@ -39,6 +39,15 @@ pub enum RouterError {
         /// Seconds after which a retry may succeed (one recovery hold).
         retry_after_s: u64,
     },
+    /// No call with this id on this router (nobody has joined it).
+    #[error("unknown call {0}")]
+    UnknownCall(CallId),
+    /// The call is already being recorded (stop that recording first).
+    #[error("call {0} is already being recorded")]
+    AlreadyRecording(CallId),
+    /// The call is not being recorded.
+    #[error("call {0} is not being recorded")]
+    NotRecording(CallId),
     /// A signaling message was refused (the session goes on).
     #[error("signaling error on {session}: {error}")]
     Signal {
@@ -60,6 +69,9 @@ impl RouterError {
             RouterError::RouterFull { .. } => "router_full",
             RouterError::Draining => "draining",
             RouterError::Overloaded { .. } => "overloaded",
+            RouterError::UnknownCall(_) => "unknown_call",
+            RouterError::AlreadyRecording(_) => "already_recording",
+            RouterError::NotRecording(_) => "not_recording",
             RouterError::Signal { error, .. } => error.code(),
         }
     }

@@ -83,6 +83,14 @@ pub struct Grants {
     pub publish_screen: bool,
     /// May receive the other participants' tracks.
     pub subscribe: bool,
+    /// May be recorded: `false` leaves this session's microphone, camera and screen out of
+    /// every recording of its call (see [`Router::start_recording`](crate::Router::start_recording)).
+    #[serde(default = "yes")]
+    pub recordable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Grants {
@@ -92,6 +100,7 @@ impl Grants {
         publish_video: true,
         publish_screen: true,
         subscribe: true,
+        recordable: true,
     };
 
     /// Listen and watch only.
@@ -100,9 +109,10 @@ impl Grants {
         publish_video: false,
         publish_screen: false,
         subscribe: true,
+        recordable: true,
     };
 
-    /// Builds grants from the four permissions.
+    /// Builds grants from the four permissions (recordable, as by default).
     pub fn new(
         publish_audio: bool,
         publish_video: bool,
@@ -114,7 +124,15 @@ impl Grants {
             publish_video,
             publish_screen,
             subscribe,
+            recordable: true,
         }
+    }
+
+    /// The same grants, with [`recordable`](Self::recordable) set: `false` keeps this session
+    /// out of recordings.
+    pub fn with_recordable(mut self, recordable: bool) -> Self {
+        self.recordable = recordable;
+        self
     }
 
     /// Whether a track of this source may be published.

@@ -27,6 +27,7 @@
 //! | `forward` | per-subscriber RTP rewriting, keyframe detection, VP8 picture-id continuity |
 //! | `layers` | simulcast/temporal layer measurement and the per-subscriber bandwidth allocator |
 //! | `speaker` | voice activity from RFC 6464 audio levels, active speaker, top-N audio |
+//! | [`record`] | recording: a tap on forwarding that writes Ogg/Opus and IVF files, no decoding |
 //! | `red` | RFC 2198 redundant audio (primary block) and Opus in-band FEC flags, read in place |
 //! | [`signal`] | typed JSON signaling messages |
 //! | [`metrics`] | counters, snapshot, Prometheus text |
@@ -96,6 +97,7 @@ mod layers;
 mod limits;
 pub mod load;
 pub mod metrics;
+pub mod record;
 mod red;
 pub mod router;
 mod session;
@@ -112,6 +114,7 @@ pub use error::{ConfigError, RouterError, SignalError};
 pub use ids::{CallId, Grants, SessionId, TrackSource, UserId};
 pub use load::{Load, LoadLevel};
 pub use metrics::MetricsSnapshot;
+pub use record::{RecordOutput, RecordingOptions};
 pub use router::{Datagram, Event, LeaveReason, Output, Router, Transmit};
 pub use signal::{
     ClientMessage, RosterEntry, ServerMessage, SlotInfo, SlotKind, MAX_PINS, PROTOCOL_VERSION,

@@ -199,6 +199,18 @@ pub struct MetricsSnapshot {
     /// Joins refused because the router was overloaded (also counted in `joins_refused`).
     #[serde(default)]
     pub joins_refused_overloaded: u64,
+    /// Calls being recorded now.
+    #[serde(default)]
+    pub recorders: u64,
+    /// Recordings started.
+    #[serde(default)]
+    pub recordings_started: u64,
+    /// Recorded files opened (one per recorded source and stretch of publishing).
+    #[serde(default)]
+    pub recording_files: u64,
+    /// Bytes of recorded files handed to the embedder.
+    #[serde(default)]
+    pub recording_bytes: u64,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
 }
@@ -261,6 +273,10 @@ impl MetricsSnapshot {
         self.load_level = self.load_level.max(other.load_level);
         self.load_level_changes += other.load_level_changes;
         self.joins_refused_overloaded += other.joins_refused_overloaded;
+        self.recorders += other.recorders;
+        self.recordings_started += other.recordings_started;
+        self.recording_files += other.recording_files;
+        self.recording_bytes += other.recording_bytes;
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -593,6 +609,30 @@ mod prom {
             "joins_refused_overloaded",
             "Joins refused because the router was overloaded (also in joins_refused)",
             m.joins_refused_overloaded,
+        );
+        gauge(
+            &mut registry,
+            "recorders",
+            "Calls being recorded now",
+            m.recorders,
+        );
+        counter(
+            &mut registry,
+            "recordings",
+            "Recordings started",
+            m.recordings_started,
+        );
+        counter(
+            &mut registry,
+            "recording_files",
+            "Recorded files opened (one per recorded source)",
+            m.recording_files,
+        );
+        counter(
+            &mut registry,
+            "recording_bytes",
+            "Bytes of recorded files handed to the embedder",
+            m.recording_bytes,
         );
         if per_session {
             session_series(&mut registry, m);

@@ -38,6 +38,7 @@ mod forwarding;
 mod ingress;
 mod listener_loss;
 mod negotiation;
+mod recording;
 mod slots;
 
 /// An unanswered router offer is sent again after this long …
@@ -220,6 +221,9 @@ pub enum Output {
     Signal(SessionId, ServerMessage),
     /// Something happened.
     Event(Event),
+    /// Recording output: a file to create, bytes to append to it, a file or recording
+    /// finished (see [`Router::start_recording`]).
+    Record(crate::record::RecordOutput),
     /// Nothing more to do: call [`Router::handle_timeout`] at this time (or on the next input).
     Timeout(Instant),
 }
@@ -251,6 +255,8 @@ pub struct Router {
     tcp_conns: HashMap<ConnId, TcpConn>,
     tcp_by_addr: HashMap<(SocketAddr, SocketAddr), ConnId>,
     outputs: VecDeque<Output>,
+    /// What recordings produced, handed out after `outputs`.
+    record_out: VecDeque<crate::record::RecordOutput>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// Sessions that must be connected by a deadline (join + `connect_timeout_ms`).
     /// Router-level deadlines (connect timeouts, unanswered offers), checked lazily.
@@ -325,6 +331,7 @@ impl Router {
             tcp_conns: HashMap::new(),
             tcp_by_addr: HashMap::new(),
             outputs: VecDeque::new(),
+            record_out: VecDeque::new(),
             timers: BinaryHeap::new(),
             deadlines: BinaryHeap::new(),
             touched: Vec::new(),
@@ -529,6 +536,10 @@ impl Router {
             session,
             ServerMessage::Roster { participants },
         ));
+        if let Some(recorder) = self.calls.get(&call).and_then(|c| c.recorder.as_deref()) {
+            let msg = self.recording_message(Some(recorder), session, true);
+            self.outputs.push_back(Output::Signal(session, msg));
+        }
         self.counters.snapshot.joins += 1;
         self.outputs.push_back(Output::Event(Event::Joined {
             session,
@@ -689,6 +700,17 @@ impl Router {
         if let Some(out) = self.outputs.pop_front() {
             return out;
         }
+        if let Some(out) = self.record_out.pop_front() {
+            use crate::record::RecordOutput;
+            match &out {
+                RecordOutput::FileStarted { .. } => self.counters.snapshot.recording_files += 1,
+                RecordOutput::Data { bytes, .. } => {
+                    self.counters.snapshot.recording_bytes += bytes.len() as u64;
+                }
+                _ => {}
+            }
+            return Output::Record(out);
+        }
         let mut next = None;
         while let Some(Reverse((at, session))) = self.timers.peek().copied() {
             let live = self
@@ -735,6 +757,7 @@ impl Router {
         m.tcp_connections = self.tcp_conns.len() as u64;
         m.connected_sessions = self.sessions.values().filter(|s| s.connected).count() as u64;
         m.red_streams = self.tracks.values().filter(|t| t.red).count() as u64;
+        m.recorders = self.calls.values().filter(|c| c.recorder.is_some()).count() as u64;
         let listener_losses = self.listener_losses();
         m.load_level = u64::from(self.load.level().as_u8());
         let mut stats: Vec<SessionStats> = self
@@ -1022,6 +1045,19 @@ impl Router {
         self.touched.retain(|s| *s != session);
         self.renegotiate.retain(|s| *s != session);
         self.remap.retain(|s| *s != session);
+        // The last one out ends the call's recording (its own tracks' files are finished).
+        let last = self
+            .calls
+            .get(&call)
+            .is_some_and(|c| c.members.iter().all(|m| *m == session));
+        if let Some(recorder) = self
+            .calls
+            .get_mut(&call)
+            .filter(|_| last)
+            .and_then(|c| c.recorder.take())
+        {
+            self.end_recording(&call, recorder, now);
+        }
         if let Some(c) = self.calls.get_mut(&call) {
             c.members.retain(|m| *m != session);
             c.speakers.remove(session);

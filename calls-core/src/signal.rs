@@ -238,6 +238,16 @@ pub enum ServerMessage {
         /// The loudest sustained speaker.
         session: Option<SessionId>,
     },
+    /// The call is being recorded (`active`), or no longer: sent to every member when a
+    /// recording starts or stops, and to whoever joins while one runs. `recorded` says whether
+    /// this participant's own sources are in it (a session whose grants forbid recording, or
+    /// that the recording does not name, is left out).
+    Recording {
+        /// A recording runs now.
+        active: bool,
+        /// This participant's microphone, camera and screen are recorded.
+        recorded: bool,
+    },
     /// Something the client sent was refused; the session goes on.
     Error {
         /// Stable machine-readable code (`bad_json`, `bad_sdp`, `not_allowed`, …).
@@ -261,6 +271,7 @@ impl ServerMessage {
             ServerMessage::Published { .. } => "published",
             ServerMessage::Layers { .. } => "layers",
             ServerMessage::Speaker { .. } => "speaker",
+            ServerMessage::Recording { .. } => "recording",
             ServerMessage::Error { .. } => "error",
         }
     }

@@ -272,6 +272,18 @@ impl Router {
                 }
             }
         }
+        // A recording keeps the layer it records (and the one it switches to).
+        let recorder = track
+            .recorded
+            .then(|| self.sessions.get(&key.publisher))
+            .flatten()
+            .and_then(|s| self.calls.get(&s.call))
+            .and_then(|c| c.recorder.as_deref());
+        if let Some(recorder) = recorder {
+            for (i, layer) in track.layers.iter().enumerate() {
+                needed[i] |= recorder.wants_layer(key, layer.rid);
+            }
+        }
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
         };
@@ -360,6 +372,7 @@ impl Router {
         for state in self.sessions.values_mut() {
             self.counters.snapshot.streams_parked += state.park_idle(now) as u64;
         }
+        self.recording_tick(now);
         self.apply_listener_loss();
     }
 }

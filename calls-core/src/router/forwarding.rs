@@ -20,6 +20,7 @@ use crate::call::TrackKey;
 use crate::forward::{Verdict, VideoCodec};
 use crate::ids::SessionId;
 use crate::layers;
+use crate::record::{RecCodec, RecPacket, SenderClock};
 use crate::red::{self, RedPrimary};
 use crate::session::{pt_for, red_pt_for, PayloadCodec, Session};
 use crate::slot::{Feed, PtMapping, AUDIO_SLOT_STALE};
@@ -145,6 +146,23 @@ impl Router {
                 None
             };
             track.red = red.is_some();
+            if track.recorded {
+                // Recorded whether or not it is among the loudest (top-N is for listeners).
+                if let Some(recorder) = self
+                    .calls
+                    .get_mut(&state.call)
+                    .and_then(|c| c.recorder.as_deref_mut())
+                {
+                    let rec = rec_packet(&packet, red.map_or(0, |p| p.offset), false, rid);
+                    recorder.on_packet(
+                        key,
+                        RecCodec::from_str0m(codec),
+                        None,
+                        rec,
+                        &mut self.record_out,
+                    );
+                }
+            }
             let opus = &packet.payload[red.map_or(0, |p| p.offset)..];
             if codec == str0m::format::Codec::Opus && red::opus_has_fec(opus) {
                 self.counters.snapshot.opus_fec_packets += 1;
@@ -198,6 +216,24 @@ impl Router {
         layer
             .meter
             .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
+        let mut record_keyframe = None;
+        if track.recorded {
+            let best = super::recording::best_layer(track, now);
+            if let Some(recorder) = self
+                .calls
+                .get_mut(&state.call)
+                .and_then(|c| c.recorder.as_deref_mut())
+            {
+                let rec = rec_packet(&packet, 0, incoming.keyframe, rid);
+                record_keyframe = recorder.on_packet(
+                    key,
+                    RecCodec::from_str0m(codec),
+                    best,
+                    rec,
+                    &mut self.record_out,
+                );
+            }
+        }
         if new_layer {
             // Every subscriber of this track can be given the new layer — before this packet
             // (often the keyframe that starts the layer) is fanned out.
@@ -205,6 +241,9 @@ impl Router {
             for sub in subscribers {
                 self.allocate(sub, now);
             }
+        }
+        if let Some(rid) = record_keyframe {
+            self.request_keyframe(key, rid, now, false);
         }
         self.forward_video(&incoming, now);
     }
@@ -587,4 +626,27 @@ fn write(
         s.red_stripped += 1;
     }
     Written::Sent
+}
+
+/// What a recording needs of one packet (borrowed: nothing is copied unless it is recorded).
+fn rec_packet(
+    packet: &RtpPacket,
+    offset: usize,
+    keyframe: bool,
+    rid: Option<Rid>,
+) -> RecPacket<'_> {
+    RecPacket {
+        seq: *packet.seq_no,
+        timestamp: packet.header.timestamp,
+        marker: packet.header.marker,
+        payload: &packet.payload,
+        offset,
+        keyframe,
+        rid,
+        sender: packet
+            .last_sender_info
+            .as_ref()
+            .and_then(SenderClock::from_info),
+        arrival: packet.timestamp,
+    }
 }

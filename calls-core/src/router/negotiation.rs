@@ -495,6 +495,7 @@ impl Router {
             if kind == MediaKind::Video {
                 self.remap_call(&call, Some(session));
             }
+            self.record_if_taken(key, now);
         } else if !we_receive && state.published.contains(&mid) {
             self.unpublish(key, now);
         }
@@ -502,7 +503,7 @@ impl Router {
 
     /// Stops a published track: the slots that carried it are emptied (and given to another
     /// source where there is one).
-    pub(super) fn unpublish(&mut self, key: TrackKey, _now: Instant) {
+    pub(super) fn unpublish(&mut self, key: TrackKey, now: Instant) {
         let Some(track) = self.tracks.remove(&key) else {
             return;
         };
@@ -514,6 +515,9 @@ impl Router {
         let user = state.user.clone();
         if let Some(c) = self.calls.get_mut(&call) {
             c.tracks.retain(|k| *k != key);
+        }
+        if track.recorded {
+            self.unrecord(&call, key, now);
         }
         let holders: Vec<SessionId> = if track.is_audio() {
             self.calls

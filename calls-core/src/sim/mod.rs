@@ -34,4 +34,4 @@ pub use peer::{
 };
 pub use receiver::{Attribution, Freezes, Jitter, LayerBytes, SlotMap, TrackStats};
 pub use tcp::{Deframer, TcpDirStats, TcpStats};
-pub use world::SimWorld;
+pub use world::{SimRecordedFile, SimWorld};

@@ -296,6 +296,9 @@ struct Encoding {
     force_keyframe: bool,
     /// Dynacast: whether the router wants this stream now.
     active: bool,
+    /// The publisher itself stopped this layer (as a browser drops its top layer when its
+    /// uplink shrinks): nothing is sent whatever dynacast says.
+    suspended: bool,
     sent: SentStats,
 }
 
@@ -309,6 +312,7 @@ impl Encoding {
             last_keyframe_at: None,
             force_keyframe: true,
             active: true,
+            suspended: false,
             sent: SentStats::default(),
         }
     }
@@ -907,6 +911,24 @@ impl SimPeer {
         self.apply_queued_change(now);
     }
 
+    /// Stops (or restarts) simulcast layer `rid` of `source` by the publisher's own decision,
+    /// whatever the router's dynacast asks: a browser whose uplink or CPU no longer carries
+    /// its top layer. A restarted layer begins with a keyframe.
+    pub fn suspend_layer(&mut self, source: TrackSource, rid: &str, suspended: bool) {
+        for p in self.publishers.iter_mut().filter(|p| p.source == source) {
+            for e in p
+                .encodings
+                .iter_mut()
+                .filter(|e| e.rid.as_deref() == Some(rid))
+            {
+                if e.suspended && !suspended {
+                    e.force_keyframe = true;
+                }
+                e.suspended = suspended;
+            }
+        }
+    }
+
     /// Sends raw text on the signaling channel (for malformed-input tests).
     pub fn send_raw_signal(&mut self, text: impl Into<String>) {
         self.signals_out.push(PeerSignal::Json(text.into()));
@@ -1231,7 +1253,7 @@ impl SimPeer {
         if is_video {
             let frames_per_keyframe = frames_per_interval(p.keyframe_interval, p.interval);
             for (n, e) in p.encodings.iter_mut().enumerate() {
-                if !e.active {
+                if !e.active || e.suspended {
                     continue;
                 }
                 let Some(vp8) = &mut e.vp8 else {

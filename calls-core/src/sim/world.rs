@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::error::RouterError;
 use crate::ids::{CallId, SessionId, UserId};
 use crate::metrics::MetricsSnapshot;
+use crate::record::{FileSummary, RecordOutput, RecordedFile, RecordingOptions};
 use crate::router::{Datagram, Event, Output, Router};
 use crate::signal::ServerMessage;
 use crate::tcp::{ConnId, TcpError};
@@ -41,6 +42,19 @@ const MAX_STEPS_PER_INSTANT: u32 = 1_000_000;
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 /// Default upper bound of one simulated TCP read/write chunk.
 const TCP_MAX_CHUNK: usize = 4096;
+
+/// One file a recording produced, as the world collected it from the router's outputs.
+#[derive(Debug, Clone)]
+pub struct SimRecordedFile {
+    /// The call recorded.
+    pub call: CallId,
+    /// The file as announced.
+    pub file: RecordedFile,
+    /// Every `Data` output for it, appended.
+    pub bytes: Vec<u8>,
+    /// Its summary, once finished.
+    pub summary: Option<FileSummary>,
+}
 
 /// A signaling message on its way.
 #[derive(Debug)]
@@ -107,6 +121,8 @@ pub struct SimWorld {
     tcp_errors: Vec<(ConnId, TcpError)>,
     tcp_stats: TcpStats,
     router_tcp_sent_to: BTreeMap<SocketAddr, u64>,
+    recorded: Vec<SimRecordedFile>,
+    record_log: Vec<RecordOutput>,
 }
 
 impl SimWorld {
@@ -164,6 +180,8 @@ impl SimWorld {
             tcp_errors: Vec::new(),
             tcp_stats: TcpStats::default(),
             router_tcp_sent_to: BTreeMap::new(),
+            recorded: Vec::new(),
+            record_log: Vec::new(),
         };
         world.drain_router();
         world
@@ -712,12 +730,83 @@ impl SimWorld {
                     tracing::debug!(?event, "router event");
                     self.events.push(event);
                 }
+                Output::Record(out) => self.collect_recording(out),
                 Output::Timeout(at) => {
                     self.router_timeout = Some(at);
                     break;
                 }
             }
         }
+    }
+
+    /// Files are assembled from `Data`; everything else goes to the log.
+    fn collect_recording(&mut self, out: RecordOutput) {
+        match out {
+            RecordOutput::FileStarted { call, file } => {
+                self.recorded.push(SimRecordedFile {
+                    call: call.clone(),
+                    file: file.clone(),
+                    bytes: Vec::new(),
+                    summary: None,
+                });
+                self.record_log
+                    .push(RecordOutput::FileStarted { call, file });
+            }
+            RecordOutput::Data { call, file, bytes } => {
+                match self
+                    .recorded
+                    .iter_mut()
+                    .rev()
+                    .find(|f| f.call == call && f.file.id == file)
+                {
+                    Some(f) => f.bytes.extend_from_slice(&bytes),
+                    None => panic!("recording data for {file:?} before its FileStarted"),
+                }
+            }
+            RecordOutput::FileFinished { call, summary } => {
+                if let Some(f) = self
+                    .recorded
+                    .iter_mut()
+                    .rev()
+                    .find(|f| f.call == call && f.file.id == summary.id)
+                {
+                    f.summary = Some(summary.clone());
+                }
+                self.record_log
+                    .push(RecordOutput::FileFinished { call, summary });
+            }
+            other => self.record_log.push(other),
+        }
+    }
+
+    /// Starts recording `call` (`Router::start_recording`) and drains the router.
+    pub fn start_recording(
+        &mut self,
+        call: impl Into<CallId>,
+        options: RecordingOptions,
+    ) -> Result<(), RouterError> {
+        self.flush_all_peers();
+        let result = self.router.start_recording(&call.into(), options, self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Stops recording `call` (`Router::stop_recording`) and drains the router.
+    pub fn stop_recording(&mut self, call: impl Into<CallId>) -> Result<(), RouterError> {
+        self.flush_all_peers();
+        let result = self.router.stop_recording(&call.into(), self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Every file recordings produced so far, in the order they started.
+    pub fn recorded_files(&self) -> &[SimRecordedFile] {
+        &self.recorded
+    }
+
+    /// Recording outputs other than `Data`, in order.
+    pub fn record_log(&self) -> &[RecordOutput] {
+        &self.record_log
     }
 
     /// Moves a peer's queued datagrams onto the network and its messages into signaling.

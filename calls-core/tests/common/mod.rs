@@ -20,6 +20,7 @@ pub fn secs(s: f64) -> Duration {
 }
 
 /// What `rx` received of `tx`'s `src` (empty if nothing).
+#[allow(dead_code)] // not every test file looks at what peers received
 pub fn stats(world: &SimWorld, rx: SessionId, tx: SessionId, src: TrackSource) -> TrackStats {
     world
         .peer(rx)

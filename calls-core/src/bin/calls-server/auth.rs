@@ -22,6 +22,12 @@ pub struct TokenGrants {
     pub screen: bool,
     #[serde(default = "yes")]
     pub subscribe: bool,
+    /// May be recorded (default); `false` keeps the participant out of every recording.
+    #[serde(default = "yes")]
+    pub recordable: bool,
+    /// May start and stop the call's recording from its WebSocket (`{"type":"record"}`).
+    #[serde(default)]
+    pub record: bool,
 }
 
 fn yes() -> bool {
@@ -51,6 +57,8 @@ pub struct Admission {
     pub user: String,
     pub name: String,
     pub grants: Grants,
+    /// May start and stop the call's recording (the token's `grants.record`; demo mode: yes).
+    pub may_record: bool,
 }
 
 /// What a token is presented for.
@@ -85,6 +93,7 @@ pub fn authorize(
             user: user.to_owned(),
             name: user.to_owned(),
             grants: Grants::ALL,
+            may_record: true,
         });
     };
     let token = token.ok_or("a join token is required")?;
@@ -126,14 +135,18 @@ pub fn authorize(
     if claims.call != call {
         return Err("token is for another call".into());
     }
-    let grants = match claims.grants {
-        Some(g) => Grants::new(g.audio, g.video, g.screen, g.subscribe),
-        None => Grants::ALL,
+    let (grants, may_record) = match claims.grants {
+        Some(g) => (
+            Grants::new(g.audio, g.video, g.screen, g.subscribe).with_recordable(g.recordable),
+            g.record,
+        ),
+        None => (Grants::ALL, false),
     };
     Ok(Admission {
         name: claims.name.unwrap_or_else(|| claims.sub.clone()),
         user: claims.sub,
         grants,
+        may_record,
     })
 }
 
@@ -216,6 +229,8 @@ mod tests {
                 video: false,
                 screen: false,
                 subscribe: true,
+                recordable: true,
+                record: false,
             }),
             exp: (now + exp_from_now) as u64,
         };

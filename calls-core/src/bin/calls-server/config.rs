@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -137,6 +137,11 @@ pub struct ServerConfig {
     pub overload_busy_percent: u8,
     /// Overload: calm time (ms) before a worker steps down one level; the retry hint.
     pub overload_recover_ms: u64,
+    /// Where recordings are written (one folder per recording); recording is off without it.
+    pub recording_dir: Option<PathBuf>,
+    /// File chunks waiting for the recording writer thread; beyond it chunks are dropped
+    /// (counted) and their file ends there, so the media loop never waits for the disk.
+    pub recording_queue_chunks: usize,
 }
 
 impl Default for ServerConfig {
@@ -196,6 +201,8 @@ impl Default for ServerConfig {
             overload_shed_video_lag_ms: 200,
             overload_busy_percent: 90,
             overload_recover_ms: 5_000,
+            recording_dir: None,
+            recording_queue_chunks: 4096,
         }
     }
 }
@@ -310,6 +317,8 @@ impl ServerConfig {
             "OVERLOAD_SHED_VIDEO_LAG_MS" => self.overload_shed_video_lag_ms = parse(value)?,
             "OVERLOAD_BUSY_PERCENT" => self.overload_busy_percent = parse(value)?,
             "OVERLOAD_RECOVER_MS" => self.overload_recover_ms = parse(value)?,
+            "RECORDING_DIR" => self.recording_dir = Some(PathBuf::from(value)),
+            "RECORDING_QUEUE_CHUNKS" => self.recording_queue_chunks = parse(value)?,
             other => return Err(format!("unknown setting CALLS_{other}")),
         }
         Ok(())
@@ -397,6 +406,12 @@ impl ServerConfig {
             p.push(format!(
                 "`worker_queue_datagrams` {} is below 64: one video frame's packets would not fit",
                 self.worker_queue_datagrams
+            ));
+        }
+        if self.recording_queue_chunks < 16 {
+            p.push(format!(
+                "`recording_queue_chunks` {} is below 16: a keyframe alone would not fit",
+                self.recording_queue_chunks
             ));
         }
         if self.ws_send_queue_messages < 16 {
@@ -792,6 +807,16 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "CALLS_OVERLOAD_RECOVER_MS",
         "calm time before a worker steps down one level; the retry hint",
     ),
+    (
+        "recording_dir",
+        "CALLS_RECORDING_DIR",
+        "where recordings are written, one folder per recording (unset: recording off)",
+    ),
+    (
+        "recording_queue_chunks",
+        "CALLS_RECORDING_QUEUE_CHUNKS",
+        "file chunks queued for the recording writer; beyond it a file is cut (counted)",
+    ),
 ];
 
 /// A configuration as TOML (unset options are absent).
@@ -936,6 +961,7 @@ mod tests {
             probe_password: Some(String::new()),
             auth_audience: Some(String::new()),
             auth_issuer: Some(String::new()),
+            recording_dir: Some(PathBuf::new()),
             ..ServerConfig::default()
         });
         let listed: Vec<&str> = SETTINGS.iter().map(|(key, _, _)| *key).collect();

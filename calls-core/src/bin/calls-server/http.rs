@@ -64,6 +64,8 @@ pub struct App {
     pub open_sockets: AtomicU64,
     /// Every open WebSocket's sender, to announce a drain.
     broadcast: Mutex<HashMap<u64, ClientSender>>,
+    /// The recording writer (`recording_dir` set): its counters for `/metrics`.
+    pub recording: Option<crate::recording::RecordingSink>,
 }
 
 impl App {
@@ -72,6 +74,7 @@ impl App {
         workers: Workers,
         tcp: TcpLimits,
         started: Instant,
+        recording: Option<crate::recording::RecordingSink>,
     ) -> Arc<App> {
         Arc::new(App {
             config,
@@ -85,6 +88,7 @@ impl App {
             tcp,
             open_sockets: AtomicU64::new(0),
             broadcast: Mutex::new(HashMap::new()),
+            recording,
         })
     }
 
@@ -126,6 +130,10 @@ pub fn admin(app: Arc<App>) -> Http {
     let admin = Http::new()
         .route("/api/calls", get(admin_calls))
         .route("/api/calls/{call}", delete(admin_end_call))
+        .route(
+            "/api/calls/{call}/recording",
+            post(admin_start_recording).delete(admin_stop_recording),
+        )
         .route("/api/sessions/{session}", delete(admin_kick))
         .route("/api/sessions/{session}/bandwidth", post(admin_bandwidth))
         .route("/api/drain", post(admin_drain));
@@ -222,6 +230,19 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     text.push_str(&process_metrics(&app));
     text.push_str(&worker_metrics(&app));
     text.push_str(&build_info());
+    if let Some(sink) = &app.recording {
+        let c = &sink.counters;
+        for (name, help, value) in [
+            ("calls_server_recording_dropped", "Recording file chunks dropped because the writer thread was behind (their file ends there)", &c.dropped),
+            ("calls_server_recording_written_bytes", "Recording bytes written to disk", &c.written),
+            ("calls_server_recording_errors", "Recording write errors (disk full, permissions)", &c.errors),
+        ] {
+            text.push_str(&format!(
+                "# TYPE {name} counter\n# HELP {name} {help}.\n{name}_total {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+    }
     text.push_str("# TYPE calls_workers_unanswered gauge\n# HELP calls_workers_unanswered Router workers too busy to answer this scrape within 2 s (their counts are missing).\n");
     text.push_str(&format!("calls_workers_unanswered {unanswered}\n"));
     text.push_str("# EOF\n");
@@ -660,6 +681,18 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                             left_for_good = true;
                             break;
                         }
+                        if let Some(on) = record_request(text.as_str()) {
+                            // Start or stop the call's recording: the token's `record` grant
+                            // (the worker refuses it on this WebSocket without).
+                            let cmd = Cmd::Record {
+                                call: CallId::from(call.as_str()),
+                                options: on.then(calls_core::RecordingOptions::everyone),
+                                from: Some((session, admission.may_record)),
+                                reply: None,
+                            };
+                            let _ = app.workers.send(worker, cmd);
+                            continue;
+                        }
                         // A full queue drops it (counted in calls_worker_queue_dropped_total).
                         let _ = app.workers.send(worker, Cmd::Signal { session, text: text.to_string() });
                     }
@@ -731,6 +764,16 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
 }
 
 /// `{"type":"leave"}` in any JSON spelling (`json.dumps` puts a space after the colon).
+/// `{"type":"record","on":true|false}`: a participant starts or stops the call's recording.
+fn record_request(text: &str) -> Option<bool> {
+    if !text.contains("record") {
+        return None;
+    }
+    let v = serde_json::from_str::<serde_json::Value>(text).ok()?;
+    (v.get("type")?.as_str()? == "record")
+        .then(|| v.get("on").and_then(|o| o.as_bool()).unwrap_or(true))
+}
+
 fn is_leave(text: &str) -> bool {
     text.contains("leave")
         && serde_json::from_str::<serde_json::Value>(text)
@@ -913,6 +956,83 @@ async fn admin_end_call(
         },
     );
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `POST /api/calls/{call}/recording`, body optional: `RecordingOptions` as JSON
+/// (`{"sessions": [3, 5], "audio": true, "camera": true, "screen": false}`; empty: everyone).
+async fn admin_start_recording(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(call): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if app.recording.is_none() {
+        return (
+            StatusCode::CONFLICT,
+            "recording is off: set recording_dir\n",
+        )
+            .into_response();
+    }
+    let options = if body.iter().all(u8::is_ascii_whitespace) {
+        calls_core::RecordingOptions::everyone()
+    } else {
+        match serde_json::from_slice::<calls_core::RecordingOptions>(&body) {
+            Ok(o) => o,
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("recording options: {e}\n"))
+                    .into_response()
+            }
+        }
+    };
+    record_command(&app, call, Some(options)).await
+}
+
+/// `DELETE /api/calls/{call}/recording`.
+async fn admin_stop_recording(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(call): Path<String>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    record_command(&app, call, None).await
+}
+
+async fn record_command(
+    app: &App,
+    call: String,
+    options: Option<calls_core::RecordingOptions>,
+) -> Response {
+    let worker = worker_for_call(&call, app.workers.count());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let cmd = Cmd::Record {
+        call: CallId::from(call.as_str()),
+        options,
+        from: None,
+        reply: Some(reply),
+    };
+    if app.workers.send(worker, cmd).is_err() {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), answer).await {
+        Ok(Ok(Ok(()))) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(Err(e))) => {
+            let status = match e {
+                RouterError::UnknownCall(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::CONFLICT,
+            };
+            (
+                status,
+                Json(json!({"code": e.code(), "message": e.to_string()})),
+            )
+                .into_response()
+        }
+        _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
 }
 
 async fn admin_kick(

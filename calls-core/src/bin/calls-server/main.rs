@@ -21,6 +21,7 @@ mod http;
 mod load_meter;
 mod media;
 mod probe;
+mod recording;
 mod stun;
 mod tcp_limits;
 mod udp_send;
@@ -168,6 +169,13 @@ fn run(config: ServerConfig) -> Result<(), String> {
         config.tcp_max_connections_per_ip,
     );
     let started = Instant::now();
+    let recording = match &config.recording_dir {
+        Some(dir) => Some(
+            recording::RecordingSink::start(dir.clone(), config.recording_queue_chunks)
+                .map_err(|e| format!("recording_dir {}: {e}", dir.display()))?,
+        ),
+        None => None,
+    };
     let mut queues = Vec::new();
     let mut statuses = Vec::new();
     for index in 0..workers_n {
@@ -188,7 +196,8 @@ fn run(config: ServerConfig) -> Result<(), String> {
             Arc::clone(&tcp_limits.counters),
             Arc::clone(&status),
             started,
-        );
+        )
+        .with_recording(recording.clone());
         let (thread_queue, thread_status) = (Arc::clone(&queue), Arc::clone(&status));
         std::thread::Builder::new()
             .name(format!("router-{index}"))
@@ -217,7 +226,13 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let app = http::App::new(config.clone(), workers.clone(), tcp_limits.clone(), started);
+        let app = http::App::new(
+            config.clone(),
+            workers.clone(),
+            tcp_limits.clone(),
+            started,
+            recording.clone(),
+        );
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);
             let listener = tokio::net::TcpListener::bind(addr)

@@ -2,6 +2,7 @@
 //! media dispatcher routes a new 5-tuple by the worker index minted into the ICE ufrag, then
 //! by the flow table workers fill from `Event::FlowAdmitted`.
 
+use crate::recording::{RecordingSink, Truncated};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, UdpSocket};
@@ -94,6 +95,15 @@ pub enum Cmd {
     EndCall {
         call: CallId,
     },
+    /// Start (`options: Some`) or stop (`None`) a call's recording: from the admin API (with
+    /// `reply`), or from a participant (`from`: its session, and whether its token may; its
+    /// WebSocket hears a refusal).
+    Record {
+        call: CallId,
+        options: Option<calls_core::RecordingOptions>,
+        from: Option<(SessionId, bool)>,
+        reply: Option<oneshot::Sender<Result<(), RouterError>>>,
+    },
     /// Admin API: cap (or uncap, `None`) the bandwidth the router assumes towards `session`.
     /// Workers that do not host the session reply `UnknownSession`.
     SetBandwidthCap {
@@ -173,6 +183,9 @@ pub struct Worker {
     tcp_counters: Arc<TcpCounters>,
     /// Reused buffer for a batch of datagrams.
     batch: Vec<Queued<Cmd>>,
+    /// The recording writer thread (`recording_dir` set), and the files this worker had to cut.
+    recording: Option<RecordingSink>,
+    truncated: Truncated,
 }
 
 /// Most datagrams handed to the router as one batch (str0m holds a subscriber's writes until
@@ -202,7 +215,15 @@ impl Worker {
             tcp_by_remote: HashMap::new(),
             tcp_counters,
             batch: Vec::with_capacity(MAX_BATCH),
+            recording: None,
+            truncated: Truncated::default(),
         }
+    }
+
+    /// Hands this worker's recording outputs to the writer thread (`recording_dir` set).
+    pub fn with_recording(mut self, sink: Option<RecordingSink>) -> Self {
+        self.recording = sink;
+        self
     }
 
     /// Runs for the life of the process. Each round: drain the router, measure (timer
@@ -400,6 +421,42 @@ impl Worker {
                     let _ = self.router.leave(session, now);
                 }
             }
+            Cmd::Record {
+                call,
+                options,
+                from,
+                reply,
+            } => {
+                let result = match (options, from) {
+                    (_, Some((session, false))) => Err(RouterError::Signal {
+                        session,
+                        error: calls_core::SignalError::NotAllowed(
+                            "this session may not start or stop recordings",
+                        ),
+                    }),
+                    (Some(_), _) if self.recording.is_none() => {
+                        Err(RouterError::NotRecording(call.clone()))
+                    }
+                    (Some(options), _) => self.router.start_recording(&call, options, now),
+                    (None, _) => self.router.stop_recording(&call, now),
+                };
+                let on = self.router.is_recording(&call);
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(worker = self.index, %call, by = ?from, on, "recording command")
+                    }
+                    Err(e) => {
+                        tracing::info!(worker = self.index, %call, "recording command refused: {e}")
+                    }
+                }
+                if let (Some((session, _)), Err(e)) = (from, &result) {
+                    let msg = serde_json::json!({"type": "error", "code": e.code(), "message": e.to_string()});
+                    self.send_to_client(session, ToClient::Text(msg.to_string()));
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
             Cmd::SetBandwidthCap {
                 session,
                 bps,
@@ -495,6 +552,11 @@ impl Worker {
                     self.send_to_client(session, ToClient::Text(msg.to_json()));
                 }
                 Output::Event(event) => self.on_event(event),
+                Output::Record(out) => {
+                    if let Some(sink) = &self.recording {
+                        sink.offer(out, &mut self.truncated);
+                    }
+                }
                 _ => {}
             }
         }
