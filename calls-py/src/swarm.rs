@@ -823,10 +823,14 @@ impl MediaThread {
             }
             let now = Instant::now();
             for (slot, l) in live.iter_mut().enumerate() {
+                // Taken even from a participant that is done: its sockets may still report
+                // (a closed WebSocket hangs up), and a flag left set would keep the thread
+                // from polling again, so nobody else on it would read another packet.
+                let is_ready = std::mem::take(&mut ready[slot]);
                 if l.done {
                     continue;
                 }
-                if std::mem::take(&mut ready[slot]) {
+                if is_ready {
                     l.read_signaling(now);
                     l.read_media(&mut buf, now);
                 }
