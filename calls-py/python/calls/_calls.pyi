@@ -25,6 +25,7 @@ __all__ = [
     "CallFullError",
     "RouterFullError",
     "DrainingError",
+    "OverloadedError",
     "TcpError",
     "SwarmError",
 ]
