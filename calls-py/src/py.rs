@@ -1077,7 +1077,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             _ => Ok(default),
         }
     }
-    const KEYS: [&str; 13] = [
+    const KEYS: [&str; 14] = [
         "call",
         "user",
         "token",
@@ -1091,6 +1091,7 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         "start_after",
         "seed",
         "transport",
+        "stall_reading_after",
     ];
     for key in d.keys() {
         let key: String = key.extract()?;
@@ -1100,7 +1101,17 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
             )));
         }
     }
-    let start_after: f64 = get(d, "start_after", 0.0)?;
+    let seconds = |key: &str, value: f64| {
+        Duration::try_from_secs_f64(value).map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "participant {index}: {key} {value} is not a duration"
+            ))
+        })
+    };
+    let start_after = seconds("start_after", get(d, "start_after", 0.0)?)?;
+    let stall_reading_after = get::<Option<f64>>(d, "stall_reading_after", None)?
+        .map(|s| seconds("stall_reading_after", s))
+        .transpose()?;
     let transport = match get(d, "transport", "udp".to_owned())?.as_str() {
         "udp" => Transport::Udp,
         "tcp" => Transport::Tcp,
@@ -1121,13 +1132,10 @@ fn spec_from_dict(d: &Bound<'_, PyDict>, index: usize) -> PyResult<ParticipantSp
         speaking: get(d, "speaking", false)?,
         muted: get(d, "muted", true)?,
         dtx: get(d, "dtx", true)?,
-        start_after: Duration::try_from_secs_f64(start_after).map_err(|_| {
-            pyo3::exceptions::PyValueError::new_err(format!(
-                "participant {index}: start_after {start_after} is not a duration"
-            ))
-        })?,
+        start_after,
         seed: get(d, "seed", index as u64 + 1)?,
         transport,
+        stall_reading_after,
     })
 }
 
@@ -1140,8 +1148,10 @@ struct Swarm {
 #[pymethods]
 impl Swarm {
     /// Starts at once. `participants`: dicts with `call`, `user`, `token`, `audio`, `video`,
-    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `dtx` (default true), `start_after` (s), `seed`,
-    /// `transport` (`"udp"`, the default, or `"tcp"`: ICE-TCP only).
+    /// `screen`, `simulcast` (default true), `speaking`, `muted`, `dtx` (default true),
+    /// `start_after` (s), `seed`, `transport` (`"udp"`, the default, or `"tcp"`: ICE-TCP
+    /// only), `stall_reading_after` (s; ICE-TCP only: stop reading the connection then, a
+    /// client whose app froze).
     /// `threads` 0 = one per core.
     #[new]
     #[pyo3(signature = (url, participants, duration, threads = 0, allow_remote = false))]

@@ -95,6 +95,11 @@ pub struct ParticipantSpec {
     /// How its media reaches the server: UDP, or ICE-TCP only (an active TCP candidate; one
     /// connection to the server's TCP candidate, opened on the peer's first TCP transmit).
     pub transport: Transport,
+    /// ICE-TCP only: stop reading the connection this long after the `welcome`, and never read
+    /// it again: a client whose app froze. It goes on sending (its media, ICE checks), so it
+    /// notices when the server closes the connection (the next write is reset), and counts a
+    /// `tcp_errors`. `None`: it reads until the end.
+    pub stall_reading_after: Option<Duration>,
 }
 
 /// What runs and for how long.
@@ -119,7 +124,8 @@ pub enum SwarmError {
     BadUrl(String),
     /// The server is not on a loopback address and `allow_remote` is off.
     NotLoopback(SocketAddr),
-    /// No participants, no threads, or a zero duration.
+    /// No participants, no threads, a zero duration, or a UDP participant asked to stall its
+    /// reads.
     BadConfig(String),
 }
 
@@ -357,6 +363,15 @@ impl Swarm {
         }
         if config.duration.is_zero() {
             return Err(SwarmError::BadConfig("duration is 0".into()));
+        }
+        if let Some(index) = config
+            .participants
+            .iter()
+            .position(|p| p.stall_reading_after.is_some() && p.transport != Transport::Tcp)
+        {
+            return Err(SwarmError::BadConfig(format!(
+                "participant {index}: stall_reading_after needs transport tcp"
+            )));
         }
         let (server, host) = resolve(&config.url)?;
         if !config.allow_remote && !server.ip().is_loopback() {
@@ -719,6 +734,8 @@ struct Live {
     media_token: Token,
     /// ICE-TCP: the partial frame between reads.
     deframer: Deframer,
+    /// ICE-TCP: from then on the connection is not read ([`ParticipantSpec::stall_reading_after`]).
+    stall_reading_at: Option<Instant>,
     tcp_errors: u64,
     peer: SimPeer,
     opened_at: Instant,
@@ -826,10 +843,14 @@ impl MediaThread {
             }
             let now = Instant::now();
             for (slot, l) in live.iter_mut().enumerate() {
+                // Taken even from a participant that is done: its sockets may still report
+                // (a closed WebSocket hangs up), and a flag left set would keep the thread
+                // from polling again, so nobody else on it would read another packet.
+                let is_ready = std::mem::take(&mut ready[slot]);
                 if l.done {
                     continue;
                 }
-                if std::mem::take(&mut ready[slot]) {
+                if is_ready {
                     l.read_signaling(now);
                     l.read_media(&mut buf, now);
                 }
@@ -915,6 +936,7 @@ impl MediaThread {
             }
         }
         peer.start(now);
+        let stall_reading_at = spec.stall_reading_after.map(|after| now + after);
         Ok(Live {
             index: joined.index,
             ws: joined.ws,
@@ -922,6 +944,7 @@ impl MediaThread {
             media,
             media_token,
             deframer: Deframer::default(),
+            stall_reading_at,
             tcp_errors: 0,
             peer,
             opened_at: joined.opened_at,
@@ -1080,7 +1103,11 @@ impl Live {
 
     /// Everything waiting on the ICE-TCP connection, frame by frame; whether there was
     /// anything. A closed connection or an oversized frame ends the participant's media.
+    /// A stalled reader reads nothing: what the server sends piles up in the kernel's buffers.
     fn read_tcp(&mut self, buf: &mut [u8], now: Instant) -> bool {
+        if self.stall_reading_at.is_some_and(|at| now >= at) {
+            return false;
+        }
         let mut got = false;
         while let MediaSocket::Tcp(link) = &mut self.media {
             let Some(server) = link.server() else {
@@ -1517,9 +1544,8 @@ mod tests {
         assert_eq!(layer_rid(TrackSource::Microphone, 0), None);
     }
 
-    #[test]
-    fn a_swarm_refuses_a_remote_server() {
-        let spec = ParticipantSpec {
+    fn speaker(transport: Transport) -> ParticipantSpec {
+        ParticipantSpec {
             call: "c".into(),
             user: "u".into(),
             token: None,
@@ -1532,18 +1558,42 @@ mod tests {
             dtx: true,
             start_after: Duration::ZERO,
             seed: 1,
-            transport: Transport::Udp,
-        };
-        let config = SwarmConfig {
-            url: "http://192.0.2.1:8080".into(),
-            participants: vec![spec],
+            transport,
+            stall_reading_after: None,
+        }
+    }
+
+    fn swarm_of(url: &str, participants: Vec<ParticipantSpec>) -> SwarmConfig {
+        SwarmConfig {
+            url: url.into(),
+            participants,
             duration: Duration::from_secs(1),
             threads: 1,
             allow_remote: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_swarm_refuses_a_remote_server() {
+        let config = swarm_of("http://192.0.2.1:8080", vec![speaker(Transport::Udp)]);
         assert!(matches!(
             Swarm::start(config),
             Err(SwarmError::NotLoopback(_))
         ));
+    }
+
+    #[test]
+    fn only_an_ice_tcp_participant_can_stall_its_reads() {
+        let stalled = ParticipantSpec {
+            stall_reading_after: Some(Duration::from_secs(1)),
+            ..speaker(Transport::Udp)
+        };
+        let config = swarm_of("http://127.0.0.1:9", vec![speaker(Transport::Udp), stalled]);
+        match Swarm::start(config) {
+            Err(SwarmError::BadConfig(e)) => {
+                assert_eq!(e, "participant 1: stall_reading_after needs transport tcp");
+            }
+            other => panic!("a stalled UDP reader was not refused: {other:?}"),
+        }
     }
 }

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -55,13 +56,14 @@ def _server_binary() -> Path:
     return target / ("release" if profile == "release" else "debug") / "calls-server"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The reference server with an auth secret, on free ports; killed at the end."""
+@contextmanager
+def running_server(log_dir: Path, **settings: str) -> Iterator[Server]:
+    """The reference server with an auth secret, on free ports, with ``settings`` as extra
+    ``CALLS_*`` variables (``TCP_WRITE_QUEUE_FRAMES="16"``); killed on exit."""
     binary = _server_binary()
-    rng = random.Random(os.getpid() ^ int(time.time()))
+    rng = random.Random(os.getpid() ^ time.time_ns())
     http, media = _free_port(rng), _free_port(rng)
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_dir / "server.log"
     # The server refuses unknown CALLS_* settings: pass only ours.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_")}
     env.update(
@@ -78,6 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         CALLS_OVERLOAD_SHED_VIDEO_LAG_MS="6000",
         CALLS_OVERLOAD_BUSY_PERCENT="100",
     )
+    env.update({f"CALLS_{name}": value for name, value in settings.items()})
     with open(log, "w") as out:
         proc = subprocess.Popen([str(binary)], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http}"
@@ -101,3 +104,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The reference server with an auth secret, on free ports; killed at the end."""
+    with running_server(tmp_path_factory.mktemp("server")) as s:
+        yield s

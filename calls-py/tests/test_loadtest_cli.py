@@ -5,10 +5,12 @@ import csv
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import pytest
 from conftest import SECRET, Server
 
 from calls.loadtest import Participant, ParticipantStats, plan
@@ -68,6 +70,21 @@ def test_each_broken_threshold_is_named() -> None:
         [stats(0, state="failed", received=0), stats(1), stats(2), stats(3)],
         Thresholds(max_failed=1, min_receiving_percent=75.0),
     ).passed
+
+
+def test_stalled_readers_are_on_ice_tcp_and_being_closed_is_not_their_failure() -> None:
+    people = plan(participants=4, speakers=1, stalled_readers=1, stall_after=2.0)
+    assert [p.stall_reading_after for p in people] == [None, None, None, 2.0]
+    assert [p.transport for p in people] == ["udp", "udp", "udp", "tcp"]
+    closed = replace(stats(3, state="failed"), error="ICE-TCP: write: Broken pipe (os error 32)")
+    never_connected = replace(closed, connected_ms=None)
+    assert judge(people, [stats(0), stats(1), stats(2), closed], Thresholds()).passed
+    refused = judge(people, [stats(0), stats(1), stats(2), never_connected], Thresholds())
+    assert refused.failed == 1, refused
+    with pytest.raises(ValueError, match="stalled_readers"):
+        plan(participants=2, stalled_readers=3)
+    done = loadtest("--participants", "2", "--stalled-readers", "3")
+    assert done.returncode == 2 and "--stalled-readers" in done.stderr, done.stderr
 
 
 def test_help_shows_defaults_and_thresholds() -> None:

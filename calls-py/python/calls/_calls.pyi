@@ -25,6 +25,7 @@ __all__ = [
     "CallFullError",
     "RouterFullError",
     "DrainingError",
+    "OverloadedError",
     "TcpError",
     "SwarmError",
 ]
@@ -221,7 +222,14 @@ class Peer:
 
 @final
 class Swarm:
-    """Simulated participants on Rust threads (see ``calls.loadtest.Swarm``)."""
+    """Simulated participants on Rust threads (see ``calls.loadtest.Swarm``).
+
+    Each participant is a dict of ``calls.loadtest.Participant``'s fields: ``call``, ``user``,
+    ``token``, ``audio``, ``video``, ``screen``, ``simulcast``, ``speaking``, ``muted``,
+    ``start_after`` (s), ``seed``, ``transport`` (``"udp"`` or ``"tcp"``) and
+    ``stall_reading_after`` (s, ICE-TCP only: stop reading the connection then); an unknown
+    key is a ``ValueError``, a stalled UDP reader a ``SwarmError``.
+    """
 
     def __new__(
         cls,

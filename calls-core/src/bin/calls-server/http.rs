@@ -384,6 +384,11 @@ fn process_metrics(app: &App) -> String {
         "calls_tcp_write_queue_full_total {}\n",
         tcp.write_queue_full.load(Ordering::Relaxed)
     );
+    out += "# TYPE calls_tcp_write_stalls counter\n# HELP calls_tcp_write_stalls ICE-TCP connections closed because one write waited 10 s for a client that did not read.\n";
+    out += &format!(
+        "calls_tcp_write_stalls_total {}\n",
+        tcp.write_stalls.load(Ordering::Relaxed)
+    );
     out += "# TYPE calls_websockets gauge\n# HELP calls_websockets Open signaling WebSockets.\n";
     out += &format!(
         "calls_websockets {}\n",

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::tcp_limits::{AcceptBackoff, TcpLimits};
-use crate::worker::{Cmd, Workers};
+use crate::worker::{Cmd, TcpWriter, TcpWriterTask, Workers};
 
 /// Socket buffers large enough for bursts of video from many participants.
 const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -131,8 +131,9 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
     });
 }
 
-/// A write to an ICE-TCP client that has not completed in this long closes the connection:
-/// its receive window stayed shut (it does not read), so queued media would only go stale.
+/// A write to an ICE-TCP client that has not completed in this long closes the connection
+/// (counted as a write stall): its receive window stayed shut (it does not read), so queued
+/// media would only go stale. A client sent enough to fill its queue first is closed then.
 const TCP_WRITE_STALL: Duration = Duration::from_secs(10);
 
 /// Accepts ICE-TCP connections. The first RFC 4571 frame (a STUN binding request) picks the
@@ -175,6 +176,7 @@ pub async fn run_tcp(
         };
         let _ = stream.set_nodelay(true);
         let workers = workers.clone();
+        let counters = limits.counters.clone();
         tokio::spawn(async move {
             let _slot = slot; // freed when this connection ends
                               // Peek the first frame to route the connection.
@@ -199,7 +201,7 @@ pub async fn run_tcp(
             let (mut reader, mut writer) = stream.into_split();
             // Bounded: the worker closes the connection when it is full (the client does not
             // read), instead of queueing without end.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue_frames);
+            let (tx, writes) = TcpWriter::new(queue_frames);
             let accepted = Cmd::TcpAccepted {
                 conn,
                 remote,
@@ -225,10 +227,36 @@ pub async fn run_tcp(
             let (writer_done, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
             let write_task = tokio::spawn(async move {
                 let _writer_done = writer_done;
-                while let Some(bytes) = rx.recv().await {
-                    match tokio::time::timeout(TCP_WRITE_STALL, writer.write_all(&bytes)).await {
+                let TcpWriterTask {
+                    mut queue,
+                    mut dropped,
+                } = writes;
+                // Biased: what is queued is written while the socket takes it, also after the
+                // worker dropped the writer (a session that left); a write that has to wait
+                // stops at once then, not TCP_WRITE_STALL later: the worker gave up on this
+                // client (its queue filled up behind that write).
+                loop {
+                    let bytes = tokio::select! {
+                        biased;
+                        frame = queue.recv() => match frame {
+                            Some(bytes) => bytes,
+                            None => break,
+                        },
+                        _ = &mut dropped => break,
+                    };
+                    let written = tokio::select! {
+                        biased;
+                        written = tokio::time::timeout(TCP_WRITE_STALL, writer.write_all(&bytes)) => written,
+                        _ = &mut dropped => break,
+                    };
+                    match written {
                         Ok(Ok(())) => {}
-                        _ => break,
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            counters.write_stalls.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%remote, %conn, "ICE-TCP write stalled; closing");
+                            break;
+                        }
                     }
                 }
                 // The worker dropped the writer (bad framing, full queue, session gone), or

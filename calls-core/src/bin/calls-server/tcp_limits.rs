@@ -25,6 +25,9 @@ pub struct TcpCounters {
     pub accept_errors: AtomicU64,
     /// Connections closed because their write queue was full (the client does not read).
     pub write_queue_full: AtomicU64,
+    /// Connections closed because one write waited too long for the client's window (a client
+    /// that stopped reading while too little was sent to it to fill the queue).
+    pub write_stalls: AtomicU64,
 }
 
 #[derive(Debug, Default)]

@@ -28,8 +28,40 @@ use crate::worker_queue::{Lane, Queued, WorkerQueue};
 /// flow that moved to another worker pointed at the old one.
 pub type FlowMap = Arc<Mutex<HashMap<(Proto, SocketAddr), usize>>>;
 
-/// The write side of one ICE-TCP connection: a bounded queue of frames for its writer task.
-pub type TcpWriter = tokio::sync::mpsc::Sender<Vec<u8>>;
+/// The write side of one ICE-TCP connection, held by the worker: a bounded queue of frames for
+/// its writer task. Dropping it closes the connection: what is queued is still written while
+/// the socket takes it, but a write that has to wait for the client ends the connection at
+/// once (a client that does not read is not waited for).
+#[derive(Debug)]
+pub struct TcpWriter {
+    frames: mpsc::Sender<Vec<u8>>,
+    /// Never sent on: the writer task stops when this is dropped.
+    _close_on_drop: oneshot::Sender<()>,
+}
+
+impl TcpWriter {
+    /// A writer whose queue holds at most `queue_frames` frames, and the other end, for the
+    /// connection's writer task.
+    pub fn new(queue_frames: usize) -> (TcpWriter, TcpWriterTask) {
+        let (frames, queue) = mpsc::channel(queue_frames);
+        let (close, dropped) = oneshot::channel();
+        let writer = TcpWriter {
+            frames,
+            _close_on_drop: close,
+        };
+        (writer, TcpWriterTask { queue, dropped })
+    }
+}
+
+/// What the connection's writer task reads: the frames, and whether the worker dropped the
+/// [`TcpWriter`].
+#[derive(Debug)]
+pub struct TcpWriterTask {
+    /// Frames to write, in order.
+    pub queue: mpsc::Receiver<Vec<u8>>,
+    /// Completes (with an error) when the worker drops the [`TcpWriter`].
+    pub dropped: oneshot::Receiver<()>,
+}
 
 /// The sending side of a session's WebSocket: bounded (`ws_send_queue_messages`). A worker
 /// that finds it full ends the session and drops it; the socket task then closes the
@@ -531,19 +563,28 @@ impl Worker {
                         }
                     }
                     (Proto::Tcp, Some(conn)) => {
-                        let full = self
-                            .tcp_writers
-                            .get(&conn)
-                            .is_some_and(|w| w.try_send(t.contents).is_err());
-                        if full {
-                            // The client does not read (or its socket is gone): close it
-                            // rather than queue without bound (issue 16, finding 1).
-                            self.tcp_counters
-                                .write_queue_full
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            tracing::debug!(worker = self.index, %conn, "TCP write queue full; closing");
-                            let _ = self.router.tcp_closed(conn);
-                            self.forget_tcp(conn);
+                        let sent = match self.tcp_writers.get(&conn) {
+                            Some(writer) => writer.frames.try_send(t.contents),
+                            None => Ok(()),
+                        };
+                        match sent {
+                            Ok(()) => {}
+                            Err(TrySendError::Full(_)) => {
+                                // The client does not read: close it rather than queue
+                                // without bound (issue 16, finding 1).
+                                self.tcp_counters
+                                    .write_queue_full
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(worker = self.index, %conn, "TCP write queue full; closing");
+                                let _ = self.router.tcp_closed(conn);
+                                self.forget_tcp(conn);
+                            }
+                            Err(TrySendError::Closed(_)) => {
+                                // Its socket is gone (reset, or a write stalled); its
+                                // connection task reports the close too. Not a full queue.
+                                let _ = self.router.tcp_closed(conn);
+                                self.forget_tcp(conn);
+                            }
                         }
                     }
                     _ => {}
@@ -593,7 +634,7 @@ impl Worker {
         }
     }
 
-    /// Drops an ICE-TCP connection's writer (its writer task then closes the socket).
+    /// Drops an ICE-TCP connection's writer (its connection task then closes the socket).
     fn forget_tcp(&mut self, conn: ConnId) {
         self.tcp_writers.remove(&conn);
         self.tcp_by_remote.retain(|_, c| *c != conn);

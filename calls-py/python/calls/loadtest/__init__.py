@@ -73,6 +73,11 @@ class Participant:
     #: ``"udp"``, or ``"tcp"``: ICE-TCP only (an active TCP candidate; one RFC 4571-framed
     #: connection to the server's TCP candidate, opened on the first ICE check).
     transport: str = "udp"
+    #: ICE-TCP only: stop reading the connection this many seconds after joining, and never
+    #: read it again (a client whose app froze). It goes on sending, so it notices when the
+    #: server closes the connection: a ``tcp_errors``, and it is ``failed``. None: it reads to
+    #: the end.
+    stall_reading_after: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,8 @@ def plan(
     call_prefix: str = "loadtest",
     token_ttl: float = 3600.0,
     transport: str = "udp",
+    stalled_readers: int = 0,
+    stall_after: float = 5.0,
 ) -> List[Participant]:
     """``calls`` calls of ``participants`` each. In every call the first ``speakers`` talk,
     the first ``video`` publish a camera and the first ``screen`` share a screen (as simulcast
@@ -313,15 +320,21 @@ def plan(
     ``ramp``: joins per second (0: all at once).
     With ``secret``, each participant gets a join token.
     ``transport``: ``"udp"``, ``"tcp"`` (everyone ICE-TCP only) or ``"mixed"`` (participants
-    0, 4, 8, … of each call ICE-TCP only: a quarter, including a publisher)."""
+    0, 4, 8, … of each call ICE-TCP only: a quarter, including a publisher).
+    ``stalled_readers``: the last ones of each call are on ICE-TCP whatever ``transport`` says,
+    and stop reading their connection ``stall_after`` seconds after joining (the server should
+    close their connections; nobody else should notice)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+    if not 0 <= stalled_readers <= participants:
+        raise ValueError(f"stalled_readers {stalled_readers} is not between 0 and {participants}")
     out: List[Participant] = []
     for c in range(calls):
         call = f"{call_prefix}-{c}"
         for i in range(participants):
             n = len(out)
             user = f"sim-{c}-{i}"
+            stalls = i >= participants - stalled_readers
             out.append(
                 Participant(
                     call=call,
@@ -336,7 +349,8 @@ def plan(
                     dtx=dtx,
                     start_after=n / ramp if ramp > 0 else 0.0,
                     seed=n + 1,
-                    transport=_transport_of(transport, i),
+                    transport="tcp" if stalls else _transport_of(transport, i),
+                    stall_reading_after=stall_after if stalls else None,
                 )
             )
     return out

@@ -74,6 +74,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="media over UDP, ICE-TCP only (RFC 4571 framing to the server's TCP candidate), "
         "or mixed: every 4th participant of a call (0, 4, 8, …) on ICE-TCP",
     )
+    p.add_argument(
+        "--stalled-readers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the last N participants of each call are on ICE-TCP and stop reading their "
+        "connection after --stall-after (clients whose app froze: the server should close them, "
+        "and nobody else should notice; their closing is not a failure)",
+    )
+    p.add_argument(
+        "--stall-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds after joining that a stalled reader stops reading",
+    )
     p.add_argument("--silent", action="store_true", help="non-speakers send silence instead of muting")
     p.add_argument(
         "--no-dtx",
@@ -128,6 +144,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.duration <= 0:
         p.error("--duration must be positive")
+    if not 0 <= args.stalled_readers <= args.participants:
+        p.error("--stalled-readers must be between 0 and --participants")
+    if args.stall_after < 0:
+        p.error("--stall-after must be 0 or more")
     return args
 
 
@@ -269,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
         dtx=args.dtx,
         token_ttl=args.duration + 3600,
         transport=args.transport,
+        stalled_readers=args.stalled_readers,
+        stall_after=args.stall_after,
     )
     pid = args.server_pid or find_pid_by_port(port)
     probe = ServerProbe(pid) if pid else None

@@ -11,6 +11,7 @@ from calls.loadtest import Participant, ParticipantStats
 __all__ = [
     "Thresholds",
     "Verdict",
+    "closed_as_planned",
     "expected_receivers",
     "judge",
     "parse_percent",
@@ -79,15 +80,33 @@ def expected_receivers(participants: Sequence[Participant]) -> List[bool]:
     return [senders[p.call] - int(_sends_media(p)) > 0 for p in participants]
 
 
+def closed_as_planned(p: Participant, s: ParticipantStats) -> bool:
+    """Whether ``p`` stalled its reads on purpose (``stall_reading_after``), connected, and was
+    then closed (its ICE-TCP connection, or its session when its ICE gave up first): what the
+    server should do to it, so not a failure."""
+    return (
+        p.stall_reading_after is not None
+        and s.connected_ms is not None
+        and s.state == "failed"
+    )
+
+
 def judge(
     participants: Sequence[Participant],
     stats: Sequence[ParticipantStats],
     thresholds: Thresholds,
 ) -> Verdict:
-    """Holds a finished run (``stats`` in the order of ``participants``) to ``thresholds``."""
+    """Holds a finished run (``stats`` in the order of ``participants``) to ``thresholds``.
+    A stalled reader that the server closed has not failed
+    (:func:`closed_as_planned`)."""
     expected = expected_receivers(participants)
     by_index = {s.index: s for s in stats}
-    failed = sum(1 for s in stats if s.state == "failed")
+    failed = sum(
+        1
+        for s in stats
+        if s.state == "failed"
+        and not (s.index < len(participants) and closed_as_planned(participants[s.index], s))
+    )
     receiving = sum(
         1
         for i, wanted in enumerate(expected)
