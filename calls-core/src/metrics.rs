@@ -634,6 +634,7 @@ mod prom {
             "Bytes of recorded files handed to the embedder",
             m.recording_bytes,
         );
+        subscriber_quantiles(&mut registry, m);
         if per_session {
             session_series(&mut registry, m);
         }
@@ -641,6 +642,60 @@ mod prom {
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &registry);
         text
+    }
+
+    /// Link quality over all sessions in a few series whatever the number of sessions (the
+    /// ops bundle's dashboard and alerts use these; the per-session series are opt-in):
+    /// nearest-rank quantiles of the subscribers' reported loss, round-trip time and
+    /// bandwidth estimate.
+    fn subscriber_quantiles(registry: &mut Registry, m: &MetricsSnapshot) {
+        let series = |values: Vec<f64>, quantiles: &[f64]| {
+            let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+            let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+            values.sort_by(f64::total_cmp);
+            if !values.is_empty() {
+                for &q in quantiles {
+                    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+                    family
+                        .get_or_create(&vec![("quantile", q.to_string())])
+                        .set(values[rank - 1]);
+                }
+            }
+            family
+        };
+        let stats = &m.session_stats;
+        registry.register(
+            "subscriber_loss_ratio",
+            "Loss the subscribers report (receiver reports), quantiles over sessions",
+            series(
+                stats.iter().filter_map(|s| s.egress_loss).collect(),
+                &[0.5, 0.9],
+            ),
+        );
+        registry.register(
+            "subscriber_rtt_seconds",
+            "Round-trip time to the subscribers, quantiles over sessions",
+            series(
+                stats
+                    .iter()
+                    .filter_map(|s| s.rtt_ms)
+                    .map(|v| v / 1000.0)
+                    .collect(),
+                &[0.5, 0.9],
+            ),
+        );
+        registry.register(
+            "subscriber_bandwidth_bytes_per_second",
+            "Bandwidth towards the subscribers (congestion-control estimate or its cap), quantiles over sessions",
+            series(
+                stats
+                    .iter()
+                    .filter_map(|s| s.bandwidth_bps)
+                    .map(|v| v as f64 / 8.0)
+                    .collect(),
+                &[0.1, 0.5],
+            ),
+        );
     }
 
     /// One series per session: opt-in (`Config::metrics_per_session`).
@@ -776,6 +831,10 @@ mod tests {
             ..Default::default()
         };
         assert!(!m.to_prometheus().contains("calls_session_"));
+        // The quantiles over sessions are always there (the ops bundle queries them).
+        assert!(m
+            .to_prometheus()
+            .contains("calls_subscriber_rtt_seconds{quantile=\"0.5\"} 0.02"));
         assert!(m
             .to_prometheus_with(true)
             .contains("calls_session_rtt_seconds"));
@@ -803,6 +862,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("calls_session_rtt_seconds{call=\"c\",session=\"1\"} 0.02"));
+        assert!(
+            text.contains("calls_subscriber_rtt_seconds{quantile=\"0.9\"} 0.02"),
+            "{text}"
+        );
         assert!(text.contains(
             "calls_session_bandwidth_bytes_per_second{call=\"c\",session=\"1\"} 100000.0"
         ));
