@@ -156,7 +156,7 @@ pub fn stun_local_ufrag(datagram: &[u8]) -> Option<&str> {
 }
 
 /// The worker a STUN binding success response belongs to, read from its transaction id, if it
-/// answers one of the router's consent checks ([`crate::consent`]: their transaction ids
+/// answers one of the router's consent checks (the `consent` module: their transaction ids
 /// start with the worker index). Stateless like [`stun_local_ufrag`]: a response comes from an
 /// address no flow has yet, and carries no USERNAME to route it by. Anything else is `None`.
 pub fn consent_answer_worker(datagram: &[u8]) -> Option<u8> {

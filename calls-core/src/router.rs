@@ -564,7 +564,7 @@ impl Router {
     }
 
     /// Mutes or unmutes a participant's microphone (the embedder's command; clients can also
-    /// send [`ClientMessage::Mute`]). Muted audio is not forwarded.
+    /// send [`ClientMessage::Mute`](crate::ClientMessage::Mute)). Muted audio is not forwarded.
     pub fn set_muted(
         &mut self,
         session: SessionId,

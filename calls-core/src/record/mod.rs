@@ -2,7 +2,7 @@
 //!
 //! The embedder starts a recording of one call ([`Router::start_recording`](crate::Router::start_recording))
 //! and stops it; in between the router hands every recorded source's RTP packets (after SRTP,
-//! before any subscriber's rewrite) to the call's [`Recorder`], which reorders them in a small
+//! before any subscriber's rewrite) to the call's `Recorder`, which reorders them in a small
 //! jitter buffer and writes them into files — as bytes in [`RecordOutput::Data`] outputs. The
 //! core writes no file itself: the embedder appends each `Data` to the file announced by
 //! [`RecordOutput::FileStarted`].
@@ -14,7 +14,7 @@
 //! | camera, screen | H264, AV1 | not recorded ([`FileSummary`] is never opened; see docs/recording.md) |
 //!
 //! What the files get right:
-//! - **order**: a reorder buffer per source ([`jitter`]) waits up to [`AUDIO_REORDER`] /
+//! - **order**: a reorder buffer per source (`jitter`) waits up to [`AUDIO_REORDER`] /
 //!   [`VIDEO_REORDER`] for a missing sequence number (NACK and RTX repair video meanwhile);
 //! - **keyframes**: video starts at a keyframe (one is requested when the recording starts, and
 //!   after a loss broke a frame), and a broken frame is never written;
