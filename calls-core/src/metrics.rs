@@ -408,6 +408,24 @@ mod prom {
             "Datagrams dropped before reaching a session, by reason",
             drops,
         );
+        gauge(
+            &mut registry,
+            "tcp_connections",
+            "ICE-TCP connections the router knows",
+            m.tcp_connections,
+        );
+        counter(
+            &mut registry,
+            "tcp_rejected",
+            "ICE-TCP connections closed for bad framing (a frame over 2048 bytes)",
+            m.tcp_rejected,
+        );
+        counter(
+            &mut registry,
+            "tcp_unsent",
+            "Frames for ICE-TCP connections already closed",
+            m.tcp_unsent,
+        );
 
         for (name, help, counts) in [
             ("rtp_in", "RTP received from publishers", &m.media_in),
@@ -784,6 +802,25 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The ICE-TCP counters docs/metrics.md and docs/security.md name are in the exposition.
+    #[test]
+    fn ice_tcp_counters_are_rendered() {
+        let m = MetricsSnapshot {
+            tcp_connections: 3,
+            tcp_rejected: 2,
+            tcp_unsent: 5,
+            ..Default::default()
+        };
+        let text = m.to_prometheus();
+        for line in [
+            "calls_tcp_connections 3",
+            "calls_tcp_rejected_total 2",
+            "calls_tcp_unsent_total 5",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 
     fn session_in(call: &str) -> SessionStats {
