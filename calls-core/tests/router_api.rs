@@ -844,3 +844,107 @@ fn a_session_that_leaves_reports_its_tcp_flows_for_closing() {
         .unwrap();
     assert!(removed < left, "flow changes come first: {events:?}");
 }
+
+/// An SDP offer from the lines, as the client sends it (`\r\n` line ends).
+fn offer_json(lines: &[&str]) -> String {
+    let sdp: String = lines.iter().map(|l| format!("{l}\r\n")).collect();
+    ClientMessage::Offer {
+        sdp,
+        screen_mid: None,
+    }
+    .to_json()
+}
+
+/// Found by fuzzing `signal_json` (issue 16): after a first offer sending H.264 on payload type
+/// 123, a second offer whose old video m-line is disabled with a format that is no payload type,
+/// and whose new sendrecv video m-line demands PT 123 for another H.264 profile, made str0m
+/// assert "Pt locked multiple times" while answering: one participant's offer panicked the
+/// router, and the reference server exits on a worker panic, ending every call on it. Now the
+/// codec the remote maps to a taken PT is not negotiated there; the router answers and goes on.
+#[test]
+fn an_offer_demanding_a_payload_type_already_taken_does_not_panic_the_router() {
+    let now = Instant::now();
+    let mut router = Router::new(Config::default(), now).unwrap();
+    router
+        .join(
+            CallId::from("room"),
+            SessionId(1),
+            "mallory".into(),
+            Grants::ALL,
+            now,
+        )
+        .unwrap();
+    drain(&mut router);
+    let session = [
+        "v=0",
+        "o=- 1 2 IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE a v",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "a=mid:a",
+        "a=sendrecv",
+        "a=rtpmap:111 opus/48000/2",
+    ];
+    let credentials = [
+        "a=ice-ufrag:I7Fq8XfjixEMRyR7",
+        "a=ice-pwd:OXESpVkd1FjmEUXT7anYGb",
+        "a=fingerprint:sha-256 A8:52:28:89:2A:2C:45:28:3A:A5:84:8F:71:76:E1:9E:75:02:5F:32:DA:36:46:0A:9B:17:4C:1E:92:52:2D:BD",
+    ];
+    let first: Vec<&str> = session
+        .iter()
+        .chain(&["m=video 9 UDP/TLS/RTP/SAVPF 123"])
+        .chain(&credentials)
+        .chain(&["a=mid:v", "a=sendonly", "a=rtpmap:123 H264/90000"])
+        .copied()
+        .collect();
+    let _ = router.handle_signal_json(SessionId(1), &offer_json(&first), now);
+    drain(&mut router);
+    let second: Vec<&str> = session
+        .iter()
+        .chain(&[
+            "m=video 0 UDP/TLS/RTP/SAVPF 364115",
+            "a=mid:v",
+            "a=sendrecv",
+            "m=video 0 UDP/TLS/RTP/SAVPF 123",
+        ])
+        .chain(&credentials[..2])
+        .chain(&[
+            "a=mid:w",
+            "a=sendrecv",
+            "a=rtpmap:123 H264/90000",
+            "a=fmtp:123 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=4d001f",
+        ])
+        .copied()
+        .collect();
+    let _ = router.handle_signal_json(SessionId(1), &offer_json(&second), now);
+    drain(&mut router);
+    // The router goes on: another participant joins and is answered.
+    let mut client = Rtc::builder().build(now);
+    let mut api = client.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, _pending): (SdpOffer, _) = api.apply().unwrap();
+    router
+        .join(
+            CallId::from("room"),
+            SessionId(2),
+            "bob".into(),
+            Grants::ALL,
+            now,
+        )
+        .unwrap();
+    router
+        .handle_signal(
+            SessionId(2),
+            ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                screen_mid: None,
+            },
+            now,
+        )
+        .unwrap();
+    assert!(drain(&mut router)
+        .signals
+        .iter()
+        .any(|(s, m)| *s == SessionId(2) && matches!(m, ServerMessage::Answer { .. })));
+}

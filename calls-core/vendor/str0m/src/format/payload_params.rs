@@ -784,6 +784,16 @@ impl PayloadParams {
             }
         } else {
             // Before locking, check if the remote PT conflicts with an already locked PT.
+            // If the remote dictates the PTs, it mapped this codec to a PT another codec
+            // holds: we can't honour both, and claiming the PT twice would panic, so leave
+            // this codec unlocked (not negotiated on that PT), as a conflicting RED is dropped.
+            if !local_is_controlling && claimed.is_claimed(remote_pt) {
+                debug!(
+                    "Conflicting remote PT {} for codec {:?}; not locking it",
+                    remote_pt, self.spec.codec
+                );
+                return;
+            }
             // If we're receiving, we control what PTs to use,
             // so we can remap the conflicting PT.
             if local_is_controlling && claimed.is_claimed(remote_pt) {
@@ -826,6 +836,11 @@ impl PayloadParams {
                         }
                     }
                 }
+            } else if let Some(rtx) = remote_rtx.filter(|rtx| claimed.is_claimed(*rtx)) {
+                // The remote dictated an RTX PT that is taken (by another codec, or by this
+                // codec's own PT): drop RTX rather than claim the PT twice, as RED below.
+                debug!("Conflicting remote RTX PT {}; dropping it", rtx);
+                remote_rtx = None;
             }
 
             // Lock down the RTX PT
