@@ -215,6 +215,11 @@ impl OursCall {
         self.world.router().metrics().layer_switches
     }
 
+    /// Session timer wake-ups the router has run so far (`metrics().timer_wakeups`).
+    pub fn timer_wakeups(&self) -> u64 {
+        self.world.router().metrics().timer_wakeups
+    }
+
     /// Keyframe requests the router has sent to publishers so far.
     pub fn keyframe_requests(&self) -> u64 {
         self.world.router().metrics().keyframe_requests_out

@@ -489,6 +489,51 @@ fn muted_listeners_wake_on_the_tick_grid() {
     assert_eq!(t.gaps, 0);
 }
 
+/// A call gone silent sleeps. str0m's delay-based bandwidth estimator, with no transport-cc
+/// feedback for longer than two round trips, asked to be woken again after one smoothed round
+/// trip: on a fast network (here zero delay, on a LAN well under a millisecond) every session
+/// of a silent call was woken every millisecond, about 1000 times a second instead of 4. The
+/// vendored str0m patch 0003 (`calls-core/vendor/patches/`) lets the estimator sleep until
+/// the next feedback arrives; this test fails without it.
+#[test]
+fn a_silent_call_sleeps_on_a_fast_network() {
+    let mut world = SimWorld::new(111, epoch());
+    let peers = meeting(&mut world, 11, 1);
+    let talker = peers[0];
+    for &p in &peers[1..] {
+        world.set_muted(p, true);
+    }
+    let ok = world.run_until(
+        |w| {
+            peers[1..]
+                .iter()
+                .all(|&rx| stats(w, rx, talker, MIC).packets > 0)
+        },
+        secs(5.0),
+    );
+    assert!(ok, "{}", describe(&world));
+    // The speaker is muted at the router: nothing is forwarded any more.
+    let now = world.now();
+    assert!(world.router_mut().set_muted(talker, true, now).is_ok());
+    world.run_for(secs(3.0));
+    let before = world.metrics().timer_wakeups;
+    world.run_for(secs(10.0));
+    let wakeups = world.metrics().timer_wakeups - before;
+    let per_session_second = wakeups as f64 / (11.0 * 10.0);
+    println!("# {per_session_second:.1} timer wake-ups per session per second");
+    assert!(
+        per_session_second <= 6.0,
+        "{per_session_second:.1} wake-ups per session per second in a silent call"
+    );
+    // Still connected: the router did not give up on anyone.
+    assert_eq!(
+        world.router().metrics().sessions,
+        11,
+        "{}",
+        describe(&world)
+    );
+}
+
 #[test]
 fn quiet_listeners_hear_two_speakers_without_delay() {
     // Two speakers' packets reach a muted listener in the same instant: str0m sends one per

@@ -7,7 +7,7 @@ use super::arrival_group::ArrivalGroupAccumulator;
 use super::rate_control::RateControl;
 use super::trendline::TrendlineEstimator;
 use crate::rtp_::Bitrate;
-use crate::util::{MovingAverage, already_happened};
+use crate::util::{MovingAverage, already_happened, not_happening};
 
 const MAX_RTT_HISTORY_WINDOW: usize = 32;
 const UPDATE_INTERVAL: Duration = Duration::from_millis(25);
@@ -114,14 +114,11 @@ impl DelayController {
             // We haven't received a TWCC report in a while. The trendline hypothesis can
             // no longer be considered valid. We need another TWCC report before we can update
             // estimates.
-            let next_timeout_in = self
-                .get_smoothed_rtt()
-                .unwrap_or(MAX_TWCC_GAP)
-                .min(UPDATE_INTERVAL);
-
-            // Set this even if we didn't update, otherwise we get stuck in a poll -> handle loop
-            // that starves the run loop.
-            self.next_timeout = now + next_timeout_in;
+            //
+            // (calls patch) Nothing to do until that report: `update` re-arms the timer when
+            // it comes. Waking every smoothed RTT instead (upstream) woke every session
+            // without fresh feedback every RTT: on a LAN, ~1000 times a second per session.
+            self.next_timeout = not_happening();
             return;
         }
 
