@@ -562,8 +562,11 @@ impl Recorder {
             }
             if track.layer != Some(packet.rid) {
                 // Not the recorded layer: it may be the target's keyframe that starts it, or,
-                // when the recorded layer has stopped, a keyframe of a layer still flowing.
-                let stalled = track.layer.is_some()
+                // when the recorded layer has stopped (or none has started the file yet: the
+                // target may change while dynacast resumes the upper layers), a keyframe of a
+                // layer still flowing.
+                let starting = track.layer.is_none();
+                let stalled = !starting
                     && track.layer_seen.is_some_and(|seen| {
                         packet.arrival.saturating_duration_since(seen) >= RECORDED_LAYER_STALL
                     });
@@ -574,7 +577,7 @@ impl Recorder {
                     }
                     return std::mem::take(&mut track.wants_keyframe).then_some(track.target);
                 }
-                if packet.rid != track.target && !stalled {
+                if packet.rid != track.target && !stalled && !starting {
                     return std::mem::take(&mut track.wants_keyframe).then_some(track.target);
                 }
                 // The old layer's frames go out first, then the new one continues the timeline.
