@@ -3,8 +3,8 @@
 # participant and a coturn TURN relay against the reference server (red.test.mjs also needs root
 # for a network namespace and nftables; recording.test.mjs needs ffmpeg). Installs what is missing,
 # builds the server, runs every test; exits non-zero on any failure. Server (and coturn) logs
-# land in calls-core/tests/e2e/logs/. screenshot.mjs (docs/demo-three-participants.png) is not
-# part of the run.
+# land in calls-core/tests/e2e/logs/. screenshot.mjs (docs/demo-three-participants.png) and
+# recording_cpu.mjs (docs/recording.md's CPU table) are not part of the run.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
