@@ -693,6 +693,9 @@ pub fn ffi(data: &[u8]) {
         destination,
         len: 0,
         timeout_us: 0,
+        record: calls::output::calls_record_kind::None,
+        recording: 0,
+        file: 0,
     };
     let mut buf = vec![0u8; 1 << (selector % 12)];
     for (kind, bytes) in records(rest) {

@@ -6,8 +6,11 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use calls_core::record::RecordOutput;
 use calls_core::sim::{simulcast_layers, PeerOptions, SimWorld};
-use calls_core::{Datagram, Grants, Output, Proto, Router, SessionId, TrackSource};
+use calls_core::{
+    CallId, Datagram, Grants, Output, Proto, RecordingOptions, Router, SessionId, TrackSource,
+};
 
 use crate::{is_rtp_media, Media, ServerClock, STEP};
 
@@ -36,6 +39,9 @@ pub struct OursCall {
     pub routed: u64,
     /// Media the router had written to subscribers before the bench began (setup).
     media_out_before: u64,
+    /// Recorded file bytes the router handed out ([`OursCall::start_recording`]); the bench
+    /// drops them, as it drops what goes to subscribers.
+    pub recorded_bytes: u64,
 }
 
 impl OursCall {
@@ -189,6 +195,7 @@ impl OursCall {
             forwarded: 0,
             routed: 0,
             media_out_before: 0,
+            recorded_bytes: 0,
         }
         .with_baseline()
     }
@@ -317,7 +324,38 @@ impl OursCall {
             &self.publishers,
             &mut self.to_publishers,
             &mut self.forwarded,
+            &mut self.recorded_bytes,
         );
+    }
+
+    /// Routes `packets` media packets as the forwarding bench does (generation and maintenance
+    /// untimed, in chunks of 256) and returns the time spent in [`OursCall::route`].
+    pub fn run_timed(&mut self, packets: u64) -> Duration {
+        const CHUNK: u64 = 256;
+        let mut total = Duration::ZERO;
+        let mut left = packets;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            let batch = self.generate(n as usize);
+            #[allow(clippy::disallowed_methods)] // measuring the router's CPU time
+            let started = Instant::now();
+            self.route(&batch);
+            total += started.elapsed();
+            self.maintain();
+            left -= n;
+        }
+        total
+    }
+
+    /// Starts recording the call (every source): from now on each routed media packet also
+    /// goes through the recorder, and the file bytes come out (counted in `recorded_bytes`).
+    pub fn start_recording(&mut self) {
+        let now = self.now;
+        self.world
+            .router_mut()
+            .start_recording(&CallId::from("bench"), RecordingOptions::everyone(), now)
+            .expect("the bench call exists and is not recorded yet");
+        self.drain_router();
     }
 
     /// Untimed: lets the router's pacer send what it still holds (str0m paces video at the
@@ -530,9 +568,13 @@ fn drain(
     publishers: &[(SessionId, SocketAddr, Instant)],
     to_publishers: &mut Vec<(usize, Vec<u8>)>,
     forwarded: &mut u64,
+    recorded_bytes: &mut u64,
 ) -> Instant {
     loop {
         match router.poll_output() {
+            Output::Record(RecordOutput::Data { bytes, .. }) => {
+                *recorded_bytes += bytes.len() as u64;
+            }
             Output::Transmit(t) => {
                 if let Some(i) = publishers.iter().position(|p| p.1 == t.destination) {
                     to_publishers.push((i, t.contents));

@@ -77,18 +77,23 @@ struct IvfFrame {
     layer: u8,
 }
 
-/// Parses an IVF file: checks the header (VP8, 1/90000), returns the frames.
+/// IVF ticks per second (the recorder writes hundredths: docs/recording.md).
+const IVF_RATE: u64 = 100;
+
+/// Parses an IVF file: checks the header (VP8, 1/100), returns the frames with their
+/// timestamps in 90 kHz ticks (to the IVF's 10 ms).
 fn ivf_frames(bytes: &[u8]) -> Vec<IvfFrame> {
     assert!(bytes.len() >= 32, "no IVF header");
     assert_eq!(&bytes[..4], b"DKIF");
     assert_eq!(&bytes[8..12], b"VP80");
     let timebase = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
-    assert_eq!(timebase, 90_000);
+    assert_eq!(u64::from(timebase), IVF_RATE);
     let mut frames = Vec::new();
     let mut at = 32;
     while at < bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let pts = u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap());
+        let pts =
+            u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap()) * (90_000 / IVF_RATE);
         let frame = &bytes[at + 12..at + 12 + len];
         frames.push(IvfFrame {
             pts,

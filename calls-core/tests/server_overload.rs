@@ -8,63 +8,22 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_calls-server");
-const ADMIN_KEY: &str = "overload-test-admin-key";
+#[path = "common/server.rs"]
+mod server;
+
+use server::{request, Server, ADMIN_KEY};
+
 /// The documented exit status of a server whose worker panicked (docs/server.md).
 const EXIT_WORKER_PANICKED: i32 = 70;
 
-/// One HTTP/1.0 request; the status code and body, `None` when nobody answers.
-fn request(port: u16, method: &str, path: &str, key: Option<&str>) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+/// Starts the server with `workers` workers and the admin API (plus `env`).
+fn start_with(http: u16, admin: u16, media: u16, workers: &str, env: &[(&str, &str)]) -> Server {
+    Server::start(http, admin, media, workers, env)
 }
 
-/// Starts the server with `workers` workers and the admin API (plus `env`); waits until
-/// `/healthz` answers.
-fn start_with(http: u16, admin: u16, media: u16, workers: &str, env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(SERVER);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CALLS_") {
-            cmd.env_remove(key);
-        }
-    }
-    let mut child = cmd
-        .env("CALLS_HTTP_LISTEN", format!("127.0.0.1:{http}"))
-        .env("CALLS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("CALLS_ADMIN_API_KEY", ADMIN_KEY)
-        .env("CALLS_UDP_PORT", media.to_string())
-        .env("CALLS_TCP_PORT", media.to_string())
-        .env("CALLS_WORKERS", workers)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while request(http, "GET", "/healthz", None).is_none() {
-        assert!(Instant::now() < deadline, "the server never answered");
-        assert!(child.try_wait().unwrap().is_none(), "the server exited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-fn start(http: u16, admin: u16, media: u16) -> Child {
+fn start(http: u16, admin: u16, media: u16) -> Server {
     start_with(http, admin, media, "2", &[])
 }
 
@@ -143,13 +102,14 @@ fn join(port: u16, call: &str, user: &str) -> (serde_json::Value, Option<u16>) {
 #[test]
 fn an_overloaded_worker_refuses_joins_with_1013_and_readyz_flips() {
     let (http, admin, media) = (18_666, 18_667, 18_668);
-    let mut child = start_with(
+    let mut server = start_with(
         http,
         admin,
         media,
         "1",
         &[("CALLS_OVERLOAD_RECOVER_MS", "1000")],
     );
+    let child = &mut server.child;
     assert!(wait_for_status(http, "/readyz", 200));
     let (welcome, _) = join(http, "room", "ada");
     assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -189,7 +149,8 @@ fn an_overloaded_worker_refuses_joins_with_1013_and_readyz_flips() {
 #[test]
 fn health_readiness_and_worker_series_while_all_is_well() {
     let (http, admin, media) = (18_660, 18_661, 18_662);
-    let mut child = start(http, admin, media);
+    let mut server = start(http, admin, media);
+    let child = &mut server.child;
     let health = request(http, "GET", "/healthz", None);
     let ready = request(http, "GET", "/readyz", None);
     let metrics = request(http, "GET", "/metrics", None);
@@ -222,7 +183,8 @@ fn health_readiness_and_worker_series_while_all_is_well() {
 #[test]
 fn a_worker_that_panics_ends_the_process_with_status_70() {
     let (http, admin, media) = (18_663, 18_664, 18_665);
-    let mut child = start(http, admin, media);
+    let mut server = start(http, admin, media);
+    let child = &mut server.child;
     assert_eq!(request(http, "GET", "/healthz", None).unwrap().0, 200);
 
     // The trigger is guarded like the rest of the admin API.

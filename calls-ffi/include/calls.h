@@ -52,6 +52,32 @@
 #define CALLS_GRANTS_VIEWER 8
 
 /**
+ * Opt-out bit, added to the others: the session is never recorded
+ * (`calls_router_start_recording` leaves its sources out, and tells it so).
+ */
+#define CALLS_GRANT_UNRECORDABLE 16
+
+/**
+ * Recording source bit: microphones (Opus → Ogg).
+ */
+#define CALLS_RECORD_AUDIO 1
+
+/**
+ * Recording source bit: cameras (VP8/VP9 → IVF).
+ */
+#define CALLS_RECORD_CAMERA 2
+
+/**
+ * Recording source bit: screen shares (VP8/VP9 → IVF).
+ */
+#define CALLS_RECORD_SCREEN 4
+
+/**
+ * Every source.
+ */
+#define CALLS_RECORD_ALL 7
+
+/**
  * What every function returns. `CALLS_RESULT_OK` (0) is success; the numbers are stable
  * across releases (new codes get new numbers). `calls_last_error_message` has the detail.
  *
@@ -122,6 +148,18 @@ enum calls_result
    * The router is draining (`calls_router_start_draining`) and accepts no new joins.
    */
   CALLS_RESULT_DRAINING = 204,
+  /**
+   * No call with this name on this router (nobody is in it).
+   */
+  CALLS_RESULT_UNKNOWN_CALL = 205,
+  /**
+   * The call is being recorded already (`calls_router_start_recording`).
+   */
+  CALLS_RESULT_ALREADY_RECORDING = 206,
+  /**
+   * The call is not being recorded (`calls_router_stop_recording`).
+   */
+  CALLS_RESULT_NOT_RECORDING = 207,
   /**
    * Another refusal of a router command (a newer core than this mapping knows).
    */
@@ -212,6 +250,12 @@ enum calls_output_kind
    * NUL-terminated). The router has already acted on it: log it or update your state.
    */
   CALLS_OUTPUT_KIND_EVENT = 3,
+  /**
+   * A recording's output (`record` says which; `recording` and `file` say where it goes).
+   * `CALLS_RECORD_KIND_DATA`: append the `len` bytes in the buffer to that file. The others:
+   * JSON text in the buffer (NUL-terminated) describing the recording or the file.
+   */
+  CALLS_OUTPUT_KIND_RECORD = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -333,6 +377,56 @@ typedef uint32_t calls_event_kind;
 #endif // __cplusplus
 
 /**
+ * What a record output (`CALLS_OUTPUT_KIND_RECORD`) is. The JSON text of the non-data kinds
+ * has a `"type"` with the same name in snake_case, `"recording"` and `"call"`.
+ */
+enum calls_record_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Not a record output.
+   */
+  CALLS_RECORD_KIND_NONE = 0,
+  /**
+   * A recording started (its start is time zero of every file's `start_offset_ms`): create
+   * its folder. `{"type":"started","recording":1,"call":"standup","options":{"sessions":null,
+   * "audio":true,"camera":true,"screen":true}}`
+   */
+  CALLS_RECORD_KIND_STARTED = 1,
+  /**
+   * A new file: create it, empty. `{"type":"file_started","recording":1,"call":"standup",
+   * "file":{"id":1,"name":"0001-s3-microphone.ogg","session":3,"user":"alice",
+   * "source":"microphone","codec":"opus","container":"ogg"}}`
+   */
+  CALLS_RECORD_KIND_FILE_STARTED = 2,
+  /**
+   * Bytes to append to file `file` of recording `recording` (binary, no NUL).
+   */
+  CALLS_RECORD_KIND_DATA = 3,
+  /**
+   * A file is complete; nothing more is appended to it. `{"type":"file_finished",
+   * "recording":1,"call":"standup","summary":{"id":1,"start_offset_ms":20,"duration_ms":9980,
+   * "frames":499,"bytes":61234,"silence_ms":0,"lost_packets":0,"broken_frames":0,
+   * "layer_switches":0,"sync":"sender_report"}}` (fields as in docs/recording.md)
+   */
+  CALLS_RECORD_KIND_FILE_FINISHED = 4,
+  /**
+   * The recording stopped; every file of it is finished.
+   * `{"type":"stopped","recording":1,"call":"standup"}`
+   */
+  CALLS_RECORD_KIND_STOPPED = 5,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum calls_record_kind calls_record_kind;
+#else
+typedef uint32_t calls_record_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A media router: many calls on one UDP port (and one TCP port for ICE-TCP). Opaque.
  *
  * Created by `calls_router_new_json` or `calls_router_new_toml`, freed by
@@ -412,6 +506,19 @@ typedef struct calls_output {
    * microseconds as `now_us`). Not relative: compare it with your current time.
    */
   uint64_t timeout_us;
+  /**
+   * Record: which recording output.
+   */
+  calls_record_kind record;
+  /**
+   * Record: the recording, numbered 1, 2, … by this router handle in the order they
+   * started (a call recorded twice gets two numbers); the `started` JSON names its call.
+   */
+  uint64_t recording;
+  /**
+   * Record (file_started, data, file_finished): the file's number within its recording.
+   */
+  uint32_t file;
 } calls_output;
 
 #ifdef __cplusplus
@@ -520,7 +627,7 @@ calls_result calls_router_config_json(struct calls_router *router,
 /**
  * Adds participant `session` (an id you choose, unique on this router) as `user` to call
  * `call` (an id you choose, e.g. the channel id) with `grants` (`CALLS_GRANT_*` bits, e.g.
- * `CALLS_GRANTS_ALL`). The client then sends its offer, which you pass to
+ * `CALLS_GRANTS_ALL`; add `CALLS_GRANT_UNRECORDABLE` to keep it out of recordings). The client then sends its offer, which you pass to
  * `calls_router_handle_signal`. Drain `calls_router_poll_output` afterwards.
  *
  * Router: one thread at a time.
@@ -590,6 +697,56 @@ calls_result calls_router_set_bandwidth_cap(struct calls_router *router,
  * Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_POISONED`.
  */
 calls_result calls_router_start_draining(struct calls_router *router);
+
+/**
+ * Starts recording call `call`: from now on the sources it takes are written into files,
+ * which come out of `calls_router_poll_output` as `CALLS_OUTPUT_KIND_RECORD` outputs
+ * (`started`, then per source `file_started`, `data`…, `file_finished`; see
+ * docs/recording.md). `sessions` lists the sessions to record (`sessions_len` of them);
+ * `sessions_len` 0 records everyone, also those who join later (`sessions` may then be
+ * NULL). `sources` is `CALLS_RECORD_*` bits (`CALLS_RECORD_ALL`). Sessions joined without
+ * being recordable are left out either way. Every member gets a `recording` signaling
+ * message. Drain `calls_router_poll_output` afterwards.
+ *
+ * Router: one thread at a time.
+ *
+ * Errors: `CALLS_RESULT_NULL_PARAMETER` (also `sessions` NULL with `sessions_len` > 0),
+ * `CALLS_RESULT_INVALID_UTF8`, `CALLS_RESULT_INVALID_ARGUMENT` (unknown or no source bits,
+ * `now_us`), `CALLS_RESULT_UNKNOWN_CALL` (nobody is in `call`),
+ * `CALLS_RESULT_ALREADY_RECORDING`, `CALLS_RESULT_POISONED`.
+ */
+calls_result calls_router_start_recording(struct calls_router *router,
+                                          const char *call,
+                                          const uint64_t *sessions,
+                                          size_t sessions_len,
+                                          uint32_t sources,
+                                          uint64_t now_us);
+
+/**
+ * Stops call `call`'s recording: what its reorder buffers hold is written, every file is
+ * finished (`file_finished` with its start offset and duration), then `stopped`. Every
+ * member gets a `recording` signaling message. Drain `calls_router_poll_output` afterwards.
+ * (A recording also stops by itself when everyone has left the call.)
+ *
+ * Router: one thread at a time.
+ *
+ * Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_INVALID_UTF8`,
+ * `CALLS_RESULT_INVALID_ARGUMENT` (`now_us`), `CALLS_RESULT_UNKNOWN_CALL`,
+ * `CALLS_RESULT_NOT_RECORDING`, `CALLS_RESULT_POISONED`.
+ */
+calls_result calls_router_stop_recording(struct calls_router *router,
+                                         const char *call,
+                                         uint64_t now_us);
+
+/**
+ * Writes whether call `call` is being recorded to `*out` (false for a call nobody is in).
+ *
+ * Router: one thread at a time.
+ *
+ * Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_INVALID_UTF8`,
+ * `CALLS_RESULT_POISONED`.
+ */
+calls_result calls_router_is_recording(struct calls_router *router, const char *call, bool *out);
 
 /**
  * Feeds one UDP datagram received on the media port: `source` is the remote address it came

@@ -114,6 +114,37 @@ pub(crate) fn bytes_arg<'a>(data: *const u8, len: usize, name: &str) -> Result<&
     Ok(unsafe { std::slice::from_raw_parts(data, len) })
 }
 
+/// Borrows an array-of-`u64` argument of `len` elements (`data` may be NULL only when `len`
+/// is 0).
+pub(crate) fn slice_arg<'a>(
+    data: *const u64,
+    len: usize,
+    name: &str,
+) -> Result<&'a [u64], Failure> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if data.is_null() {
+        return Err(Failure::null(name));
+    }
+    if len > isize::MAX as usize / std::mem::size_of::<u64>() {
+        return Err(Failure::new(
+            calls_result::InvalidArgument,
+            format!("`{name}` length {len} is not an array length"),
+        ));
+    }
+    if !data.is_aligned() {
+        return Err(Failure::new(
+            calls_result::InvalidArgument,
+            format!("`{name}` is not aligned for uint64_t"),
+        ));
+    }
+    // SAFETY: `data` is not NULL, aligned, and `len` elements fit a slice; the C contract says
+    // it points to `len` initialised `uint64_t`s that stay valid and unmodified for the
+    // duration of the call (any bit pattern is a valid `u64`).
+    Ok(unsafe { std::slice::from_raw_parts(data, len) })
+}
+
 /// Reads a struct argument passed by pointer.
 pub(crate) fn read_arg<T: Copy>(value: *const T, name: &str) -> Result<T, Failure> {
     if value.is_null() {

@@ -1,8 +1,10 @@
 //! `calls_output`: one item of the router's output queue, as a tagged struct.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use calls_core::{Event, LeaveReason, Output, Proto};
+use calls_core::record::RecordOutput;
+use calls_core::{CallId, Event, LeaveReason, Output, Proto};
 use serde_json::json;
 
 use crate::address::calls_address;
@@ -23,6 +25,37 @@ pub enum calls_output_kind {
     /// Something happened (`event` says what; the buffer holds it as JSON text,
     /// NUL-terminated). The router has already acted on it: log it or update your state.
     Event = 3,
+    /// A recording's output (`record` says which; `recording` and `file` say where it goes).
+    /// `CALLS_RECORD_KIND_DATA`: append the `len` bytes in the buffer to that file. The others:
+    /// JSON text in the buffer (NUL-terminated) describing the recording or the file.
+    Record = 4,
+}
+
+/// What a record output (`CALLS_OUTPUT_KIND_RECORD`) is. The JSON text of the non-data kinds
+/// has a `"type"` with the same name in snake_case, `"recording"` and `"call"`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum calls_record_kind {
+    /// Not a record output.
+    None = 0,
+    /// A recording started (its start is time zero of every file's `start_offset_ms`): create
+    /// its folder. `{"type":"started","recording":1,"call":"standup","options":{"sessions":null,
+    /// "audio":true,"camera":true,"screen":true}}`
+    Started = 1,
+    /// A new file: create it, empty. `{"type":"file_started","recording":1,"call":"standup",
+    /// "file":{"id":1,"name":"0001-s3-microphone.ogg","session":3,"user":"alice",
+    /// "source":"microphone","codec":"opus","container":"ogg"}}`
+    FileStarted = 2,
+    /// Bytes to append to file `file` of recording `recording` (binary, no NUL).
+    Data = 3,
+    /// A file is complete; nothing more is appended to it. `{"type":"file_finished",
+    /// "recording":1,"call":"standup","summary":{"id":1,"start_offset_ms":20,"duration_ms":9980,
+    /// "frames":499,"bytes":61234,"silence_ms":0,"lost_packets":0,"broken_frames":0,
+    /// "layer_switches":0,"sync":"sender_report"}}` (fields as in docs/recording.md)
+    FileFinished = 4,
+    /// The recording stopped; every file of it is finished.
+    /// `{"type":"stopped","recording":1,"call":"standup"}`
+    Stopped = 5,
 }
 
 /// Transport of a transmit.
@@ -110,6 +143,37 @@ pub struct calls_output {
     /// Timeout: when to call `calls_router_handle_timeout`, on the caller's clock (the same
     /// microseconds as `now_us`). Not relative: compare it with your current time.
     pub timeout_us: u64,
+    /// Record: which recording output.
+    pub record: calls_record_kind,
+    /// Record: the recording, numbered 1, 2, … by this router handle in the order they
+    /// started (a call recorded twice gets two numbers); the `started` JSON names its call.
+    pub recording: u64,
+    /// Record (file_started, data, file_finished): the file's number within its recording.
+    pub file: u32,
+}
+
+/// The numbers this handle gave the recordings that run (a C caller keys its folders by a
+/// number rather than by the call's name, which data outputs do not carry).
+#[derive(Debug, Default)]
+pub(crate) struct Recordings {
+    running: HashMap<CallId, u64>,
+    last: u64,
+}
+
+impl Recordings {
+    /// The number of `call`'s recording (a new one for `started`; forgotten after `stopped`).
+    fn number(&mut self, out: &RecordOutput) -> u64 {
+        let call = out.call();
+        match out {
+            RecordOutput::Started { .. } => {
+                self.last += 1;
+                self.running.insert(call.clone(), self.last);
+                self.last
+            }
+            RecordOutput::Stopped { .. } => self.running.remove(call).unwrap_or(0),
+            _ => self.running.get(call).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// An output taken from the router, ready to be copied to the caller (kept by the handle while
@@ -124,8 +188,13 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Converts a router output; `to_us` maps the router's `Instant`s to the caller's clock.
-    pub fn new(output: Output, to_us: impl Fn(Instant) -> u64) -> Prepared {
+    /// Converts a router output; `to_us` maps the router's `Instant`s to the caller's clock,
+    /// `recordings` numbers the recordings.
+    pub fn new(
+        output: Output,
+        to_us: impl Fn(Instant) -> u64,
+        recordings: &mut Recordings,
+    ) -> Prepared {
         let mut header = calls_output {
             kind: calls_output_kind::Timeout,
             proto: calls_proto::None,
@@ -136,6 +205,9 @@ impl Prepared {
             destination: calls_address::NONE,
             len: 0,
             timeout_us: 0,
+            record: calls_record_kind::None,
+            recording: 0,
+            file: 0,
         };
         match output {
             Output::Transmit(t) => {
@@ -173,6 +245,11 @@ impl Prepared {
                     text: false,
                 }
             }
+            Output::Record(out) => {
+                header.kind = calls_output_kind::Record;
+                header.recording = recordings.number(&out);
+                record_prepared(header, out)
+            }
             other => {
                 // A newer core output this mapping does not know: report it as an event.
                 header.kind = calls_output_kind::Event;
@@ -197,6 +274,52 @@ impl Prepared {
     pub fn len(&self) -> usize {
         self.bytes.len() - usize::from(self.text)
     }
+}
+
+/// A record output: the file bytes as they are, everything else as JSON text.
+fn record_prepared(mut header: calls_output, out: RecordOutput) -> Prepared {
+    let recording = header.recording;
+    let (kind, value) = match out {
+        RecordOutput::Data { file, bytes, .. } => {
+            header.record = calls_record_kind::Data;
+            header.file = file.0;
+            return Prepared {
+                header,
+                bytes,
+                text: false,
+            };
+        }
+        RecordOutput::Started { call, options } => (
+            calls_record_kind::Started,
+            json!({"type": "started", "recording": recording, "call": call, "options": options}),
+        ),
+        RecordOutput::FileStarted { call, file } => {
+            header.file = file.id.0;
+            (
+                calls_record_kind::FileStarted,
+                json!({"type": "file_started", "recording": recording, "call": call, "file": file}),
+            )
+        }
+        RecordOutput::FileFinished { call, summary } => {
+            header.file = summary.id.0;
+            (
+                calls_record_kind::FileFinished,
+                json!({"type": "file_finished", "recording": recording, "call": call,
+                       "summary": summary}),
+            )
+        }
+        RecordOutput::Stopped { call } => (
+            calls_record_kind::Stopped,
+            json!({"type": "stopped", "recording": recording, "call": call}),
+        ),
+        other => (
+            calls_record_kind::None,
+            json!({"type": "other", "recording": recording, "call": other.call(),
+                   "debug": "a recording output this version of the C API does not know"}),
+        ),
+    };
+    header.record = kind;
+    Prepared::text(header, value.to_string())
 }
 
 /// The event as (kind, session, JSON text).
@@ -311,7 +434,7 @@ mod tests {
 
     /// Converts an event the way `calls_router_poll_output` does: (header, parsed JSON).
     fn prepared_event(event: Event) -> (calls_output, Value) {
-        let prepared = Prepared::new(Output::Event(event), |_| 0);
+        let prepared = Prepared::new(Output::Event(event), |_| 0, &mut Recordings::default());
         assert_eq!(
             prepared.bytes.last(),
             Some(&0),
@@ -319,6 +442,50 @@ mod tests {
         );
         let json = serde_json::from_slice(&prepared.bytes[..prepared.len()]).unwrap();
         (prepared.header, json)
+    }
+
+    #[test]
+    fn recordings_are_numbered_and_their_data_stays_binary() {
+        use calls_core::record::{FileId, RecordOutput};
+        use calls_core::RecordingOptions;
+
+        let mut recordings = Recordings::default();
+        let call = CallId::from("standup");
+        let mut prepare =
+            |out: RecordOutput| Prepared::new(Output::Record(out), |_| 0, &mut recordings);
+        let started = prepare(RecordOutput::Started {
+            call: call.clone(),
+            options: RecordingOptions::everyone(),
+        });
+        let data = prepare(RecordOutput::Data {
+            call: call.clone(),
+            file: FileId(3),
+            bytes: vec![0, b'O', 0xff],
+        });
+        let stopped = prepare(RecordOutput::Stopped { call: call.clone() });
+        let again = prepare(RecordOutput::Started {
+            call,
+            options: RecordingOptions::everyone(),
+        });
+
+        assert_eq!(started.header.kind, calls_output_kind::Record);
+        assert_eq!(started.header.record, calls_record_kind::Started);
+        assert_eq!(started.header.recording, 1);
+        let json: Value = serde_json::from_slice(&started.bytes[..started.len()]).unwrap();
+        assert_eq!(json["type"], "started");
+        assert_eq!(json["call"], "standup");
+        assert_eq!(json["options"]["camera"], true);
+        assert_eq!(data.header.record, calls_record_kind::Data);
+        assert_eq!((data.header.recording, data.header.file), (1, 3));
+        assert_eq!(
+            data.bytes,
+            [0, b'O', 0xff],
+            "file bytes as they are, no NUL"
+        );
+        assert_eq!(data.len(), 3);
+        assert_eq!(stopped.header.record, calls_record_kind::Stopped);
+        assert_eq!(stopped.header.recording, 1);
+        assert_eq!(again.header.recording, 2, "a new recording, a new number");
     }
 
     #[test]

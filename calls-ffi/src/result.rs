@@ -46,6 +46,12 @@ pub enum calls_result {
     RouterFull = 203,
     /// The router is draining (`calls_router_start_draining`) and accepts no new joins.
     Draining = 204,
+    /// No call with this name on this router (nobody is in it).
+    UnknownCall = 205,
+    /// The call is being recorded already (`calls_router_start_recording`).
+    AlreadyRecording = 206,
+    /// The call is not being recorded (`calls_router_stop_recording`).
+    NotRecording = 207,
     /// Another refusal of a router command (a newer core than this mapping knows).
     RouterRefused = 299,
     /// The signaling message is not valid JSON or not a known message (code `bad_json`).
@@ -77,7 +83,7 @@ pub enum calls_result {
 
 impl calls_result {
     /// Every code, for `calls_result_name` and the tests.
-    pub(crate) const ALL: [calls_result; 27] = [
+    pub(crate) const ALL: [calls_result; 30] = [
         calls_result::Ok,
         calls_result::NullParameter,
         calls_result::InvalidUtf8,
@@ -92,6 +98,9 @@ impl calls_result {
         calls_result::CallFull,
         calls_result::RouterFull,
         calls_result::Draining,
+        calls_result::UnknownCall,
+        calls_result::AlreadyRecording,
+        calls_result::NotRecording,
         calls_result::RouterRefused,
         calls_result::SignalBadJson,
         calls_result::SignalTooLarge,
@@ -124,6 +133,9 @@ impl calls_result {
             calls_result::CallFull => "CALLS_RESULT_CALL_FULL\0",
             calls_result::RouterFull => "CALLS_RESULT_ROUTER_FULL\0",
             calls_result::Draining => "CALLS_RESULT_DRAINING\0",
+            calls_result::UnknownCall => "CALLS_RESULT_UNKNOWN_CALL\0",
+            calls_result::AlreadyRecording => "CALLS_RESULT_ALREADY_RECORDING\0",
+            calls_result::NotRecording => "CALLS_RESULT_NOT_RECORDING\0",
             calls_result::RouterRefused => "CALLS_RESULT_ROUTER_REFUSED\0",
             calls_result::SignalBadJson => "CALLS_RESULT_SIGNAL_BAD_JSON\0",
             calls_result::SignalTooLarge => "CALLS_RESULT_SIGNAL_TOO_LARGE\0",
@@ -155,6 +167,9 @@ impl From<RouterError> for Failure {
             RouterError::CallFull { .. } => calls_result::CallFull,
             RouterError::RouterFull { .. } => calls_result::RouterFull,
             RouterError::Draining => calls_result::Draining,
+            RouterError::UnknownCall(_) => calls_result::UnknownCall,
+            RouterError::AlreadyRecording(_) => calls_result::AlreadyRecording,
+            RouterError::NotRecording(_) => calls_result::NotRecording,
             RouterError::Signal { error, .. } => signal_code(error),
             _ => calls_result::RouterRefused,
         };

@@ -5,12 +5,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use calls_core::{
-    CallId, Config, ConfigError, ConnId, Datagram, Grants, Proto, Router, SessionId, UserId,
+    CallId, Config, ConfigError, ConnId, Datagram, Grants, Proto, RecordingOptions, Router,
+    SessionId, UserId,
 };
 
 use crate::address::{calls_address, socket_addr_arg};
 use crate::boundary::{self, settle, Failure};
-use crate::output::{calls_output, Prepared};
+use crate::output::{calls_output, Prepared, Recordings};
 use crate::result::{calls_result, set_last_error};
 
 /// Grant bit: may publish a microphone track.
@@ -25,6 +26,18 @@ pub const CALLS_GRANT_SUBSCRIBE: u32 = 8;
 pub const CALLS_GRANTS_ALL: u32 = 15;
 /// Listen and watch only.
 pub const CALLS_GRANTS_VIEWER: u32 = 8;
+/// Opt-out bit, added to the others: the session is never recorded
+/// (`calls_router_start_recording` leaves its sources out, and tells it so).
+pub const CALLS_GRANT_UNRECORDABLE: u32 = 16;
+
+/// Recording source bit: microphones (Opus → Ogg).
+pub const CALLS_RECORD_AUDIO: u32 = 1;
+/// Recording source bit: cameras (VP8/VP9 → IVF).
+pub const CALLS_RECORD_CAMERA: u32 = 2;
+/// Recording source bit: screen shares (VP8/VP9 → IVF).
+pub const CALLS_RECORD_SCREEN: u32 = 4;
+/// Every source.
+pub const CALLS_RECORD_ALL: u32 = 7;
 
 /// A media router: many calls on one UDP port (and one TCP port for ICE-TCP). Opaque.
 ///
@@ -37,6 +50,8 @@ pub struct calls_router {
     clock: Clock,
     /// An output the caller's buffer was too small for; returned by the next poll.
     pending: Option<Prepared>,
+    /// The numbers given to running recordings (`calls_output.recording`).
+    recordings: Recordings,
     /// A call panicked: the router may be inconsistent, so it refuses every call.
     poisoned: bool,
 }
@@ -143,6 +158,7 @@ fn new_router(
                 origin_us: now_us,
             },
             pending: None,
+            recordings: Recordings::default(),
             poisoned: false,
         });
         boundary::write_out(out, Box::into_raw(handle), "out")
@@ -248,7 +264,7 @@ pub extern "C" fn calls_router_config_json(
 
 /// Adds participant `session` (an id you choose, unique on this router) as `user` to call
 /// `call` (an id you choose, e.g. the channel id) with `grants` (`CALLS_GRANT_*` bits, e.g.
-/// `CALLS_GRANTS_ALL`). The client then sends its offer, which you pass to
+/// `CALLS_GRANTS_ALL`; add `CALLS_GRANT_UNRECORDABLE` to keep it out of recordings). The client then sends its offer, which you pass to
 /// `calls_router_handle_signal`. Drain `calls_router_poll_output` afterwards.
 ///
 /// Router: one thread at a time.
@@ -270,7 +286,7 @@ pub extern "C" fn calls_router_join(
     with_router(router, |handle| {
         let call = boundary::str_arg(call, "call")?;
         let user = boundary::str_arg(user, "user")?;
-        if grants & !CALLS_GRANTS_ALL != 0 {
+        if grants & !(CALLS_GRANTS_ALL | CALLS_GRANT_UNRECORDABLE) != 0 {
             return Err(Failure::new(
                 calls_result::InvalidArgument,
                 format!("`grants` {grants:#x} has bits that are no CALLS_GRANT_*"),
@@ -281,7 +297,8 @@ pub extern "C" fn calls_router_join(
             grants & CALLS_GRANT_PUBLISH_VIDEO != 0,
             grants & CALLS_GRANT_PUBLISH_SCREEN != 0,
             grants & CALLS_GRANT_SUBSCRIBE != 0,
-        );
+        )
+        .with_recordable(grants & CALLS_GRANT_UNRECORDABLE == 0);
         let now = handle.clock.instant(now_us)?;
         handle.router.join(
             CallId::from(call),
@@ -374,6 +391,100 @@ pub extern "C" fn calls_router_start_draining(router: *mut calls_router) -> call
     with_router(router, |handle| {
         handle.router.start_draining();
         Ok(())
+    })
+}
+
+/// Starts recording call `call`: from now on the sources it takes are written into files,
+/// which come out of `calls_router_poll_output` as `CALLS_OUTPUT_KIND_RECORD` outputs
+/// (`started`, then per source `file_started`, `data`…, `file_finished`; see
+/// docs/recording.md). `sessions` lists the sessions to record (`sessions_len` of them);
+/// `sessions_len` 0 records everyone, also those who join later (`sessions` may then be
+/// NULL). `sources` is `CALLS_RECORD_*` bits (`CALLS_RECORD_ALL`). Sessions joined without
+/// being recordable are left out either way. Every member gets a `recording` signaling
+/// message. Drain `calls_router_poll_output` afterwards.
+///
+/// Router: one thread at a time.
+///
+/// Errors: `CALLS_RESULT_NULL_PARAMETER` (also `sessions` NULL with `sessions_len` > 0),
+/// `CALLS_RESULT_INVALID_UTF8`, `CALLS_RESULT_INVALID_ARGUMENT` (unknown or no source bits,
+/// `now_us`), `CALLS_RESULT_UNKNOWN_CALL` (nobody is in `call`),
+/// `CALLS_RESULT_ALREADY_RECORDING`, `CALLS_RESULT_POISONED`.
+#[no_mangle]
+pub extern "C" fn calls_router_start_recording(
+    router: *mut calls_router,
+    call: *const c_char,
+    sessions: *const u64,
+    sessions_len: usize,
+    sources: u32,
+    now_us: u64,
+) -> calls_result {
+    with_router(router, |handle| {
+        let call = boundary::str_arg(call, "call")?;
+        if sources & !CALLS_RECORD_ALL != 0 || sources == 0 {
+            return Err(Failure::new(
+                calls_result::InvalidArgument,
+                format!("`sources` {sources:#x} must be CALLS_RECORD_* bits, at least one"),
+            ));
+        }
+        let options = if sessions_len == 0 {
+            RecordingOptions::everyone()
+        } else {
+            let ids = boundary::slice_arg(sessions, sessions_len, "sessions")?;
+            RecordingOptions::sessions(ids.iter().copied().map(SessionId).collect())
+        }
+        .with_sources(
+            sources & CALLS_RECORD_AUDIO != 0,
+            sources & CALLS_RECORD_CAMERA != 0,
+            sources & CALLS_RECORD_SCREEN != 0,
+        );
+        let now = handle.clock.instant(now_us)?;
+        handle
+            .router
+            .start_recording(&CallId::from(call), options, now)?;
+        Ok(())
+    })
+}
+
+/// Stops call `call`'s recording: what its reorder buffers hold is written, every file is
+/// finished (`file_finished` with its start offset and duration), then `stopped`. Every
+/// member gets a `recording` signaling message. Drain `calls_router_poll_output` afterwards.
+/// (A recording also stops by itself when everyone has left the call.)
+///
+/// Router: one thread at a time.
+///
+/// Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_INVALID_UTF8`,
+/// `CALLS_RESULT_INVALID_ARGUMENT` (`now_us`), `CALLS_RESULT_UNKNOWN_CALL`,
+/// `CALLS_RESULT_NOT_RECORDING`, `CALLS_RESULT_POISONED`.
+#[no_mangle]
+pub extern "C" fn calls_router_stop_recording(
+    router: *mut calls_router,
+    call: *const c_char,
+    now_us: u64,
+) -> calls_result {
+    with_router(router, |handle| {
+        let call = boundary::str_arg(call, "call")?;
+        let now = handle.clock.instant(now_us)?;
+        handle.router.stop_recording(&CallId::from(call), now)?;
+        Ok(())
+    })
+}
+
+/// Writes whether call `call` is being recorded to `*out` (false for a call nobody is in).
+///
+/// Router: one thread at a time.
+///
+/// Errors: `CALLS_RESULT_NULL_PARAMETER`, `CALLS_RESULT_INVALID_UTF8`,
+/// `CALLS_RESULT_POISONED`.
+#[no_mangle]
+pub extern "C" fn calls_router_is_recording(
+    router: *mut calls_router,
+    call: *const c_char,
+    out: *mut bool,
+) -> calls_result {
+    with_router(router, |handle| {
+        let call = boundary::str_arg(call, "call")?;
+        let recording = handle.router.is_recording(&CallId::from(call));
+        boundary::write_out(out, recording, "out")
     })
 }
 
@@ -560,7 +671,11 @@ pub extern "C" fn calls_router_poll_output(
             Some(prepared) => prepared,
             None => {
                 let clock = handle.clock;
-                Prepared::new(handle.router.poll_output(), |at| clock.micros(at))
+                Prepared::new(
+                    handle.router.poll_output(),
+                    |at| clock.micros(at),
+                    &mut handle.recordings,
+                )
             }
         };
         let mut header = prepared.header;

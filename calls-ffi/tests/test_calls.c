@@ -3,6 +3,7 @@
  * Built and run by `make -C calls-ffi test` under AddressSanitizer and under valgrind.
  * Prints "N passed, M failed" and exits non-zero on any failure.
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -230,26 +231,36 @@ typedef struct {
     int signals;
     int events;
     int event_kinds[100];
+    int records;
+    int record_kinds[8];
+    uint64_t recording;            /* the last record output's recording number */
+    char *record_text;             /* every non-data record output's JSON, one per line */
+    size_t record_text_len;
     char *signal_text; /* every signal's JSON, one per line */
     size_t signal_text_len;
     uint64_t signal_session;
     uint64_t timeout_us;
 } drained;
 
-static void append_signal(drained *d, const char *json, size_t len) {
-    char *grown = realloc(d->signal_text, d->signal_text_len + len + 2);
+static void append_line(char **text, size_t *text_len, const char *json, size_t len) {
+    char *grown = realloc(*text, *text_len + len + 2);
     if (grown == NULL) {
         abort();
     }
-    d->signal_text = grown;
-    memcpy(d->signal_text + d->signal_text_len, json, len);
-    d->signal_text_len += len;
-    d->signal_text[d->signal_text_len++] = '\n';
-    d->signal_text[d->signal_text_len] = '\0';
+    *text = grown;
+    memcpy(*text + *text_len, json, len);
+    *text_len += len;
+    (*text)[(*text_len)++] = '\n';
+    (*text)[*text_len] = '\0';
+}
+
+static void append_signal(drained *d, const char *json, size_t len) {
+    append_line(&d->signal_text, &d->signal_text_len, json, len);
 }
 
 static void drained_reset(drained *d) {
     free(d->signal_text);
+    free(d->record_text);
     memset(d, 0, sizeof *d);
 }
 
@@ -282,6 +293,17 @@ static void drain(calls_router *router, drained *d) {
             CHECK(buf[out.len] == '\0');
             if (out.event < 100) {
                 d->event_kinds[out.event]++;
+            }
+            break;
+        case CALLS_OUTPUT_KIND_RECORD:
+            d->records++;
+            d->recording = out.recording;
+            if (out.record < 8) {
+                d->record_kinds[out.record]++;
+            }
+            if (out.record != CALLS_RECORD_KIND_DATA) {
+                CHECK(buf[out.len] == '\0');
+                append_line(&d->record_text, &d->record_text_len, (const char *)buf, out.len);
             }
             break;
         default:
@@ -456,6 +478,11 @@ static void null_handles_are_errors(void) {
     CHECK_RESULT(calls_router_config_json(NULL, (char *)buf, sizeof buf, &len),
                  CALLS_RESULT_NULL_PARAMETER);
     CHECK_RESULT(calls_router_session_count(NULL, &len), CALLS_RESULT_NULL_PARAMETER);
+    CHECK_RESULT(calls_router_start_recording(NULL, "c", NULL, 0, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_NULL_PARAMETER);
+    CHECK_RESULT(calls_router_stop_recording(NULL, "c", T0), CALLS_RESULT_NULL_PARAMETER);
+    bool recording = false;
+    CHECK_RESULT(calls_router_is_recording(NULL, "c", &recording), CALLS_RESULT_NULL_PARAMETER);
     /* Freeing NULL is allowed, like free(3). */
     CHECK_OK(calls_router_free(NULL));
 }
@@ -684,6 +711,85 @@ static void a_participant_joins_offers_and_gets_an_answer(void) {
     CHECK_OK(calls_router_free(router));
 }
 
+/* Recording a call: start and stop, the outputs that tell the embedder, the members' signal,
+ * and every refusal (unknown call, twice, bad arguments). */
+static void a_call_is_recorded_and_every_misuse_is_refused(void) {
+    calls_router *router = NULL;
+    CHECK_OK(calls_router_new_json("{\"udp_port\":40300,\"tcp_port\":40300}", T0, &router));
+    if (router == NULL) {
+        return;
+    }
+    drained d = {0};
+    bool recording = true;
+    uint64_t bob = 2;
+
+    CHECK_RESULT(calls_router_start_recording(router, "standup", NULL, 0, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_UNKNOWN_CALL);
+    CHECK(strstr(last_error(), "standup") != NULL);
+    CHECK_RESULT(calls_router_stop_recording(router, "standup", T0), CALLS_RESULT_UNKNOWN_CALL);
+    CHECK_OK(calls_router_is_recording(router, "standup", &recording));
+    CHECK(!recording);
+
+    CHECK_OK(calls_router_join(router, "standup", 1, "alice", CALLS_GRANTS_ALL, T0));
+    CHECK_OK(calls_router_join(router, "standup", 2, "bob", CALLS_GRANTS_ALL, T0));
+    CHECK_OK(calls_router_join(router, "standup", 3, "cleo",
+                               CALLS_GRANTS_ALL | CALLS_GRANT_UNRECORDABLE, T0));
+    CHECK_OK(calls_router_handle_signal(router, 1, OFFER, T0 + 1000));
+    drain(router, &d);
+
+    /* Arguments are checked before anything starts. */
+    CHECK_RESULT(calls_router_start_recording(router, "standup", NULL, 0, 0, T0),
+                 CALLS_RESULT_INVALID_ARGUMENT);
+    CHECK_RESULT(calls_router_start_recording(router, "standup", NULL, 0, 8, T0),
+                 CALLS_RESULT_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "CALLS_RECORD_") != NULL);
+    CHECK_RESULT(calls_router_start_recording(router, "standup", NULL, 2, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_NULL_PARAMETER);
+    CHECK_RESULT(calls_router_start_recording(router, NULL, NULL, 0, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_NULL_PARAMETER);
+    CHECK_RESULT(calls_router_start_recording(router, "\xff", NULL, 0, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_INVALID_UTF8);
+    CHECK_RESULT(calls_router_is_recording(router, "standup", NULL), CALLS_RESULT_NULL_PARAMETER);
+    drain(router, &d);
+    CHECK(d.records == 0);
+
+    /* Bob's microphone only: `started` names the call and the options; both members hear. */
+    CHECK_OK(calls_router_start_recording(router, "standup", &bob, 1, CALLS_RECORD_AUDIO,
+                                          T0 + 2000));
+    CHECK_OK(calls_router_is_recording(router, "standup", &recording));
+    CHECK(recording);
+    drain(router, &d);
+    CHECK(d.records == 1 && d.record_kinds[CALLS_RECORD_KIND_STARTED] == 1);
+    CHECK(d.recording == 1);
+    CHECK(d.record_text != NULL &&
+          strstr(d.record_text, "\"type\":\"started\"") != NULL &&
+          strstr(d.record_text, "\"call\":\"standup\"") != NULL &&
+          strstr(d.record_text, "\"sessions\":[2]") != NULL &&
+          strstr(d.record_text, "\"camera\":false") != NULL);
+    CHECK(d.signal_text != NULL && strstr(d.signal_text, "\"type\":\"recording\"") != NULL &&
+          strstr(d.signal_text, "\"active\":true,\"recorded\":true") != NULL &&
+          strstr(d.signal_text, "\"active\":true,\"recorded\":false") != NULL);
+    CHECK_RESULT(calls_router_start_recording(router, "standup", NULL, 0, CALLS_RECORD_ALL, T0),
+                 CALLS_RESULT_ALREADY_RECORDING);
+
+    CHECK_OK(calls_router_stop_recording(router, "standup", T0 + 3000));
+    drain(router, &d);
+    CHECK(d.record_kinds[CALLS_RECORD_KIND_STOPPED] == 1 && d.recording == 1);
+    CHECK(d.record_text != NULL && strstr(d.record_text, "\"type\":\"stopped\"") != NULL);
+    CHECK(d.signal_text != NULL && strstr(d.signal_text, "\"active\":false") != NULL);
+    CHECK_RESULT(calls_router_stop_recording(router, "standup", T0), CALLS_RESULT_NOT_RECORDING);
+    CHECK_OK(calls_router_is_recording(router, "standup", &recording));
+    CHECK(!recording);
+
+    /* A second recording of the same call gets the next number. */
+    CHECK_OK(calls_router_start_recording(router, "standup", NULL, 0, CALLS_RECORD_ALL, T0 + 4000));
+    drain(router, &d);
+    CHECK(d.record_kinds[CALLS_RECORD_KIND_STARTED] == 1 && d.recording == 2);
+    /* Freed while recording: nothing leaks. */
+    drained_reset(&d);
+    CHECK_OK(calls_router_free(router));
+}
+
 /* Two routers with participants are freed while sessions are still up: nothing leaks. */
 static void routers_with_live_sessions_free_cleanly(void) {
     calls_router *router = NULL;
@@ -715,6 +821,7 @@ int main(void) {
     addresses_convert_and_bad_ones_are_refused();
     worker_of_datagram_reads_the_ufrag();
     a_participant_joins_offers_and_gets_an_answer();
+    a_call_is_recorded_and_every_misuse_is_refused();
     routers_with_live_sessions_free_cleanly();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

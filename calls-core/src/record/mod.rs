@@ -58,6 +58,11 @@ pub const VIDEO_REORDER: Duration = Duration::from_millis(300);
 /// (a new SSRC after renegotiation, a sender that reset its timestamps) continues its timeline
 /// from the arrival time instead.
 const MAX_CLOCK_DISAGREEMENT: Duration = Duration::from_secs(2);
+/// A recorded simulcast layer that sent nothing for this long has stopped (the publisher
+/// dropped it, its CPU or uplink shrank): the recording takes the next keyframe of any layer
+/// still flowing, without waiting for the router's verdict on the layer (a second, which
+/// would cost a second of video). Longer than the gap between two frames of a 5 fps layer.
+const RECORDED_LAYER_STALL: Duration = Duration::from_millis(250);
 /// Opus RTP clock (RFC 7587: always 48 kHz).
 const OPUS_CLOCK: u32 = 48_000;
 /// Video RTP clock.
@@ -388,6 +393,17 @@ impl Timeline {
             return 0;
         };
         let by_arrival = self.ticks(arrival.saturating_duration_since(last_arrival));
+        let limit = self.ticks(MAX_CLOCK_DISAGREEMENT);
+        // Whatever the clocks say, a distance the arrivals contradict by more than the limit
+        // is wrong (a stale or foreign sender report, a sender that reset its timestamps):
+        // the arrival decides then.
+        let unless_contradicted = |delta: i64| {
+            if (delta - by_arrival).abs() > limit {
+                by_arrival
+            } else {
+                delta
+            }
+        };
         let delta = if self.rebase {
             // Another stream: its timestamps have another origin. Both streams' sender
             // reports give the true distance; without them, the arrival does.
@@ -395,18 +411,12 @@ impl Timeline {
                 (Some(old), Some(new)) => {
                     let secs =
                         new.ntp_of(ts, self.clock_rate) - old.ntp_of(last_ts, self.clock_rate);
-                    (secs * f64::from(self.clock_rate)).round() as i64
+                    unless_contradicted((secs * f64::from(self.clock_rate)).round() as i64)
                 }
                 _ => by_arrival,
             }
         } else {
-            let by_rtp = i64::from(ts.wrapping_sub(last_ts) as i32);
-            let limit = self.ticks(MAX_CLOCK_DISAGREEMENT);
-            if (by_rtp - by_arrival).abs() > limit {
-                by_arrival
-            } else {
-                by_rtp
-            }
+            unless_contradicted(i64::from(ts.wrapping_sub(last_ts) as i32))
         };
         self.rebase = false;
         let pos = last_pos.saturating_add_signed(delta.max(0));
@@ -438,6 +448,8 @@ struct TrackRecorder {
     /// switch to at its next keyframe.
     layer: Option<Option<Rid>>,
     target: Option<Rid>,
+    /// Video: when the recorded layer's last packet arrived.
+    layer_seen: Option<Instant>,
     /// The first sample: its RTP timestamp and arrival, and its NTP time once a sender report
     /// of its stream says.
     first: Option<(u32, Instant, Option<f64>)>,
@@ -549,8 +561,23 @@ impl Recorder {
                 }
             }
             if track.layer != Some(packet.rid) {
-                // Not the recorded layer: it may be the target's keyframe that starts it.
-                if packet.rid != track.target || !packet.keyframe {
+                // Not the recorded layer: it may be the target's keyframe that starts it, or,
+                // when the recorded layer has stopped (or none has started the file yet: the
+                // target may change while dynacast resumes the upper layers), a keyframe of a
+                // layer still flowing.
+                let starting = track.layer.is_none();
+                let stalled = !starting
+                    && track.layer_seen.is_some_and(|seen| {
+                        packet.arrival.saturating_duration_since(seen) >= RECORDED_LAYER_STALL
+                    });
+                if !packet.keyframe {
+                    if stalled {
+                        // Ask this layer for a keyframe (the router throttles the requests).
+                        return Some(packet.rid);
+                    }
+                    return std::mem::take(&mut track.wants_keyframe).then_some(track.target);
+                }
+                if packet.rid != track.target && !stalled && !starting {
                     return std::mem::take(&mut track.wants_keyframe).then_some(track.target);
                 }
                 // The old layer's frames go out first, then the new one continues the timeline.
@@ -560,11 +587,18 @@ impl Recorder {
                     track.timeline.rebase = true;
                 }
                 track.layer = Some(packet.rid);
+                if packet.rid != track.target {
+                    // Taken for a stalled layer: the target's own keyframe switches again.
+                    track.wants_keyframe = true;
+                }
                 track.buffer.reset();
                 if let Writer::Video { frames, .. } = &mut track.writer {
                     frames.reset();
                 }
             }
+        }
+        if let Writer::Video { .. } = track.writer {
+            track.layer_seen = Some(packet.arrival);
         }
         if track.first.is_none() {
             track.first = Some((packet.timestamp, packet.arrival, None));
@@ -665,6 +699,7 @@ impl Recorder {
                 timeline: Timeline::new(clock_rate),
                 layer: None,
                 target: None,
+                layer_seen: None,
                 first: None,
                 bytes: 0,
                 layer_switches: 0,

@@ -117,3 +117,78 @@ fn malformed_payloads_are_dropped() {
     recorder.stop(t0 + Duration::from_secs(1), &mut out);
     assert_eq!(summaries(&out).len(), 2);
 }
+
+/// A simulcast switch whose sender reports disagree with the arrivals by hours (a stale or
+/// foreign report) continues the file by arrival: the timeline never jumps.
+#[test]
+fn a_layer_switch_with_contradicting_sender_reports_continues_by_arrival() {
+    let t0 = Instant::now();
+    let report = |ntp_secs: f64, rtp: u32| SenderClock { ntp_secs, rtp };
+    let mut timeline = Timeline::new(VIDEO_CLOCK);
+    assert_eq!(timeline.place(1000, t0, Some(report(100.0, 1000))), 0);
+    let ms50 = Duration::from_millis(50);
+    assert_eq!(timeline.place(1000 + 4500, t0 + ms50, None), 4500);
+    // The new layer's report puts its frame 10,000 s later; it arrived 50 ms later.
+    timeline.rebase = true;
+    let pos = timeline.place(77, t0 + 2 * ms50, Some(report(10_100.0, 77)));
+    assert_eq!(pos, 9000, "continued by arrival");
+    // Consistent reports are believed (they beat arrival jitter): 40 ms by the clocks.
+    timeline.rebase = true;
+    let pos = timeline.place(500, t0 + 3 * ms50, Some(report(10_100.04, 500)));
+    assert_eq!(pos, 9000 + 3600);
+}
+
+/// The recorded simulcast layer stops while the router still counts it as sent (it waits a
+/// second before it says so): after [`RECORDED_LAYER_STALL`] the recording asks the layer
+/// still flowing for a keyframe and continues on it, instead of losing that second.
+#[test]
+fn a_stalled_layer_is_replaced_by_a_flowing_one_at_its_keyframe() {
+    let t0 = Instant::now();
+    let mut recorder = Recorder::new(CallId::from("c"), RecordingOptions::everyone(), t0);
+    let video = key(1, "1");
+    recorder.add_track(video, UserId::from("a"), TrackSource::Camera);
+    let mut out = VecDeque::new();
+    let (f, q) = (Rid::from("f"), Rid::from("q"));
+    let keyframe: Arc<[u8]> = Arc::from(&[0x10u8, 0, 0, 0][..]);
+    let delta: Arc<[u8]> = Arc::from(&[0x10u8, 1, 0, 0][..]);
+    let mut requested = Vec::new();
+    for i in 0..30u32 {
+        let at = t0 + Duration::from_millis(50 * u64::from(i));
+        // `f` sends frames 0..10 (0 a keyframe) and stops; `q` sends all along, a keyframe
+        // only at frame 16 (800 ms), after the stall was noticed and a keyframe asked for.
+        let layers = [(f, i < 10, i == 0, 1000u64), (q, true, i == 16, 5000)];
+        for (rid, sends, is_key, seq0) in layers {
+            if !sends {
+                continue;
+            }
+            let packet = RecPacket {
+                seq: seq0 + u64::from(i),
+                timestamp: 3000 * i,
+                marker: true,
+                payload: if is_key { &keyframe } else { &delta },
+                offset: 0,
+                keyframe: is_key,
+                rid: Some(rid),
+                sender: None,
+                arrival: at,
+            };
+            if let Some(wanted) =
+                recorder.on_packet(video, RecCodec::Vp8, Some(f), packet, &mut out)
+            {
+                requested.push((i, wanted));
+            }
+        }
+    }
+    recorder.stop(t0 + Duration::from_millis(1500), &mut out);
+    let files = summaries(&out);
+    assert_eq!(files.len(), 1, "{out:?}");
+    assert_eq!(files[0].layer_switches, 1);
+    // f's 10 frames, then q's from its keyframe (16..30): nothing lost but the stall.
+    assert_eq!(files[0].frames, 10 + 14);
+    assert!(
+        requested
+            .iter()
+            .any(|(i, r)| *r == Some(q) && (14..16).contains(i)),
+        "a keyframe of q asked for once f stalled: {requested:?}"
+    );
+}

@@ -10,8 +10,16 @@ use std::time::Instant;
 use super::jitter::Buffered;
 use super::SenderClock;
 
-/// IVF timestamps count 90 kHz ticks (the RTP video clock), so none is rounded.
-const IVF_TIMEBASE: u32 = 90_000;
+/// IVF timestamps count hundredths of a second. A finer time base (the RTP clock's 1/90000)
+/// is one ffmpeg calls unreliable: it then guesses a frame rate from the first frames
+/// (20 fps, say) and works in that unit, where two frames of a camera that captured one late
+/// and the next on time (2 ms apart, seen with Chromium under load) share a timestamp: its
+/// null muxer reports "non monotonically increasing dts" on a plain decode. At 1/100 ffmpeg
+/// takes the time base as the frame rate, and every frame has its own 10 ms step (see
+/// [`Ivf::write`]).
+const IVF_TICKS_PER_SECOND: u32 = 100;
+/// RTP video clock ticks per IVF tick.
+const RTP_TICKS_PER_IVF_TICK: u64 = 90_000 / IVF_TICKS_PER_SECOND as u64;
 /// The largest frame assembled (a 4K keyframe is well under this); a bigger one is dropped.
 const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -236,6 +244,8 @@ pub(crate) struct Ivf {
     bytes: Vec<u8>,
     frames: u64,
     last_pts: u64,
+    /// The last frame's timestamp as written (IVF ticks).
+    last_written: Option<u64>,
 }
 
 impl Ivf {
@@ -245,6 +255,7 @@ impl Ivf {
             bytes: Vec::new(),
             frames: 0,
             last_pts: 0,
+            last_written: None,
         }
     }
 
@@ -258,7 +269,9 @@ impl Ivf {
     }
 
     /// Writes one frame at `pts` (90 kHz ticks from the file's start); the file header goes
-    /// before the first one (a keyframe, whose size it records).
+    /// before the first one (a keyframe, whose size it records). In the file every frame's
+    /// timestamp is at least one IVF tick (10 ms) after the previous one's: a frame that
+    /// would share its predecessor's tick moves to the next.
     pub fn write(&mut self, frame: &[u8], keyframe: bool, pts: u64) {
         if self.frames == 0 {
             let (width, height) = if keyframe && !self.vp9 {
@@ -273,9 +286,10 @@ impl Ivf {
                 .extend_from_slice(if self.vp9 { b"VP90" } else { b"VP80" });
             self.bytes.extend_from_slice(&width.to_le_bytes());
             self.bytes.extend_from_slice(&height.to_le_bytes());
-            // Time base 1/90000 (denominator first), then the frame count: unknown while
-            // the file grows (readers count the frames themselves).
-            self.bytes.extend_from_slice(&IVF_TIMEBASE.to_le_bytes());
+            // Time base 1/100 (denominator first), then the frame count: unknown while the
+            // file grows (readers count the frames themselves).
+            self.bytes
+                .extend_from_slice(&IVF_TICKS_PER_SECOND.to_le_bytes());
             self.bytes.extend_from_slice(&1u32.to_le_bytes());
             self.bytes.extend_from_slice(&0u32.to_le_bytes());
             self.bytes.extend_from_slice(&0u32.to_le_bytes());
@@ -285,11 +299,16 @@ impl Ivf {
         };
         // Timestamps never go back (a reordered frame keeps its predecessor's).
         let pts = pts.max(self.last_pts);
+        let nearest = (pts + RTP_TICKS_PER_IVF_TICK / 2) / RTP_TICKS_PER_IVF_TICK;
+        let written = self
+            .last_written
+            .map_or(nearest, |last| nearest.max(last + 1));
         self.bytes.extend_from_slice(&len.to_le_bytes());
-        self.bytes.extend_from_slice(&pts.to_le_bytes());
+        self.bytes.extend_from_slice(&written.to_le_bytes());
         self.bytes.extend_from_slice(frame);
         self.frames += 1;
         self.last_pts = pts;
+        self.last_written = Some(written);
     }
 
     /// The bytes written since the last call.
@@ -397,8 +416,44 @@ mod tests {
         assert_eq!(u16::from_le_bytes([bytes[12], bytes[13]]), 640);
         assert_eq!(u16::from_le_bytes([bytes[14], bytes[15]]), 480);
         assert_eq!(bytes.len(), 32 + 12 + key.len() + 12 + 3);
+        assert_eq!(u32::from_le_bytes(bytes[16..20].try_into().unwrap()), 100);
+        assert_eq!(u32::from_le_bytes(bytes[20..24].try_into().unwrap()), 1);
         let second = 32 + 12 + key.len();
         let pts = u64::from_le_bytes(bytes[second + 4..second + 12].try_into().unwrap());
-        assert_eq!(pts, 3000);
+        assert_eq!(pts, 3, "3000 ticks of 90 kHz are 3 hundredths");
+    }
+
+    /// A frame 2 ms after its predecessor (captured late, the next on time) gets its own
+    /// 10 ms step: no two frames share a timestamp, and the next ones are where they belong.
+    #[test]
+    fn frames_never_share_an_ivf_timestamp() {
+        let mut ivf = Ivf::new(false);
+        let key = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
+        ivf.write(&key, true, 63_090);
+        ivf.write(&[1], false, 71_820);
+        ivf.write(&[2], false, 72_000);
+        ivf.write(&[3], false, 76_500);
+        let bytes = ivf.take_bytes();
+        let mut at = 32;
+        let mut written = Vec::new();
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            written.push(u64::from_le_bytes(
+                bytes[at + 4..at + 12].try_into().unwrap(),
+            ));
+            at += 12 + len;
+        }
+        assert_eq!(written, [70, 80, 81, 85]);
+        let mut again = Ivf::new(false);
+        again.write(&key, true, 0);
+        again.write(&[1], false, 180);
+        again.write(&[2], false, 200);
+        let bytes = again.take_bytes();
+        let third = 32 + 12 + key.len() + 12 + 1;
+        let pts = u64::from_le_bytes(bytes[third + 4..third + 12].try_into().unwrap());
+        assert_eq!(
+            pts, 2,
+            "0, then 180 and 200 ticks: 0, 1 (rounded 0, moved on), 2"
+        );
     }
 }

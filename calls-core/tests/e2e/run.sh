@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end tests: headless Chromium (Debian package, driven by playwright-core), an aiortc
 # participant and a coturn TURN relay against the reference server (red.test.mjs also needs root
-# for a network namespace and nftables). Installs what is missing,
+# for a network namespace and nftables; recording.test.mjs needs ffmpeg). Installs what is missing,
 # builds the server, runs every test; exits non-zero on any failure. Server (and coturn) logs
-# land in calls-core/tests/e2e/logs/. screenshot.mjs (docs/demo-three-participants.png) is not
-# part of the run.
+# land in calls-core/tests/e2e/logs/. screenshot.mjs (docs/demo-three-participants.png) and
+# recording_cpu.mjs (docs/recording.md's CPU table) are not part of the run.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
@@ -17,6 +17,11 @@ fi
 if ! command -v turnserver >/dev/null; then
   echo "== installing coturn (apt; turn.test.mjs starts its own turnserver on loopback)"
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y coturn
+fi
+
+if ! command -v ffprobe >/dev/null; then
+  echo "== installing ffmpeg (apt; recording.test.mjs reads and decodes the recorded files)"
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ffmpeg
 fi
 
 if ! command -v nft >/dev/null; then
@@ -50,4 +55,4 @@ export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$
 echo "== running the end-to-end tests"
 cd "$here"
 # One test at a time: this machine has two cores and a test runs up to six Chromium pages.
-exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs turn.test.mjs ops.test.mjs limits.test.mjs simulcast.test.mjs slots.test.mjs red.test.mjs
+exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs turn.test.mjs ops.test.mjs limits.test.mjs simulcast.test.mjs slots.test.mjs red.test.mjs recording.test.mjs

@@ -20,6 +20,8 @@ from calls._calls import (
     DrainingError,
     Event,
     OverloadedError,
+    Record,
+    RecordingError,
     Router,
     RouterFullError,
     SessionExistsError,
@@ -29,12 +31,13 @@ from calls._calls import (
     TcpError,
     Timeout,
     Transmit,
+    UnknownCallError,
     UnknownSessionError,
     __version__,
 )
 
 #: What :meth:`Router.poll_output` returns.
-Output = Union[Transmit, Signal, Event, Timeout]
+Output = Union[Transmit, Signal, Event, Timeout, Record]
 
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "Event",
     "OverloadedError",
     "Output",
+    "Record",
+    "RecordingError",
     "Router",
     "RouterFullError",
     "SessionExistsError",
@@ -55,6 +60,7 @@ __all__ = [
     "TcpError",
     "Timeout",
     "Transmit",
+    "UnknownCallError",
     "UnknownSessionError",
     "__version__",
 ]

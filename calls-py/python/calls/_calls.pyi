@@ -15,6 +15,7 @@ __all__ = [
     "Signal",
     "Event",
     "Timeout",
+    "Record",
     "Peer",
     "Swarm",
     "CallsError",
@@ -26,6 +27,8 @@ __all__ = [
     "RouterFullError",
     "DrainingError",
     "OverloadedError",
+    "UnknownCallError",
+    "RecordingError",
     "TcpError",
     "SwarmError",
 ]
@@ -74,6 +77,18 @@ class OverloadedError(CallsError):
     """The router is overloaded and takes no new joins; retry after ``retry_after_s``."""
 
     retry_after_s: int
+
+class UnknownCallError(CallsError):
+    """No call with this name on this router: nobody is in it (``call``)."""
+
+    call: str
+
+class RecordingError(CallsError):
+    """The call is recorded already, or not recorded (``call``, ``code``:
+    ``already_recording`` or ``not_recording``)."""
+
+    call: str
+    code: str
 
 class TcpError(CallsError):
     """An ICE-TCP connection error (unknown or duplicate connection, oversized frame)."""
@@ -132,7 +147,25 @@ class Timeout:
     @property
     def at(self) -> float: ...
 
-_Output = Union[Transmit, Signal, Event, Timeout]
+@final
+class Record:
+    """A recording's output: ``kind`` (``started``, ``file_started``, ``data``,
+    ``file_finished``, ``stopped``), the ``call``, the ``file`` number, the bytes to append
+    (``data``) and the details (``info``: options, file or summary)."""
+
+    __match_args__: ClassVar[Tuple[str, str, str, str]]
+    @property
+    def kind(self) -> str: ...
+    @property
+    def call(self) -> str: ...
+    @property
+    def file(self) -> Optional[int]: ...
+    @property
+    def data(self) -> Optional[bytes]: ...
+    @property
+    def info(self) -> Optional[Dict[str, Any]]: ...
+
+_Output = Union[Transmit, Signal, Event, Timeout, Record]
 
 @final
 class Router:
@@ -169,6 +202,18 @@ class Router:
     def tcp_closed(self, conn: int) -> None: ...
     def poll_output(self) -> _Output: ...
     def drain(self) -> List[_Output]: ...
+    def start_recording(
+        self,
+        call: str,
+        now: float,
+        sessions: Optional[List[int]] = None,
+        *,
+        audio: bool = True,
+        camera: bool = True,
+        screen: bool = True,
+    ) -> None: ...
+    def stop_recording(self, call: str, now: float) -> None: ...
+    def is_recording(self, call: str) -> bool: ...
     def resend_signaling(self, session: int) -> None: ...
     def start_draining(self) -> None: ...
     def set_load(self, lag: float, busy: float, now: float) -> str: ...

@@ -13,7 +13,7 @@ router in virtual time::
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-from calls._calls import Event, Peer, Router, Signal, Timeout, Transmit
+from calls._calls import Event, Peer, Record, Router, Signal, Timeout, Transmit
 
 __all__ = ["Network", "Peer"]
 
@@ -32,6 +32,8 @@ class Network:
         self.peers: Dict[int, Peer] = {}
         self.events: List[Event] = []
         self.signals: List[Signal] = []
+        #: Every recording output, in order (:meth:`Router.start_recording`).
+        self.records: List[Record] = []
         self._by_addr: Dict[Tuple[str, int], Peer] = {}
         self._next_session = 1
         self._router_timeout: Optional[float] = None
@@ -67,6 +69,8 @@ class Network:
                     moved = True
             elif isinstance(out, Event):
                 self.events.append(out)
+            elif isinstance(out, Record):
+                self.records.append(out)
             elif isinstance(out, Timeout):
                 self._router_timeout = out.at
         return moved

@@ -313,8 +313,14 @@ fn compose_command(files: &[ManifestFile]) -> String {
     let audio: Vec<&ManifestFile> = files.iter().filter(|f| f.file.codec == "opus").collect();
     let video: Vec<&ManifestFile> = files.iter().filter(|f| f.file.codec != "opus").collect();
     let mut cmd = String::from("ffmpeg -y -hide_banner");
-    for f in audio.iter().chain(video.iter()) {
+    for f in &audio {
         cmd += &format!(" -i {}", f.file.name);
+    }
+    // A simulcast layer switch changes a video file's frame size mid-way. By default ffmpeg
+    // then rebuilds the whole filter graph, audio included, and the mix's audio timestamps
+    // jump back (its muxer reports non-monotonic DTS); `scale` takes the new size as it is.
+    for f in &video {
+        cmd += &format!(" -reinit_filter 0 -i {}", f.file.name);
     }
     let mut graph: Vec<String> = Vec::new();
     for (i, f) in audio.iter().enumerate() {
@@ -411,7 +417,7 @@ mod tests {
             file(4, TrackSource::Camera, "vp8", 2100),
         ];
         let cmd = compose_command(&files);
-        assert!(cmd.starts_with("ffmpeg -y -hide_banner -i 0001-s1-microphone.ogg -i 0003-s1-microphone.ogg -i 0002-s1-camera.ivf -i 0004-s1-camera.ivf"), "{cmd}");
+        assert!(cmd.starts_with("ffmpeg -y -hide_banner -i 0001-s1-microphone.ogg -i 0003-s1-microphone.ogg -reinit_filter 0 -i 0002-s1-camera.ivf -reinit_filter 0 -i 0004-s1-camera.ivf"), "{cmd}");
         assert!(cmd.contains("[1:a]adelay=delays=2040:all=1[a1]"), "{cmd}");
         assert!(cmd.contains("amix=inputs=2"), "{cmd}");
         assert!(cmd.contains("[3:v]scale=640:360"), "{cmd}");
