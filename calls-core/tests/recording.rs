@@ -262,10 +262,12 @@ fn recording_survives_a_layer_switch() {
     assert_eq!(frames[switch].layer, 1);
     assert!(frames[switch].keyframe, "the switch is not at a keyframe");
     assert!(frames[switch..].iter().all(|f| f.layer == 1));
-    // Real time between the last top-layer frame and the first middle-layer one (the top
-    // layer was missed for a second before the switch): held, not compressed.
+    // Real time between the last top-layer frame and the first middle-layer one is held in
+    // the file, not compressed to one frame interval (33 ms). The switch comes after 0.3 s
+    // (the recorder noticed the stalled layer after 250 ms of silence) or 1.03 s (the
+    // router's own layer timeout came first); which one varies from run to run.
     let gap = (frames[switch].pts - frames[switch - 1].pts) as f64 / 90_000.0;
-    assert!(gap > 0.5 && gap < 2.0, "switch gap {gap} s");
+    assert!(gap > 0.2 && gap < 2.0, "switch gap {gap} s");
     assert!(frames.windows(2).all(|w| w[1].pts > w[0].pts));
     let last = frames.last().unwrap().pts as f64 / 90_000.0;
     assert!((last - 6.0).abs() < 0.25, "last frame at {last} s");
