@@ -493,8 +493,8 @@ fn muted_listeners_wake_on_the_tick_grid() {
 /// feedback for longer than two round trips, asked to be woken again after one smoothed round
 /// trip: on a fast network (here zero delay, on a LAN well under a millisecond) every session
 /// of a silent call was woken every millisecond, about 1000 times a second instead of 4. The
-/// vendored str0m patch 0003 (`calls-core/vendor/patches/`) lets the estimator sleep until
-/// the next feedback arrives; this test fails without it.
+/// vendored str0m patch 0003 (`calls-core/vendor/patches/`) makes it check every 25 ms
+/// instead, which the router's quiet grid coalesces; this test fails without it.
 #[test]
 fn a_silent_call_sleeps_on_a_fast_network() {
     let mut world = SimWorld::new(111, epoch());

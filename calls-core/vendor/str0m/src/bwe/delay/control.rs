@@ -7,7 +7,7 @@ use super::arrival_group::ArrivalGroupAccumulator;
 use super::rate_control::RateControl;
 use super::trendline::TrendlineEstimator;
 use crate::rtp_::Bitrate;
-use crate::util::{MovingAverage, already_happened, not_happening};
+use crate::util::{MovingAverage, already_happened};
 
 const MAX_RTT_HISTORY_WINDOW: usize = 32;
 const UPDATE_INTERVAL: Duration = Duration::from_millis(25);
@@ -115,10 +115,11 @@ impl DelayController {
             // no longer be considered valid. We need another TWCC report before we can update
             // estimates.
             //
-            // (calls patch) Nothing to do until that report: `update` re-arms the timer when
-            // it comes. Waking every smoothed RTT instead (upstream) woke every session
-            // without fresh feedback every RTT: on a LAN, ~1000 times a second per session.
-            self.next_timeout = not_happening();
+            // (calls patch) Check again after the update interval, not after one smoothed
+            // RTT (upstream: `min(rtt, UPDATE_INTERVAL)`): on a LAN the RTT is well under a
+            // millisecond, so every session without fresh feedback was woken ~1000 times a
+            // second. The other BWE parts (probing, ALR) still get their periodic tick.
+            self.next_timeout = now + UPDATE_INTERVAL;
             return;
         }
 
