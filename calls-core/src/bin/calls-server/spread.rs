@@ -1,0 +1,193 @@
+//! One call over several workers: where each call's participants are, which worker takes the
+//! next join, and the relay links between the workers a call is on (docs/relay.md,
+//! docs/server.md "One call on several workers").
+//!
+//! A call starts on its home worker (a hash of its id). Once it has `call_spread_after`
+//! participants, or its worker is degraded, each join goes to the worker with the fewest of the
+//! call's participants among the least loaded ones. A worker that gets its first participant of a
+//! call opens a relay link to every other worker the call is on; a worker whose last one leaves
+//! closes its links. Relay frames go from worker to worker through their queues (no sockets, no
+//! copy: the frame's `Bytes` move), media frames in the media lane, the rest in the control lane.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use calls_core::{CallId, LinkId};
+
+use crate::load_meter::WorkerStatus;
+use crate::worker::{worker_for_call, Cmd};
+use crate::worker_queue::{Lane, WorkerQueue};
+
+/// The relay frame type of media (`calls_core::relay`, type 5): it goes in the media lane.
+const MEDIA_FRAME_TYPE: u8 = 5;
+
+/// A relay link between two workers of one call.
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    link: LinkId,
+    ends: [usize; 2],
+}
+
+/// One call's participants per worker and its links.
+#[derive(Debug)]
+struct Placement {
+    per_worker: Vec<usize>,
+    routes: Vec<Route>,
+}
+
+/// Placement of calls on workers, shared by the HTTP side (joins) and the workers (leaves).
+#[derive(Debug)]
+pub struct Spread {
+    queues: Vec<Arc<WorkerQueue<Cmd>>>,
+    status: Vec<Arc<WorkerStatus>>,
+    spread_after: usize,
+    calls: Mutex<HashMap<CallId, Placement>>,
+    next_link: AtomicU64,
+}
+
+impl Spread {
+    pub fn new(
+        queues: Vec<Arc<WorkerQueue<Cmd>>>,
+        status: Vec<Arc<WorkerStatus>>,
+        spread_after: usize,
+    ) -> Self {
+        Spread {
+            queues,
+            status,
+            spread_after,
+            calls: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+        }
+    }
+
+    /// The worker that takes the next join of `call`, counted there from now on (give it back
+    /// with [`Spread::unplace`] if the join fails). Opens the relay links a new worker of the
+    /// call needs.
+    pub fn place(&self, call: &CallId) -> usize {
+        let n = self.queues.len();
+        let Ok(mut calls) = self.calls.lock() else {
+            return worker_for_call(call.as_str(), n);
+        };
+        let placement = calls.entry(call.clone()).or_insert_with(|| Placement {
+            per_worker: vec![0; n],
+            routes: Vec::new(),
+        });
+        let total: usize = placement.per_worker.iter().sum();
+        let home = worker_for_call(call.as_str(), n);
+        let worker = if n <= 1 || self.spread_after == 0 {
+            home
+        } else {
+            // While small, a call stays on the worker that has most of it, unless that one is
+            // struggling.
+            let current = if total == 0 {
+                home
+            } else {
+                (0..n)
+                    .max_by_key(|&w| (placement.per_worker[w], w == home))
+                    .unwrap_or(home)
+            };
+            if total < self.spread_after && self.level(current) == 0 {
+                current
+            } else {
+                (0..n)
+                    .min_by_key(|&w| {
+                        let sessions = self.status[w].sessions.load(Ordering::Relaxed);
+                        (self.level(w), placement.per_worker[w], sessions)
+                    })
+                    .unwrap_or(home)
+            }
+        };
+        placement.per_worker[worker] += 1;
+        if placement.per_worker[worker] == 1 {
+            let others: Vec<usize> = (0..n)
+                .filter(|&w| w != worker && placement.per_worker[w] > 0)
+                .collect();
+            for other in others {
+                let link = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
+                placement.routes.push(Route {
+                    link,
+                    ends: [worker, other],
+                });
+                tracing::info!(%call, %link, worker, other, "call spans another worker: relay link opened");
+                // The new worker first: the other one announces its side as soon as it opens,
+                // and the new one must know the link by then (a worker's control lane is
+                // FIFO, so its open comes before any frame for it). The new worker has nothing
+                // to announce yet: its first participant joins after this.
+                for (end, peer) in [(worker, other), (other, worker)] {
+                    self.queues[end].push_release(Cmd::RelayOpen {
+                        call: call.clone(),
+                        link,
+                        peer,
+                    });
+                }
+            }
+        }
+        worker
+    }
+
+    /// A participant of `call` on `worker` is gone (left, or its join failed). The worker's last
+    /// one closes its relay links, at both ends.
+    pub fn unplace(&self, call: &CallId, worker: usize) {
+        let Ok(mut calls) = self.calls.lock() else {
+            return;
+        };
+        let Some(placement) = calls.get_mut(call) else {
+            return;
+        };
+        let Some(count) = placement.per_worker.get_mut(worker) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            let (closed, kept): (Vec<Route>, Vec<Route>) = placement
+                .routes
+                .iter()
+                .partition(|r| r.ends.contains(&worker));
+            placement.routes = kept;
+            for route in closed {
+                tracing::info!(%call, link = %route.link, "relay link closed");
+                for end in route.ends {
+                    self.queues[end].push_release(Cmd::RelayClose { link: route.link });
+                }
+            }
+        }
+        if placement.per_worker.iter().all(|c| *c == 0) {
+            calls.remove(call);
+        }
+    }
+
+    /// The workers `call` is on now.
+    pub fn workers_of(&self, call: &CallId) -> Vec<usize> {
+        let Ok(calls) = self.calls.lock() else {
+            return Vec::new();
+        };
+        calls.get(call).map_or_else(Vec::new, |p| {
+            (0..p.per_worker.len())
+                .filter(|&w| p.per_worker[w] > 0)
+                .collect()
+        })
+    }
+
+    /// Hands a relay frame to the worker at the other end of its link. A full media lane drops
+    /// it (the relay repairs or conceals the loss); other frames are never refused. Returns
+    /// whether it was queued.
+    pub fn forward(&self, peer: usize, link: LinkId, bytes: bytes::Bytes) -> bool {
+        let Some(queue) = self.queues.get(peer) else {
+            return false;
+        };
+        let cmd = Cmd::Relay { link, bytes };
+        let media =
+            matches!(&cmd, Cmd::Relay { bytes, .. } if bytes.get(2) == Some(&MEDIA_FRAME_TYPE));
+        if media {
+            queue.push(Lane::Media, cmd).is_ok()
+        } else {
+            queue.push_release(cmd);
+            true
+        }
+    }
+
+    fn level(&self, worker: usize) -> u8 {
+        self.status[worker].level.load(Ordering::Relaxed)
+    }
+}
