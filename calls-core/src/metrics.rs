@@ -300,6 +300,8 @@ relay_counts! {
     counter nacks_out,
     /// NACKs received on links.
     counter nacks_in,
+    /// Lost packets the importer stopped asking for (NACKed three times, or too many pending).
+    counter nacks_given_up,
     /// Cached frames sent again for a link's NACK.
     counter retransmits,
     /// Frames a link's NACK asked for that were no longer cached.

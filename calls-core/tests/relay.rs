@@ -181,7 +181,7 @@ fn layer_demand_crosses_the_relay() {
                 .last()
                 .is_some_and(|(_, _, active)| active == &["f".to_string()])
         },
-        secs(10.0),
+        secs(25.0),
     );
     assert!(
         only_f,
@@ -229,6 +229,9 @@ fn layer_demand_crosses_the_relay() {
     assert_eq!(cam.missing, 0, "{d}");
     assert_eq!(cam.switches_off_keyframe, 0, "{d}");
     assert!(pair.b.metrics().relay.layer_demands_out >= 2, "{d}");
+    // Layers withheld and resumed are no loss: nothing was NACKed or concealed.
+    assert_eq!(pair.b.metrics().relay.concealed, 0, "{d}");
+    assert_eq!(pair.b.metrics().relay.nacks_out, 0, "{d}");
     assert!(pair.a.metrics().relay.layer_demands_in >= 2, "{d}");
     println!("# layers withheld from the link before the cap: {withheld}");
 }
@@ -260,6 +263,27 @@ fn relay_loss_is_repaired_or_concealed() {
     assert!(cam.max_frame_gap < Duration::from_millis(400), "froze{d}");
     // Audio is not repaired (a late packet is useless), but what arrives plays on.
     assert!(mic.packets > 400, "{d}");
+
+    // A burst too long to repair (0.6 s of everything a→b): concealed. Bob's stream resyncs
+    // at the keyframe b asks for, still without a sequence hole.
+    let keyframes = cam.keyframes;
+    pair.loss_ab = 1.0;
+    pair.run_for(secs(0.6));
+    pair.loss_ab = 0.0;
+    pair.run_for(secs(2.0));
+    let d = describe(&pair);
+    let after = got(&pair.b, bob, alice, CAM);
+    assert!(
+        pair.b.metrics().relay.concealed >= 1,
+        "nothing concealed{d}"
+    );
+    assert!(
+        after.keyframes > keyframes,
+        "no keyframe after the burst{d}"
+    );
+    assert_eq!(after.missing, 0, "a hole after the burst{d}");
+    assert_eq!(after.switches_off_keyframe, 0, "{d}");
+    assert!(after.packets > cam.packets + 80, "{d}");
     println!(
         "# link lost {} frames a→b; b NACKed {} times, a resent {} ({} no longer cached), {} gaps concealed; bob's camera: {} late packets, 0 missing",
         pair.lost[0], mb.nacks_out, ma.retransmits, ma.retransmits_missed, mb.concealed, cam.late_or_duplicate

@@ -55,6 +55,11 @@ const RELAY_CACHE_PACKETS: usize = 256;
 /// A gap on the link up to this many packets is NACKed (one [`Frame::Nack`] names 17); a
 /// longer one is concealed with a keyframe.
 const RELAY_NACK_SPAN: u64 = 17;
+/// NACKs sent for one lost packet before the importer gives up on it (the subscriber's own
+/// NACK, then its keyframe request, take over).
+const RELAY_NACK_TRIES: u8 = 3;
+/// Lost packets one imported track keeps asking for.
+const MAX_PENDING_NACKS: usize = 64;
 /// Most tracks one link may import (65,536 numbers exist; a call's publishers are far fewer).
 const MAX_IMPORTS_PER_LINK: usize = 4_096;
 /// Most remote members one link may announce.
@@ -76,6 +81,10 @@ struct Import {
     key: TrackKey,
     /// Per layer, the highest sequence number received over the link.
     highest: Vec<(Option<Rid>, u64)>,
+    /// Video packets NACKed on the link and not yet received: (layer, sequence number, NACKs
+    /// sent). Asked again every tick, up to [`RELAY_NACK_TRIES`] times (a retransmission can be
+    /// lost too); at most [`MAX_PENDING_NACKS`], the oldest given up first.
+    pending: VecDeque<(Option<Rid>, u64, u8)>,
 }
 
 /// One relay link.
@@ -797,6 +806,7 @@ impl Router {
             Import {
                 key,
                 highest: Vec::new(),
+                pending: VecDeque::new(),
             },
         );
         let call = l.call.clone();
@@ -854,6 +864,10 @@ impl Router {
                     *highest = media.seq;
                 } else {
                     self.counters.snapshot.relay.late_frames += 1;
+                    let rid = media.rid;
+                    import
+                        .pending
+                        .retain(|(r, seq, _)| !(*r == rid && *seq == media.seq));
                 }
             }
             None if layers < MAX_LAYERS => {
@@ -870,6 +884,20 @@ impl Router {
                 let mut bitmask = 0u16;
                 for i in 1..lost {
                     bitmask |= 1 << (i - 1);
+                }
+                if let Some(import) = self
+                    .relay
+                    .links
+                    .get_mut(&link)
+                    .and_then(|l| l.imports.get_mut(&media.track))
+                {
+                    for seq in first..first + lost {
+                        if import.pending.len() >= MAX_PENDING_NACKS {
+                            import.pending.pop_front();
+                            self.counters.snapshot.relay.nacks_given_up += 1;
+                        }
+                        import.pending.push_back((media.rid, seq, 1));
+                    }
                 }
                 self.counters.snapshot.relay.nacks_out += 1;
                 let frame = Frame::Nack {
@@ -970,6 +998,21 @@ impl Router {
         let Some(&(link, track)) = self.relay.imported.get(&key) else {
             return false;
         };
+        // The exporter withholds the layers not demanded: a layer demanded again comes back
+        // with a jump in its sequence numbers that is no loss. Each layer starts afresh.
+        if let Some(import) = self
+            .relay
+            .links
+            .get_mut(&link)
+            .and_then(|l| l.imports.get_mut(&track))
+        {
+            import
+                .highest
+                .retain(|(rid, _)| rid.is_some_and(|r| active.contains(&r)));
+            import
+                .pending
+                .retain(|(rid, _, _)| rid.is_some_and(|r| active.contains(&r)));
+        }
         let mut rids = [Rid::from(""); MAX_DEMANDED_LAYERS];
         let count = active.len().min(MAX_DEMANDED_LAYERS);
         rids[..count].copy_from_slice(&active[..count]);
@@ -999,6 +1042,42 @@ impl Router {
         for link in keepalive {
             self.relay_send(link, &Frame::Keepalive, now);
         }
+        self.relay_nack_again(now);
+    }
+
+    /// Every tick: lost packets not repaired yet are asked for again (a retransmission can be
+    /// lost as well), up to [`RELAY_NACK_TRIES`] NACKs each.
+    fn relay_nack_again(&mut self, now: Instant) {
+        let mut again: Vec<(LinkId, Frame<'static>)> = Vec::new();
+        for (id, l) in &mut self.relay.links {
+            if l.silent {
+                continue;
+            }
+            for (&track, import) in &mut l.imports {
+                let before = import.pending.len();
+                import
+                    .pending
+                    .retain(|(_, _, tries)| *tries < RELAY_NACK_TRIES);
+                self.counters.snapshot.relay.nacks_given_up +=
+                    (before - import.pending.len()) as u64;
+                for (rid, seq, tries) in &mut import.pending {
+                    *tries += 1;
+                    again.push((
+                        *id,
+                        Frame::Nack {
+                            track,
+                            rid: *rid,
+                            seq: *seq,
+                            bitmask: 0,
+                        },
+                    ));
+                }
+            }
+        }
+        for (link, frame) in again {
+            self.counters.snapshot.relay.nacks_out += 1;
+            self.relay_send(link, &frame, now);
+        }
     }
 
     /// A silent link speaks again: its video tracks start a new epoch (subscribers resync at
@@ -1014,6 +1093,7 @@ impl Router {
             .values_mut()
             .map(|i| {
                 i.highest.clear();
+                i.pending.clear();
                 i.key
             })
             .collect();

@@ -6,8 +6,9 @@
 //! participants, or its worker is degraded, each join goes to the worker with the fewest of the
 //! call's participants among the least loaded ones. A worker that gets its first participant of a
 //! call opens a relay link to every other worker the call is on; a worker whose last one leaves
-//! closes its links. Relay frames go from worker to worker through their queues (no sockets, no
-//! copy: the frame's `Bytes` move), media frames in the media lane, the rest in the control lane.
+//! closes its links. Relay frames go from worker to worker through their queues (no sockets; a
+//! frame's `Bytes` is moved, not copied), media in the media lane, membership and feedback in
+//! the control lane.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +20,13 @@ use crate::load_meter::WorkerStatus;
 use crate::worker::{worker_for_call, Cmd};
 use crate::worker_queue::{Lane, WorkerQueue};
 
-/// The relay frame type of media (`calls_core::relay`, type 5): it goes in the media lane.
-const MEDIA_FRAME_TYPE: u8 = 5;
+/// Relay frame types (`calls_core::relay`) that go in the media lane, where a full lane drops
+/// them: media (5), levels (6), NACKs (9) and keepalives (10) come often and losing one is
+/// survived. Members, tracks, keyframe requests and layer demand go in the control lane and are
+/// never refused (they are rare, and losing one would leave the other side wrong until the next).
+fn droppable(frame_type: u8) -> bool {
+    matches!(frame_type, 5 | 6 | 9 | 10)
+}
 
 /// A relay link between two workers of one call.
 #[derive(Debug, Clone, Copy)]
@@ -170,15 +176,14 @@ impl Spread {
     }
 
     /// Hands a relay frame to the worker at the other end of its link. A full media lane drops
-    /// it (the relay repairs or conceals the loss); other frames are never refused. Returns
-    /// whether it was queued.
+    /// a [`droppable`] frame (the relay repairs or conceals the loss); the others are never
+    /// refused. Returns whether it was queued.
     pub fn forward(&self, peer: usize, link: LinkId, bytes: bytes::Bytes) -> bool {
         let Some(queue) = self.queues.get(peer) else {
             return false;
         };
+        let media = bytes.get(2).copied().is_some_and(droppable);
         let cmd = Cmd::Relay { link, bytes };
-        let media =
-            matches!(&cmd, Cmd::Relay { bytes, .. } if bytes.get(2) == Some(&MEDIA_FRAME_TYPE));
         if media {
             queue.push(Lane::Media, cmd).is_ok()
         } else {
