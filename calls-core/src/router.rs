@@ -474,7 +474,10 @@ impl Router {
             Some(RouterError::Overloaded {
                 retry_after_s: self.load.retry_after().as_secs().max(1),
             })
-        } else if self.sessions.contains_key(&session) {
+        } else if self.sessions.contains_key(&session) || self.remote_members.contains_key(&session)
+        {
+            // A remote member (relay link) holds the id too: ids are unique across a call's
+            // routers.
             Some(RouterError::SessionExists(session))
         } else if self.sessions.len() >= self.config.max_sessions {
             Some(RouterError::RouterFull {

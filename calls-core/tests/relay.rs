@@ -413,6 +413,21 @@ fn bad_relay_input_is_dropped_and_counted() {
     pair.run_for(secs(1.0));
 }
 
+#[test]
+fn a_local_join_cannot_take_a_remote_members_id() {
+    let (mut pair, alice, _bob) = alice_on_a_bob_on_b(88, PeerOptions::audio_only());
+    pair.run_for(secs(0.5));
+    let now = pair.b.now();
+    let refused = pair.b.router_mut().join(
+        "room".into(),
+        alice,
+        "mallory".into(),
+        calls_core::Grants::ALL,
+        now,
+    );
+    assert_eq!(refused, Err(calls_core::RouterError::SessionExists(alice)));
+}
+
 /// Runs the pair until `cond` holds (checked every 10 ms of virtual time) or `max` passed.
 fn pair_run_until(
     pair: &mut SimRelayPair,
