@@ -196,3 +196,92 @@ impl Spread {
         self.status[worker].level.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn spread(workers: usize, after: usize) -> Spread {
+        Spread::new(
+            (0..workers)
+                .map(|_| Arc::new(WorkerQueue::new(64, 64)))
+                .collect(),
+            (0..workers)
+                .map(|_| Arc::new(WorkerStatus::new()))
+                .collect(),
+            after,
+        )
+    }
+
+    /// The relay commands waiting in `worker`'s queue: (opened, closed) link ids.
+    fn relay_commands(s: &Spread, worker: usize) -> (Vec<LinkId>, Vec<LinkId>) {
+        let (mut opened, mut closed) = (Vec::new(), Vec::new());
+        while let Some(q) = s.queues[worker].pop(Duration::ZERO) {
+            match q.item {
+                Cmd::RelayOpen { link, .. } => opened.push(link),
+                Cmd::RelayClose { link } => closed.push(link),
+                _ => {}
+            }
+        }
+        (opened, closed)
+    }
+
+    #[test]
+    fn a_small_call_stays_on_its_home_worker() {
+        let s = spread(4, 3);
+        let call = CallId::from("standup");
+        let home = worker_for_call("standup", 4);
+        for _ in 0..3 {
+            assert_eq!(s.place(&call), home);
+        }
+        assert_eq!(s.workers_of(&call), vec![home]);
+        assert!((0..4).all(|w| relay_commands(&s, w) == (vec![], vec![])));
+    }
+
+    #[test]
+    fn a_big_call_spreads_links_its_workers_once_and_unlinks_when_one_empties() {
+        let s = spread(2, 2);
+        let call = CallId::from("all-hands");
+        let home = worker_for_call("all-hands", 2);
+        let other = 1 - home;
+        assert_eq!((s.place(&call), s.place(&call)), (home, home));
+        // The third join finds the call at its size: the other worker, linked to home.
+        assert_eq!(s.place(&call), other);
+        let (opened_home, _) = relay_commands(&s, home);
+        let (opened_other, _) = relay_commands(&s, other);
+        assert_eq!(opened_home.len(), 1);
+        assert_eq!(opened_home, opened_other, "one link, known at both ends");
+        // Joins alternate to balance the call; no second link between the same workers.
+        assert_eq!(s.place(&call), other);
+        assert_eq!(s.place(&call), home);
+        assert_eq!(relay_commands(&s, home), (vec![], vec![]));
+        // The other worker's last participant leaves: the link closes at both ends.
+        s.unplace(&call, other);
+        assert_eq!(relay_commands(&s, other), (vec![], vec![]));
+        s.unplace(&call, other);
+        assert_eq!(relay_commands(&s, home).1, opened_home);
+        assert_eq!(relay_commands(&s, other).1, opened_home);
+        assert_eq!(s.workers_of(&call), vec![home]);
+    }
+
+    #[test]
+    fn a_degraded_worker_sends_even_a_small_call_elsewhere() {
+        let s = spread(2, 100);
+        let call = CallId::from("c");
+        let home = worker_for_call("c", 2);
+        assert_eq!(s.place(&call), home);
+        s.status[home].level.store(1, Ordering::Relaxed);
+        assert_eq!(s.place(&call), 1 - home);
+    }
+
+    #[test]
+    fn zero_never_spreads() {
+        let s = spread(2, 0);
+        let call = CallId::from("c");
+        let home = worker_for_call("c", 2);
+        s.status[home].level.store(2, Ordering::Relaxed);
+        assert!((0..10).all(|_| s.place(&call) == home));
+    }
+}
