@@ -60,6 +60,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("signal_session", signal_session),
     ("rtp_payload", rtp_payload),
     ("red_payload", red_payload),
+    ("relay_frames", relay_frames),
 ];
 
 /// The one clock read: a base instant for virtual time.
@@ -120,6 +121,7 @@ thread_local! {
     static TCP_FRAMES: Slot<()> = const { RefCell::new(None) };
     static SIGNAL_JSON: Slot<()> = const { RefCell::new(None) };
     static SIGNAL_SESSION: Slot<Published> = const { RefCell::new(None) };
+    static RELAY_FRAMES: Slot<()> = const { RefCell::new(None) };
 }
 
 /// Drops every target's fixture, so that the next input of each starts from a fresh router
@@ -130,6 +132,7 @@ pub fn reset_fixtures() {
     TCP_FRAMES.with(|f| f.replace(None));
     SIGNAL_JSON.with(|f| f.replace(None));
     SIGNAL_SESSION.with(|f| f.replace(None));
+    RELAY_FRAMES.with(|f| f.replace(None));
 }
 
 /// Runs `body` with the router (and the virtual time) of the target's fixture, building a
@@ -984,4 +987,41 @@ pub fn red_payload(data: &[u8]) {
         assert_eq!(theirs, Some(&data[offset..]), "str0m finds another primary");
         assert_eq!(blocks.len(), redundant + 1);
     }
+}
+
+/// Relay frames (`calls_core::relay`, issue 14): the whole input through `Frame::decode`,
+/// which must never panic, and a frame it accepts must encode back to exactly the input (the
+/// format is canonical: nothing is lost or invented in decoding). Then the input as records,
+/// each a frame on one of a router's two relay links (one of them open for the fixture's
+/// call) via `Router::handle_relay`: nothing may panic and the outputs must drain.
+pub fn relay_frames(data: &[u8]) {
+    use calls_core::relay::Frame;
+    if let Ok(frame) = Frame::decode(data) {
+        let encoded = frame.encode();
+        assert_eq!(encoded, data, "{frame:?} encodes differently");
+    }
+    with_fixture(&RELAY_FRAMES, join_and_open_link, |router, now, ()| {
+        for (selector, bytes) in records(data) {
+            *now += Duration::from_millis(u64::from(selector >> 4));
+            if let Ok(frame) = Frame::decode(bytes) {
+                assert_eq!(Frame::decode(&frame.encode()), Ok(frame));
+            }
+            let link = calls_core::LinkId(u64::from(selector & 1) + 1);
+            router.handle_relay(link, bytes, *now);
+            drain(router);
+        }
+        *now += DATAGRAM_TIMERS;
+        router.handle_timeout(*now);
+        drain(router);
+    });
+}
+
+/// Joins session 1 to call "fuzz" and opens relay link 1 for it (link 2 stays unknown).
+fn join_and_open_link(router: &mut Router, now: Instant) -> Option<()> {
+    join_session(router, now)?;
+    if let Err(e) = router.relay_open(CallId::from("fuzz"), calls_core::LinkId(1), now) {
+        panic!("relay_open refused: {e}");
+    }
+    drain(router);
+    Some(())
 }

@@ -259,3 +259,54 @@ fn regenerate_seed_corpora() {
     }
     write("rtp_payload", "every-parser", &payloads);
 }
+
+/// Seeds for `relay_frames` (issue 14): real frames a router puts on a relay link — members,
+/// tracks, Opus and VP8 simulcast media, levels, keepalives — one frame per file (the
+/// `Frame::decode` path), and records files with a link's opening frames in order (the
+/// router path). `cargo test -p calls-benches --test fuzz_corpus regenerate_relay_seeds --
+/// --ignored`.
+#[test]
+#[ignore]
+fn regenerate_relay_seeds() {
+    use calls_core::relay::{Frame, LinkId};
+    let mut world = SimWorld::new(14, Instant::now());
+    world.add_peer("fuzz", "alice", PeerOptions::default().with_simulcast());
+    world.relay_open("fuzz", LinkId(1)).unwrap();
+    world.run_for(Duration::from_secs(2));
+    let frames = world.take_relay_out();
+    assert!(frames.len() > 100, "only {} frames", frames.len());
+    let dir = corpus_dir("relay_frames");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut kinds_seen = std::collections::BTreeMap::new();
+    for (_, bytes) in &frames {
+        let kind = bytes[2];
+        let n = kinds_seen.entry(kind).or_insert(0);
+        if *n < 3 {
+            *n += 1;
+            std::fs::write(dir.join(format!("frame-type{kind}-{n}")), bytes).unwrap();
+        }
+    }
+    let mut records = Vec::new();
+    for (_, bytes) in frames.iter().take(40) {
+        records.push(0u8); // link 1, no time step
+        records.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        records.extend_from_slice(bytes);
+    }
+    std::fs::write(dir.join("records-link-opening"), &records).unwrap();
+    let feedback = [
+        Frame::KeyframeRequest {
+            track: 1,
+            rid: None,
+        },
+        Frame::Nack {
+            track: 1,
+            rid: None,
+            seq: 1,
+            bitmask: 0b11,
+        },
+        Frame::Keepalive,
+    ];
+    for (i, frame) in feedback.iter().enumerate() {
+        std::fs::write(dir.join(format!("feedback-{i}")), frame.encode()).unwrap();
+    }
+}

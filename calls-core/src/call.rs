@@ -30,6 +30,8 @@ pub(crate) struct Call {
     pub recent_speakers: Vec<SessionId>,
     /// The call's recording, while one runs (`record/`).
     pub recorder: Option<Box<crate::record::Recorder>>,
+    /// Relay links to other routers that carry this call (`router/relay.rs`).
+    pub relay_links: Vec<crate::relay::LinkId>,
 }
 
 /// Recent speakers a call remembers for the camera slots (more than any grid shows).
@@ -43,6 +45,7 @@ impl Call {
             speakers: SpeakerDetector::new(top_n_audio),
             recent_speakers: Vec::new(),
             recorder: None,
+            relay_links: Vec::new(),
         }
     }
 }
@@ -71,6 +74,8 @@ pub(crate) struct PublishedTrack {
     pub red: bool,
     /// Its call's recording takes it: the one branch forwarding takes for recording.
     pub recorded: bool,
+    /// A local track: the relay links it is exported on, with its number there.
+    pub exports: Vec<(crate::relay::LinkId, crate::relay::TrackNo)>,
 }
 
 /// Most simulcast layers accepted per track (browsers send up to 3).
@@ -89,6 +94,7 @@ impl PublishedTrack {
             codec: VideoCodec::Other,
             red: false,
             recorded: false,
+            exports: Vec::new(),
         }
     }
 

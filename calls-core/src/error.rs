@@ -48,6 +48,12 @@ pub enum RouterError {
     /// The call is not being recorded.
     #[error("call {0} is not being recorded")]
     NotRecording(CallId),
+    /// No relay link with this id on this router.
+    #[error("unknown relay link {0}")]
+    UnknownRelayLink(crate::relay::LinkId),
+    /// A relay link with this id is already open.
+    #[error("relay link {0} is already open")]
+    RelayLinkExists(crate::relay::LinkId),
     /// A signaling message was refused (the session goes on).
     #[error("signaling error on {session}: {error}")]
     Signal {
@@ -72,6 +78,8 @@ impl RouterError {
             RouterError::UnknownCall(_) => "unknown_call",
             RouterError::AlreadyRecording(_) => "already_recording",
             RouterError::NotRecording(_) => "not_recording",
+            RouterError::UnknownRelayLink(_) => "unknown_relay_link",
+            RouterError::RelayLinkExists(_) => "relay_link_exists",
             RouterError::Signal { error, .. } => error.code(),
         }
     }

@@ -28,6 +28,7 @@
 //! | `layers` | simulcast/temporal layer measurement and the per-subscriber bandwidth allocator |
 //! | `speaker` | voice activity from RFC 6464 audio levels, active speaker, top-N audio |
 //! | [`record`] | recording: a tap on forwarding that writes Ogg/Opus and IVF files, no decoding |
+//! | [`relay`] | relay links: one call's tracks shared between routers (workers, nodes) |
 //! | `red` | RFC 2198 redundant audio (primary block) and Opus in-band FEC flags, read in place |
 //! | [`signal`] | typed JSON signaling messages |
 //! | [`metrics`] | counters, snapshot, Prometheus text |
@@ -99,6 +100,7 @@ pub mod load;
 pub mod metrics;
 pub mod record;
 mod red;
+pub mod relay;
 pub mod router;
 mod session;
 pub mod signal;
@@ -115,6 +117,7 @@ pub use ids::{CallId, Grants, SessionId, TrackSource, UserId};
 pub use load::{Load, LoadLevel};
 pub use metrics::MetricsSnapshot;
 pub use record::{RecordOutput, RecordingOptions};
+pub use relay::LinkId;
 pub use router::{Datagram, Event, LeaveReason, Output, Router, Transmit};
 pub use signal::{
     ClientMessage, RosterEntry, ServerMessage, SlotInfo, SlotKind, MAX_PINS, PROTOCOL_VERSION,

@@ -211,8 +211,107 @@ pub struct MetricsSnapshot {
     /// Bytes of recorded files handed to the embedder.
     #[serde(default)]
     pub recording_bytes: u64,
+    /// Relay links (`relay`): frames, tracks, loss on links.
+    #[serde(default)]
+    pub relay: RelayCounts,
     /// Per-session link quality.
     pub session_stats: Vec<SessionStats>,
+}
+
+/// Declares [`RelayCounts`] from one table: its fields, their merge, their Prometheus names.
+macro_rules! relay_counts {
+    ($($(#[doc = $doc:literal])+ $kind:ident $field:ident,)+) => {
+        /// Relay links (see [`crate::relay`]): what crossed them, what was refused, what was
+        /// lost and repaired. Gauges are the state now; the rest are counters.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[non_exhaustive]
+        pub struct RelayCounts {
+            $($(#[doc = $doc])+ #[serde(default)] pub $field: u64,)+
+        }
+
+        impl RelayCounts {
+            fn merge(&mut self, other: &RelayCounts) {
+                $(self.$field += other.$field;)+
+            }
+
+            /// Every field: (name, help, is a gauge, value).
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, bool, u64)> {
+                vec![$((
+                    stringify!($field),
+                    concat!($($doc),+),
+                    relay_counts!(@gauge $kind),
+                    self.$field,
+                ),)+]
+            }
+        }
+    };
+    (@gauge gauge) => { true };
+    (@gauge counter) => { false };
+}
+
+relay_counts! {
+    /// Relay links open now.
+    gauge links,
+    /// Tracks imported from relay links now.
+    gauge imported_tracks,
+    /// Track exports (a track on one link) now.
+    gauge exported_tracks,
+    /// Relay links opened.
+    counter links_opened,
+    /// Relay links closed.
+    counter links_closed,
+    /// Relay frames received.
+    counter frames_in,
+    /// Relay frame bytes received.
+    counter bytes_in,
+    /// Relay frames sent.
+    counter frames_out,
+    /// Relay frame bytes sent.
+    counter bytes_out,
+    /// Media packets of imported tracks received.
+    counter media_in,
+    /// Relay frames dropped: not a valid frame (bad magic, version, type, lengths, fields).
+    counter dropped_malformed,
+    /// Relay frames dropped: unknown link, track or member.
+    counter dropped_unknown,
+    /// Relay frames dropped: a member or track id already taken (by a local session or
+    /// another link).
+    counter dropped_conflict,
+    /// Relay frames dropped: a link's limit of members, tracks or layers reached.
+    counter dropped_limit,
+    /// Tracks imported.
+    counter tracks_imported,
+    /// Packets of exported simulcast layers not sent on a link because the other router does
+    /// not want that layer (dynacast across the link).
+    counter layers_withheld,
+    /// Keyframe requests sent on links (for imported tracks).
+    counter keyframe_requests_out,
+    /// Keyframe requests received on links (for exported tracks).
+    counter keyframe_requests_in,
+    /// Layer demands sent on links.
+    counter layer_demands_out,
+    /// Layer demands received on links.
+    counter layer_demands_in,
+    /// Imported video packets found missing on a link (sequence gaps).
+    counter lost_frames,
+    /// Imported packets that arrived after a later one (reordered or repaired).
+    counter late_frames,
+    /// NACKs sent on links.
+    counter nacks_out,
+    /// NACKs received on links.
+    counter nacks_in,
+    /// Lost packets the importer stopped asking for (NACKed three times, or too many pending).
+    counter nacks_given_up,
+    /// Cached frames sent again for a link's NACK.
+    counter retransmits,
+    /// Frames a link's NACK asked for that were no longer cached.
+    counter retransmits_missed,
+    /// Gaps on a link too long to repair: concealed by a keyframe.
+    counter concealed,
+    /// Links that went silent (their tracks paused).
+    counter link_silences,
+    /// Silent links that spoke again (their tracks resumed).
+    counter link_resumes,
 }
 
 impl MediaCounts {
@@ -277,6 +376,7 @@ impl MetricsSnapshot {
         self.recordings_started += other.recordings_started;
         self.recording_files += other.recording_files;
         self.recording_bytes += other.recording_bytes;
+        self.relay.merge(&other.relay);
         self.session_stats
             .extend(other.session_stats.iter().cloned());
     }
@@ -652,6 +752,14 @@ mod prom {
             "Bytes of recorded files handed to the embedder",
             m.recording_bytes,
         );
+        for (name, help, is_gauge, value) in m.relay.fields() {
+            let name = format!("relay_{name}");
+            if is_gauge {
+                gauge(&mut registry, &name, help, value);
+            } else {
+                counter(&mut registry, &name, help, value);
+            }
+        }
         subscriber_quantiles(&mut registry, m);
         if per_session {
             session_series(&mut registry, m);

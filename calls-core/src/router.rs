@@ -9,7 +9,9 @@
 //! - `router/slots.rs`: which source each subscriber's receive slots carry (the mapping);
 //! - `router/negotiation.rs`: signaling, SDP offers and answers, publishing and unpublishing;
 //! - `router/allocation.rs`: bandwidth shared among a subscriber's video slots, dynacast, the
-//!   periodic tick.
+//!   periodic tick;
+//! - `router/relay.rs`: relay links: a call's tracks exported to and imported from other
+//!   routers.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -39,6 +41,7 @@ mod ingress;
 mod listener_loss;
 mod negotiation;
 mod recording;
+mod relay;
 mod slots;
 
 /// An unanswered router offer is sent again after this long …
@@ -224,6 +227,15 @@ pub enum Output {
     /// Recording output: a file to create, bytes to append to it, a file or recording
     /// finished (see [`Router::start_recording`]).
     Record(crate::record::RecordOutput),
+    /// A frame for relay link `link` (see [`crate::relay`]): hand it to the router at the
+    /// other end with [`Router::handle_relay`]. Frames of one link go in order; losing some
+    /// is survived (NACKed, or concealed with a keyframe).
+    Relay {
+        /// The link.
+        link: crate::relay::LinkId,
+        /// One frame.
+        bytes: bytes::Bytes,
+    },
     /// Nothing more to do: call [`Router::handle_timeout`] at this time (or on the next input).
     Timeout(Instant),
 }
@@ -286,6 +298,10 @@ pub struct Router {
     reallocate: Vec<SessionId>,
     /// Video tracks whose dynacast state must be recomputed after the current input.
     dynacast: Vec<TrackKey>,
+    /// Relay links to other routers and what they carry.
+    relay: relay::RelayState,
+    /// Participants of this router's calls on the other ends of relay links.
+    remote_members: HashMap<SessionId, relay::RemoteMember>,
 }
 
 impl std::fmt::Debug for Router {
@@ -348,6 +364,8 @@ impl Router {
             due: Vec::new(),
             reallocate: Vec::new(),
             dynacast: Vec::new(),
+            relay: relay::RelayState::default(),
+            remote_members: HashMap::new(),
         })
     }
 
@@ -456,7 +474,10 @@ impl Router {
             Some(RouterError::Overloaded {
                 retry_after_s: self.load.retry_after().as_secs().max(1),
             })
-        } else if self.sessions.contains_key(&session) {
+        } else if self.sessions.contains_key(&session) || self.remote_members.contains_key(&session)
+        {
+            // A remote member (relay link) holds the id too: ids are unique across a call's
+            // routers.
             Some(RouterError::SessionExists(session))
         } else if self.sessions.len() >= self.config.max_sessions {
             Some(RouterError::RouterFull {
@@ -532,10 +553,13 @@ impl Router {
             })
             .collect();
         members.push(session);
+        let mut participants = participants;
+        participants.extend(self.remote_roster(&call));
         self.outputs.push_back(Output::Signal(
             session,
             ServerMessage::Roster { participants },
         ));
+        self.export_member(session, None, now);
         if let Some(recorder) = self.calls.get(&call).and_then(|c| c.recorder.as_deref()) {
             let msg = self.recording_message(Some(recorder), session, true);
             self.outputs.push_back(Output::Signal(session, msg));
@@ -610,6 +634,7 @@ impl Router {
         );
         self.outputs
             .push_back(Output::Event(Event::MuteChanged { session, muted }));
+        self.export_member(session, None, now);
         Ok(())
     }
 
@@ -730,7 +755,7 @@ impl Router {
             }
             self.deadlines.pop();
         }
-        if !self.sessions.is_empty() {
+        if !self.sessions.is_empty() || !self.relay.is_empty() {
             next = Some(next.map_or(self.next_tick, |n: Instant| n.min(self.next_tick)));
         }
         // Nothing scheduled: come back in a while (or on the next input).
@@ -760,6 +785,9 @@ impl Router {
         m.recorders = self.calls.values().filter(|c| c.recorder.is_some()).count() as u64;
         let listener_losses = self.listener_losses();
         m.load_level = u64::from(self.load.level().as_u8());
+        m.relay.links = self.relay.link_count() as u64;
+        m.relay.imported_tracks = self.relay.imported_count() as u64;
+        m.relay.exported_tracks = self.relay.exported_count() as u64;
         let mut stats: Vec<SessionStats> = self
             .sessions
             .iter()
@@ -1058,11 +1086,14 @@ impl Router {
         {
             self.end_recording(&call, recorder, now);
         }
+        self.export_member_left(&call, session, now);
         if let Some(c) = self.calls.get_mut(&call) {
             c.members.retain(|m| *m != session);
             c.speakers.remove(session);
             c.recent_speakers.retain(|s| *s != session);
-            if c.members.is_empty() {
+            // A call spanning routers lives here while its links do (remote members, their
+            // tracks).
+            if c.members.is_empty() && c.relay_links.is_empty() {
                 self.calls.remove(&call);
             }
         }

@@ -284,6 +284,17 @@ impl Router {
                 needed[i] |= recorder.wants_layer(key, layer.rid);
             }
         }
+        // Other routers keep the layers they want (dynacast across relay links).
+        if !track.exports.is_empty() {
+            match self.relay.demanded(&track.exports) {
+                None => needed = [true; crate::call::MAX_LAYERS],
+                Some(rids) => {
+                    for (i, layer) in track.layers.iter().enumerate() {
+                        needed[i] |= layer.rid.is_some_and(|r| rids.contains(&r));
+                    }
+                }
+            }
+        }
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
         };
@@ -318,6 +329,9 @@ impl Router {
         }
         track.announced = Some(active.clone());
         self.counters.snapshot.dynacast_updates += 1;
+        if self.relay_layer_demand(key, &active, now) {
+            return; // an imported track: its exporter hears what this router wants
+        }
         let msg = ServerMessage::Layers {
             mid: key.mid.to_string(),
             active: active.iter().map(|r| r.to_string()).collect(),
@@ -374,5 +388,6 @@ impl Router {
         }
         self.recording_tick(now);
         self.apply_listener_loss();
+        self.relay_tick(now);
     }
 }

@@ -12,9 +12,10 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use str0m::media::{KeyframeRequestKind, Rid};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::media::{KeyframeRequestKind, Pt, Rid};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, VideoOrientation, Vp8Descriptor};
 
+use super::relay::ExportPacket;
 use super::Router;
 use crate::call::TrackKey;
 use crate::forward::{Verdict, VideoCodec};
@@ -26,9 +27,55 @@ use crate::session::{pt_for, red_pt_for, PayloadCodec, Session};
 use crate::slot::{Feed, PtMapping, AUDIO_SLOT_STALE};
 use crate::speaker::SpeakerDetector;
 
+/// One media packet to forward, from a local publisher's session (str0m's `RtpPacket`) or
+/// from a relay link (`relay.rs`): what forwarding reads of it, nothing more.
+#[derive(Debug)]
+pub(super) struct MediaPacket {
+    /// The publisher's extended sequence number.
+    pub seq: u64,
+    /// RTP timestamp.
+    pub rtp_time: u32,
+    pub marker: bool,
+    /// The publisher's payload type.
+    pub pt: Pt,
+    pub payload: Arc<[u8]>,
+    /// When it reached this router.
+    pub arrival: Instant,
+    pub audio_level: Option<i8>,
+    pub voice_activity: Option<bool>,
+    pub video_orientation: Option<VideoOrientation>,
+    /// The publisher's latest sender report (recording's clock).
+    pub sender: Option<SenderClock>,
+    /// Whether it starts a keyframe, when already known (the exporting router read it).
+    pub keyframe: Option<bool>,
+}
+
+impl MediaPacket {
+    /// Takes what forwarding needs out of str0m's packet (the payload is moved, not copied).
+    fn from_rtp(packet: RtpPacket) -> Self {
+        let ext = &packet.header.ext_vals;
+        MediaPacket {
+            seq: *packet.seq_no,
+            rtp_time: packet.header.timestamp,
+            marker: packet.header.marker,
+            pt: packet.header.payload_type,
+            audio_level: ext.audio_level,
+            voice_activity: ext.voice_activity,
+            video_orientation: ext.video_orientation,
+            sender: packet
+                .last_sender_info
+                .as_ref()
+                .and_then(SenderClock::from_info),
+            arrival: packet.timestamp,
+            payload: packet.payload,
+            keyframe: None,
+        }
+    }
+}
+
 /// What forwarding needs to know about one incoming packet, measured once for all slots.
 struct Incoming<'a> {
-    packet: &'a RtpPacket,
+    packet: &'a MediaPacket,
     key: TrackKey,
     rid: Option<Rid>,
     codec: str0m::format::Codec,
@@ -73,8 +120,7 @@ enum Written {
 }
 
 impl Router {
-    /// One RTP packet from a publisher: measure its layer, then for every slot that carries
-    /// its track decide, rewrite and write.
+    /// One RTP packet from a local publisher's session: find its track, then forward it.
     pub(super) fn forward(&mut self, publisher: SessionId, packet: RtpPacket, now: Instant) {
         let Some(state) = self.sessions.get_mut(&publisher) else {
             return;
@@ -86,6 +132,28 @@ impl Router {
         let muted = state.muted;
         let codec = state.codec_of(packet.header.payload_type);
         let key = TrackKey { publisher, mid };
+        self.forward_media(key, rid, codec, muted, MediaPacket::from_rtp(packet), now);
+    }
+
+    /// One packet of a published track (local, or imported from a relay link): measure its
+    /// layer, export it on the call's relay links (local tracks), then for every slot that
+    /// carries its track decide, rewrite and write.
+    pub(super) fn forward_media(
+        &mut self,
+        key: TrackKey,
+        rid: Option<Rid>,
+        codec: Option<PayloadCodec>,
+        muted: bool,
+        packet: MediaPacket,
+        now: Instant,
+    ) {
+        let publisher = key.publisher;
+        let Some(call_id) =
+            super::relay::publisher_call(&self.sessions, &self.remote_members, publisher)
+        else {
+            self.counters.snapshot.media_dropped += 1;
+            return;
+        };
         let Some(track) = self.tracks.get_mut(&key) else {
             // Not a published track (forbidden by the grants, or already stopped).
             self.counters.snapshot.media_dropped += 1;
@@ -150,7 +218,7 @@ impl Router {
                 // Recorded whether or not it is among the loudest (top-N is for listeners).
                 if let Some(recorder) = self
                     .calls
-                    .get_mut(&state.call)
+                    .get_mut(call_id)
                     .and_then(|c| c.recorder.as_deref_mut())
                 {
                     let rec = rec_packet(&packet, red.map_or(0, |p| p.offset), false, rid);
@@ -167,16 +235,30 @@ impl Router {
             if codec == str0m::format::Codec::Opus && red::opus_has_fec(opus) {
                 self.counters.snapshot.opus_fec_packets += 1;
             }
-            if let Some(call) = self.calls.get_mut(&state.call) {
-                if let Some(level) = packet.header.ext_vals.audio_level {
-                    call.speakers.observe(
-                        publisher,
-                        level,
-                        packet.header.ext_vals.voice_activity,
+            if let Some(call) = self.calls.get_mut(call_id) {
+                if let Some(level) = packet.audio_level {
+                    call.speakers
+                        .observe(publisher, level, packet.voice_activity, now);
+                }
+                let forwarded = call.speakers.is_forwarded(publisher, now);
+                if !track.exports.is_empty() {
+                    let export = ExportPacket {
+                        packet: &packet,
+                        rid,
+                        codec,
+                        red_primary: red.map(|_| *primary_pt),
+                        keyframe: false,
+                        level_only: !forwarded,
+                    };
+                    self.relay.export(
+                        &track.exports,
+                        &export,
                         now,
+                        &mut self.outputs,
+                        &mut self.counters.snapshot.relay,
                     );
                 }
-                if !call.speakers.is_forwarded(publisher, now) {
+                if !forwarded {
                     // Not among the loudest: nobody needs this packet (top-N audio).
                     self.counters.snapshot.audio_not_forwarded += 1;
                     track.forwarding = false;
@@ -192,7 +274,26 @@ impl Router {
             return;
         }
         track.codec = VideoCodec::from_str0m(codec);
-        incoming.keyframe = track.codec.is_keyframe(&packet.payload);
+        incoming.keyframe = packet
+            .keyframe
+            .unwrap_or_else(|| track.codec.is_keyframe(&packet.payload));
+        if !track.exports.is_empty() {
+            let export = ExportPacket {
+                packet: &packet,
+                rid,
+                codec,
+                red_primary: None,
+                keyframe: incoming.keyframe,
+                level_only: false,
+            };
+            self.relay.export(
+                &track.exports,
+                &export,
+                now,
+                &mut self.outputs,
+                &mut self.counters.snapshot.relay,
+            );
+        }
         match track.codec {
             VideoCodec::Vp8 => {
                 (incoming.tid, incoming.starts_picture) = layers::vp8_temporal(&packet.payload);
@@ -215,13 +316,13 @@ impl Router {
             .max(tid.unwrap_or(0).min(layers::MAX_TID as u8));
         layer
             .meter
-            .record(payload_len, tid.unwrap_or(0), packet.header.marker, now);
+            .record(payload_len, tid.unwrap_or(0), packet.marker, now);
         let mut record_keyframe = None;
         if track.recorded {
             let best = super::recording::best_layer(track, now);
             if let Some(recorder) = self
                 .calls
-                .get_mut(&state.call)
+                .get_mut(call_id)
                 .and_then(|c| c.recorder.as_deref_mut())
             {
                 let rec = rec_packet(&packet, 0, incoming.keyframe, rid);
@@ -256,10 +357,8 @@ impl Router {
         let publisher = incoming.key.publisher;
         // The call is looked up by reference (the sessions and calls maps are disjoint
         // borrows): no copy of its id per packet.
-        let Some(c) = self
-            .sessions
-            .get(&publisher)
-            .and_then(|p| self.calls.get_mut(&p.call))
+        let Some(c) = super::relay::publisher_call(&self.sessions, &self.remote_members, publisher)
+            .and_then(|call| self.calls.get_mut(call))
         else {
             return;
         };
@@ -298,10 +397,9 @@ impl Router {
                 }
             }
         }
-        if let Some(c) = self
-            .sessions
-            .get(&publisher)
-            .and_then(|p| self.calls.get_mut(&p.call))
+        if let Some(c) =
+            super::relay::publisher_call(&self.sessions, &self.remote_members, publisher)
+                .and_then(|call| self.calls.get_mut(call))
         {
             c.members = members;
         }
@@ -456,6 +554,7 @@ impl Router {
             layer.last_keyframe_request = Some(now);
         }
         let Some(publisher) = self.sessions.get_mut(&key.publisher) else {
+            self.relay_keyframe_request(key, rid, now);
             return;
         };
         let mut api = publisher.rtc.direct_api();
@@ -540,14 +639,14 @@ fn write(
             }
         }
         if incoming.tid.is_some_and(|t| t > sel.tid_cap) {
-            slot.rewriter.skip(*packet.seq_no);
+            slot.rewriter.skip(packet.seq);
             if incoming.starts_picture {
                 slot.vp8.dropped_picture();
             }
             return Written::Skipped;
         }
     }
-    let in_pt = packet.header.payload_type;
+    let in_pt = packet.pt;
     let mapping = match feed.pt_map.iter().find(|m| m.publisher == in_pt) {
         Some(&mapping) => mapping,
         None => {
@@ -571,8 +670,8 @@ fn write(
     };
     let verdict = slot.rewriter.rewrite(
         incoming.epoch,
-        *packet.seq_no,
-        packet.header.timestamp,
+        packet.seq,
+        packet.rtp_time,
         incoming.keyframe,
         now,
     );
@@ -591,9 +690,9 @@ fn write(
     }
     // Only what the subscriber needs; str0m writes MID, TWCC and abs-send-time itself.
     let ext = ExtensionValues {
-        audio_level: packet.header.ext_vals.audio_level,
-        voice_activity: packet.header.ext_vals.voice_activity,
-        video_orientation: packet.header.ext_vals.video_orientation,
+        audio_level: packet.audio_level,
+        voice_activity: packet.voice_activity,
+        video_orientation: packet.video_orientation,
         ..Default::default()
     };
     let payload = if mapping.strip_red {
@@ -610,10 +709,10 @@ fn write(
         mapping.subscriber,
         seq.into(),
         timestamp,
-        packet.timestamp,
+        packet.arrival,
         payload,
     )
-    .marker(packet.header.marker)
+    .marker(packet.marker)
     .ext_vals(ext)
     .nackable(!incoming.is_audio);
     if let Some(patch) = patch {
@@ -630,23 +729,20 @@ fn write(
 
 /// What a recording needs of one packet (borrowed: nothing is copied unless it is recorded).
 fn rec_packet(
-    packet: &RtpPacket,
+    packet: &MediaPacket,
     offset: usize,
     keyframe: bool,
     rid: Option<Rid>,
 ) -> RecPacket<'_> {
     RecPacket {
-        seq: *packet.seq_no,
-        timestamp: packet.header.timestamp,
-        marker: packet.header.marker,
+        seq: packet.seq,
+        timestamp: packet.rtp_time,
+        marker: packet.marker,
         payload: &packet.payload,
         offset,
         keyframe,
         rid,
-        sender: packet
-            .last_sender_info
-            .as_ref()
-            .and_then(SenderClock::from_info),
-        arrival: packet.timestamp,
+        sender: packet.sender,
+        arrival: packet.arrival,
     }
 }

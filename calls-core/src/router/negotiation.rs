@@ -496,6 +496,7 @@ impl Router {
                 self.remap_call(&call, Some(session));
             }
             self.record_if_taken(key, now);
+            self.export_track(key, None, now);
         } else if !we_receive && state.published.contains(&mid) {
             self.unpublish(key, now);
         }
@@ -507,12 +508,18 @@ impl Router {
         let Some(track) = self.tracks.remove(&key) else {
             return;
         };
-        let Some(state) = self.sessions.get_mut(&key.publisher) else {
-            return;
+        let (call, user) = match self.sessions.get_mut(&key.publisher) {
+            Some(state) => {
+                state.published.retain(|m| *m != key.mid);
+                (state.call.clone(), state.user.clone())
+            }
+            // An imported track (its link or member went, or its exporter ended it).
+            None => match self.remote_members.get(&key.publisher) {
+                Some(m) => (m.call.clone(), m.user.clone()),
+                None => return,
+            },
         };
-        state.published.retain(|m| *m != key.mid);
-        let call = state.call.clone();
-        let user = state.user.clone();
+        self.export_track_end(&track.exports, now);
         if let Some(c) = self.calls.get_mut(&call) {
             c.tracks.retain(|k| *k != key);
         }

@@ -54,8 +54,11 @@ impl Router {
     ) -> SlotInfo {
         let source = key.and_then(|k| {
             let track = self.tracks.get(&k)?;
-            let publisher = self.sessions.get(&k.publisher)?;
-            Some((k.publisher, publisher.user.clone(), track.source))
+            let user = match self.sessions.get(&k.publisher) {
+                Some(publisher) => publisher.user.clone(),
+                None => self.remote_members.get(&k.publisher)?.user.clone(),
+            };
+            Some((k.publisher, user, track.source))
         });
         SlotInfo {
             mid: mid.to_string(),

@@ -17,12 +17,15 @@
 //!   tests against real server processes.
 //! - [`world`]: [`SimWorld`], the router, the peers, the network, the TCP connections and
 //!   in-memory signaling on one event loop.
+//! - [`relay`]: [`SimRelayPair`], two worlds whose routers share calls over a relay link
+//!   that can lose frames or go silent.
 
 pub mod encoder;
 pub mod lines;
 pub mod net;
 pub mod peer;
 pub mod receiver;
+pub mod relay;
 pub mod tcp;
 pub mod world;
 
@@ -33,5 +36,6 @@ pub use peer::{
     NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, Transport,
 };
 pub use receiver::{Attribution, Freezes, Jitter, LayerBytes, SlotMap, TrackStats};
+pub use relay::SimRelayPair;
 pub use tcp::{Deframer, TcpDirStats, TcpStats};
 pub use world::{SimRecordedFile, SimWorld};

@@ -24,6 +24,7 @@ use crate::error::RouterError;
 use crate::ids::{CallId, SessionId, UserId};
 use crate::metrics::MetricsSnapshot;
 use crate::record::{FileSummary, RecordOutput, RecordedFile, RecordingOptions};
+use crate::relay::LinkId;
 use crate::router::{Datagram, Event, Output, Router};
 use crate::signal::ServerMessage;
 use crate::tcp::{ConnId, TcpError};
@@ -123,6 +124,8 @@ pub struct SimWorld {
     router_tcp_sent_to: BTreeMap<SocketAddr, u64>,
     recorded: Vec<SimRecordedFile>,
     record_log: Vec<RecordOutput>,
+    /// Relay frames the router emitted, not yet taken (see [`SimWorld::take_relay_out`]).
+    relay_out: Vec<(LinkId, bytes::Bytes)>,
 }
 
 impl SimWorld {
@@ -182,6 +185,7 @@ impl SimWorld {
             router_tcp_sent_to: BTreeMap::new(),
             recorded: Vec::new(),
             record_log: Vec::new(),
+            relay_out: Vec::new(),
         };
         world.drain_router();
         world
@@ -543,6 +547,49 @@ impl SimWorld {
         result
     }
 
+    /// Session ids of peers added from now on start at `next` (two worlds relayed to each
+    /// other need distinct ids, as the routers of one call do).
+    pub fn set_next_session(&mut self, next: u64) {
+        self.next_session = next;
+    }
+
+    /// Opens a relay link on the router (`Router::relay_open`) and drains it.
+    pub fn relay_open(&mut self, call: impl Into<CallId>, link: LinkId) -> Result<(), RouterError> {
+        self.flush_all_peers();
+        let result = self.router.relay_open(call.into(), link, self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Closes a relay link on the router (`Router::relay_close`) and drains it.
+    pub fn relay_close(&mut self, link: LinkId) -> Result<(), RouterError> {
+        self.flush_all_peers();
+        let result = self.router.relay_close(link, self.now);
+        self.drain_router();
+        result
+    }
+
+    /// Hands a relay frame to the router now (`Router::handle_relay`) and drains it.
+    pub fn handle_relay(&mut self, link: LinkId, bytes: &[u8]) {
+        self.router.handle_relay(link, bytes, self.now);
+        self.drain_router();
+    }
+
+    /// The relay frames the router emitted since the last call, in order.
+    pub fn take_relay_out(&mut self) -> Vec<(LinkId, bytes::Bytes)> {
+        std::mem::take(&mut self.relay_out)
+    }
+
+    /// When the next thing is due in this world (`None`: nothing scheduled).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.next_event_time()
+    }
+
+    /// Runs everything due up to and including `at` (a no-op for a time already passed).
+    pub fn run_until_instant(&mut self, at: Instant) {
+        self.run_until_time(at.max(self.now), |_| false);
+    }
+
     /// Runs the world for `duration` of virtual time.
     pub fn run_for(&mut self, duration: Duration) {
         let limit = self.now + duration;
@@ -731,6 +778,7 @@ impl SimWorld {
                     self.events.push(event);
                 }
                 Output::Record(out) => self.collect_recording(out),
+                Output::Relay { link, bytes } => self.relay_out.push((link, bytes)),
                 Output::Timeout(at) => {
                     self.router_timeout = Some(at);
                     break;

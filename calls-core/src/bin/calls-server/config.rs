@@ -121,6 +121,10 @@ pub struct ServerConfig {
     pub metrics_per_session: bool,
     /// Sessions one worker takes; joins beyond it are refused (`router_full`).
     pub worker_max_sessions: usize,
+    /// A call with this many participants takes its next joins on the least loaded worker,
+    /// relaying tracks between its workers (0: a call stays on one worker). A call also
+    /// spreads when its worker is degraded or overloaded.
+    pub call_spread_after: usize,
     /// Commands (signaling, joins, STUN/DTLS/RTCP, ICE-TCP bytes) queued for one worker.
     pub worker_queue_commands: usize,
     /// RTP datagrams queued for one worker; beyond it the newest are dropped (counted).
@@ -193,6 +197,7 @@ impl Default for ServerConfig {
             auth_issuer: None,
             metrics_per_session: false,
             worker_max_sessions: 10_000,
+            call_spread_after: 150,
             worker_queue_commands: 4096,
             worker_queue_datagrams: 8192,
             ws_send_queue_messages: 1024,
@@ -309,6 +314,7 @@ impl ServerConfig {
             "AUTH_ISSUER" => self.auth_issuer = Some(value.to_owned()),
             "METRICS_PER_SESSION" => self.metrics_per_session = parse(value)?,
             "WORKER_MAX_SESSIONS" => self.worker_max_sessions = parse(value)?,
+            "CALL_SPREAD_AFTER" => self.call_spread_after = parse(value)?,
             "WORKER_QUEUE_COMMANDS" => self.worker_queue_commands = parse(value)?,
             "WORKER_QUEUE_DATAGRAMS" => self.worker_queue_datagrams = parse(value)?,
             "WS_SEND_QUEUE_MESSAGES" => self.ws_send_queue_messages = parse(value)?,
@@ -766,6 +772,11 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "worker_max_sessions",
         "CALLS_WORKER_MAX_SESSIONS",
         "sessions per worker; more joins are refused (router_full)",
+    ),
+    (
+        "call_spread_after",
+        "CALLS_CALL_SPREAD_AFTER",
+        "participants after which a call spreads over workers (0: never)",
     ),
     (
         "worker_queue_commands",

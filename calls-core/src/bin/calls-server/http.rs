@@ -307,6 +307,36 @@ fn worker_metrics(app: &App) -> String {
         "Share of the worker's last 0.5 s window spent working rather than waiting.",
         &|_, s| (s.busy_permille.load(Ordering::Relaxed) as f64 / 1000.0).to_string(),
     );
+    family(
+        "calls_worker_relay_links",
+        "gauge",
+        "Relay links of the worker to other workers (calls spread over workers; docs/relay.md).",
+        &|_, s| s.relay_links.load(Ordering::Relaxed).to_string(),
+    );
+    family(
+        "calls_worker_relay_frames_out",
+        "counter",
+        "Relay frames the worker handed to other workers (its share of the in-process relay).",
+        &|_, s| s.relay_frames_out.load(Ordering::Relaxed).to_string(),
+    );
+    family(
+        "calls_worker_relay_bytes_out",
+        "counter",
+        "Bytes of the relay frames the worker handed to other workers.",
+        &|_, s| s.relay_bytes_out.load(Ordering::Relaxed).to_string(),
+    );
+    family(
+        "calls_worker_relay_frames_in",
+        "counter",
+        "Relay frames from other workers the worker handled.",
+        &|_, s| s.relay_frames_in.load(Ordering::Relaxed).to_string(),
+    );
+    family(
+        "calls_worker_relay_dropped",
+        "counter",
+        "Relay frames dropped because the other worker's media lane was full.",
+        &|_, s| s.relay_dropped.load(Ordering::Relaxed).to_string(),
+    );
     family("calls_worker_load_level", "gauge", "Load level of the worker's router: 0 normal, 1 degraded (joins refused, video at its lowest layer), 2 overloaded (cameras shed).", &|_, s| s.level().to_string());
     family(
         "calls_worker_sessions",
@@ -556,7 +586,8 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                 return close(socket, "server is draining").await;
             }
             let session = SessionId(app.next_session.fetch_add(1, Ordering::Relaxed));
-            let worker = worker_for_call(&call, app.workers.count());
+            let call_id = CallId::from(call.as_str());
+            let worker = app.workers.spread.place(&call_id);
             let (reply, result) = tokio::sync::oneshot::channel();
             let join = Cmd::Join {
                 session,
@@ -580,6 +611,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                 }
             };
             if let Some(e) = refusal {
+                app.workers.spread.unplace(&call_id, worker);
                 tracing::info!(call = ?call, worker, code = e.code(), "join refused: {e}");
                 return refuse_join(socket, &e).await;
             }
@@ -953,13 +985,16 @@ async fn admin_end_call(
     if !admin_authorized(&app, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let worker = worker_for_call(&call, app.workers.count());
-    app.workers.send_release(
-        worker,
-        Cmd::EndCall {
-            call: CallId::from(call.as_str()),
-        },
-    );
+    // A call spread over workers ends on each of them.
+    let call = CallId::from(call.as_str());
+    let mut workers = app.workers.spread.workers_of(&call);
+    if workers.is_empty() {
+        workers.push(worker_for_call(call.as_str(), app.workers.count()));
+    }
+    for worker in workers {
+        app.workers
+            .send_release(worker, Cmd::EndCall { call: call.clone() });
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -34,6 +34,15 @@ pub struct WorkerStatus {
     pub sessions: AtomicU64,
     /// WebSockets closed because their outgoing queue was full (slow consumers).
     pub ws_slow_consumers: AtomicU64,
+    /// Relay links to other workers open now (a call spread over workers).
+    pub relay_links: AtomicU64,
+    /// Relay frames handed to other workers, and their bytes.
+    pub relay_frames_out: AtomicU64,
+    pub relay_bytes_out: AtomicU64,
+    /// Relay frames from other workers handled.
+    pub relay_frames_in: AtomicU64,
+    /// Relay frames dropped: the other worker's media lane was full (or the link unknown).
+    pub relay_dropped: AtomicU64,
 }
 
 impl WorkerStatus {

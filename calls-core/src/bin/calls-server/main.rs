@@ -22,6 +22,7 @@ mod load_meter;
 mod media;
 mod probe;
 mod recording;
+mod spread;
 mod stun;
 mod tcp_limits;
 mod udp_send;
@@ -176,18 +177,30 @@ fn run(config: ServerConfig) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut queues = Vec::new();
-    let mut statuses = Vec::new();
+    // Every queue first: a worker hands relay frames to the others' queues (`spread.rs`).
+    let queues: Vec<Arc<WorkerQueue<worker::Cmd>>> = (0..workers_n)
+        .map(|_| {
+            Arc::new(WorkerQueue::new(
+                config.worker_queue_commands,
+                config.worker_queue_datagrams,
+            ))
+        })
+        .collect();
+    let statuses: Vec<Arc<WorkerStatus>> = (0..workers_n)
+        .map(|_| Arc::new(WorkerStatus::new()))
+        .collect();
+    let spread = Arc::new(spread::Spread::new(
+        queues.clone(),
+        statuses.clone(),
+        config.call_spread_after,
+    ));
     for index in 0..workers_n {
         let router_config = config
             .router_config(index as u8, &discovered)
             .map_err(|p| format!("router config: {}", p.join("; ")))?;
         let router = Router::new(router_config, Instant::now()).map_err(|e| e.to_string())?;
-        let queue = Arc::new(WorkerQueue::new(
-            config.worker_queue_commands,
-            config.worker_queue_datagrams,
-        ));
-        let status = Arc::new(WorkerStatus::new());
+        let queue = Arc::clone(&queues[index]);
+        let status = Arc::clone(&statuses[index]);
         let worker = Worker::new(
             index,
             router,
@@ -197,20 +210,19 @@ fn run(config: ServerConfig) -> Result<(), String> {
             Arc::clone(&status),
             started,
         )
-        .with_recording(recording.clone());
-        let (thread_queue, thread_status) = (Arc::clone(&queue), Arc::clone(&status));
+        .with_recording(recording.clone())
+        .with_spread(Arc::clone(&spread));
         std::thread::Builder::new()
             .name(format!("router-{index}"))
-            .spawn(move || run_worker(index, worker, thread_queue, &thread_status))
+            .spawn(move || run_worker(index, worker, queue, &status))
             .map_err(|e| e.to_string())?;
-        queues.push(queue);
-        statuses.push(status);
     }
     let workers = Workers {
         queues,
         status: statuses,
         flows,
         probe_ufrag: config.probe_ufrag.clone(),
+        spread,
     };
     if let Some(udp) = udp {
         let w = workers.clone();

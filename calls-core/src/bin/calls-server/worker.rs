@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use calls_core::{
-    CallId, ConnId, Datagram, Event, Grants, MetricsSnapshot, Output, Proto, Router, RouterError,
-    SessionId, UserId,
+    CallId, ConnId, Datagram, Event, Grants, LinkId, MetricsSnapshot, Output, Proto, Router,
+    RouterError, SessionId, UserId,
 };
 use serde::Serialize;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::load_meter::{LoadMeter, WorkerStatus};
+use crate::spread::Spread;
 use crate::tcp_limits::TcpCounters;
 use crate::udp_send::UdpSender;
 use crate::worker_queue::{Lane, Queued, WorkerQueue};
@@ -143,6 +144,21 @@ pub enum Cmd {
         bps: Option<u64>,
         reply: oneshot::Sender<Result<(), RouterError>>,
     },
+    /// Open relay link `link` for `call`; its frames go to worker `peer` (`spread.rs`).
+    RelayOpen {
+        call: CallId,
+        link: LinkId,
+        peer: usize,
+    },
+    /// Close relay link `link`.
+    RelayClose {
+        link: LinkId,
+    },
+    /// A frame from the other end of relay link `link`.
+    Relay {
+        link: LinkId,
+        bytes: bytes::Bytes,
+    },
     Drain,
     Metrics {
         reply: oneshot::Sender<MetricsSnapshot>,
@@ -218,6 +234,10 @@ pub struct Worker {
     /// The recording writer thread (`recording_dir` set), and the files this worker had to cut.
     recording: Option<RecordingSink>,
     truncated: Truncated,
+    /// Call placement over workers (relay links between them).
+    spread: Option<Arc<Spread>>,
+    /// The worker at the other end of each relay link.
+    relay_peers: HashMap<LinkId, usize>,
 }
 
 /// Most datagrams handed to the router as one batch (str0m holds a subscriber's writes until
@@ -249,12 +269,20 @@ impl Worker {
             batch: Vec::with_capacity(MAX_BATCH),
             recording: None,
             truncated: Truncated::default(),
+            spread: None,
+            relay_peers: HashMap::new(),
         }
     }
 
     /// Hands this worker's recording outputs to the writer thread (`recording_dir` set).
     pub fn with_recording(mut self, sink: Option<RecordingSink>) -> Self {
         self.recording = sink;
+        self
+    }
+
+    /// Shares the call placement: relay frames go to other workers, leaves are counted.
+    pub fn with_spread(mut self, spread: Arc<Spread>) -> Self {
+        self.spread = Some(spread);
         self
     }
 
@@ -342,6 +370,12 @@ impl Worker {
             _ => None,
         });
         self.router.handle_datagrams(datagrams, at);
+        for queued in &batch {
+            if let Cmd::Relay { link, bytes } = &queued.item {
+                self.status.relay_frames_in.fetch_add(1, Ordering::Relaxed);
+                self.router.handle_relay(*link, bytes, at);
+            }
+        }
         batch.clear();
         self.batch = batch;
     }
@@ -500,6 +534,23 @@ impl Worker {
                 }
                 let _ = reply.send(result);
             }
+            Cmd::RelayOpen { call, link, peer } => match self.router.relay_open(call, link, now) {
+                Ok(()) => {
+                    self.relay_peers.insert(link, peer);
+                    self.status.relay_links.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(worker = self.index, %link, "relay_open: {e}"),
+            },
+            Cmd::RelayClose { link } => {
+                if self.router.relay_close(link, now).is_ok() {
+                    self.status.relay_links.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.relay_peers.remove(&link);
+            }
+            Cmd::Relay { link, bytes } => {
+                self.status.relay_frames_in.fetch_add(1, Ordering::Relaxed);
+                self.router.handle_relay(link, &bytes, now);
+            }
             Cmd::Drain => self.router.start_draining(),
             Cmd::Metrics { reply } => {
                 let _ = reply.send(self.router.metrics());
@@ -598,6 +649,21 @@ impl Worker {
                         sink.offer(out, &mut self.truncated);
                     }
                 }
+                Output::Relay { link, bytes } => {
+                    let len = bytes.len() as u64;
+                    let sent = match (self.relay_peers.get(&link), &self.spread) {
+                        (Some(&peer), Some(spread)) => spread.forward(peer, link, bytes),
+                        _ => false,
+                    };
+                    if sent {
+                        self.status.relay_frames_out.fetch_add(1, Ordering::Relaxed);
+                        self.status
+                            .relay_bytes_out
+                            .fetch_add(len, Ordering::Relaxed);
+                    } else {
+                        self.status.relay_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 _ => {}
             }
         }
@@ -664,8 +730,14 @@ impl Worker {
                 }
             }
             Event::Left {
-                session, reason, ..
+                session,
+                reason,
+                call,
+                ..
             } => {
+                if let Some(spread) = &self.spread {
+                    spread.unplace(&call, self.index);
+                }
                 tracing::info!(worker = self.index, %session, ?reason, "left");
                 self.send_to_client(session, ToClient::Close(format!("left: {reason:?}")));
                 self.clients.remove(&session);
@@ -693,6 +765,8 @@ pub struct Workers {
     pub flows: FlowMap,
     /// The probe credential's ufrag: probes go to worker 0.
     pub probe_ufrag: Option<String>,
+    /// Which workers each call is on (`spread.rs`).
+    pub spread: Arc<Spread>,
 }
 
 impl Workers {
