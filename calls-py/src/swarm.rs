@@ -55,6 +55,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 const MAX_WAIT: Duration = Duration::from_millis(50);
 /// A media thread's read buffer (one UDP datagram, or one read of an ICE-TCP stream).
 const READ_BUFFER: usize = 16 * 1024;
+/// A participant's media socket is readable (its token is even).
+const READY_MEDIA: u8 = 1;
+/// A participant's WebSocket is readable (its token is odd).
+const READY_WS: u8 = 2;
 /// Receive buffer asked for each participant's UDP socket (the kernel caps it at
 /// `net.core.rmem_max`): a media thread that is descheduled for a while must not lose packets.
 const UDP_RECV_BUFFER: usize = 1 << 20;
@@ -780,7 +784,10 @@ impl MediaThread {
         let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(1024);
         let mut live: Vec<Live> = Vec::with_capacity(expected);
-        let mut ready: Vec<bool> = Vec::with_capacity(expected);
+        // Per participant, which of its sockets reported readiness (READY_MEDIA, READY_WS):
+        // a WebSocket read costs a buffer clear in tungstenite, so it is not attempted for
+        // every media datagram.
+        let mut ready: Vec<u8> = Vec::with_capacity(expected);
         let mut next_publish = Instant::now();
         let mut buf = vec![0u8; READ_BUFFER];
         let mut connector_gone = false;
@@ -807,7 +814,7 @@ impl MediaThread {
                         )?;
                         live.push(l);
                         // The connector may have read past the welcome: look now.
-                        ready.push(true);
+                        ready.push(READY_MEDIA | READY_WS);
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
@@ -829,15 +836,16 @@ impl MediaThread {
                 Duration::from_millis(5)
             };
             let wait = wake.saturating_duration_since(Instant::now()).min(cap);
-            if !ready.iter().any(|r| *r) {
+            if ready.iter().all(|r| *r == 0) {
                 match poll.poll(&mut events, Some(wait)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
                 for event in events.iter() {
-                    if let Some(r) = ready.get_mut(event.token().0 / 2) {
-                        *r = true;
+                    let token = event.token().0;
+                    if let Some(r) = ready.get_mut(token / 2) {
+                        *r |= if token % 2 == 0 { READY_MEDIA } else { READY_WS };
                     }
                 }
             }
@@ -850,8 +858,10 @@ impl MediaThread {
                 if l.done {
                     continue;
                 }
-                if is_ready {
+                if is_ready & READY_WS != 0 {
                     l.read_signaling(now);
+                }
+                if is_ready & READY_MEDIA != 0 {
                     l.read_media(&mut buf, now);
                 }
                 if l.peer.poll_timeout().is_some_and(|at| at <= now) {
