@@ -50,7 +50,10 @@ fn an_extension_can_be_kept_off_audio() {
     };
     assert!(!on(true), "kept off audio m-lines");
     assert!(on(false), "still on video m-lines");
-    assert!(exts.id_of(Extension::TransportSequenceNumber).is_some(), "still parsed");
+    assert!(
+        exts.id_of(Extension::TransportSequenceNumber).is_some(),
+        "still parsed"
+    );
 }
 
 #[test]

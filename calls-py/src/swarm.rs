@@ -845,7 +845,11 @@ impl MediaThread {
                 for event in events.iter() {
                     let token = event.token().0;
                     if let Some(r) = ready.get_mut(token / 2) {
-                        *r |= if token % 2 == 0 { READY_MEDIA } else { READY_WS };
+                        *r |= if token % 2 == 0 {
+                            READY_MEDIA
+                        } else {
+                            READY_WS
+                        };
                     }
                 }
             }
