@@ -8,10 +8,12 @@ from typing import Any, Dict
 from calls.loadtest.report import (
     MetricsScrape,
     MetricsWindow,
+    ServerProbe,
     build_report,
     parse_metrics,
     server_metrics,
     server_metrics_rows,
+    thread_shares,
 )
 
 
@@ -229,3 +231,38 @@ def test_the_reference_servers_unanswered_gauge_marks_a_scrape_incomplete() -> N
     assert metrics["calls_datagrams_dropped_total"] == 8.0
     assert not MetricsScrape(0.0, metrics).complete
     assert MetricsScrape(0.0, parse_metrics(text.replace("unanswered 1", "unanswered 0"))).complete
+
+
+def test_each_server_thread_reports_its_share_of_a_core() -> None:
+    """The per-thread CPU of a process (here this one: a named thread spinning while the main
+    thread sleeps) comes out by thread name, in % of one core over the probe's window."""
+    import os
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        # Name the OS thread as a server names its workers (Python 3.11 does not).
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write("spinner")
+        while not stop.is_set():
+            pass
+
+    probe = ServerProbe(os.getpid())
+    worker = threading.Thread(target=spin, name="spinner")
+    worker.start()
+    try:
+        first = probe.sample()
+        time.sleep(1.0)
+        last = probe.sample()
+    finally:
+        stop.set()
+        worker.join()
+    assert first is not None and last is not None
+    shares = thread_shares(first, last)
+    assert "spinner" in shares, shares
+    # The spinner ran for most of the second (it shares the GIL with nobody but a sleeper).
+    assert shares["spinner"] > 50.0, shares
+    assert list(shares)[0] == "spinner", shares
+    assert sum(shares.values()) <= 100.0 * (os.cpu_count() or 1) + 5.0, shares

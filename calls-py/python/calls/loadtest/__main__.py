@@ -260,6 +260,12 @@ def render(report: Dict[str, Any], console: Console) -> None:
             + f"RSS {sp['rss_before_mb']:.0f} → {sp['rss_peak_mb']:.0f} MB "
             f"({sp['rss_per_participant_kb']:.0f} kB/participant)",
         )
+        busy = [(n, c) for n, c in sp.get("thread_cpu_percent", {}).items() if c >= 0.5]
+        if busy:
+            totals.add_row(
+                "server threads (CPU % of a core)",
+                ", ".join(f"{n} {c:.0f}%" for n, c in busy),
+            )
     lt = report.get("load_tester")
     if lt and lt.get("participants_per_core"):
         totals.add_row(

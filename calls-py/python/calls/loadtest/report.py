@@ -6,7 +6,7 @@ import os
 import re
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calls.loadtest import ParticipantStats
@@ -15,6 +15,7 @@ __all__ = [
     "MetricsScrape",
     "MetricsWindow",
     "ServerProbe",
+    "thread_shares",
     "ServerSample",
     "build_report",
     "by_transport",
@@ -80,6 +81,8 @@ class ServerSample:
     cpu_s: float
     rss_bytes: int
     threads: int
+    # CPU seconds per thread name (threads of one name summed, e.g. a runtime's workers).
+    thread_cpu_s: Dict[str, float] = field(default_factory=dict)
 
 
 class ServerProbe:
@@ -100,6 +103,7 @@ class ServerProbe:
         except OSError:
             return None
         cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+        thread_cpu = self._thread_cpu()
         rss = re.search(r"VmRSS:\s+(\d+) kB", status)
         threads = re.search(r"Threads:\s+(\d+)", status)
         s = ServerSample(
@@ -107,9 +111,41 @@ class ServerProbe:
             cpu_s=cpu,
             rss_bytes=int(rss.group(1)) * 1024 if rss else 0,
             threads=int(threads.group(1)) if threads else 0,
+            thread_cpu_s=thread_cpu,
         )
         self.samples.append(s)
         return s
+
+    def _thread_cpu(self) -> Dict[str, float]:
+        """CPU seconds of each of the process's threads, summed by thread name."""
+        by_name: Dict[str, float] = {}
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return by_name
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue  # the thread ended meanwhile
+            name = text[text.find("(") + 1 : text.rfind(")")]
+            fields = text[text.rfind(")") + 1 :].split()
+            cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+            by_name[name] = by_name.get(name, 0.0) + cpu
+        return by_name
+
+
+def thread_shares(first: ServerSample, last: ServerSample) -> Dict[str, float]:
+    """Each thread name's CPU between two samples, in % of one core, busiest first."""
+    span = last.at - first.at
+    if span <= 0:
+        return {}
+    shares = {
+        name: 100.0 * max(0.0, cpu - first.thread_cpu_s.get(name, 0.0)) / span
+        for name, cpu in last.thread_cpu_s.items()
+    }
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
 def scrape_metrics(url: str, timeout: float = 5.0) -> Dict[str, float]:
@@ -432,6 +468,8 @@ def build_report(
             "rss_peak_mb": peak / 1e6,
             "rss_per_participant_kb": (peak - base.rss_bytes) / joined / 1e3,
             "threads": last.threads,
+            # % of one core per thread name over the same window (the workers' shares).
+            "thread_cpu_percent": thread_shares(first, last),
         }
     if loadtester_cpu_s is not None and loadtester_window_s > 0:
         cores = loadtester_cpu_s / loadtester_window_s
