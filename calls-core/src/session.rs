@@ -10,7 +10,7 @@ use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{Mid, Pt, Rid};
 use str0m::net::TcpType;
-use str0m::rtp::{Extension, ExtensionMap, Ssrc};
+use str0m::rtp::Ssrc;
 use str0m::{Candidate, IceCreds, Rtc};
 
 use crate::config::Config;
@@ -169,14 +169,7 @@ impl Session {
         // Our answer's Opus fmtp carries `usedtx=1`: the client's encoder sends DTX when
         // silent (the vendored str0m's `set_opus_dtx`).
         builder.codec_config().set_opus_dtx(config.opus_dtx);
-        // No transport-wide sequence numbers on audio m-lines (the vendored str0m's
-        // `disable_for_audio`): a client receiving only audio then sends no transport-cc
-        // feedback (20 datagrams a second per listener otherwise), and nothing needs it: the
-        // bandwidth estimate only chooses video layers, and video packets still carry it.
-        let mut exts = ExtensionMap::standard();
-        exts.disable_for_audio(&Extension::TransportSequenceNumber);
         let mut rtc = builder
-            .set_extension_map(exts)
             .enable_vp8(true)
             .enable_h264(true)
             .enable_vp9(true)

@@ -534,50 +534,6 @@ fn a_silent_call_sleeps_on_a_fast_network() {
     );
 }
 
-/// A listener that receives only audio sends the router no transport-wide congestion feedback.
-/// str0m's receiver sends a transport-cc report every 50 ms for packets that carry the
-/// transport-wide sequence number, 20 datagrams a second per listener, most of what 1000
-/// listeners send a server (docs/performance.md). The router keeps that extension off audio
-/// m-lines (vendored str0m patch 0004, `ExtensionMap::disable_for_audio`); this test fails
-/// without it (about 21 datagrams a second per listener).
-#[test]
-fn audio_listeners_send_no_congestion_feedback() {
-    let mut world = SimWorld::new(112, epoch());
-    let peers = meeting(&mut world, 11, 1);
-    let talker = peers[0];
-    for &p in &peers[1..] {
-        world.set_muted(p, true);
-    }
-    let ok = world.run_until(
-        |w| {
-            peers[1..]
-                .iter()
-                .all(|&rx| stats(w, rx, talker, MIC).packets > 0)
-        },
-        secs(5.0),
-    );
-    assert!(ok, "{}", describe(&world));
-    world.run_for(secs(2.0));
-    let before = world.metrics();
-    let heard_before = stats(&world, peers[10], talker, MIC).packets;
-    world.run_for(secs(10.0));
-    let after = world.metrics();
-    let media = after.media_in.audio_packets + after.media_in.video_packets
-        - before.media_in.audio_packets
-        - before.media_in.video_packets;
-    let other = after.datagrams_in - before.datagrams_in - media;
-    let per_listener_second = other as f64 / (10.0 * 10.0);
-    println!("# {per_listener_second:.1} non-media datagrams per listener per second");
-    // Still hearing the talker (50 packets a second).
-    let heard = stats(&world, peers[10], talker, MIC).packets - heard_before;
-    assert!(heard >= 450, "heard {heard} packets in 10 s");
-    // Receiver reports (one a second per stream) and consent checks remain.
-    assert!(
-        per_listener_second <= 5.0,
-        "{per_listener_second:.1} RTCP/STUN datagrams per listener per second"
-    );
-}
-
 #[test]
 fn quiet_listeners_hear_two_speakers_without_delay() {
     // Two speakers' packets reach a muted listener in the same instant: str0m sends one per

@@ -40,23 +40,6 @@ fn opus_dtx_is_settable() {
 }
 
 #[test]
-fn an_extension_can_be_kept_off_audio() {
-    use str0m::rtp::{Extension, ExtensionMap};
-    let mut exts = ExtensionMap::standard();
-    exts.disable_for_audio(&Extension::TransportSequenceNumber);
-    let on = |audio: bool| {
-        exts.iter_by_media_type(audio)
-            .any(|(_, e)| *e == Extension::TransportSequenceNumber)
-    };
-    assert!(!on(true), "kept off audio m-lines");
-    assert!(on(false), "still on video m-lines");
-    assert!(
-        exts.id_of(Extension::TransportSequenceNumber).is_some(),
-        "still parsed"
-    );
-}
-
-#[test]
 fn every_line_the_patch_adds_is_in_the_vendored_source() {
     let vendor = Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor");
     let mut patches: Vec<_> = std::fs::read_dir(vendor.join("patches"))

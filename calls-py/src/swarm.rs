@@ -788,6 +788,10 @@ impl MediaThread {
         // a WebSocket read costs a buffer clear in tungstenite, so it is not attempted for
         // every media datagram.
         let mut ready: Vec<u8> = Vec::with_capacity(expected);
+        // Per participant, when its peer wants to be woken (`None`: never, or done), kept
+        // beside `ready` so a loop only visits participants with something to do: walking
+        // every participant's state on every wake-up cost a cache miss each.
+        let mut due: Vec<Option<Instant>> = Vec::with_capacity(expected);
         let mut next_publish = Instant::now();
         let mut buf = vec![0u8; READ_BUFFER];
         let mut connector_gone = false;
@@ -815,6 +819,7 @@ impl MediaThread {
                         live.push(l);
                         // The connector may have read past the welcome: look now.
                         ready.push(READY_MEDIA | READY_WS);
+                        due.push(Some(now));
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
@@ -824,12 +829,10 @@ impl MediaThread {
                 }
             }
             // Wait for sockets or the next timer.
-            let mut wake = self.deadline.min(next_publish);
-            for l in live.iter().filter(|l| !l.done) {
-                if let Some(at) = l.peer.poll_timeout() {
-                    wake = wake.min(at);
-                }
-            }
+            let wake = due
+                .iter()
+                .flatten()
+                .fold(self.deadline.min(next_publish), |wake, at| wake.min(*at));
             let cap = if connector_gone {
                 MAX_WAIT
             } else {
@@ -859,7 +862,11 @@ impl MediaThread {
                 // (a closed WebSocket hangs up), and a flag left set would keep the thread
                 // from polling again, so nobody else on it would read another packet.
                 let is_ready = std::mem::take(&mut ready[slot]);
+                if is_ready == 0 && due[slot].is_none_or(|at| at > now) {
+                    continue; // nothing read, nothing due: nothing new to send either
+                }
                 if l.done {
+                    due[slot] = None;
                     continue;
                 }
                 if is_ready & READY_WS != 0 {
@@ -875,6 +882,7 @@ impl MediaThread {
                 if l.failed.is_some() {
                     l.finish(now);
                 }
+                due[slot] = if l.done { None } else { l.peer.poll_timeout() };
             }
             if now >= next_publish {
                 next_publish = now + PUBLISH_EVERY;

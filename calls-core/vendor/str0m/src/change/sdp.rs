@@ -1317,11 +1317,6 @@ fn update_media(
             continue;
         }
 
-        // calls patch: nor those the session keeps off audio m-lines.
-        if media.kind().is_audio() && !exts.is_for_audio(id) {
-            continue;
-        }
-
         // Use the Extension from session, since there might be a special
         // serializer for cases like VLA.
         remote_extmap.set(id, in_session.clone());

@@ -356,8 +356,6 @@ pub struct ExtensionMap([Option<MapEntry>; MAX_ID as usize]); // index 0 is extm
 struct MapEntry {
     ext: Extension,
     locked: bool,
-    // calls patch: see `ExtensionMap::disable_for_audio`.
-    video_only: bool,
 }
 
 impl ExtensionMap {
@@ -400,11 +398,7 @@ impl ExtensionMap {
         }
         let idx = id as usize - 1;
 
-        let m = MapEntry {
-            ext,
-            locked: false,
-            video_only: false,
-        };
+        let m = MapEntry { ext, locked: false };
 
         self.0[idx] = Some(m);
     }
@@ -440,30 +434,11 @@ impl ExtensionMap {
             .map(|(i, e)| ((i + 1) as u8, &e.ext))
     }
 
-    /// Keeps a mapped extension off audio m-lines: it is neither offered nor accepted on
-    /// them, so it is never written on audio packets. For `TransportSequenceNumber` this means
-    /// no transport-wide feedback for audio (as Firefox does), e.g. for a server whose
-    /// receivers of audio alone would otherwise send feedback 20 times a second.
-    pub fn disable_for_audio(&mut self, ext: &Extension) {
-        for m in self.0.iter_mut().flatten().filter(|m| &m.ext == ext) {
-            m.video_only = true;
-        }
-    }
-
-    /// Whether the extension mapped at `id` may be used on audio m-lines.
-    pub(crate) fn is_for_audio(&self, id: u8) -> bool {
-        id >= 1
-            && id <= MAX_ID
-            && self.0[id as usize - 1]
-                .as_ref()
-                .is_some_and(|m| !m.video_only && m.ext.is_audio())
-    }
-
     /// Returns an iterator over the audio or video elements of the extension map
     pub fn iter_by_media_type(&self, audio: bool) -> impl Iterator<Item = (u8, &Extension)> + '_ {
-        self.iter().filter(move |(id, ext)| {
+        self.iter().filter(move |(_id, ext)| {
             if audio {
-                self.is_for_audio(*id)
+                ext.is_audio()
             } else {
                 ext.is_video()
             }
