@@ -66,6 +66,8 @@ pub struct App {
     broadcast: Mutex<HashMap<u64, ClientSender>>,
     /// The recording writer (`recording_dir` set): its counters for `/metrics`.
     pub recording: Option<crate::recording::RecordingSink>,
+    /// The node relay's counters (relay configured), for `/metrics`.
+    pub node: Option<Arc<crate::node::NodeMetrics>>,
 }
 
 impl App {
@@ -75,13 +77,16 @@ impl App {
         tcp: TcpLimits,
         started: Instant,
         recording: Option<crate::recording::RecordingSink>,
+        node: Option<Arc<crate::node::NodeMetrics>>,
     ) -> Arc<App> {
+        // Unique across nodes: the node id is in the high bits (node/mod.rs).
+        let first_session = crate::node::first_session_id(config.node_id.unwrap_or(0));
         Arc::new(App {
             config,
             workers,
             draining: AtomicBool::new(false),
             started,
-            next_session: AtomicU64::new(1),
+            next_session: AtomicU64::new(first_session),
             resumes: Mutex::new(HashMap::new()),
             by_user: Mutex::new(UserSessions::default()),
             refusal_logs: Mutex::new(LogBudget::default()),
@@ -89,6 +94,7 @@ impl App {
             open_sockets: AtomicU64::new(0),
             broadcast: Mutex::new(HashMap::new()),
             recording,
+            node,
         })
     }
 
@@ -229,6 +235,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     }
     text.push_str(&process_metrics(&app));
     text.push_str(&worker_metrics(&app));
+    if let Some(node) = &app.node {
+        text.push_str(&node.render());
+    }
     text.push_str(&build_info());
     if let Some(sink) = &app.recording {
         let c = &sink.counters;
@@ -310,7 +319,7 @@ fn worker_metrics(app: &App) -> String {
     family(
         "calls_worker_relay_links",
         "gauge",
-        "Relay links of the worker to other workers (calls spread over workers; docs/relay.md).",
+        "Relay links of the worker to other workers and nodes (calls spread over workers or nodes; docs/relay.md).",
         &|_, s| s.relay_links.load(Ordering::Relaxed).to_string(),
     );
     family(

@@ -1,0 +1,567 @@
+//! The node relay's state: which calls each peer node has on which workers, and the channels
+//! (relay links between a worker here and a worker there) that follow from it. One task owns
+//! it and handles, in order: connections coming and going, the peers' control messages, and
+//! the local calls' changes (from `spread.rs`).
+//!
+//! - **Announcements.** Each node tells each peer, for every call it has participants in, on
+//!   which of its workers (again when that changes; an empty list: the call left the node).
+//!   After connecting, each sends all of them and then `Synced`.
+//! - **Channels.** The *leader* of a pair of nodes (the lower id) opens a channel for every
+//!   pair of workers, one here and one there, that both carry a call, and closes those that no
+//!   longer do. It sends `Open` before its worker opens the link, so the follower knows the
+//!   channel before the first frame; the follower opens its link on `Open`.
+//! - **A connection drops.** Nothing closes: the links go silent and the core pauses their
+//!   tracks. When it comes back, the leader repeats its open channels (the follower closes the
+//!   ones not repeated) and both re-announce. A peer that restarted (a new incarnation) had its
+//!   links torn down with it: all its channels are closed before new ones open.
+//! - **A peer gone for good** (no connection for `relay_peer_gone_s`): all its channels are
+//!   closed, so its participants leave this node's calls.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use calls_core::{CallId, LinkId};
+use quinn::VarInt;
+use tokio::sync::mpsc;
+
+use super::link::{Context, PeerShared, CLOSE_DUPLICATE};
+use super::wire::Msg;
+use super::{node_link, CallChanges, DropReason, NodeTx};
+use crate::spread::Spread;
+use crate::worker::{Cmd, RelayPeer};
+use crate::worker_queue::WorkerQueue;
+
+/// Events queued for the hub; a connection reading faster than the hub waits.
+pub const EVENT_QUEUE: usize = 1024;
+/// Channels one peer may have open with this node (a channel is a relay link on a worker).
+const MAX_CHANNELS_PER_PEER: usize = 16_384;
+/// Calls one peer may announce.
+const MAX_CALLS_PER_PEER: usize = 65_536;
+/// How often gone peers are looked for.
+const TICK: Duration = Duration::from_millis(500);
+
+/// What the connections tell the hub.
+#[derive(Debug)]
+pub enum HubEvent {
+    /// An authenticated connection with `peer`; `ctl` takes the messages to send on it.
+    Connected {
+        peer: u8,
+        incarnation: u64,
+        generation: u64,
+        /// Dialed by the node with the lower id (preferred over one that is not).
+        dialed_by_lower: bool,
+        conn: quinn::Connection,
+        /// Set when the hub closes it for another connection with the same peer.
+        superseded: Arc<AtomicBool>,
+        ctl: mpsc::UnboundedSender<Msg>,
+    },
+    Disconnected {
+        peer: u8,
+        generation: u64,
+    },
+    Message {
+        peer: u8,
+        generation: u64,
+        msg: Msg,
+    },
+}
+
+/// A channel: a relay link between `worker` here and `remote_worker` on the peer.
+#[derive(Debug, Clone)]
+struct Channel {
+    call: CallId,
+    worker: usize,
+    remote_worker: u8,
+    link: LinkId,
+}
+
+/// The connection in use with a peer.
+#[derive(Debug)]
+struct Live {
+    generation: u64,
+    dialed_by_lower: bool,
+    conn: quinn::Connection,
+    superseded: Arc<AtomicBool>,
+    ctl: mpsc::UnboundedSender<Msg>,
+    /// The peer's `Synced` arrived on it: its announcements are complete.
+    synced: bool,
+}
+
+#[derive(Debug)]
+struct Peer {
+    id: u8,
+    /// This node has the lower id: it numbers, opens and closes the channels.
+    leader: bool,
+    shared: Arc<PeerShared>,
+    live: Option<Live>,
+    incarnation: Option<u64>,
+    /// When the last connection ended (`None` while connected, or never connected).
+    lost_at: Option<Instant>,
+    /// Its workers per call, as announced.
+    calls: HashMap<CallId, BTreeSet<u8>>,
+    /// Announcements since the connection began, until its `Synced`.
+    pending_calls: HashMap<CallId, BTreeSet<u8>>,
+    channels: HashMap<u32, Channel>,
+    /// Follower: channels not yet repeated by the leader since the connection began.
+    unconfirmed: HashSet<u32>,
+    next_chan: u32,
+}
+
+impl Peer {
+    fn send(&self, msg: Msg) {
+        if let Some(live) = &self.live {
+            // A closed queue: the connection is ending; its successor gets a fresh snapshot.
+            let _ = live.ctl.send(msg);
+        }
+    }
+}
+
+/// The hub (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Hub {
+    me: u8,
+    peer_gone: Duration,
+    queues: Vec<Arc<WorkerQueue<Cmd>>>,
+    spread: Arc<Spread>,
+    changes: Arc<CallChanges>,
+    ctx: Arc<Context>,
+    /// This node's workers per call, as last announced.
+    local: HashMap<CallId, BTreeSet<u8>>,
+    peers: HashMap<u8, Peer>,
+    next_link: u64,
+}
+
+impl Hub {
+    pub fn new(
+        me: u8,
+        peer_gone: Duration,
+        queues: Vec<Arc<WorkerQueue<Cmd>>>,
+        spread: Arc<Spread>,
+        changes: Arc<CallChanges>,
+        ctx: Arc<Context>,
+    ) -> Self {
+        Hub {
+            me,
+            peer_gone,
+            queues,
+            spread,
+            changes,
+            ctx,
+            local: HashMap::new(),
+            peers: HashMap::new(),
+            next_link: 0,
+        }
+    }
+
+    /// Runs for the life of the process.
+    pub async fn run(mut self, mut events: mpsc::Receiver<HubEvent>) {
+        let mut tick = tokio::time::interval(TICK);
+        let changes = Arc::clone(&self.changes);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event),
+                    None => return,
+                },
+                () = changes.notify.notified() => self.on_local_changes(),
+                _ = tick.tick() => self.forget_gone_peers(Instant::now()),
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: HubEvent) {
+        match event {
+            HubEvent::Connected {
+                peer,
+                incarnation,
+                generation,
+                dialed_by_lower,
+                conn,
+                superseded,
+                ctl,
+            } => self.connected(
+                peer,
+                incarnation,
+                Live {
+                    generation,
+                    dialed_by_lower,
+                    conn,
+                    superseded,
+                    ctl,
+                    synced: false,
+                },
+            ),
+            HubEvent::Disconnected { peer, generation } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if p.live.as_ref().is_some_and(|l| l.generation == generation) {
+                    p.live = None;
+                    p.lost_at = Some(Instant::now());
+                    p.shared.counters.connected.store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        peer,
+                        "node relay: peer unreachable; its tracks pause until it is back"
+                    );
+                }
+            }
+            HubEvent::Message {
+                peer,
+                generation,
+                msg,
+            } => {
+                let current = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|p| p.live.as_ref())
+                    .is_some_and(|l| l.generation == generation);
+                if current {
+                    self.on_message(peer, msg);
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, id: u8, incarnation: u64, live: Live) {
+        let shared = self.ctx.peer(id);
+        let me = self.me;
+        let p = self.peers.entry(id).or_insert_with(|| Peer {
+            id,
+            leader: me < id,
+            shared,
+            live: None,
+            incarnation: None,
+            lost_at: None,
+            calls: HashMap::new(),
+            pending_calls: HashMap::new(),
+            channels: HashMap::new(),
+            unconfirmed: HashSet::new(),
+            next_chan: 0,
+        });
+        if let Some(old) = &p.live {
+            // Two connections with one node: keep the one the lower id dialed; between two
+            // alike, the newer (the older is likely dead and not yet timed out).
+            let (keep_new, loser) = if old.dialed_by_lower && !live.dialed_by_lower {
+                (false, &live)
+            } else {
+                (true, old)
+            };
+            loser.superseded.store(true, Ordering::Relaxed);
+            loser
+                .conn
+                .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+            if !keep_new {
+                return;
+            }
+        }
+        if p.incarnation.is_some_and(|known| known != incarnation) {
+            tracing::info!(
+                peer = id,
+                "node relay: the peer restarted; its old links close"
+            );
+            close_all(p, &self.queues);
+        }
+        p.incarnation = Some(incarnation);
+        p.live = Some(live);
+        p.lost_at = None;
+        p.pending_calls.clear();
+        p.unconfirmed = if p.leader {
+            HashSet::new()
+        } else {
+            p.channels.keys().copied().collect()
+        };
+        p.shared.counters.connected.store(1, Ordering::Relaxed);
+        p.shared
+            .counters
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        // The snapshot: every local call, the leader's open channels, then `Synced`.
+        for (call, workers) in &self.local {
+            p.send(Msg::Announce {
+                call: call.clone(),
+                workers: workers.iter().copied().collect(),
+            });
+        }
+        if p.leader {
+            for (chan, c) in &p.channels {
+                p.send(Msg::Open {
+                    chan: *chan,
+                    leader_worker: c.worker as u8,
+                    follower_worker: c.remote_worker,
+                    call: c.call.clone(),
+                });
+            }
+        }
+        p.send(Msg::Synced);
+    }
+
+    fn on_message(&mut self, id: u8, msg: Msg) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let synced = p.live.as_ref().is_some_and(|l| l.synced);
+        match msg {
+            Msg::Hello(_) => self.ctx.metrics.count_drop(DropReason::Malformed),
+            Msg::Announce { call, workers } => {
+                let calls = if synced {
+                    &mut p.calls
+                } else {
+                    &mut p.pending_calls
+                };
+                if workers.is_empty() {
+                    calls.remove(&call);
+                } else if calls.len() < MAX_CALLS_PER_PEER || calls.contains_key(&call) {
+                    calls.insert(call, workers.into_iter().collect());
+                } else {
+                    self.ctx.metrics.count_drop(DropReason::QueueFull);
+                }
+                if synced {
+                    self.reconcile(id);
+                }
+            }
+            Msg::Synced => {
+                if let Some(live) = &mut p.live {
+                    live.synced = true;
+                }
+                p.calls = std::mem::take(&mut p.pending_calls);
+                if !p.leader {
+                    // What the leader did not repeat, it closed while the connection was down.
+                    for chan in std::mem::take(&mut p.unconfirmed) {
+                        close_channel(p, chan, &self.queues, false);
+                    }
+                }
+                self.reconcile(id);
+            }
+            Msg::Open {
+                chan,
+                leader_worker,
+                follower_worker,
+                call,
+            } => {
+                if p.leader {
+                    self.ctx.metrics.count_drop(DropReason::Malformed);
+                    return;
+                }
+                p.unconfirmed.remove(&chan);
+                let worker = usize::from(follower_worker);
+                if let Some(c) = p.channels.get(&chan) {
+                    if c.call == call && c.worker == worker && c.remote_worker == leader_worker {
+                        return; // repeated after a reconnect: still open
+                    }
+                    close_channel(p, chan, &self.queues, false);
+                }
+                if worker >= self.queues.len() || p.channels.len() >= MAX_CHANNELS_PER_PEER {
+                    self.ctx.metrics.count_drop(DropReason::Malformed);
+                    return;
+                }
+                let link = node_link(&mut self.next_link);
+                open_channel(
+                    p,
+                    chan,
+                    Channel {
+                        call,
+                        worker,
+                        remote_worker: leader_worker,
+                        link,
+                    },
+                    &self.queues,
+                );
+            }
+            Msg::Close { chan } => {
+                if !p.leader {
+                    close_channel(p, chan, &self.queues, false);
+                }
+            }
+            Msg::Frame { chan, frame } => match p.channels.get(&chan) {
+                Some(c) => self.ctx.deliver(&p.shared, c.worker, c.link, frame),
+                None => self.ctx.metrics.count_drop(DropReason::UnknownChannel),
+            },
+        }
+    }
+
+    /// Takes the calls whose workers changed, announces them, and reconciles every peer.
+    fn on_local_changes(&mut self) {
+        let changed = self.changes.take();
+        if changed.is_empty() {
+            return;
+        }
+        for call in changed {
+            let workers: BTreeSet<u8> = self
+                .spread
+                .workers_of(&call)
+                .into_iter()
+                .map(|w| w as u8)
+                .collect();
+            if self.local.get(&call) == Some(&workers)
+                || (workers.is_empty() && !self.local.contains_key(&call))
+            {
+                continue;
+            }
+            for p in self.peers.values() {
+                p.send(Msg::Announce {
+                    call: call.clone(),
+                    workers: workers.iter().copied().collect(),
+                });
+            }
+            if workers.is_empty() {
+                self.local.remove(&call);
+            } else {
+                self.local.insert(call, workers);
+            }
+        }
+        let ids: Vec<u8> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.reconcile(id);
+        }
+    }
+
+    /// The leader's part: a channel for every pair of workers that both carry a call, none
+    /// for the others. While the peer is unreachable (or has not finished its snapshot) only
+    /// the channels whose local side emptied are closed; its calls are as it last said.
+    fn reconcile(&mut self, id: u8) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if !p.leader {
+            return;
+        }
+        let synced = p.live.as_ref().is_some_and(|l| l.synced);
+        let mut wanted: HashSet<(CallId, usize, u8)> = HashSet::new();
+        for (call, theirs) in &p.calls {
+            if let Some(ours) = self.local.get(call) {
+                for w in ours {
+                    for r in theirs {
+                        wanted.insert((call.clone(), usize::from(*w), *r));
+                    }
+                }
+            }
+        }
+        let stale: Vec<u32> = p
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                let local_gone = !self
+                    .local
+                    .get(&c.call)
+                    .is_some_and(|ws| ws.contains(&(c.worker as u8)));
+                local_gone
+                    || (synced && !wanted.contains(&(c.call.clone(), c.worker, c.remote_worker)))
+            })
+            .map(|(chan, _)| *chan)
+            .collect();
+        for chan in stale {
+            close_channel(p, chan, &self.queues, true);
+        }
+        if !synced {
+            return;
+        }
+        let have: HashSet<(CallId, usize, u8)> = p
+            .channels
+            .values()
+            .map(|c| (c.call.clone(), c.worker, c.remote_worker))
+            .collect();
+        let mut missing: Vec<(CallId, usize, u8)> = wanted.difference(&have).cloned().collect();
+        missing.sort();
+        for (call, worker, remote_worker) in missing {
+            if p.channels.len() >= MAX_CHANNELS_PER_PEER || worker >= self.queues.len() {
+                break;
+            }
+            p.next_chan = p.next_chan.wrapping_add(1);
+            let chan = p.next_chan;
+            // The follower learns the channel before any frame of it (the connection writes
+            // the hub's messages first).
+            p.send(Msg::Open {
+                chan,
+                leader_worker: worker as u8,
+                follower_worker: remote_worker,
+                call: call.clone(),
+            });
+            let link = node_link(&mut self.next_link);
+            open_channel(
+                p,
+                chan,
+                Channel {
+                    call,
+                    worker,
+                    remote_worker,
+                    link,
+                },
+                &self.queues,
+            );
+        }
+    }
+
+    /// Closes every channel of the peers unreachable for longer than `relay_peer_gone_s`.
+    fn forget_gone_peers(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            let gone = p
+                .lost_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= self.peer_gone);
+            if gone {
+                tracing::warn!(
+                    peer = p.id,
+                    "node relay: peer gone for good; its participants leave the calls here"
+                );
+                close_all(p, &self.queues);
+                p.calls.clear();
+                p.incarnation = None;
+                p.lost_at = None;
+            }
+        }
+    }
+}
+
+/// Registers a channel and opens its link on the worker (the worker's control lane takes it
+/// before any frame queued after it).
+fn open_channel(p: &mut Peer, chan: u32, c: Channel, queues: &[Arc<WorkerQueue<Cmd>>]) {
+    if let Ok(mut inbound) = p.shared.inbound.lock() {
+        inbound.insert(chan, (c.worker, c.link));
+    }
+    tracing::info!(peer = p.id, chan, call = %c.call, worker = c.worker, remote_worker = c.remote_worker, link = %c.link, "node relay: channel opened");
+    if let Some(q) = queues.get(c.worker) {
+        q.push_release(Cmd::RelayOpen {
+            call: c.call.clone(),
+            link: c.link,
+            peer: RelayPeer::Node(NodeTx {
+                chan,
+                out: Arc::clone(&p.shared.out),
+            }),
+        });
+    }
+    p.channels.insert(chan, c);
+    p.shared
+        .counters
+        .channels
+        .store(p.channels.len() as u64, Ordering::Relaxed);
+}
+
+/// Unregisters a channel and closes its link on the worker; `tell`: the leader tells the peer.
+fn close_channel(p: &mut Peer, chan: u32, queues: &[Arc<WorkerQueue<Cmd>>], tell: bool) {
+    let Some(c) = p.channels.remove(&chan) else {
+        return;
+    };
+    if tell {
+        p.send(Msg::Close { chan });
+    }
+    if let Ok(mut inbound) = p.shared.inbound.lock() {
+        inbound.remove(&chan);
+    }
+    tracing::info!(peer = p.id, chan, call = %c.call, worker = c.worker, "node relay: channel closed");
+    if let Some(q) = queues.get(c.worker) {
+        q.push_release(Cmd::RelayClose { link: c.link });
+    }
+    p.shared
+        .counters
+        .channels
+        .store(p.channels.len() as u64, Ordering::Relaxed);
+}
+
+fn close_all(p: &mut Peer, queues: &[Arc<WorkerQueue<Cmd>>]) {
+    let chans: Vec<u32> = p.channels.keys().copied().collect();
+    for chan in chans {
+        close_channel(p, chan, queues, false);
+    }
+    p.unconfirmed.clear();
+}

@@ -1,0 +1,242 @@
+//! One call over two `calls-server` processes (issue 14, parts 3 and 4): two nodes on
+//! loopback, each with its own HTTP, media and relay ports, bridge a call that has
+//! participants on both over their authenticated QUIC relay. Real str0m participants receive
+//! each other's microphone and camera whichever node they joined; a node with the wrong secret
+//! gets no bridge (and is counted); when a node dies, the other's participants go on and the
+//! dead node's participants leave their roster.
+#![allow(clippy::unwrap_used)]
+// Real server processes on the wall clock: the deadlines below only bound the waits.
+#![allow(clippy::disallowed_methods)]
+
+#[path = "common/server.rs"]
+mod server;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use calls_core::TrackSource;
+use server::{request, run_for, run_until, Server, WsParticipant};
+
+const SECRET: &str = "node-relay-test-secret-0123456789";
+
+/// Packets `rx` received of `from`'s `source`.
+fn received(rx: &WsParticipant, from: &WsParticipant, source: TrackSource) -> u64 {
+    rx.peer
+        .received_from(from.session(), source)
+        .map_or(0, |t| t.packets)
+}
+
+/// The sum of a metric's samples in a Prometheus text, by label text (`""`: all samples).
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A node: ports from `base` (HTTP, admin, media, relay), node id `id`, one peer.
+fn node(base: u16, id: u8, peer: &str, secret: &str, workers: &str) -> Server {
+    let relay = format!("127.0.0.1:{}", base + 3);
+    Server::start(
+        base,
+        base + 1,
+        base + 2,
+        workers,
+        &[
+            ("CALLS_MEDIA_BIND", "127.0.0.1"),
+            ("CALLS_CALL_SPREAD_AFTER", "1"),
+            ("CALLS_NODE_ID", &id.to_string()),
+            ("CALLS_RELAY_LISTEN", &relay),
+            ("CALLS_RELAY_PEERS", peer),
+            ("CALLS_RELAY_SECRET", secret),
+            ("CALLS_RELAY_PEER_GONE_S", "3"),
+        ],
+    )
+}
+
+fn report(people: &[&WsParticipant]) -> String {
+    let mut lines = Vec::new();
+    for rx in people {
+        for tx in people {
+            if rx.session() != tx.session() {
+                lines.push(format!(
+                    "{} ← {}: mic {} cam {}",
+                    rx.session(),
+                    tx.session(),
+                    received(rx, tx, TrackSource::Microphone),
+                    received(rx, tx, TrackSource::Camera)
+                ));
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+#[test]
+fn a_call_spans_two_nodes_and_survives_losing_one() {
+    // Node 1 has two workers and spreads every call, so its two participants are on different
+    // workers: two channels to node 2, one per pair of workers.
+    let (a_base, b_base) = (18_520, 18_530);
+    let a = node(
+        a_base,
+        1,
+        &format!("2=127.0.0.1:{}", b_base + 3),
+        SECRET,
+        "2",
+    );
+    let b = node(
+        b_base,
+        2,
+        &format!("1=127.0.0.1:{}", a_base + 3),
+        SECRET,
+        "1",
+    );
+    let mut alice = WsParticipant::join(a_base, "bridge", "alice", None, 61);
+    let mut carol = WsParticipant::join(a_base, "bridge", "carol", None, 62);
+    let mut bob = WsParticipant::join(b_base, "bridge", "bob", None, 63);
+    assert_ne!(alice.session(), bob.session());
+    assert!(bob.session().0 >> 40 == 2 && alice.session().0 >> 40 == 1);
+
+    let everyone_gets_everyone = |people: &[&mut WsParticipant]| {
+        people.iter().all(|rx| {
+            people
+                .iter()
+                .filter(|tx| tx.session() != rx.session())
+                .all(|tx| {
+                    received(rx, tx, TrackSource::Microphone) > 100
+                        && received(rx, tx, TrackSource::Camera) > 100
+                })
+        })
+    };
+    let done = run_until(
+        &mut [&mut alice, &mut carol, &mut bob],
+        Duration::from_secs(30),
+        everyone_gets_everyone,
+    );
+    let (_, a_metrics) = request(a_base, "GET", "/metrics", None).unwrap();
+    let (_, b_metrics) = request(b_base, "GET", "/metrics", None).unwrap();
+    assert!(
+        done,
+        "not everyone got everyone:\n{}\nnode 1:\n{a_metrics}",
+        report(&[&alice, &carol, &bob])
+    );
+    assert_eq!(
+        metric(&a_metrics, "calls_node_peer_connected", "peer=\"2\""),
+        1.0
+    );
+    assert_eq!(
+        metric(&a_metrics, "calls_node_relay_channels", "peer=\"2\""),
+        2.0,
+        "one channel per pair of workers\n{a_metrics}"
+    );
+    for (name, text) in [("node 1", &a_metrics), ("node 2", &b_metrics)] {
+        let out = metric(text, "calls_node_relay_frames_out_total", "");
+        let inn = metric(text, "calls_node_relay_frames_in_total", "");
+        assert!(
+            out > 200.0 && inn > 200.0,
+            "{name}: out {out} in {inn}\n{text}"
+        );
+        assert_eq!(metric(text, "calls_node_auth_failures_total", ""), 0.0);
+        assert_eq!(
+            metric(text, "calls_relay_dropped_malformed_total", ""),
+            0.0,
+            "{name}"
+        );
+    }
+    println!(
+        "# bridged:\n{}\n# node 1 relay frames out {} in {}",
+        report(&[&alice, &carol, &bob]),
+        metric(&a_metrics, "calls_node_relay_frames_out_total", ""),
+        metric(&a_metrics, "calls_node_relay_frames_in_total", "")
+    );
+    // Bob's roster on node 2 lists alice and carol (remote members are members).
+    assert!(bob
+        .heard_type("participant_joined")
+        .iter()
+        .any(|m| m["user"] == "alice"));
+
+    // Garbage on the relay port changes nothing (quinn drops what is not QUIC).
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u8 {
+        let _ = junk.send_to(&[i; 64], ("127.0.0.1", a_base + 3));
+    }
+
+    // Node 2 dies. Alice and carol go on with each other; after relay_peer_gone_s bob leaves
+    // their roster.
+    let bob_session = bob.session();
+    drop(bob);
+    b.stop();
+    let (before_ac, before_ca) = (
+        received(&alice, &carol, TrackSource::Camera),
+        received(&carol, &alice, TrackSource::Camera),
+    );
+    let bob_left = |people: &[&mut WsParticipant]| {
+        people.iter().all(|p| {
+            p.heard_type("participant_left")
+                .iter()
+                .any(|m| m["session"].as_u64() == Some(bob_session.0))
+        })
+    };
+    let left = run_until(
+        &mut [&mut alice, &mut carol],
+        Duration::from_secs(15),
+        bob_left,
+    );
+    run_for(&mut [&mut alice, &mut carol], Duration::from_secs(2));
+    let (_, a_metrics) = request(a_base, "GET", "/metrics", None).unwrap();
+    assert!(left, "bob never left node 1's roster\n{a_metrics}");
+    let (after_ac, after_ca) = (
+        received(&alice, &carol, TrackSource::Camera),
+        received(&carol, &alice, TrackSource::Camera),
+    );
+    assert!(
+        after_ac > before_ac + 100 && after_ca > before_ca + 100,
+        "alice and carol stopped getting each other: {before_ac}->{after_ac}, {before_ca}->{after_ca}"
+    );
+    assert_eq!(
+        metric(&a_metrics, "calls_node_peer_connected", "peer=\"2\""),
+        0.0
+    );
+    assert_eq!(
+        metric(&a_metrics, "calls_node_relay_channels", "peer=\"2\""),
+        0.0
+    );
+    println!("# after node 2 died: alice <- carol camera {before_ac} -> {after_ac}, carol <- alice {before_ca} -> {after_ca}");
+    let logs = a.stop();
+    assert!(!logs.contains(SECRET), "the secret was logged");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_gets_no_bridge() {
+    let (a_base, b_base) = (18_540, 18_550);
+    let a = node(a_base, 1, &format!("127.0.0.1:{}", b_base + 3), SECRET, "1");
+    let b = node(
+        b_base,
+        2,
+        &format!("127.0.0.1:{}", a_base + 3),
+        "another-secret-0123456789abcdef",
+        "1",
+    );
+    let mut alice = WsParticipant::join(a_base, "bridge", "alice", None, 71);
+    let mut bob = WsParticipant::join(b_base, "bridge", "bob", None, 72);
+    run_for(&mut [&mut alice, &mut bob], Duration::from_secs(4));
+    let (_, a_metrics) = request(a_base, "GET", "/metrics", None).unwrap();
+    let (_, b_metrics) = request(b_base, "GET", "/metrics", None).unwrap();
+    assert_eq!(received(&alice, &bob, TrackSource::Microphone), 0);
+    assert_eq!(received(&bob, &alice, TrackSource::Microphone), 0);
+    assert!(alice.heard_type("participant_joined").is_empty());
+    for (name, text) in [("node 1", &a_metrics), ("node 2", &b_metrics)] {
+        assert!(
+            metric(text, "calls_node_auth_failures_total", "") >= 1.0,
+            "{name}\n{text}"
+        );
+        assert_eq!(metric(text, "calls_node_peer_connected", ""), 0.0, "{name}");
+        assert_eq!(metric(text, "calls_node_relay_frames_in_total", ""), 0.0);
+    }
+    let (a_logs, b_logs) = (a.stop(), b.stop());
+    assert!(!a_logs.contains(SECRET) && !b_logs.contains(SECRET));
+    assert!(!b_logs.contains("another-secret"));
+}
