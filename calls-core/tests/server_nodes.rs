@@ -240,3 +240,185 @@ fn a_node_with_the_wrong_secret_gets_no_bridge() {
     assert!(!a_logs.contains(SECRET) && !b_logs.contains(SECRET));
     assert!(!b_logs.contains("another-secret"));
 }
+
+/// A QUIC client on the relay port that is not a calls node: a stranger, or one that knows the
+/// secret and then misbehaves. It speaks the relay's hello by hand (node/wire.rs, node/secure.rs).
+mod fake_node {
+    use std::sync::Arc;
+
+    use quinn::crypto::rustls::QuicClientConfig;
+    use quinn::rustls;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCertificate;
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A connection to the relay at `port` (TLS and QUIC only; nothing said yet).
+    pub async fn connect(port: u16) -> quinn::Connection {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"calls-relay/1".to_vec()];
+        let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        endpoint
+            .connect(([127, 0, 0, 1], port).into(), "calls-relay")
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    /// The dialer's hello for node `node` on `conn`, its MAC made with `secret`.
+    pub fn hello(conn: &quinn::Connection, secret: &[u8], node: u8) -> Vec<u8> {
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, b"EXPORTER-calls-relay-auth", b"")
+            .unwrap();
+        let incarnation = 77u64.to_be_bytes();
+        let mut input = b"calls node relay v1D".to_vec();
+        input.push(node);
+        input.extend_from_slice(&incarnation);
+        input.extend_from_slice(&exporter);
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+        let mac = aws_lc_rs::hmac::sign(&key, &input);
+        let mut body = vec![1u8];
+        body.extend_from_slice(b"CALLSRLY");
+        body.extend_from_slice(&[1, node]);
+        body.extend_from_slice(&incarnation);
+        body.extend_from_slice(mac.as_ref());
+        message(&body)
+    }
+
+    /// A control-stream message: length and body.
+    pub fn message(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// The application close code the relay closed `conn` with (waiting at most 10 s).
+    pub async fn closed_with(conn: &quinn::Connection) -> Option<u64> {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), conn.closed());
+        match closed.await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
+            _ => None,
+        }
+    }
+}
+
+/// Bad input on the relay port (docs/security.md, "The node relay"): a stranger that never
+/// says its hello, a wrong MAC, and a peer that knows the secret but sends garbage datagrams,
+/// an unknown message, a channel it may not open, then an oversized message: each is closed or
+/// dropped and counted, nothing panics, and the node goes on.
+#[test]
+fn bad_input_on_the_relay_port_is_dropped_and_counted() {
+    let base = 18_560;
+    let a = node(base, 1, "", SECRET, "1");
+    let relay = base + 3;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        // A stranger opens a connection and says nothing: closed as unauthenticated (code 1)
+        // after 5 s.
+        let stranger = fake_node::connect(relay).await;
+        // A wrong secret: closed at once.
+        let wrong = fake_node::connect(relay).await;
+        let (mut send, _recv) = wrong.open_bi().await.unwrap();
+        let hello = fake_node::hello(&wrong, b"not-the-secret-0123456789", 9);
+        send.write_all(&hello).await.unwrap();
+        assert_eq!(fake_node::closed_with(&wrong).await, Some(1));
+        assert!(started.elapsed() < Duration::from_secs(4));
+        assert_eq!(fake_node::closed_with(&stranger).await, Some(1));
+
+        // A node that knows the secret, then misbehaves.
+        let rogue = fake_node::connect(relay).await;
+        let (mut send, mut recv) = rogue.open_bi().await.unwrap();
+        let hello = fake_node::hello(&rogue, SECRET.as_bytes(), 9);
+        send.write_all(&hello).await.unwrap();
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.unwrap();
+        let mut answer = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer[0], 1, "the node's hello");
+        for i in 0..100u8 {
+            // Too short, then a relay frame on a channel nobody opened.
+            rogue.send_datagram(vec![i; 3].into()).unwrap();
+            rogue
+                .send_datagram(vec![0, 0, 1, i, 0xCA, 1, 10].into())
+                .unwrap();
+        }
+        // An unknown message type, and an `Open` from the follower (node 9 > node 1).
+        send.write_all(&fake_node::message(&[99, 1, 2, 3]))
+            .await
+            .unwrap();
+        send.write_all(&fake_node::message(b"\x03\0\0\0\x05\0\0call"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A message of 1 GiB: the connection is closed (code 3) without reading it.
+        send.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        assert_eq!(fake_node::closed_with(&rogue).await, Some(3));
+    });
+    let (status, _) = request(base, "GET", "/healthz", None).unwrap();
+    let (_, metrics) = request(base, "GET", "/metrics", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metric(&metrics, "calls_node_auth_failures_total", "") >= 2.0,
+        "{metrics}"
+    );
+    for reason in ["malformed", "unknown_channel", "oversized"] {
+        let n = metric(
+            &metrics,
+            "calls_node_relay_dropped_total",
+            &format!("reason=\"{reason}\""),
+        );
+        assert!(n >= 1.0, "{reason}: {n}\n{metrics}");
+    }
+    assert_eq!(metric(&metrics, "calls_node_relay_channels", ""), 0.0);
+    let logs = a.stop();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(!logs.contains(SECRET));
+}
