@@ -15,7 +15,7 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use calls_core::TrackSource;
-use server::{request, run_for, run_until, Server, WsParticipant};
+use server::{request, run_for, run_until, Server, WsParticipant, ADMIN_KEY};
 
 const SECRET: &str = "node-relay-test-secret-0123456789";
 
@@ -36,8 +36,9 @@ fn metric(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// A node: ports from `base` (HTTP, admin, media, relay), node id `id`, one peer.
-fn node(base: u16, id: u8, peer: &str, secret: &str, workers: &str) -> Server {
+/// A node: ports from `base` (HTTP, admin, media, relay), node id `id`, one peer; a peer
+/// unreachable for `gone_s` seconds is gone for good.
+fn node_with(base: u16, id: u8, peer: &str, secret: &str, workers: &str, gone_s: &str) -> Server {
     let relay = format!("127.0.0.1:{}", base + 3);
     Server::start(
         base,
@@ -51,9 +52,13 @@ fn node(base: u16, id: u8, peer: &str, secret: &str, workers: &str) -> Server {
             ("CALLS_RELAY_LISTEN", &relay),
             ("CALLS_RELAY_PEERS", peer),
             ("CALLS_RELAY_SECRET", secret),
-            ("CALLS_RELAY_PEER_GONE_S", "3"),
+            ("CALLS_RELAY_PEER_GONE_S", gone_s),
         ],
     )
+}
+
+fn node(base: u16, id: u8, peer: &str, secret: &str, workers: &str) -> Server {
+    node_with(base, id, peer, secret, workers, "3")
 }
 
 fn report(people: &[&WsParticipant]) -> String {
@@ -146,9 +151,10 @@ fn a_call_spans_two_nodes_and_survives_losing_one() {
         );
     }
     println!(
-        "# bridged:\n{}\n# node 1 relay frames out {} in {}",
+        "# bridged:\n{}\n# node 1 relay frames out {} (datagrams {}), in {}",
         report(&[&alice, &carol, &bob]),
         metric(&a_metrics, "calls_node_relay_frames_out_total", ""),
+        metric(&a_metrics, "calls_node_relay_frames_out_total", "datagram"),
         metric(&a_metrics, "calls_node_relay_frames_in_total", "")
     );
     // Bob's roster on node 2 lists alice and carol (remote members are members).
@@ -207,6 +213,99 @@ fn a_call_spans_two_nodes_and_survives_losing_one() {
     let logs = a.stop();
     assert!(!logs.contains(SECRET), "the secret was logged");
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// The connection between the nodes drops for 2 s (debug admin API: node 1 closes it and
+/// refuses it meanwhile) and comes back: nobody leaves, the imported tracks pause (the core's
+/// 1.5 s silence) and resume.
+#[test]
+fn a_dropped_node_connection_pauses_then_resumes() {
+    let (a_base, b_base) = (18_570, 18_580);
+    let a = node_with(
+        a_base,
+        1,
+        &format!("2=127.0.0.1:{}", b_base + 3),
+        SECRET,
+        "1",
+        "10",
+    );
+    let b = node_with(
+        b_base,
+        2,
+        &format!("1=127.0.0.1:{}", a_base + 3),
+        SECRET,
+        "1",
+        "10",
+    );
+    let mut alice = WsParticipant::join(a_base, "blip", "alice", None, 81);
+    let mut bob = WsParticipant::join(b_base, "blip", "bob", None, 82);
+    let bridged = |people: &[&mut WsParticipant]| {
+        received(people[1], people[0], TrackSource::Camera) > 100
+            && received(people[0], people[1], TrackSource::Camera) > 100
+    };
+    assert!(
+        run_until(
+            &mut [&mut alice, &mut bob],
+            Duration::from_secs(30),
+            bridged
+        ),
+        "never bridged:\n{}",
+        report(&[&alice, &bob])
+    );
+    let (status, _) = request(
+        a_base + 1,
+        "POST",
+        "/api/debug/relay/cut/2/2000",
+        Some(ADMIN_KEY),
+    )
+    .unwrap();
+    assert_eq!(status, 202);
+    // The cut: after the silence rule, nothing crosses.
+    run_for(&mut [&mut alice, &mut bob], Duration::from_millis(1700));
+    let paused_at = received(&bob, &alice, TrackSource::Camera);
+    run_for(&mut [&mut alice, &mut bob], Duration::from_millis(300));
+    let still_paused = received(&bob, &alice, TrackSource::Camera);
+    // Back: media flows again, both ways.
+    let resumed = |people: &[&mut WsParticipant]| {
+        received(people[1], people[0], TrackSource::Camera) > still_paused + 100
+            && received(people[0], people[1], TrackSource::Microphone) > 0
+    };
+    let back = run_until(
+        &mut [&mut alice, &mut bob],
+        Duration::from_secs(20),
+        resumed,
+    );
+    let (_, a_metrics) = request(a_base, "GET", "/metrics", None).unwrap();
+    let (_, b_metrics) = request(b_base, "GET", "/metrics", None).unwrap();
+    assert!(
+        back,
+        "media did not resume:\n{}\n{a_metrics}",
+        report(&[&alice, &bob])
+    );
+    assert!(
+        still_paused <= paused_at + 5,
+        "media crossed a cut link: {paused_at} -> {still_paused}"
+    );
+    assert_eq!(
+        metric(&a_metrics, "calls_node_connections_total", "peer=\"2\""),
+        2.0,
+        "one reconnection\n{a_metrics}"
+    );
+    for (name, text) in [("node 1", &a_metrics), ("node 2", &b_metrics)] {
+        assert!(
+            metric(text, "calls_relay_link_silences_total", "") >= 1.0
+                && metric(text, "calls_relay_link_resumes_total", "") >= 1.0,
+            "{name}: the link went silent and resumed\n{text}"
+        );
+    }
+    // Nobody left.
+    assert!(alice.heard_type("participant_left").is_empty());
+    assert!(bob.heard_type("participant_left").is_empty());
+    println!(
+        "# cut for 2 s: bob <- alice camera {paused_at} -> {still_paused} (paused) -> {} (resumed)",
+        received(&bob, &alice, TrackSource::Camera)
+    );
+    drop((a, b));
 }
 
 #[test]

@@ -246,22 +246,23 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        if let (Some((changes, metrics)), Some(settings)) = (&relay, config.node_settings()) {
-            node::start(
+        let node_relay = match (&relay, config.node_settings()) {
+            (Some((changes, metrics)), Some(settings)) => Some(node::start(
                 settings,
                 workers.queues.clone(),
                 Arc::clone(&workers.spread),
                 Arc::clone(changes),
                 Arc::clone(metrics),
-            )?;
-        }
+            )?),
+            _ => None,
+        };
         let app = http::App::new(
             config.clone(),
             workers.clone(),
             tcp_limits.clone(),
             started,
             recording.clone(),
-            relay.map(|(_, metrics)| metrics),
+            node_relay,
         );
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);

@@ -26,7 +26,7 @@ use calls_core::{CallId, LinkId};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
-use super::link::{Context, PeerShared, CLOSE_DUPLICATE};
+use super::link::{Context, PeerShared, CLOSE_DONE, CLOSE_DUPLICATE};
 use super::wire::Msg;
 use super::{node_link, CallChanges, DropReason, NodeTx};
 use crate::spread::Spread;
@@ -65,6 +65,10 @@ pub enum HubEvent {
         peer: u8,
         generation: u64,
         msg: Msg,
+    },
+    /// Debug builds: drop the connection with `peer` (`Relay::cut`).
+    Cut {
+        peer: u8,
     },
 }
 
@@ -205,6 +209,11 @@ impl Hub {
                         peer,
                         "node relay: peer unreachable; its tracks pause until it is back"
                     );
+                }
+            }
+            HubEvent::Cut { peer } => {
+                if let Some(live) = self.peers.get(&peer).and_then(|p| p.live.as_ref()) {
+                    live.conn.close(VarInt::from_u32(CLOSE_DONE), b"cut");
                 }
             }
             HubEvent::Message {

@@ -52,6 +52,8 @@ pub struct Context {
     pub next_generation: AtomicU64,
     /// Connections handshaking or authenticating now.
     pub pending: AtomicU64,
+    /// Peers whose connections are refused until then (debug builds: `Relay::cut`).
+    pub cut_until: Mutex<HashMap<u8, Instant>>,
 }
 
 /// One peer node's state that outlives its connections.
@@ -248,6 +250,20 @@ async fn run(conn: quinn::Connection, role: Role, expected: Option<u8>, ctx: &Co
     };
     let me = ctx.settings.node_id;
     let node = hello.node;
+    let cut = ctx
+        .cut_until
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&node).copied())
+        .is_some_and(|until| Instant::now() < until);
+    if cut {
+        tracing::info!(
+            peer = node,
+            "node relay: connection refused while cut (debug)"
+        );
+        conn.close(VarInt::from_u32(CLOSE_DONE), b"cut");
+        return Ended::Closed;
+    }
     let peer = ctx.peer(node);
     let generation = ctx.next_generation.fetch_add(1, Ordering::Relaxed);
     let superseded = Arc::new(AtomicBool::new(false));
@@ -475,20 +491,34 @@ async fn write(
         let fits = conn
             .max_datagram_size()
             .is_some_and(|max| frame.len() + wire::CHANNEL_LEN <= max);
-        if droppable(&frame) && fits {
+        let datagram = if droppable(&frame) && fits {
             // quinn drops the oldest datagrams if its send buffer is full: loss the relay
             // repairs or conceals.
-            if conn.send_datagram(arena.datagram(chan, &frame)).is_err() {
-                peer.out.metrics.count_drop(DropReason::QueueFull);
-                continue;
+            match conn.send_datagram(arena.datagram(chan, &frame)) {
+                Ok(()) => true,
+                // The path's datagram size shrank: the stream takes it.
+                Err(quinn::SendDatagramError::TooLarge) => false,
+                Err(_) => {
+                    peer.out.metrics.count_drop(DropReason::QueueFull);
+                    continue;
+                }
             }
+        } else {
+            false
+        };
+        if datagram {
+            peer.counters
+                .frames_out_datagram
+                .fetch_add(1, Ordering::Relaxed);
         } else {
             Msg::Frame { chan, frame }.encode(&mut buf);
             if send.write_all(&buf).await.is_err() {
                 return;
             }
+            peer.counters
+                .frames_out_stream
+                .fetch_add(1, Ordering::Relaxed);
         }
-        peer.counters.frames_out.fetch_add(1, Ordering::Relaxed);
         peer.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
     }
 }

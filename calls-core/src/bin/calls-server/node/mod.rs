@@ -133,7 +133,10 @@ impl PeerOut {
 pub struct PeerCounters {
     pub connected: AtomicU64,
     pub connections: AtomicU64,
-    pub frames_out: AtomicU64,
+    /// Frames sent in datagrams, and on the control stream (control frames, and media too
+    /// big for a datagram).
+    pub frames_out_datagram: AtomicU64,
+    pub frames_out_stream: AtomicU64,
     pub bytes_out: AtomicU64,
     pub frames_in: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -235,12 +238,6 @@ impl NodeMetrics {
             &|c| c.channels.load(Ordering::Relaxed),
         );
         family(
-            "calls_node_relay_frames_out",
-            "counter",
-            "Relay frames sent to the peer node.",
-            &|c| c.frames_out.load(Ordering::Relaxed),
-        );
-        family(
             "calls_node_relay_bytes_out",
             "counter",
             "Bytes of the relay frames sent to the peer node (without QUIC overhead).",
@@ -258,6 +255,15 @@ impl NodeMetrics {
             "Bytes of the relay frames received from the peer node.",
             &|c| c.bytes_in.load(Ordering::Relaxed),
         );
+        let _ = write!(out, "# TYPE calls_node_relay_frames_out counter\n# HELP calls_node_relay_frames_out Relay frames sent to the peer node, in QUIC datagrams or on the control stream.\n");
+        for (peer, c) in &peers {
+            let _ = write!(
+                out,
+                "calls_node_relay_frames_out_total{{peer=\"{peer}\",path=\"datagram\"}} {}\ncalls_node_relay_frames_out_total{{peer=\"{peer}\",path=\"stream\"}} {}\n",
+                c.frames_out_datagram.load(Ordering::Relaxed),
+                c.frames_out_stream.load(Ordering::Relaxed)
+            );
+        }
         out += "# TYPE calls_node_relay_dropped counter\n# HELP calls_node_relay_dropped Relay frames or messages dropped: a full queue, an unknown channel, malformed, oversized.\n";
         for why in DropReason::ALL {
             let _ = writeln!(
@@ -325,7 +331,7 @@ pub fn start(
     spread: Arc<Spread>,
     changes: Arc<CallChanges>,
     metrics: Arc<NodeMetrics>,
-) -> Result<(), String> {
+) -> Result<Relay, String> {
     let endpoint = secure::endpoint(settings.listen)?;
     tracing::info!(
         node = settings.node_id,
@@ -347,6 +353,7 @@ pub fn start(
         events,
         next_generation: AtomicU64::new(1),
         pending: AtomicU64::new(0),
+        cut_until: Mutex::default(),
     });
     let hub = hub::Hub::new(
         settings.node_id,
@@ -361,7 +368,29 @@ pub fn start(
     for peer in settings.peers {
         tokio::spawn(link::dial_loop(endpoint.clone(), peer, Arc::clone(&ctx)));
     }
-    Ok(())
+    Ok(Relay { ctx })
+}
+
+/// The running node relay, for `/metrics` and the debug admin API.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    ctx: Arc<link::Context>,
+}
+
+impl Relay {
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.ctx.metrics
+    }
+
+    /// Debug builds only (`POST /api/debug/relay/cut/{peer}/{ms}`): drops the connection with
+    /// `peer` and refuses it again for `duration`, to test a link that drops and comes back.
+    #[cfg(debug_assertions)]
+    pub fn cut(&self, peer: u8, duration: std::time::Duration) {
+        if let Ok(mut cut) = self.ctx.cut_until.lock() {
+            cut.insert(peer, std::time::Instant::now() + duration);
+        }
+        let _ = self.ctx.events.try_send(hub::HubEvent::Cut { peer });
+    }
 }
 
 /// A fresh link id for a node channel.
@@ -400,12 +429,14 @@ mod tests {
     #[test]
     fn metrics_render_every_family_with_base_units() {
         let m = NodeMetrics::default();
-        m.peer(2).frames_out.fetch_add(3, Ordering::Relaxed);
+        m.peer(2)
+            .frames_out_datagram
+            .fetch_add(3, Ordering::Relaxed);
         m.count_drop(DropReason::Malformed);
         m.auth_failures.fetch_add(1, Ordering::Relaxed);
         let text = m.render();
         assert!(
-            text.contains("calls_node_relay_frames_out_total{peer=\"2\"} 3"),
+            text.contains("calls_node_relay_frames_out_total{peer=\"2\",path=\"datagram\"} 3"),
             "{text}"
         );
         assert!(text.contains("calls_node_relay_dropped_total{reason=\"malformed\"} 1"));
