@@ -35,8 +35,8 @@ function startNode(name, { base, id, peer }) {
 }
 
 test('a call over two nodes: everyone decodes everyone; node B dies, A\'s two carry on', async () => {
-  const a = await startNode('node-a', { base: 18600, id: 1, peer: '2=127.0.0.1:18612' });
-  const b = await startNode('node-b', { base: 18610, id: 2, peer: '1=127.0.0.1:18602' });
+  const a = await startNode('node-a', { base: 18720, id: 1, peer: '2=127.0.0.1:18732' });
+  const b = await startNode('node-b', { base: 18730, id: 2, peer: '1=127.0.0.1:18722' });
   let pages = [];
   try {
     pages = await Promise.all([
@@ -52,11 +52,13 @@ test('a call over two nodes: everyone decodes everyone; node B dies, A\'s two ca
     // Everyone decodes audio and video from both others, across the relay where needed.
     await Promise.all(pages.map((p, i) => waitGrowing(p, av(others(sessions, i)), 'audio+video from both others', 45000)));
     const am = await a.metrics();
-    console.log(`# node A: relay frames out ${metric(am, 'calls_node_relay_frames_out_total{peer="2"}')}, in ${metric(am, 'calls_node_relay_frames_in_total{peer="2"}')}, channels ${metric(am, 'calls_node_relay_channels{peer="2"}')}`);
+    const out = (path) => metric(am, `calls_node_relay_frames_out_total{peer="2",path="${path}"}`);
+    console.log(`# node A: relay frames out ${out('datagram')} in datagrams + ${out('stream')} on the stream, in ${metric(am, 'calls_node_relay_frames_in_total{peer="2"}')}, channels ${metric(am, 'calls_node_relay_channels{peer="2"}')}`);
     assert.equal(metric(am, 'calls_node_peer_connected{peer="2"}'), 1);
     assert.equal(metric(am, 'calls_node_auth_failures_total'), 0);
 
     // Node B dies (SIGKILL): no goodbye on the relay.
+    const killedAt = Date.now();
     await b.stop();
     await bob.close();
     // Alice and carol keep decoding each other.
@@ -69,6 +71,7 @@ test('a call over two nodes: everyone decodes everyone; node B dies, A\'s two ca
         return !snap.roster.some(([s]) => s === sb);
       }, { timeout: 15000 });
     }
+    console.log(`# bob left alice's and carol's rosters ${Date.now() - killedAt} ms after node B was killed`);
     await waitGrowing(alice, av([sc]), 'carol after bob left', 15000);
     await waitGrowing(carol, av([sa]), 'alice after bob left', 15000);
     for (const p of [alice, carol]) {

@@ -333,6 +333,13 @@ pub fn start(
     metrics: Arc<NodeMetrics>,
 ) -> Result<Relay, String> {
     let endpoint = secure::endpoint(settings.listen)?;
+    // The configured peers' series exist from the start (`calls_node_peer_connected` 0 until
+    // they connect), so an alert sees a peer that never came.
+    for id in settings.peers.iter().filter_map(|p| p.id) {
+        if id != settings.node_id {
+            metrics.peer(id);
+        }
+    }
     tracing::info!(
         node = settings.node_id,
         listen = %settings.listen,
