@@ -308,6 +308,77 @@ fn a_dropped_node_connection_pauses_then_resumes() {
     drop((a, b));
 }
 
+/// Node 2 is killed and started again at once (a new process, same id and ports): node 1
+/// sees a new incarnation, closes the old links at once (bob leaves, well before
+/// `relay_peer_gone_s`) and bridges the call again for the participant who rejoins.
+#[test]
+fn a_restarted_node_is_bridged_again() {
+    let (a_base, b_base) = (18_590, 18_600);
+    let b_peer = format!("1=127.0.0.1:{}", a_base + 3);
+    let a = node_with(
+        a_base,
+        1,
+        &format!("2=127.0.0.1:{}", b_base + 3),
+        SECRET,
+        "1",
+        "30",
+    );
+    let b = node_with(b_base, 2, &b_peer, SECRET, "1", "30");
+    let mut alice = WsParticipant::join(a_base, "again", "alice", None, 91);
+    let mut bob = WsParticipant::join(b_base, "again", "bob", None, 92);
+    let bridged = |people: &[&mut WsParticipant]| {
+        received(people[1], people[0], TrackSource::Camera) > 50
+            && received(people[0], people[1], TrackSource::Camera) > 50
+    };
+    assert!(
+        run_until(
+            &mut [&mut alice, &mut bob],
+            Duration::from_secs(30),
+            bridged
+        ),
+        "never bridged:\n{}",
+        report(&[&alice, &bob])
+    );
+    let old_bob = bob.session();
+    drop(bob);
+    b.stop();
+    let restarted = std::time::Instant::now();
+    let b = node_with(b_base, 2, &b_peer, SECRET, "1", "30");
+    let mut bob = WsParticipant::join(b_base, "again", "bob", None, 93);
+    let done = run_until(
+        &mut [&mut alice, &mut bob],
+        Duration::from_secs(25),
+        bridged,
+    );
+    let (_, a_metrics) = request(a_base, "GET", "/metrics", None).unwrap();
+    assert!(
+        done,
+        "not bridged again:\n{}\n{a_metrics}",
+        report(&[&alice, &bob])
+    );
+    let old_left = |people: &[&mut WsParticipant]| {
+        people[0]
+            .heard_type("participant_left")
+            .iter()
+            .any(|m| m["session"].as_u64() == Some(old_bob.0))
+    };
+    assert!(
+        run_until(
+            &mut [&mut alice, &mut bob],
+            Duration::from_secs(5),
+            old_left
+        ),
+        "the old bob never left alice's roster"
+    );
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(25),
+        "{took:?}: waited for relay_peer_gone_s"
+    );
+    println!("# node 2 restarted: bridged again and the old bob gone after {took:?}");
+    drop((a, b));
+}
+
 #[test]
 fn a_node_with_the_wrong_secret_gets_no_bridge() {
     let (a_base, b_base) = (18_540, 18_550);

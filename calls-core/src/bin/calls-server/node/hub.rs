@@ -270,8 +270,12 @@ impl Hub {
                 peer = id,
                 "node relay: the peer restarted; its old links close"
             );
-            close_all(p, &self.queues);
+            let tell = p.leader;
+            close_all(p, &self.queues, tell);
         }
+        // No state with this peer (never connected, or given up as gone): the peer must drop
+        // whatever it still has with this node, or its links would outlive ours.
+        let fresh = p.incarnation.is_none();
         p.incarnation = Some(incarnation);
         p.live = Some(live);
         p.lost_at = None;
@@ -286,7 +290,11 @@ impl Hub {
             .counters
             .connections
             .fetch_add(1, Ordering::Relaxed);
-        // The snapshot: every local call, the leader's open channels, then `Synced`.
+        // The snapshot: `Reset` if this node has nothing with the peer, every local call, the
+        // leader's open channels, then `Synced`.
+        if fresh {
+            p.send(Msg::Reset);
+        }
         for (call, workers) in &self.local {
             p.send(Msg::Announce {
                 call: call.clone(),
@@ -329,6 +337,18 @@ impl Hub {
                 if synced {
                     self.reconcile(id);
                 }
+            }
+            Msg::Reset => {
+                if !p.channels.is_empty() {
+                    tracing::info!(
+                        peer = id,
+                        "node relay: the peer has no links with this node; closing ours"
+                    );
+                }
+                // The leader tells the follower, which may have opened some of them from this
+                // node's snapshot already.
+                let tell = p.leader;
+                close_all(p, &self.queues, tell);
             }
             Msg::Synced => {
                 if let Some(live) = &mut p.live {
@@ -513,7 +533,7 @@ impl Hub {
                     peer = p.id,
                     "node relay: peer gone for good; its participants leave the calls here"
                 );
-                close_all(p, &self.queues);
+                close_all(p, &self.queues, false);
                 p.calls.clear();
                 p.incarnation = None;
                 p.lost_at = None;
@@ -567,10 +587,11 @@ fn close_channel(p: &mut Peer, chan: u32, queues: &[Arc<WorkerQueue<Cmd>>], tell
         .store(p.channels.len() as u64, Ordering::Relaxed);
 }
 
-fn close_all(p: &mut Peer, queues: &[Arc<WorkerQueue<Cmd>>]) {
+/// Closes every channel with the peer; `tell`: the leader tells the peer of each.
+fn close_all(p: &mut Peer, queues: &[Arc<WorkerQueue<Cmd>>], tell: bool) {
     let chans: Vec<u32> = p.channels.keys().copied().collect();
     for chan in chans {
-        close_channel(p, chan, queues, false);
+        close_channel(p, chan, queues, tell);
     }
     p.unconfirmed.clear();
 }

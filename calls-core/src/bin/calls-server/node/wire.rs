@@ -13,6 +13,7 @@
 //! | 4 | [`Msg::Close`] | channel u32 |
 //! | 5 | [`Msg::Frame`] | channel u32, relay frame (the rest) |
 //! | 6 | [`Msg::Synced`] | (none) |
+//! | 7 | [`Msg::Reset`] | (none) |
 //!
 //! **Datagrams** carry one relay frame each: channel u32, then the frame (`calls_core::relay`).
 //!
@@ -75,6 +76,9 @@ pub enum Msg {
     /// The sender's announcements (and, from the leader, its open channels) after connecting
     /// are complete: what it did not repeat is gone.
     Synced,
+    /// The sender has no channel with the receiver (it is new, restarted, or gave the receiver
+    /// up as gone): the receiver closes all of its channels with the sender. First, when sent.
+    Reset,
 }
 
 /// Why a message was refused.
@@ -101,6 +105,7 @@ impl Msg {
             Msg::Close { .. } => 4,
             Msg::Frame { .. } => 5,
             Msg::Synced => 6,
+            Msg::Reset => 7,
         }
     }
 
@@ -139,7 +144,7 @@ impl Msg {
                 out.put_u32(*chan);
                 out.put_slice(frame);
             }
-            Msg::Synced => {}
+            Msg::Synced | Msg::Reset => {}
         }
         let len = (out.len() - start - LENGTH_LEN) as u32;
         out[start..start + LENGTH_LEN].copy_from_slice(&len.to_be_bytes());
@@ -198,7 +203,8 @@ impl Msg {
                 frame: body.slice(1 + CHANNEL_LEN..),
             }),
             6 if rest.is_empty() => Ok(Msg::Synced),
-            4 | 6 => Err(WireError::Truncated),
+            7 if rest.is_empty() => Ok(Msg::Reset),
+            4 | 6 | 7 => Err(WireError::Truncated),
             other => Err(WireError::UnknownType(other)),
         }
     }
@@ -295,6 +301,7 @@ mod tests {
             frame: Bytes::from_static(&[0xCA, 1, 10]),
         });
         roundtrip(Msg::Synced);
+        roundtrip(Msg::Reset);
     }
 
     #[test]
