@@ -26,7 +26,7 @@ use calls_core::{CallId, LinkId};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
-use super::link::{Context, PeerShared, CLOSE_DONE, CLOSE_DUPLICATE};
+use super::link::{Context, PeerShared, CLOSE_DUPLICATE};
 use super::wire::Msg;
 use super::{node_link, CallChanges, DropReason, NodeTx};
 use crate::spread::Spread;
@@ -211,9 +211,11 @@ impl Hub {
                     );
                 }
             }
+            #[cfg(debug_assertions)]
             HubEvent::Cut { peer } => {
                 if let Some(live) = self.peers.get(&peer).and_then(|p| p.live.as_ref()) {
-                    live.conn.close(VarInt::from_u32(CLOSE_DONE), b"cut");
+                    live.conn
+                        .close(VarInt::from_u32(super::link::CLOSE_DONE), b"cut");
                 }
             }
             HubEvent::Message {
