@@ -67,6 +67,7 @@ pub enum HubEvent {
         msg: Msg,
     },
     /// Debug builds: drop the connection with `peer` (`Relay::cut`).
+    #[cfg(debug_assertions)]
     Cut {
         peer: u8,
     },
