@@ -25,7 +25,7 @@ use crate::worker_queue::{Lane, WorkerQueue};
 /// them: media (5), levels (6), NACKs (9) and keepalives (10) come often and losing one is
 /// survived. Members, tracks, keyframe requests and layer demand go in the control lane and are
 /// never refused (they are rare, and losing one would leave the other side wrong until the next).
-fn droppable(frame_type: u8) -> bool {
+pub fn droppable(frame_type: u8) -> bool {
     matches!(frame_type, 5 | 6 | 9 | 10)
 }
 

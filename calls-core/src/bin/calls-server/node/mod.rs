@@ -104,10 +104,10 @@ pub struct PeerOut {
     metrics: Arc<NodeMetrics>,
 }
 
-/// The relay frame types that may be lost (they go in datagrams and the media lanes): media
-/// (5), levels (6), NACKs (9), keepalives (10). The same split as between workers.
+/// Whether a relay frame may be lost: it goes in a datagram and in the media lanes. The same
+/// split as between workers (`spread::droppable`: media, levels, NACKs, keepalives).
 pub fn droppable(frame: &[u8]) -> bool {
-    frame.get(2).is_some_and(|t| matches!(t, 5 | 6 | 9 | 10))
+    frame.get(2).copied().is_some_and(crate::spread::droppable)
 }
 
 impl PeerOut {
