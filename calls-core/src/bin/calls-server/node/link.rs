@@ -18,8 +18,8 @@ use super::{droppable, DropReason, NodeMetrics, NodeSettings, PeerCounters, Peer
 use crate::worker::Cmd;
 use crate::worker_queue::{Lane, WorkerQueue};
 
-/// A connection that has not proven the secret this long after it arrived is closed (the
-/// QUIC handshake included).
+/// A connection that has not proven the secret this long after it arrived (or was dialed) is
+/// closed, the QUIC handshake included.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections still handshaking or authenticating at once; more are refused at once, so
 /// strangers cannot hold many half-open connections.
@@ -144,10 +144,11 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Context>) {
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = tokio::time::timeout(AUTH_TIMEOUT, incoming).await;
+            let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+            let conn = tokio::time::timeout_at(deadline, incoming).await;
             match conn {
                 Ok(Ok(conn)) => {
-                    run(conn, Role::Acceptor, None, &ctx).await;
+                    run(conn, Role::Acceptor, None, deadline, &ctx).await;
                 }
                 Ok(Err(e)) => {
                     ctx.pending.fetch_sub(1, Ordering::Relaxed);
@@ -213,8 +214,9 @@ async fn dial(endpoint: &quinn::Endpoint, peer: &super::PeerAddr, ctx: &Context)
         }
     };
     ctx.pending.fetch_add(1, Ordering::Relaxed);
-    match tokio::time::timeout(AUTH_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => Some(run(conn, Role::Dialer, peer.id, ctx).await),
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(conn)) => Some(run(conn, Role::Dialer, peer.id, deadline, ctx).await),
         Ok(Err(e)) => {
             ctx.pending.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(peer = %peer.addr, "node relay: connect failed: {e}");
@@ -227,23 +229,34 @@ async fn dial(endpoint: &quinn::Endpoint, peer: &super::PeerAddr, ctx: &Context)
     }
 }
 
-/// Authenticates `conn`, then carries it until it ends. Counts it out of `pending` once the
-/// authentication is over.
-async fn run(conn: quinn::Connection, role: Role, expected: Option<u8>, ctx: &Context) -> Ended {
+/// Authenticates `conn` by `deadline` (counted from when it arrived or was dialed), then
+/// carries it until it ends. Counts it out of `pending` once the authentication is over.
+async fn run(
+    conn: quinn::Connection,
+    role: Role,
+    expected: Option<u8>,
+    deadline: tokio::time::Instant,
+    ctx: &Context,
+) -> Ended {
     let remote = conn.remote_address();
-    let authed = tokio::time::timeout(AUTH_TIMEOUT, authenticate(&conn, role, expected, ctx)).await;
+    let authed = tokio::time::timeout_at(deadline, authenticate(&conn, role, expected, ctx)).await;
     ctx.pending.fetch_sub(1, Ordering::Relaxed);
-    let (hello, send, recv) = match authed {
-        Ok(Ok(ok)) => ok,
-        Ok(Err(why)) => {
+    let refused = match authed {
+        Ok(Ok(ok)) => Ok(ok),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err("no proof of the secret in time".to_owned()),
+    };
+    let (hello, send, recv) = match refused {
+        Ok(ok) => ok,
+        Err(why) => {
             ctx.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, "node relay: connection refused: {why}");
-            conn.close(VarInt::from_u32(CLOSE_UNAUTHENTICATED), b"unauthenticated");
-            return Ended::Unauthenticated;
-        }
-        Err(_) => {
-            ctx.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, "node relay: no proof of the secret in time");
+            // A peer this node dials is one of ours, misconfigured: say it. Strangers that
+            // dial in are only counted (they could fill the log).
+            if role == Role::Dialer {
+                tracing::warn!(%remote, "node relay: connection refused: {why}");
+            } else {
+                tracing::debug!(%remote, "node relay: connection refused: {why}");
+            }
             conn.close(VarInt::from_u32(CLOSE_UNAUTHENTICATED), b"unauthenticated");
             return Ended::Unauthenticated;
         }
