@@ -483,7 +483,7 @@ impl ServerConfig {
             node_id: self.node_id?,
             listen: self.relay_listen?,
             peers: self.relay_peer_list(),
-            secret: self.relay_secret.as_ref()?.as_bytes().to_vec(),
+            secret: crate::node::RelaySecret(self.relay_secret.as_ref()?.as_bytes().to_vec()),
             peer_gone: std::time::Duration::from_secs(self.relay_peer_gone_s),
             queue_frames: self.relay_queue_frames,
         })

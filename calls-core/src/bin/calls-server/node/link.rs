@@ -335,7 +335,7 @@ async fn authenticate(
     ctx: &Context,
 ) -> Result<(Hello, SendStream, RecvStream), String> {
     let exporter = secure::exporter(conn).ok_or("no TLS exporter")?;
-    let secret = &ctx.settings.secret;
+    let secret = &ctx.settings.secret.0;
     let me = ctx.settings.node_id;
     let mine = Msg::Hello(Hello {
         node: me,

@@ -318,9 +318,19 @@ pub struct NodeSettings {
     pub node_id: u8,
     pub listen: std::net::SocketAddr,
     pub peers: Vec<PeerAddr>,
-    pub secret: Vec<u8>,
+    pub secret: RelaySecret,
     pub peer_gone: std::time::Duration,
     pub queue_frames: usize,
+}
+
+/// The shared relay secret; its `Debug` never shows it (a logged configuration stays safe).
+#[derive(Clone)]
+pub struct RelaySecret(pub Vec<u8>);
+
+impl std::fmt::Debug for RelaySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelaySecret(..)")
+    }
 }
 
 /// Starts the node relay on the current tokio runtime: binds the QUIC endpoint, dials the
