@@ -130,6 +130,8 @@ enum Ended {
     Superseded,
     /// It worked, then closed or timed out.
     Closed,
+    /// It reached this node itself (a `host:port` peer entry that is this node).
+    Itself,
 }
 
 /// Accepts relay connections for the life of the process.
@@ -185,6 +187,10 @@ pub async fn dial_loop(endpoint: quinn::Endpoint, peer: super::PeerAddr, ctx: Ar
         }
         let started = Instant::now();
         match dial(&endpoint, &peer, &ctx).await {
+            Some(Ended::Itself) => {
+                tracing::debug!(peer = %peer.addr, "relay_peers: this node itself, not dialed again");
+                return;
+            }
             Some(Ended::Superseded) => {
                 tracing::info!(addr = %peer.addr, "node relay: another connection with that node is kept; not dialing it again");
                 return;
@@ -263,6 +269,22 @@ async fn run(
     };
     let me = ctx.settings.node_id;
     let node = hello.node;
+    if node == me {
+        if hello.incarnation == ctx.incarnation {
+            // This process dialed itself (a `host:port` entry in `relay_peers` that is this
+            // node): the dialer hangs up once it has seen the acceptor's hello.
+            if role == Role::Dialer {
+                conn.close(VarInt::from_u32(CLOSE_DONE), b"itself");
+            } else {
+                let _ = tokio::time::timeout(AUTH_TIMEOUT, conn.closed()).await;
+            }
+            return Ended::Itself;
+        }
+        ctx.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%remote, "node relay: another node has this node's id {me}; refused");
+        conn.close(VarInt::from_u32(CLOSE_UNAUTHENTICATED), b"same node id");
+        return Ended::Unauthenticated;
+    }
     let cut = ctx
         .cut_until
         .lock()
@@ -368,9 +390,6 @@ async fn authenticate(
         &theirs.mac,
     ) {
         return Err("wrong relay secret (MAC mismatch)".into());
-    }
-    if theirs.node == me {
-        return Err(format!("the peer has this node's own id {me}"));
     }
     if let Some(id) = expected.filter(|id| *id != theirs.node) {
         return Err(format!("expected node {id}, it is node {}", theirs.node));
