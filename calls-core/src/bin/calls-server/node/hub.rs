@@ -52,7 +52,8 @@ pub enum HubEvent {
         generation: u64,
         /// Dialed by the node with the lower id (preferred over one that is not).
         dialed_by_lower: bool,
-        conn: quinn::Connection,
+        /// The connection, to close (`None` in the hub's unit tests).
+        conn: Option<quinn::Connection>,
         /// Set when the hub closes it for another connection with the same peer.
         superseded: Arc<AtomicBool>,
         ctl: mpsc::UnboundedSender<Msg>,
@@ -87,11 +88,19 @@ struct Channel {
 struct Live {
     generation: u64,
     dialed_by_lower: bool,
-    conn: quinn::Connection,
+    conn: Option<quinn::Connection>,
     superseded: Arc<AtomicBool>,
     ctl: mpsc::UnboundedSender<Msg>,
     /// The peer's `Synced` arrived on it: its announcements are complete.
     synced: bool,
+}
+
+impl Live {
+    fn close(&self, code: u32, reason: &[u8]) {
+        if let Some(conn) = &self.conn {
+            conn.close(VarInt::from_u32(code), reason);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -215,8 +224,7 @@ impl Hub {
             #[cfg(debug_assertions)]
             HubEvent::Cut { peer } => {
                 if let Some(live) = self.peers.get(&peer).and_then(|p| p.live.as_ref()) {
-                    live.conn
-                        .close(VarInt::from_u32(super::link::CLOSE_DONE), b"cut");
+                    live.close(super::link::CLOSE_DONE, b"cut");
                 }
             }
             HubEvent::Message {
@@ -261,9 +269,7 @@ impl Hub {
                 (true, old)
             };
             loser.superseded.store(true, Ordering::Relaxed);
-            loser
-                .conn
-                .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+            loser.close(CLOSE_DUPLICATE, b"duplicate");
             if !keep_new {
                 return;
             }
@@ -597,4 +603,279 @@ fn close_all(p: &mut Peer, queues: &[Arc<WorkerQueue<Cmd>>], tell: bool) {
         close_channel(p, chan, queues, tell);
     }
     p.unconfirmed.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two hubs wired back to back without sockets: the test carries each hub's messages to
+    //! the other and reads the relay commands their workers got.
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::load_meter::WorkerStatus;
+    use crate::node::{NodeMetrics, NodeSettings, RelaySecret};
+
+    const GONE: Duration = Duration::from_secs(10);
+
+    struct Node {
+        id: u8,
+        incarnation: u64,
+        hub: Hub,
+        queues: Vec<Arc<WorkerQueue<Cmd>>>,
+        spread: Arc<Spread>,
+        /// What the hub sends on its connection with the other node.
+        ctl: Option<mpsc::UnboundedReceiver<Msg>>,
+        generation: u64,
+        /// Relay links open on its workers (from the commands they got).
+        links: BTreeMap<LinkId, usize>,
+    }
+
+    fn node(id: u8, workers: usize, incarnation: u64) -> Node {
+        let queues: Vec<Arc<WorkerQueue<Cmd>>> = (0..workers)
+            .map(|_| Arc::new(WorkerQueue::new(1024, 1024)))
+            .collect();
+        let statuses = (0..workers)
+            .map(|_| Arc::new(WorkerStatus::new()))
+            .collect();
+        let changes = Arc::new(CallChanges::default());
+        // Every call spreads from its first participant on: joins alternate between workers.
+        let spread = Arc::new(Spread::new(
+            queues.clone(),
+            statuses,
+            1,
+            Some(Arc::clone(&changes)),
+        ));
+        let (events, _) = mpsc::channel(1);
+        let ctx = Arc::new(Context {
+            settings: NodeSettings {
+                node_id: id,
+                listen: "127.0.0.1:0".parse().unwrap(),
+                peers: Vec::new(),
+                secret: RelaySecret(Vec::new()),
+                peer_gone: GONE,
+                queue_frames: 64,
+            },
+            incarnation,
+            metrics: Arc::new(NodeMetrics::default()),
+            queues: queues.clone(),
+            peers: Mutex::default(),
+            events,
+            next_generation: AtomicU64::new(1),
+            pending: AtomicU64::new(0),
+            cut_until: Mutex::default(),
+        });
+        let hub = Hub::new(id, GONE, queues.clone(), Arc::clone(&spread), changes, ctx);
+        Node {
+            id,
+            incarnation,
+            hub,
+            queues,
+            spread,
+            ctl: None,
+            generation: 0,
+            links: BTreeMap::new(),
+        }
+    }
+
+    impl Node {
+        fn connect_to(&mut self, other: &Node) {
+            let (ctl, rx) = mpsc::unbounded_channel();
+            self.generation += 1;
+            self.ctl = Some(rx);
+            self.hub.on_event(HubEvent::Connected {
+                peer: other.id,
+                incarnation: other.incarnation,
+                generation: self.generation,
+                dialed_by_lower: true,
+                conn: None,
+                superseded: Arc::default(),
+                ctl,
+            });
+        }
+
+        fn disconnect_from(&mut self, other: &Node) {
+            self.ctl = None;
+            self.hub.on_event(HubEvent::Disconnected {
+                peer: other.id,
+                generation: self.generation,
+            });
+        }
+
+        /// Applies the node links' commands its workers got to `links` (the in-process links
+        /// between its workers are not node channels).
+        fn read_workers(&mut self) {
+            for (w, q) in self.queues.iter().enumerate() {
+                while let Some(queued) = q.pop(Duration::ZERO) {
+                    match queued.item {
+                        Cmd::RelayOpen { link, .. } | Cmd::RelayClose { link }
+                            if link.0 < super::super::NODE_LINK_BASE => {}
+                        Cmd::RelayOpen { link, .. } => {
+                            assert!(self.links.insert(link, w).is_none(), "{link} twice");
+                        }
+                        Cmd::RelayClose { link } => {
+                            assert!(self.links.remove(&link).is_some(), "{link} not open");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+
+        /// Its channels with the other node: number → (its worker, the other's worker).
+        fn channels(&self, other: u8) -> BTreeMap<u32, (usize, u8)> {
+            self.hub.peers.get(&other).map_or_else(BTreeMap::new, |p| {
+                p.channels
+                    .iter()
+                    .map(|(n, c)| (*n, (c.worker, c.remote_worker)))
+                    .collect()
+            })
+        }
+    }
+
+    fn connect(a: &mut Node, b: &mut Node) {
+        a.connect_to(b);
+        b.connect_to(a);
+        settle(a, b);
+    }
+
+    fn disconnect(a: &mut Node, b: &mut Node) {
+        a.disconnect_from(b);
+        b.disconnect_from(a);
+        settle(a, b);
+    }
+
+    /// Carries messages both ways (while connected) and local changes until nothing moves.
+    fn settle(a: &mut Node, b: &mut Node) {
+        loop {
+            a.hub.on_local_changes();
+            b.hub.on_local_changes();
+            let moved = carry(a, b) | carry(b, a);
+            if !moved {
+                break;
+            }
+        }
+        a.read_workers();
+        b.read_workers();
+    }
+
+    /// Hands `to` what `from` sent it; whether there was anything.
+    fn carry(from: &mut Node, to: &mut Node) -> bool {
+        let Some(rx) = from.ctl.as_mut() else {
+            return false;
+        };
+        let mut moved = false;
+        while let Ok(msg) = rx.try_recv() {
+            moved = true;
+            if to.ctl.is_some() {
+                to.hub.on_event(HubEvent::Message {
+                    peer: from.id,
+                    generation: to.generation,
+                    msg,
+                });
+            }
+        }
+        moved
+    }
+
+    /// Both ends agree on the channels (and each has a link open for each, nothing more).
+    fn assert_matched(a: &Node, b: &Node, expected: usize) {
+        let (ours, theirs) = (a.channels(b.id), b.channels(a.id));
+        assert_eq!(ours.len(), expected, "{ours:?}");
+        let mirrored: BTreeMap<u32, (usize, u8)> = theirs
+            .iter()
+            .map(|(n, (w, r))| (*n, (usize::from(*r), *w as u8)))
+            .collect();
+        assert_eq!(ours, mirrored, "the two ends disagree");
+        assert_eq!(a.links.len(), expected, "node {} links", a.id);
+        assert_eq!(b.links.len(), expected, "node {} links", b.id);
+    }
+
+    #[test]
+    fn a_call_on_both_nodes_gets_one_channel_per_pair_of_workers() {
+        let (mut a, mut b) = (node(1, 2, 11), node(2, 1, 22));
+        connect(&mut a, &mut b);
+        let call = CallId::from("standup");
+        let (a0, a1) = (a.spread.place(&call), a.spread.place(&call));
+        assert_ne!(a0, a1, "the call is on both of node 1's workers");
+        settle(&mut a, &mut b);
+        assert_matched(&a, &b, 0);
+        let b0 = b.spread.place(&call);
+        settle(&mut a, &mut b);
+        assert_matched(&a, &b, 2);
+        // Node 2's participant leaves: both channels close at both ends.
+        b.spread.unplace(&call, b0);
+        settle(&mut a, &mut b);
+        assert_matched(&a, &b, 0);
+        // Another call on node 2 only: nothing to bridge.
+        b.spread.place(&CallId::from("other"));
+        settle(&mut a, &mut b);
+        assert_matched(&a, &b, 0);
+    }
+
+    #[test]
+    fn a_reconnection_keeps_the_links_and_catches_up_with_what_changed_meanwhile() {
+        let (mut a, mut b) = (node(1, 1, 11), node(2, 1, 22));
+        connect(&mut a, &mut b);
+        let call = CallId::from("standup");
+        a.spread.place(&call);
+        b.spread.place(&call);
+        settle(&mut a, &mut b);
+        assert_matched(&a, &b, 1);
+        let before = a.links.clone();
+        // A blip: nothing closes, and after it the same links go on.
+        disconnect(&mut a, &mut b);
+        connect(&mut a, &mut b);
+        assert_matched(&a, &b, 1);
+        assert_eq!(a.links, before);
+        // While cut off, node 1's participant leaves (its side closes) and another joins.
+        disconnect(&mut a, &mut b);
+        a.spread.unplace(&call, 0);
+        settle(&mut a, &mut b);
+        assert!(a.links.is_empty() && b.links.len() == 1);
+        a.spread.place(&call);
+        settle(&mut a, &mut b);
+        assert!(a.links.is_empty(), "no channel opens while cut off");
+        // Back: node 2 drops the channel node 1 no longer has, and a new one opens.
+        connect(&mut a, &mut b);
+        assert_matched(&a, &b, 1);
+        assert_ne!(a.links, before);
+    }
+
+    #[test]
+    fn a_restarted_or_given_up_peer_leaves_no_link_behind() {
+        let call = CallId::from("standup");
+        // Node 1 gives node 2 up as gone (its links close); node 2 did not, yet. Whichever
+        // end gave up, both end with the same fresh channel.
+        for leader_gives_up in [true, false] {
+            let (mut a, mut b) = (node(1, 1, 11), node(2, 1, 22));
+            connect(&mut a, &mut b);
+            a.spread.place(&call);
+            b.spread.place(&call);
+            settle(&mut a, &mut b);
+            disconnect(&mut a, &mut b);
+            let later = Instant::now() + GONE + Duration::from_secs(1);
+            let quitter = if leader_gives_up { &mut a } else { &mut b };
+            quitter.hub.forget_gone_peers(later);
+            settle(&mut a, &mut b);
+            assert_eq!(a.links.len() + b.links.len(), 1, "one end closed its link");
+            connect(&mut a, &mut b);
+            assert_matched(&a, &b, 1);
+        }
+        // Node 2 restarts (a new incarnation, nothing open): node 1 closes the old link and
+        // opens a new one with the new process.
+        let (mut a, mut b) = (node(1, 1, 11), node(2, 1, 22));
+        connect(&mut a, &mut b);
+        a.spread.place(&call);
+        b.spread.place(&call);
+        settle(&mut a, &mut b);
+        let before = a.links.clone();
+        disconnect(&mut a, &mut b);
+        let mut b = node(2, 1, 23);
+        b.spread.place(&call);
+        connect(&mut a, &mut b);
+        assert_matched(&a, &b, 1);
+        assert_ne!(a.links, before);
+    }
 }

@@ -313,7 +313,7 @@ async fn run(
         incarnation: hello.incarnation,
         generation,
         dialed_by_lower,
-        conn: conn.clone(),
+        conn: Some(conn.clone()),
         superseded: Arc::clone(&superseded),
         ctl,
     };
