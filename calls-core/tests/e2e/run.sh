@@ -55,4 +55,4 @@ export CALLS_SERVER_BIN="${CALLS_SERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/$
 echo "== running the end-to-end tests"
 cd "$here"
 # One test at a time: this machine has two cores and a test runs up to six Chromium pages.
-exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs turn.test.mjs ops.test.mjs limits.test.mjs simulcast.test.mjs slots.test.mjs red.test.mjs recording.test.mjs
+exec node --test --test-concurrency=1 browser.test.mjs aiortc.test.mjs turn.test.mjs ops.test.mjs limits.test.mjs simulcast.test.mjs slots.test.mjs red.test.mjs recording.test.mjs nodes.test.mjs

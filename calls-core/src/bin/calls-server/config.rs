@@ -146,6 +146,22 @@ pub struct ServerConfig {
     /// File chunks waiting for the recording writer thread; beyond it chunks are dropped
     /// (counted) and their file ends there, so the media loop never waits for the disk.
     pub recording_queue_chunks: usize,
+    /// This node's number among the nodes a call can span (0-255; required with the relay).
+    /// It is the high bits of the session ids this node gives out, so they are unique across
+    /// nodes (docs/relay.md, "Between nodes").
+    pub node_id: Option<u8>,
+    /// UDP address of the node relay (QUIC); the relay is off unless this or `relay_peers` is
+    /// set.
+    pub relay_listen: Option<SocketAddr>,
+    /// The other nodes: `host:port` or `id=host:port`. The node with the lower id dials.
+    pub relay_peers: Vec<String>,
+    /// Shared secret of the node relay (both ends prove they hold it); required with the relay.
+    pub relay_secret: Option<String>,
+    /// Seconds a peer node may stay unreachable before its participants leave this node's calls.
+    pub relay_peer_gone_s: u64,
+    /// Relay frames queued for one peer node, per lane (media, control); beyond it they are
+    /// dropped (counted), so a worker never waits for the network.
+    pub relay_queue_frames: usize,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +224,12 @@ impl Default for ServerConfig {
             overload_recover_ms: 5_000,
             recording_dir: None,
             recording_queue_chunks: 4096,
+            node_id: None,
+            relay_listen: None,
+            relay_peers: Vec::new(),
+            relay_secret: None,
+            relay_peer_gone_s: 10,
+            relay_queue_frames: 4096,
         }
     }
 }
@@ -325,6 +347,12 @@ impl ServerConfig {
             "OVERLOAD_RECOVER_MS" => self.overload_recover_ms = parse(value)?,
             "RECORDING_DIR" => self.recording_dir = Some(PathBuf::from(value)),
             "RECORDING_QUEUE_CHUNKS" => self.recording_queue_chunks = parse(value)?,
+            "NODE_ID" => self.node_id = Some(parse(value)?),
+            "RELAY_LISTEN" => self.relay_listen = Some(parse(value)?),
+            "RELAY_PEERS" => self.relay_peers = list(value).map(str::to_owned).collect(),
+            "RELAY_SECRET" => self.relay_secret = Some(value.to_owned()),
+            "RELAY_PEER_GONE_S" => self.relay_peer_gone_s = parse(value)?,
+            "RELAY_QUEUE_FRAMES" => self.relay_queue_frames = parse(value)?,
             other => return Err(format!("unknown setting CALLS_{other}")),
         }
         Ok(())
@@ -428,6 +456,70 @@ impl ServerConfig {
         }
         if self.worker_stall_s == 0 {
             p.push("`worker_stall_s` 0 would call every worker stalled".to_owned());
+        }
+        p.extend(self.relay_problems());
+        p
+    }
+
+    /// The node relay is configured (`relay_listen` or `relay_peers`).
+    pub fn relay_enabled(&self) -> bool {
+        self.relay_listen.is_some() || !self.relay_peers.is_empty()
+    }
+
+    /// The peer nodes, parsed (`relay_peers`); the problems are reported by `problems()`.
+    pub fn relay_peer_list(&self) -> Vec<crate::node::PeerAddr> {
+        self.relay_peers
+            .iter()
+            .filter_map(|p| crate::node::PeerAddr::parse(p).ok())
+            .collect()
+    }
+
+    /// What the node relay needs, when it is configured (and the configuration is valid).
+    pub fn node_settings(&self) -> Option<crate::node::NodeSettings> {
+        if !self.relay_enabled() {
+            return None;
+        }
+        Some(crate::node::NodeSettings {
+            node_id: self.node_id?,
+            listen: self.relay_listen?,
+            peers: self.relay_peer_list(),
+            secret: crate::node::RelaySecret(self.relay_secret.as_ref()?.as_bytes().to_vec()),
+            peer_gone: std::time::Duration::from_secs(self.relay_peer_gone_s),
+            queue_frames: self.relay_queue_frames,
+        })
+    }
+
+    fn relay_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for peer in &self.relay_peers {
+            if let Err(e) = crate::node::PeerAddr::parse(peer) {
+                p.push(format!("`relay_peers` entry {peer:?}: {e}"));
+            }
+        }
+        if !self.relay_enabled() {
+            return p;
+        }
+        if self.relay_listen.is_none() {
+            p.push("`relay_peers` is set but `relay_listen` is not: the node relay needs its UDP address (CALLS_RELAY_LISTEN)".to_owned());
+        }
+        if self.node_id.is_none() {
+            p.push("the node relay needs this node's `node_id` (CALLS_NODE_ID, 0-255, different on every node)".to_owned());
+        }
+        match &self.relay_secret {
+            None => p.push(
+                "the node relay needs `relay_secret` (CALLS_RELAY_SECRET), the same on every node"
+                    .to_owned(),
+            ),
+            Some(secret) if secret.len() < 16 => {
+                p.push("`relay_secret` is shorter than 16 bytes".to_owned())
+            }
+            Some(_) => {}
+        }
+        if self.relay_queue_frames < 64 {
+            p.push(format!(
+                "`relay_queue_frames` {} is below 64: one video frame's packets would not fit",
+                self.relay_queue_frames
+            ));
         }
         p
     }
@@ -828,6 +920,36 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "CALLS_RECORDING_QUEUE_CHUNKS",
         "file chunks queued for the recording writer; beyond it a file is cut (counted)",
     ),
+    (
+        "node_id",
+        "CALLS_NODE_ID",
+        "this node's number, 0-255, unique among the relay's nodes (high bits of session ids)",
+    ),
+    (
+        "relay_listen",
+        "CALLS_RELAY_LISTEN",
+        "UDP address of the node relay (QUIC), e.g. 0.0.0.0:7443 (unset: relay off)",
+    ),
+    (
+        "relay_peers",
+        "CALLS_RELAY_PEERS",
+        "peer nodes, host:port or id=host:port (comma-separated); the lower id dials",
+    ),
+    (
+        "relay_secret",
+        "CALLS_RELAY_SECRET",
+        "shared secret every node proves it holds (16+ bytes; required with the relay)",
+    ),
+    (
+        "relay_peer_gone_s",
+        "CALLS_RELAY_PEER_GONE_S",
+        "seconds an unreachable peer node keeps its participants in calls here",
+    ),
+    (
+        "relay_queue_frames",
+        "CALLS_RELAY_QUEUE_FRAMES",
+        "relay frames queued per peer node and lane; beyond it they are dropped (counted)",
+    ),
 ];
 
 /// A configuration as TOML (unset options are absent).
@@ -973,6 +1095,9 @@ mod tests {
             auth_audience: Some(String::new()),
             auth_issuer: Some(String::new()),
             recording_dir: Some(PathBuf::new()),
+            node_id: Some(1),
+            relay_listen: Some("127.0.0.1:7443".parse().unwrap()),
+            relay_secret: Some(String::new()),
             ..ServerConfig::default()
         });
         let listed: Vec<&str> = SETTINGS.iter().map(|(key, _, _)| *key).collect();
@@ -990,6 +1115,51 @@ mod tests {
             }
         }
         assert!(settings_help().contains("CALLS_WS_MESSAGES_PER_SECOND"));
+    }
+
+    #[test]
+    fn the_node_relay_needs_an_id_a_listen_address_and_a_secret() {
+        let secret = "relay-secret-0123456789";
+        let c = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_NODE_ID", "2"),
+                ("CALLS_RELAY_LISTEN", "127.0.0.1:7443"),
+                ("CALLS_RELAY_PEERS", "1=10.0.0.1:7443, calls-1.calls:7443"),
+                ("CALLS_RELAY_SECRET", secret),
+            ]),
+        )
+        .unwrap();
+        assert!(c.relay_enabled());
+        assert_eq!(c.relay_peer_list().len(), 2);
+        assert_eq!(c.relay_peer_list()[0].id, Some(1));
+        assert!(
+            !ServerConfig::default().relay_enabled(),
+            "off unless configured"
+        );
+        let problems = ServerConfig::load(
+            None,
+            &env(&[("CALLS_RELAY_PEERS", "x=nowhere, 1=host-without-port")]),
+        )
+        .unwrap_err();
+        // Two bad peers, no listen address, no node id, no secret.
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        let short = ServerConfig::load(
+            None,
+            &env(&[
+                ("CALLS_NODE_ID", "1"),
+                ("CALLS_RELAY_LISTEN", "127.0.0.1:7443"),
+                ("CALLS_RELAY_SECRET", "short-s3cr3t"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(!short[0].contains("short-s3cr3t"), "{short:?}");
+        let toml = "node_id = 3\nrelay_listen = \"127.0.0.1:7443\"\nrelay_peers = [\"4=127.0.0.1:7444\"]\nrelay_secret = \"0123456789abcdef\"\n";
+        let mut problems = Vec::new();
+        let c = from_toml("calls.toml", toml, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!((c.node_id, c.relay_peers.len()), (Some(3), 1));
     }
 
     /// Finding 6 (issue 16): a refused variable is named, its value (maybe a secret) is not.

@@ -66,6 +66,8 @@ pub struct App {
     broadcast: Mutex<HashMap<u64, ClientSender>>,
     /// The recording writer (`recording_dir` set): its counters for `/metrics`.
     pub recording: Option<crate::recording::RecordingSink>,
+    /// The node relay (configured), for `/metrics` and the debug admin API.
+    pub node: Option<crate::node::Relay>,
 }
 
 impl App {
@@ -75,13 +77,16 @@ impl App {
         tcp: TcpLimits,
         started: Instant,
         recording: Option<crate::recording::RecordingSink>,
+        node: Option<crate::node::Relay>,
     ) -> Arc<App> {
+        // Unique across nodes: the node id is in the high bits (node/mod.rs).
+        let first_session = crate::node::first_session_id(config.node_id.unwrap_or(0));
         Arc::new(App {
             config,
             workers,
             draining: AtomicBool::new(false),
             started,
-            next_session: AtomicU64::new(1),
+            next_session: AtomicU64::new(first_session),
             resumes: Mutex::new(HashMap::new()),
             by_user: Mutex::new(UserSessions::default()),
             refusal_logs: Mutex::new(LogBudget::default()),
@@ -89,6 +94,7 @@ impl App {
             open_sockets: AtomicU64::new(0),
             broadcast: Mutex::new(HashMap::new()),
             recording,
+            node,
         })
     }
 
@@ -140,7 +146,11 @@ pub fn admin(app: Arc<App>) -> Http {
     #[cfg(debug_assertions)]
     let admin = admin
         .route("/api/debug/panic/{worker}", post(admin_debug_panic))
-        .route("/api/debug/lag/{worker}/{ms}", post(admin_debug_lag));
+        .route("/api/debug/lag/{worker}/{ms}", post(admin_debug_lag))
+        .route(
+            "/api/debug/relay/cut/{peer}/{ms}",
+            post(admin_debug_relay_cut),
+        );
     admin.with_state(app)
 }
 
@@ -229,6 +239,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     }
     text.push_str(&process_metrics(&app));
     text.push_str(&worker_metrics(&app));
+    if let Some(node) = &app.node {
+        text.push_str(&node.metrics().render());
+    }
     text.push_str(&build_info());
     if let Some(sink) = &app.recording {
         let c = &sink.counters;
@@ -310,7 +323,7 @@ fn worker_metrics(app: &App) -> String {
     family(
         "calls_worker_relay_links",
         "gauge",
-        "Relay links of the worker to other workers (calls spread over workers; docs/relay.md).",
+        "Relay links of the worker to other workers and nodes (calls spread over workers or nodes; docs/relay.md).",
         &|_, s| s.relay_links.load(Ordering::Relaxed).to_string(),
     );
     family(
@@ -1183,6 +1196,26 @@ async fn admin_debug_lag(
     match app.workers.send(worker, Cmd::DebugLag { lag }) {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
+    }
+}
+
+/// Debug builds only: drops the node relay connection with node `{peer}` and refuses it for
+/// `{ms}`, so tests can watch a link drop and come back (docs/relay.md, "Between nodes").
+#[cfg(debug_assertions)]
+async fn admin_debug_relay_cut(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((peer, ms)): Path<(u8, u64)>,
+) -> Response {
+    if !admin_authorized(&app, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match &app.node {
+        Some(relay) => {
+            relay.cut(peer, Duration::from_millis(ms));
+            StatusCode::ACCEPTED.into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "the node relay is off\n").into_response(),
     }
 }
 

@@ -20,6 +20,7 @@ mod config;
 mod http;
 mod load_meter;
 mod media;
+mod node;
 mod probe;
 mod recording;
 mod spread;
@@ -189,10 +190,17 @@ fn run(config: ServerConfig) -> Result<(), String> {
     let statuses: Vec<Arc<WorkerStatus>> = (0..workers_n)
         .map(|_| Arc::new(WorkerStatus::new()))
         .collect();
+    let relay = config.relay_enabled().then(|| {
+        (
+            Arc::new(node::CallChanges::default()),
+            Arc::new(node::NodeMetrics::default()),
+        )
+    });
     let spread = Arc::new(spread::Spread::new(
         queues.clone(),
         statuses.clone(),
         config.call_spread_after,
+        relay.as_ref().map(|(changes, _)| Arc::clone(changes)),
     ));
     for index in 0..workers_n {
         let router_config = config
@@ -238,12 +246,23 @@ fn run(config: ServerConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
+        let node_relay = match (&relay, config.node_settings()) {
+            (Some((changes, metrics)), Some(settings)) => Some(node::start(
+                settings,
+                workers.queues.clone(),
+                Arc::clone(&workers.spread),
+                Arc::clone(changes),
+                Arc::clone(metrics),
+            )?),
+            _ => None,
+        };
         let app = http::App::new(
             config.clone(),
             workers.clone(),
             tcp_limits.clone(),
             started,
             recording.clone(),
+            node_relay,
         );
         if config.tcp_port != 0 {
             let addr = SocketAddr::new(config.media_bind, config.tcp_port);

@@ -17,14 +17,15 @@ use std::sync::{Arc, Mutex};
 use calls_core::{CallId, LinkId};
 
 use crate::load_meter::WorkerStatus;
-use crate::worker::{worker_for_call, Cmd};
+use crate::node::CallChanges;
+use crate::worker::{worker_for_call, Cmd, RelayPeer};
 use crate::worker_queue::{Lane, WorkerQueue};
 
 /// Relay frame types (`calls_core::relay`) that go in the media lane, where a full lane drops
 /// them: media (5), levels (6), NACKs (9) and keepalives (10) come often and losing one is
 /// survived. Members, tracks, keyframe requests and layer demand go in the control lane and are
 /// never refused (they are rare, and losing one would leave the other side wrong until the next).
-fn droppable(frame_type: u8) -> bool {
+pub fn droppable(frame_type: u8) -> bool {
     matches!(frame_type, 5 | 6 | 9 | 10)
 }
 
@@ -50,6 +51,9 @@ pub struct Spread {
     spread_after: usize,
     calls: Mutex<HashMap<CallId, Placement>>,
     next_link: AtomicU64,
+    /// Told when a worker gets its first participant of a call or loses its last (the node
+    /// relay announces it to the other nodes); `None` without the node relay.
+    changes: Option<Arc<CallChanges>>,
 }
 
 impl Spread {
@@ -57,6 +61,7 @@ impl Spread {
         queues: Vec<Arc<WorkerQueue<Cmd>>>,
         status: Vec<Arc<WorkerStatus>>,
         spread_after: usize,
+        changes: Option<Arc<CallChanges>>,
     ) -> Self {
         Spread {
             queues,
@@ -64,6 +69,7 @@ impl Spread {
             spread_after,
             calls: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
+            changes,
         }
     }
 
@@ -106,6 +112,9 @@ impl Spread {
         };
         placement.per_worker[worker] += 1;
         if placement.per_worker[worker] == 1 {
+            if let Some(changes) = &self.changes {
+                changes.changed(call);
+            }
             let others: Vec<usize> = (0..n)
                 .filter(|&w| w != worker && placement.per_worker[w] > 0)
                 .collect();
@@ -124,7 +133,7 @@ impl Spread {
                     self.queues[end].push_release(Cmd::RelayOpen {
                         call: call.clone(),
                         link,
-                        peer,
+                        peer: RelayPeer::Worker(peer),
                     });
                 }
             }
@@ -146,6 +155,9 @@ impl Spread {
         };
         *count = count.saturating_sub(1);
         if *count == 0 {
+            if let Some(changes) = &self.changes {
+                changes.changed(call);
+            }
             let (closed, kept): (Vec<Route>, Vec<Route>) = placement
                 .routes
                 .iter()
@@ -212,6 +224,7 @@ mod tests {
                 .map(|_| Arc::new(WorkerStatus::new()))
                 .collect(),
             after,
+            None,
         )
     }
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::load_meter::{LoadMeter, WorkerStatus};
+use crate::node::NodeTx;
 use crate::spread::Spread;
 use crate::tcp_limits::TcpCounters;
 use crate::udp_send::UdpSender;
@@ -144,11 +145,12 @@ pub enum Cmd {
         bps: Option<u64>,
         reply: oneshot::Sender<Result<(), RouterError>>,
     },
-    /// Open relay link `link` for `call`; its frames go to worker `peer` (`spread.rs`).
+    /// Open relay link `link` for `call`; its frames go to `peer`: another worker
+    /// (`spread.rs`) or a node channel (`node/`).
     RelayOpen {
         call: CallId,
         link: LinkId,
-        peer: usize,
+        peer: RelayPeer,
     },
     /// Close relay link `link`.
     RelayClose {
@@ -176,6 +178,15 @@ pub enum Cmd {
     DebugLag {
         lag: Duration,
     },
+}
+
+/// The other end of a relay link.
+#[derive(Debug, Clone)]
+pub enum RelayPeer {
+    /// Another worker of this process (its index).
+    Worker(usize),
+    /// A worker of another node, through that node's relay connection.
+    Node(NodeTx),
 }
 
 /// A call as the admin API shows it.
@@ -236,8 +247,8 @@ pub struct Worker {
     truncated: Truncated,
     /// Call placement over workers (relay links between them).
     spread: Option<Arc<Spread>>,
-    /// The worker at the other end of each relay link.
-    relay_peers: HashMap<LinkId, usize>,
+    /// The other end of each relay link.
+    relay_peers: HashMap<LinkId, RelayPeer>,
 }
 
 /// Most datagrams handed to the router as one batch (str0m holds a subscriber's writes until
@@ -652,7 +663,14 @@ impl Worker {
                 Output::Relay { link, bytes } => {
                     let len = bytes.len() as u64;
                     let sent = match (self.relay_peers.get(&link), &self.spread) {
-                        (Some(&peer), Some(spread)) => spread.forward(peer, link, bytes),
+                        (Some(RelayPeer::Worker(peer)), Some(spread)) => {
+                            spread.forward(*peer, link, bytes)
+                        }
+                        // Counted by the node relay (`calls_node_relay_*`), sent or dropped.
+                        (Some(RelayPeer::Node(node)), _) => {
+                            node.out.send(node.chan, bytes);
+                            continue;
+                        }
                         _ => false,
                     };
                     if sent {
