@@ -26,7 +26,7 @@ use calls_core::{CallId, LinkId};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
-use super::link::{Context, PeerShared, CLOSE_DUPLICATE};
+use super::link::{Context, PeerShared, CLOSE_DUPLICATE, CLOSE_PROTOCOL};
 use super::wire::Msg;
 use super::{node_link, CallChanges, DropReason, NodeTx};
 use crate::spread::Spread;
@@ -39,6 +39,10 @@ pub const EVENT_QUEUE: usize = 1024;
 const MAX_CHANNELS_PER_PEER: usize = 16_384;
 /// Calls one peer may announce.
 const MAX_CALLS_PER_PEER: usize = 65_536;
+/// Messages waiting for one connection's control stream: room for a full snapshot (every call
+/// announced, and a channel for each) and the changes after it. A peer that does not read its
+/// stream while that many wait is closed (its successor gets a fresh snapshot).
+pub const CONTROL_QUEUE: usize = 2 * MAX_CALLS_PER_PEER + 1024;
 /// How often gone peers are looked for.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -56,7 +60,7 @@ pub enum HubEvent {
         conn: Option<quinn::Connection>,
         /// Set when the hub closes it for another connection with the same peer.
         superseded: Arc<AtomicBool>,
-        ctl: mpsc::UnboundedSender<Msg>,
+        ctl: mpsc::Sender<Msg>,
     },
     Disconnected {
         peer: u8,
@@ -90,7 +94,7 @@ struct Live {
     dialed_by_lower: bool,
     conn: Option<quinn::Connection>,
     superseded: Arc<AtomicBool>,
-    ctl: mpsc::UnboundedSender<Msg>,
+    ctl: mpsc::Sender<Msg>,
     /// The peer's `Synced` arrived on it: its announcements are complete.
     synced: bool,
 }
@@ -126,8 +130,17 @@ struct Peer {
 impl Peer {
     fn send(&self, msg: Msg) {
         if let Some(live) = &self.live {
-            // A closed queue: the connection is ending; its successor gets a fresh snapshot.
-            let _ = live.ctl.send(msg);
+            match live.ctl.try_send(msg) {
+                Ok(()) => {}
+                // The connection is ending; its successor gets a fresh snapshot.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                // The peer does not read its control stream: close; the next connection
+                // starts from a fresh snapshot.
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.shared.out.metrics.count_drop(DropReason::QueueFull);
+                    live.close(CLOSE_PROTOCOL, b"control queue full");
+                }
+            }
         }
     }
 }
@@ -626,7 +639,7 @@ mod tests {
         queues: Vec<Arc<WorkerQueue<Cmd>>>,
         spread: Arc<Spread>,
         /// What the hub sends on its connection with the other node.
-        ctl: Option<mpsc::UnboundedReceiver<Msg>>,
+        ctl: Option<mpsc::Receiver<Msg>>,
         generation: u64,
         /// Relay links open on its workers (from the commands they got).
         links: BTreeMap<LinkId, usize>,
@@ -681,7 +694,7 @@ mod tests {
 
     impl Node {
         fn connect_to(&mut self, other: &Node) {
-            let (ctl, rx) = mpsc::unbounded_channel();
+            let (ctl, rx) = mpsc::channel(CONTROL_QUEUE);
             self.generation += 1;
             self.ctl = Some(rx);
             self.hub.on_event(HubEvent::Connected {

@@ -302,7 +302,7 @@ async fn run(
     let peer = ctx.peer(node);
     let generation = ctx.next_generation.fetch_add(1, Ordering::Relaxed);
     let superseded = Arc::new(AtomicBool::new(false));
-    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+    let (ctl, ctl_rx) = mpsc::channel(super::hub::CONTROL_QUEUE);
     let dialed_by_lower = match role {
         Role::Dialer => me < node,
         Role::Acceptor => node < me,
@@ -487,7 +487,7 @@ async fn read_datagrams(conn: &quinn::Connection, peer: &PeerShared, ctx: &Conte
 async fn write(
     conn: &quinn::Connection,
     mut send: SendStream,
-    mut ctl: mpsc::UnboundedReceiver<Msg>,
+    mut ctl: mpsc::Receiver<Msg>,
     peer: &PeerShared,
 ) {
     // One connection reads the peer's queues at a time (a superseded one lets go when its
