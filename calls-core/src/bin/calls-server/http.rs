@@ -317,7 +317,7 @@ fn worker_metrics(app: &App) -> String {
     family(
         "calls_worker_busy_ratio",
         "gauge",
-        "Share of the worker's last 0.5 s window spent working rather than waiting.",
+        "CPU time of the worker's thread over its last 0.5 s window, as a share of the window.",
         &|_, s| (s.busy_permille.load(Ordering::Relaxed) as f64 / 1000.0).to_string(),
     );
     family(

@@ -3,9 +3,15 @@
 //! `/healthz` and `/readyz`).
 //!
 //! Over every [`LOAD_WINDOW`] the worker's loop records how late it handled due timers, how
-//! long input waited in its queue, and how long it waited for work; at the window's end it
-//! publishes them in its [`WorkerStatus`] and reports them to its router
+//! long input waited in its queue, and how much CPU time its thread used; at the window's end
+//! it publishes them in its [`WorkerStatus`] and reports them to its router
 //! (`Router::set_load`), which decides the load level.
+//!
+//! The busy share is the thread's CPU time over the window (`CLOCK_THREAD_CPUTIME_ID`), not
+//! the wall-clock time it did not spend waiting for input: on a machine with more runnable
+//! threads than cores a thread waits to be scheduled after every wake-up, and counting that as
+//! work reported a worker at 30 % of a core as 90 % busy, which refused joins early. Waiting
+//! to be scheduled is lateness: it shows in the lag, which the router weighs too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -81,11 +87,33 @@ pub struct LoadMeter {
     /// The least lag reported (debug builds: `POST /api/debug/lag/{worker}/{ms}`, to test
     /// overload deterministically); zero otherwise.
     lag_floor: Duration,
+    /// The thread's CPU time (`None` where the platform has no per-thread clock: the busy
+    /// share then falls back to the wall-clock time not spent waiting).
+    cpu_clock: fn() -> Option<Duration>,
+    /// The thread's CPU time at the window's start.
+    cpu_start: Option<Duration>,
+}
+
+/// The calling thread's CPU time.
+pub fn thread_cpu_time() -> Option<Duration> {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let secs = u64::try_from(t.tv_sec).ok()?;
+    let nanos = u32::try_from(t.tv_nsec).ok()?;
+    Some(Duration::new(secs, nanos))
 }
 
 impl LoadMeter {
     /// `started`: the server's start (the heartbeat's origin).
     pub fn new(started: Instant, now: Instant) -> Self {
+        Self::with_cpu_clock(started, now, thread_cpu_time)
+    }
+
+    /// A meter reading the thread's CPU time from `cpu_clock`, called on the worker's thread.
+    pub fn with_cpu_clock(
+        started: Instant,
+        now: Instant,
+        cpu_clock: fn() -> Option<Duration>,
+    ) -> Self {
         LoadMeter {
             started,
             window_start: now,
@@ -93,7 +121,17 @@ impl LoadMeter {
             timer_lag: Duration::ZERO,
             input_lag: Duration::ZERO,
             lag_floor: Duration::ZERO,
+            cpu_clock,
+            cpu_start: cpu_clock(),
         }
+    }
+
+    /// Starts a fresh window at `now`, reading the CPU clock on the calling thread (the one
+    /// the meter measures from then on).
+    pub fn restart(&mut self, now: Instant) {
+        let floor = self.lag_floor;
+        *self = LoadMeter::with_cpu_clock(self.started, now, self.cpu_clock);
+        self.lag_floor = floor;
     }
 
     /// Debug builds: every report from now on says at least `lag`.
@@ -131,7 +169,13 @@ impl LoadMeter {
         if window < LOAD_WINDOW {
             return None;
         }
-        let busy = 1.0 - self.idle.as_secs_f64() / window.as_secs_f64();
+        let cpu_now = (self.cpu_clock)();
+        let busy = match (self.cpu_start, cpu_now) {
+            (Some(start), Some(now_cpu)) => {
+                (now_cpu.saturating_sub(start).as_secs_f64() / window.as_secs_f64()).min(1.0)
+            }
+            _ => 1.0 - self.idle.as_secs_f64() / window.as_secs_f64(),
+        };
         let lag = self.timer_lag.max(self.input_lag).max(self.lag_floor);
         let load = Load::new(lag, busy);
         let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
@@ -145,7 +189,10 @@ impl LoadMeter {
             .busy_permille
             .store((load.busy * 1000.0).round() as u64, Ordering::Relaxed);
         let floor = self.lag_floor;
-        *self = LoadMeter::new(self.started, now);
+        *self = LoadMeter {
+            cpu_start: cpu_now,
+            ..LoadMeter::with_cpu_clock(self.started, now, self.cpu_clock)
+        };
         self.lag_floor = floor;
         Some(load)
     }
@@ -164,7 +211,8 @@ mod tests {
     fn a_window_reports_the_worst_lateness_and_the_busy_share() {
         let t = Instant::now();
         let status = WorkerStatus::new();
-        let mut meter = LoadMeter::new(t, t);
+        // Without a thread clock: the wall-clock time not spent waiting.
+        let mut meter = LoadMeter::with_cpu_clock(t, t, || None);
         meter.timer_late(Duration::from_millis(3));
         meter.input_late(Duration::from_millis(70));
         meter.timer_late(Duration::from_millis(1));
@@ -182,5 +230,44 @@ mod tests {
         assert!(!status.is_running(5_000, Duration::from_secs(1)));
         status.alive.store(false, Ordering::Relaxed);
         assert!(!status.is_running(500, Duration::from_secs(1)));
+    }
+
+    thread_local! {
+        static FAKE_CPU: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+    }
+
+    fn fake_cpu() -> Option<Duration> {
+        Some(FAKE_CPU.with(|c| c.get()))
+    }
+
+    #[test]
+    fn the_busy_share_is_the_threads_cpu_time_not_time_spent_off_the_queue() {
+        let t = Instant::now();
+        let status = WorkerStatus::new();
+        FAKE_CPU.with(|c| c.set(Duration::from_secs(7)));
+        let mut meter = LoadMeter::with_cpu_clock(t, t, fake_cpu);
+        // It waited for input only 50 ms of the window (woken often, then waiting to be
+        // scheduled) but ran 150 ms of it.
+        meter.idle(Duration::from_millis(50));
+        FAKE_CPU.with(|c| c.set(Duration::from_millis(7_150)));
+        let load = meter.tick(t + LOAD_WINDOW, &status).unwrap();
+        assert!((load.busy - 0.3).abs() < 1e-9, "{}", load.busy);
+        assert_eq!(status.busy_permille.load(Ordering::Relaxed), 300);
+        // The next window starts from the CPU time at the end of this one.
+        FAKE_CPU.with(|c| c.set(Duration::from_millis(7_600)));
+        let load = meter.tick(t + 2 * LOAD_WINDOW, &status).unwrap();
+        assert!((load.busy - 0.9).abs() < 1e-9, "{}", load.busy);
+        // The real clock counts this thread's work.
+        let before = thread_cpu_time().expect("a per-thread CPU clock on Linux");
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = thread_cpu_time().expect("clock") - before;
+        assert!(
+            used >= Duration::from_millis(5),
+            "{used:?} of CPU in 30 ms spinning"
+        );
     }
 }

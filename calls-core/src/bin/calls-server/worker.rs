@@ -301,6 +301,9 @@ impl Worker {
     /// lateness, queue lateness, idle time; a load report per window), then either run the
     /// due timers or take the next input, control before media.
     pub fn run(mut self, queue: Arc<WorkerQueue<Cmd>>) {
+        // The meter reads this thread's CPU clock: start its first window here, not on the
+        // thread that built the worker.
+        self.meter.restart(Instant::now());
         loop {
             let deadline = self.drain();
             let now = Instant::now();
