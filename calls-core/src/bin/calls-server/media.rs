@@ -11,7 +11,6 @@ use tokio::net::TcpListener;
 
 use crate::tcp_limits::{AcceptBackoff, TcpLimits};
 use crate::worker::{Cmd, TcpWriter, TcpWriterTask, Workers};
-use crate::worker_queue::Lane;
 
 /// Socket buffers large enough for bursts of video from many participants.
 const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -89,8 +88,6 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
         let slot = 2048 * gro;
         let mut storage = vec![0u8; slot * quinn_udp::BATCH_SIZE];
         let mut meta = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        // Per worker, what this batch brought it: queued with one lock and one wake-up.
-        let mut pending: Vec<Vec<(Lane, Cmd)>> = (0..workers.count()).map(|_| Vec::new()).collect();
         loop {
             if io.readable().await.is_err() {
                 continue;
@@ -115,29 +112,20 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
                 let stride = m.stride.max(1);
                 // With GRO one buffer holds several datagrams of `stride` bytes (the last shorter).
                 for datagram in buf[..m.len].chunks(stride) {
-                    let Some(batch) = workers
-                        .route(Proto::Udp, m.addr, datagram)
-                        .and_then(|w| pending.get_mut(w))
-                    else {
-                        tracing::trace!(source = %m.addr, "unroutable datagram dropped");
-                        continue;
-                    };
-                    let lane = if calls_core::demux::is_rtp_media(datagram) {
-                        Lane::Media
-                    } else {
-                        Lane::Control
-                    };
-                    let cmd = Cmd::Datagram {
-                        source: m.addr,
-                        destination: local,
-                        bytes: datagram.to_vec(),
-                        at,
-                    };
-                    batch.push((lane, cmd));
+                    match workers.route(Proto::Udp, m.addr, datagram) {
+                        Some(w) => workers.send_datagram(
+                            w,
+                            Cmd::Datagram {
+                                source: m.addr,
+                                destination: local,
+                                bytes: datagram.to_vec(),
+                                at,
+                            },
+                            calls_core::demux::is_rtp_media(datagram),
+                        ),
+                        None => tracing::trace!(source = %m.addr, "unroutable datagram dropped"),
+                    }
                 }
-            }
-            for (w, batch) in pending.iter_mut().enumerate() {
-                workers.send_batch(w, batch, at);
             }
         }
     });

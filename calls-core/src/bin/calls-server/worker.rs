@@ -811,11 +811,12 @@ impl Workers {
         }
     }
 
-    /// Queues what one receive batch brought for `worker` (see [`WorkerQueue::push_all`]).
-    pub fn send_batch(&self, worker: usize, items: &mut Vec<(Lane, Cmd)>, received_at: Instant) {
-        match self.queues.get(worker) {
-            Some(q) => q.push_all(items, received_at),
-            None => items.clear(),
+    /// Queues a received datagram: RTP media in the media lane, STUN, DTLS and RTCP in the
+    /// control lane. A full lane drops it (counted per worker and lane).
+    pub fn send_datagram(&self, worker: usize, cmd: Cmd, media: bool) {
+        if let Some(q) = self.queues.get(worker) {
+            let lane = if media { Lane::Media } else { Lane::Control };
+            let _ = q.push(lane, cmd);
         }
     }
 

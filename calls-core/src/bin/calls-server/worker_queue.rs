@@ -75,38 +75,6 @@ impl<T> WorkerQueue<T> {
         self.push_at(lane, item, false)
     }
 
-    /// Queues every item of `items` (emptying it) under one lock, then wakes the worker once:
-    /// what one `recvmmsg` brought for this worker. Each item is queued at `queued_at` (when it
-    /// was received). Items whose lane is full are dropped and counted, as [`Self::push`]
-    /// refuses them. Waking the worker once per batch instead of once per datagram saves a
-    /// futex call per datagram, and a wake-up of the worker's thread when it was waiting.
-    pub fn push_all(&self, items: &mut Vec<(Lane, T)>, queued_at: Instant) {
-        if items.is_empty() {
-            return;
-        }
-        let Ok(mut lanes) = self.lanes.lock() else {
-            items.clear(); // the worker panicked holding the lock: the process is exiting
-            return;
-        };
-        for (lane, item) in items.drain(..) {
-            let (queue, cap, drops) = match lane {
-                Lane::Control => (&mut lanes.control, self.control_cap, &self.drops.control),
-                Lane::Media => (&mut lanes.media, self.media_cap, &self.drops.media),
-            };
-            if queue.len() >= cap {
-                drops.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            queue.push_back(Queued {
-                item,
-                queued_at,
-                lane,
-            });
-        }
-        drop(lanes);
-        self.ready.notify_one();
-    }
-
     /// Queues a command that frees resources (leave, TCP closed): never refused.
     pub fn push_release(&self, item: T) {
         // Cannot fail: `force` skips the bound.
@@ -204,40 +172,5 @@ mod tests {
         );
         assert!(q.pop(Duration::from_millis(1)).is_none());
         assert_eq!(q.drops.control.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn a_batch_is_queued_at_once_with_the_same_bounds() {
-        let q = WorkerQueue::new(1, 2);
-        let at = Instant::now();
-        let mut items = vec![
-            (Lane::Media, 1),
-            (Lane::Control, 10),
-            (Lane::Media, 2),
-            (Lane::Media, 3),    // the media lane is full: dropped
-            (Lane::Control, 11), // so is the control lane
-        ];
-        q.push_all(&mut items, at);
-        assert!(items.is_empty(), "the batch is taken");
-        assert_eq!(q.depth(), (1, 2));
-        assert_eq!(q.drops.media.load(Ordering::Relaxed), 1);
-        assert_eq!(q.drops.control.load(Ordering::Relaxed), 1);
-        let first = q.pop(Duration::ZERO).expect("queued");
-        assert_eq!(
-            (first.item, first.lane, first.queued_at),
-            (10, Lane::Control, at)
-        );
-        // A worker waiting on another thread is woken by the batch.
-        let q = std::sync::Arc::new(WorkerQueue::new(4, 4));
-        let waiter = {
-            let q = std::sync::Arc::clone(&q);
-            std::thread::spawn(move || q.pop(Duration::from_secs(10)).map(|x| x.item))
-        };
-        std::thread::sleep(Duration::from_millis(20));
-        q.push_all(
-            &mut vec![(Lane::Media, 7), (Lane::Media, 8)],
-            Instant::now(),
-        );
-        assert_eq!(waiter.join().expect("no panic"), Some(7));
     }
 }
