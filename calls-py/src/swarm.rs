@@ -221,6 +221,9 @@ pub struct SlotReport {
     pub session: Option<u64>,
     /// That publisher's source.
     pub source: Option<&'static str>,
+    /// The publisher whose stream the slot carried last: `session`, or, for a slot emptied
+    /// since (its publisher left or went quiet at the end of a run), the one before.
+    pub last_session: Option<u64>,
     /// RTP packets received.
     pub packets: u64,
     /// RTP payload bytes received.
@@ -1372,7 +1375,8 @@ impl Live {
                 .find(|(m, _)| m == mid)
                 .map(|(_, w)| *w)
                 .unwrap_or_default();
-            r.slots.push(slot_report(slot, stream, &watch));
+            let previous = self.peer.slots().previous(mid).map(|(s, _)| s.0);
+            r.slots.push(slot_report(slot, previous, stream, &watch));
         }
         for source in [
             TrackSource::Microphone,
@@ -1462,7 +1466,12 @@ fn span_kbps(stats: &TrackStats) -> impl Fn(u64) -> f64 {
 }
 
 /// One receive slot's report from the peer's statistics and the media thread's own.
-fn slot_report(slot: &calls_core::SlotInfo, stats: &TrackStats, watch: &TrackWatch) -> SlotReport {
+fn slot_report(
+    slot: &calls_core::SlotInfo,
+    previous: Option<u64>,
+    stats: &TrackStats,
+    watch: &TrackWatch,
+) -> SlotReport {
     let kbps = span_kbps(stats);
     let jitter = watch.jitter.millis();
     let source = slot_source(slot.kind);
@@ -1471,6 +1480,7 @@ fn slot_report(slot: &calls_core::SlotInfo, stats: &TrackStats, watch: &TrackWat
         kind: slot.kind.as_str(),
         session: slot.session.map(|s| s.0),
         source: slot.source.map(TrackSource::as_str),
+        last_session: slot.session.map(|s| s.0).or(previous),
         packets: stats.packets,
         bytes: stats.bytes,
         lost: stats.gaps,

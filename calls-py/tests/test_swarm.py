@@ -44,10 +44,13 @@ def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -
     for s in stats:
         assert s.misattributed == 0, s
         audio = [x for x in s.slots if x.kind == "audio" and x.packets > 100]
-        assert {x.session for x in audio} >= speaker_sessions - {s.session}, s.slots
+        # By whom each slot carried last: a speaker that finished first may have emptied its
+        # slot at this participant before its own report.
+        assert {x.last_session for x in audio} >= speaker_sessions - {s.session}, s.slots
         if s.index != 0:
             [camera] = [x for x in s.slots if x.kind == "camera" and x.packets > 100]
-            assert camera.session == camera_publisher and camera.source == "camera", camera
+            assert camera.last_session == camera_publisher, camera
+            assert camera.source in ("camera", None), camera
         for x in s.slots:
             assert x.ssrc_changes == 0 and x.picture_id_breaks == 0, x
     report = build_report({}, stats, wall_s=10.0)

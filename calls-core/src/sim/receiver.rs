@@ -429,6 +429,12 @@ impl SlotMap {
         }
     }
 
+    /// Who the slot on `mid` carried before its last change, until a packet of its new source
+    /// arrived: for a slot that was emptied, whom it carried last.
+    pub fn previous(&self, mid: &str) -> Option<(SessionId, TrackSource)> {
+        self.previous.get(mid).copied()
+    }
+
     /// The slot on `mid`, if the router described it.
     pub fn get(&self, mid: &str) -> Option<&SlotInfo> {
         self.slots.get(mid)

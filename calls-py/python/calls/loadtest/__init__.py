@@ -130,6 +130,9 @@ class SlotStats:
     freeze_ms: float
     #: Video frames by spatial layer index (0 = lowest).
     frames_by_layer: List[int] = field(default_factory=lambda: [0, 0, 0])
+    #: The publisher whose stream the slot carried last: ``session``, or, for a slot emptied
+    #: since (its publisher left at the end of a run), the one before.
+    last_session: Optional[int] = None
     #: Video: the RID of the layer received last.
     layer: Optional[str] = None
     #: How often the received layer changed.
