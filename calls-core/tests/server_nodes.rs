@@ -15,31 +15,28 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use calls_core::TrackSource;
-use server::{request, run_for, run_until, Server, WsParticipant, ADMIN_KEY};
+use server::{metric, received, request, run_for, run_until, Server, WsParticipant, ADMIN_KEY};
 
 const SECRET: &str = "node-relay-test-secret-0123456789";
 
-/// Packets `rx` received of `from`'s `source`.
-fn received(rx: &WsParticipant, from: &WsParticipant, source: TrackSource) -> u64 {
-    rx.peer
-        .received_from(from.session(), source)
-        .map_or(0, |t| t.packets)
+/// The relay port of the node whose ports start at `base` (HTTP, admin, media, relay).
+fn relay_port(base: u16) -> u16 {
+    base + 3
 }
 
-/// The sum of a metric's samples in a Prometheus text, by label text (`""`: all samples).
-fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// A `relay_peers` entry for the node at `base`: `id=host:port`, or `host:port` without an id.
+fn peer(id: Option<u8>, base: u16) -> String {
+    let addr = format!("127.0.0.1:{}", relay_port(base));
+    match id {
+        Some(id) => format!("{id}={addr}"),
+        None => addr,
+    }
 }
 
 /// A node: ports from `base` (HTTP, admin, media, relay), node id `id`, one peer; a peer
 /// unreachable for `gone_s` seconds is gone for good.
 fn node_with(base: u16, id: u8, peer: &str, secret: &str, workers: &str, gone_s: &str) -> Server {
-    let relay = format!("127.0.0.1:{}", base + 3);
+    let relay = format!("127.0.0.1:{}", relay_port(base));
     Server::start(
         base,
         base + 1,
@@ -84,20 +81,8 @@ fn a_call_spans_two_nodes_and_survives_losing_one() {
     // Node 1 has two workers and spreads every call, so its two participants are on different
     // workers: two channels to node 2, one per pair of workers.
     let (a_base, b_base) = (18_520, 18_530);
-    let a = node(
-        a_base,
-        1,
-        &format!("2=127.0.0.1:{}", b_base + 3),
-        SECRET,
-        "2",
-    );
-    let b = node(
-        b_base,
-        2,
-        &format!("1=127.0.0.1:{}", a_base + 3),
-        SECRET,
-        "1",
-    );
+    let a = node(a_base, 1, &peer(Some(2), b_base), SECRET, "2");
+    let b = node(b_base, 2, &peer(Some(1), a_base), SECRET, "1");
     let mut alice = WsParticipant::join(a_base, "bridge", "alice", None, 61);
     let mut carol = WsParticipant::join(a_base, "bridge", "carol", None, 62);
     let mut bob = WsParticipant::join(b_base, "bridge", "bob", None, 63);
@@ -166,7 +151,7 @@ fn a_call_spans_two_nodes_and_survives_losing_one() {
     // Garbage on the relay port changes nothing (quinn drops what is not QUIC).
     let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200u8 {
-        let _ = junk.send_to(&[i; 64], ("127.0.0.1", a_base + 3));
+        let _ = junk.send_to(&[i; 64], ("127.0.0.1", relay_port(a_base)));
     }
 
     // Node 2 dies. Alice and carol go on with each other; after relay_peer_gone_s bob leaves
@@ -221,22 +206,8 @@ fn a_call_spans_two_nodes_and_survives_losing_one() {
 #[test]
 fn a_dropped_node_connection_pauses_then_resumes() {
     let (a_base, b_base) = (18_570, 18_580);
-    let a = node_with(
-        a_base,
-        1,
-        &format!("2=127.0.0.1:{}", b_base + 3),
-        SECRET,
-        "1",
-        "10",
-    );
-    let b = node_with(
-        b_base,
-        2,
-        &format!("1=127.0.0.1:{}", a_base + 3),
-        SECRET,
-        "1",
-        "10",
-    );
+    let a = node_with(a_base, 1, &peer(Some(2), b_base), SECRET, "1", "10");
+    let b = node_with(b_base, 2, &peer(Some(1), a_base), SECRET, "1", "10");
     let mut alice = WsParticipant::join(a_base, "blip", "alice", None, 81);
     let mut bob = WsParticipant::join(b_base, "blip", "bob", None, 82);
     let bridged = |people: &[&mut WsParticipant]| {
@@ -313,15 +284,8 @@ fn a_dropped_node_connection_pauses_then_resumes() {
 #[test]
 fn a_restarted_node_is_bridged_again() {
     let (a_base, b_base) = (18_590, 18_600);
-    let b_peer = format!("1=127.0.0.1:{}", a_base + 3);
-    let a = node_with(
-        a_base,
-        1,
-        &format!("2=127.0.0.1:{}", b_base + 3),
-        SECRET,
-        "1",
-        "30",
-    );
+    let b_peer = peer(Some(1), a_base);
+    let a = node_with(a_base, 1, &peer(Some(2), b_base), SECRET, "1", "30");
     let b = node_with(b_base, 2, &b_peer, SECRET, "1", "30");
     let mut alice = WsParticipant::join(a_base, "again", "alice", None, 91);
     let mut bob = WsParticipant::join(b_base, "again", "bob", None, 92);
@@ -381,11 +345,11 @@ fn a_restarted_node_is_bridged_again() {
 #[test]
 fn a_node_with_the_wrong_secret_gets_no_bridge() {
     let (a_base, b_base) = (18_540, 18_550);
-    let a = node(a_base, 1, &format!("127.0.0.1:{}", b_base + 3), SECRET, "1");
+    let a = node(a_base, 1, &peer(None, b_base), SECRET, "1");
     let b = node(
         b_base,
         2,
-        &format!("127.0.0.1:{}", a_base + 3),
+        &peer(None, a_base),
         "another-secret-0123456789abcdef",
         "1",
     );
@@ -523,7 +487,7 @@ mod fake_node {
 fn bad_input_on_the_relay_port_is_dropped_and_counted() {
     let base = 18_560;
     let a = node(base, 1, "", SECRET, "1");
-    let relay = base + 3;
+    let relay = relay_port(base);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

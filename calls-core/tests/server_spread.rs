@@ -13,24 +13,7 @@ mod server;
 use std::time::Duration;
 
 use calls_core::TrackSource;
-use server::{request, run_until, Server, WsParticipant, ADMIN_KEY};
-
-/// Packets `rx` received of `from`'s `source`.
-fn received(rx: &WsParticipant, from: &WsParticipant, source: TrackSource) -> u64 {
-    rx.peer
-        .received_from(from.session(), source)
-        .map_or(0, |t| t.packets)
-}
-
-/// The sum of a metric's samples in a Prometheus text, by label text (`""`: all samples).
-fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use server::{metric, received, request, run_until, Server, WsParticipant, ADMIN_KEY};
 
 #[test]
 fn one_call_spans_two_workers_and_everyone_gets_everyone() {

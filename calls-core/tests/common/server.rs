@@ -1,6 +1,7 @@
 //! Helpers for the test files that spawn the reference server (`server_overload.rs`,
-//! `server_recording.rs`): the process on the ports a test picks, plain HTTP/1.0 requests, and
-//! a str0m participant that joins over the server's WebSocket and sends media over UDP.
+//! `server_recording.rs`, `server_spread.rs`, `server_nodes.rs`): the process on the ports a
+//! test picks, plain HTTP/1.0 requests, a str0m participant that joins over the server's
+//! WebSocket and sends media over UDP, what it received, and `/metrics` samples.
 //!
 //! These read the wall clock: a real process runs beside the test, and the deadlines only bound
 //! the waits.
@@ -242,6 +243,23 @@ impl WsParticipant {
     pub fn heard_type(&self, kind: &str) -> Vec<&serde_json::Value> {
         self.heard.iter().filter(|m| m["type"] == kind).collect()
     }
+}
+
+/// Packets `rx` received of `from`'s `source`.
+pub fn received(rx: &WsParticipant, from: &WsParticipant, source: calls_core::TrackSource) -> u64 {
+    rx.peer
+        .received_from(from.session(), source)
+        .map_or(0, |t| t.packets)
+}
+
+/// The sum of a metric's samples in a Prometheus text, by label text (`""`: all samples).
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Steps every participant (and sleeps 5 ms between rounds) for `duration`.
