@@ -129,9 +129,17 @@ impl LoadMeter {
     /// Starts a fresh window at `now`, reading the CPU clock on the calling thread (the one
     /// the meter measures from then on).
     pub fn restart(&mut self, now: Instant) {
-        let floor = self.lag_floor;
-        *self = LoadMeter::with_cpu_clock(self.started, now, self.cpu_clock);
-        self.lag_floor = floor;
+        self.new_window(now, (self.cpu_clock)());
+    }
+
+    /// Clears the window's measurements; it starts at `now` with the thread's CPU time
+    /// `cpu_start`. The lag floor stays.
+    fn new_window(&mut self, now: Instant, cpu_start: Option<Duration>) {
+        self.window_start = now;
+        self.idle = Duration::ZERO;
+        self.timer_lag = Duration::ZERO;
+        self.input_lag = Duration::ZERO;
+        self.cpu_start = cpu_start;
     }
 
     /// Debug builds: every report from now on says at least `lag`.
@@ -188,12 +196,7 @@ impl LoadMeter {
         status
             .busy_permille
             .store((load.busy * 1000.0).round() as u64, Ordering::Relaxed);
-        let floor = self.lag_floor;
-        *self = LoadMeter {
-            cpu_start: cpu_now,
-            ..LoadMeter::with_cpu_clock(self.started, now, self.cpu_clock)
-        };
-        self.lag_floor = floor;
+        self.new_window(now, cpu_now);
         Some(load)
     }
 
