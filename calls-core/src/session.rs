@@ -131,6 +131,10 @@ pub(crate) struct Session {
     pub remote_ice: Option<crate::limits::RemoteIce>,
     /// RED packets written to this subscriber as their primary Opus block only.
     pub red_stripped: u64,
+    /// The audio written to this subscriber carries transport-wide sequence numbers (so its
+    /// client sends transport-cc feedback for it): only while it also receives video
+    /// ([`Session::measure_audio_with_video`]).
+    pub audio_measured: bool,
 }
 
 /// What one of a session's payload types carries.
@@ -180,6 +184,8 @@ impl Session {
             .enable_bwe(Some(Bitrate::bps(INITIAL_ESTIMATE_BPS)))
             .set_twcc_send_history(TWCC_SEND_HISTORY)
             .build(now);
+        // Nothing but audio to send yet: leave it unmeasured (`measure_audio_with_video`).
+        rtc.direct_api().set_audio_transport_cc(false);
         let udp = config
             .udp_candidates()
             .into_iter()
@@ -232,6 +238,23 @@ impl Session {
             parked: HashMap::new(),
             remote_ice: None,
             red_stripped: 0,
+            audio_measured: false,
+        }
+    }
+
+    /// Measures the audio sent to this session with transport-cc (the vendored str0m's
+    /// `set_audio_transport_cc`) exactly while a video slot carries or awaits a source.
+    ///
+    /// The bandwidth estimate matters only for choosing video layers. A listener that hears
+    /// audio alone would otherwise send a transport-cc report for it about ten times a second:
+    /// in a meeting of muted microphones that was most of the datagrams reaching the server.
+    /// The estimator's probes stay measured, and once video flows the audio is measured again,
+    /// so the estimate covers everything on the link, as before.
+    pub fn measure_audio_with_video(&mut self) {
+        let measure = self.video_feeds() > 0;
+        if measure != self.audio_measured {
+            self.audio_measured = measure;
+            self.rtc.direct_api().set_audio_transport_cc(measure);
         }
     }
 

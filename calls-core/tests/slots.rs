@@ -644,3 +644,58 @@ fn opus_dtx_off_leaves_muted_microphones_at_full_rate() {
         "{sent} packets from a muted microphone, DTX not asked for"
     );
 }
+
+/// Transport-cc feedback datagrams among `datagrams` (SRTCP leaves the first RTCP header of a
+/// compound in the clear, and str0m puts its transport-cc feedback first: RFC 8888's
+/// predecessor, draft-holmer-rmcat-transport-wide-cc, PT 205 with FMT 15).
+fn transport_cc_reports(datagrams: &[Vec<u8>]) -> usize {
+    datagrams
+        .iter()
+        .filter(|d| d.len() >= 8 && (128..192).contains(&d[0]) && d[0] & 31 == 15 && d[1] == 205)
+        .count()
+}
+
+#[test]
+fn listeners_of_audio_alone_send_no_transport_cc_feedback() {
+    // A listener that hears only audio would send the router a transport-cc report about ten
+    // times a second, for an estimate that only chooses video layers: in a meeting of muted
+    // microphones that was most of the datagrams the server took in. The router leaves such
+    // a listener's audio unmeasured (the vendored str0m patch 0004), and measures it again
+    // as soon as a camera reaches the listener, so the estimate covers the whole link.
+    let mut world = SimWorld::new(141, epoch());
+    let peers = meeting(&mut world, 4, 1);
+    let (talker, listener) = (peers[0], peers[3]);
+    for &p in &peers[1..] {
+        world.set_muted(p, true);
+    }
+    let ok = world.run_until(|w| stats(w, listener, talker, MIC).packets > 0, secs(5.0));
+    assert!(ok, "{}", describe(&world));
+    world.run_for(secs(3.0));
+    let window = secs(10.0);
+    let heard = stats(&world, listener, talker, MIC).packets;
+    let addr = world.peer(listener).addr();
+    world.capture_from(addr, 100_000);
+    world.run_for(window);
+    let audio_only = transport_cc_reports(world.captured());
+    let t = stats(&world, listener, talker, MIC);
+    println!("# audio alone: {audio_only} transport-cc reports in 10 s");
+    assert!(t.packets >= heard + 480 && t.gaps == 0, "{t:?}");
+    // Only the estimator's occasional probes are reported on (none at all once it settled).
+    assert!(audio_only <= 5, "{audio_only} reports in 10 s");
+
+    // A camera joins: the listener's camera slot carries it, and everything it receives is
+    // measured again.
+    let camera = world.add_peer("meeting", "camera", PeerOptions::default());
+    world.peer_mut(camera).set_silent(true);
+    let ok = world.run_until(|w| stats(w, listener, camera, CAM).packets > 0, secs(5.0));
+    assert!(ok, "{}", describe(&world));
+    world.run_for(secs(1.0));
+    world.capture_from(addr, 100_000);
+    world.run_for(window);
+    let with_video = transport_cc_reports(world.captured());
+    println!("# with video: {with_video} transport-cc reports in 10 s");
+    assert!(
+        with_video >= 50,
+        "{with_video} reports in 10 s with a camera"
+    );
+}

@@ -40,15 +40,19 @@ impl Router {
     /// Shares `session`'s bandwidth among its video slots (see
     /// [`layers::allocate`]): downgrades at once, upgrades after [`UPGRADE_HOLD`] above the
     /// new cost × [`UPGRADE_MARGIN`]. Tells str0m's estimator what to probe for.
+    /// Measures the subscriber's audio with transport-cc only while it gets video
+    /// ([`crate::session::Session::measure_audio_with_video`]).
     ///
     /// The router's CPU is a budget too (see [`crate::load`]): from [`LoadLevel::Degraded`]
     /// every slot is capped at its lowest spatial layer (fewer, smaller packets to encrypt and
     /// send), at [`LoadLevel::Overloaded`] camera slots are paused (a screen share keeps its
     /// lowest layer). Audio is never touched.
     pub(super) fn allocate(&mut self, session: SessionId, now: Instant) {
-        let Some(state) = self.sessions.get(&session) else {
+        let Some(state) = self.sessions.get_mut(&session) else {
             return;
         };
+        state.measure_audio_with_video();
+        let state = &*state;
         if state.video_feeds() == 0 {
             return;
         }

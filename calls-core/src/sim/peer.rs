@@ -425,6 +425,13 @@ impl Publisher {
     }
 }
 
+/// An incoming SSRC's m-line: its name (the mid as the slot map keys it) and kind.
+#[derive(Debug)]
+struct RxStream {
+    name: String,
+    video: bool,
+}
+
 /// A simulated participant. See the [module docs](self).
 #[derive(Debug)]
 pub struct SimPeer {
@@ -461,7 +468,9 @@ pub struct SimPeer {
     slot_stats: BTreeMap<String, TrackStats>,
     /// Packets whose payload came from another publisher than the slot's mapping said.
     misattributed: u64,
-    ssrc_mids: BTreeMap<u32, Mid>,
+    /// What each incoming SSRC arrives on, looked up once (per packet it was a walk over
+    /// the m-lines and two string allocations: most of a load-test participant's own cost).
+    ssrc_mids: BTreeMap<u32, RxStream>,
     signal_log: VecDeque<ServerMessage>,
     layers_log: Vec<(Instant, String, Vec<String>)>,
     signal_counts: BTreeMap<&'static str, u64>,
@@ -1416,39 +1425,38 @@ impl SimPeer {
 
     fn on_rtp(&mut self, pkt: RtpPacket, now: Instant) {
         let ssrc = *pkt.header.ssrc;
-        let mid = match self.ssrc_mids.get(&ssrc) {
-            Some(mid) => *mid,
-            None => {
-                let Some(mid) = self
-                    .rtc
-                    .direct_api()
-                    .stream_rx(&pkt.header.ssrc)
-                    .map(|s| s.mid())
-                else {
-                    return;
-                };
-                self.ssrc_mids.insert(ssrc, mid);
-                mid
-            }
+        if !self.ssrc_mids.contains_key(&ssrc) {
+            let Some(mid) = self
+                .rtc
+                .direct_api()
+                .stream_rx(&pkt.header.ssrc)
+                .map(|s| s.mid())
+            else {
+                return;
+            };
+            let video = self
+                .rtc
+                .media(mid)
+                .is_some_and(|m| m.kind() == MediaKind::Video);
+            let name = mid.to_string();
+            self.ssrc_mids.insert(ssrc, RxStream { name, video });
+        }
+        let Some(RxStream { name, video }) = self.ssrc_mids.get(&ssrc) else {
+            return;
         };
-        let is_video = self
-            .rtc
-            .media(mid)
-            .map(|m| m.kind() == MediaKind::Video)
-            .unwrap_or(false);
-        let mid_str = mid.to_string();
-        let stats = match self.slots.attribute(&mid_str, &pkt.payload) {
+        let is_video = *video;
+        let stats = match self.slots.attribute(name, &pkt.payload) {
             Attribution::Mapped(session, source) => self
                 .received
                 .entry((session, source_rank(source)))
                 .or_default(),
-            Attribution::Unmapped => self.unattributed.entry(mid_str.clone()).or_default(),
+            Attribution::Unmapped => self.unattributed.entry(name.clone()).or_default(),
             Attribution::Misattributed => {
                 self.misattributed += 1;
-                self.unattributed.entry(mid_str.clone()).or_default()
+                self.unattributed.entry(name.clone()).or_default()
             }
         };
-        stats.record(&mid_str, &pkt, is_video, now);
+        stats.record(name, &pkt, is_video, now);
         if !is_video {
             let red = self
                 .rtc
@@ -1458,10 +1466,14 @@ impl SimPeer {
                 .any(|p| p.red() == Some(pkt.header.payload_type));
             stats.record_audio(&pkt, red);
         }
-        self.slot_stats
-            .entry(mid_str.clone())
-            .or_default()
-            .record(&mid_str, &pkt, is_video, now);
+        match self.slot_stats.get_mut(name.as_str()) {
+            Some(slot) => slot.record(name, &pkt, is_video, now),
+            None => self
+                .slot_stats
+                .entry(name.clone())
+                .or_default()
+                .record(name, &pkt, is_video, now),
+        }
     }
 
     /// One `Timeout` input, then drain.

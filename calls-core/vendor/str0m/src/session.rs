@@ -102,6 +102,10 @@ pub(crate) struct Session {
 
     enable_twcc_feedback: bool,
 
+    /// Whether media packets on audio m-lines carry the transport-wide sequence number (calls
+    /// patch; default true, as upstream). Probe packets always do.
+    audio_transport_cc: bool,
+
     /// A pacer for sending RTP at specific rate.
     pacer: PacerImpl,
     pacer_control: PacerControl,
@@ -205,6 +209,7 @@ impl Session {
             bwe,
             bwe_last_event: None,
             enable_twcc_feedback: false,
+            audio_transport_cc: true,
             pacer,
             pacer_control: PacerControl::new(),
             poll_packet_buf: vec![0; 2000],
@@ -1254,7 +1259,9 @@ impl Session {
 
         // TWCC might not be enabled for this m-line. Firefox do use TWCC, but not
         // for audio. This is indiciated via the SDP.
-        let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some();
+        // (calls patch) An SFU may leave audio unmeasured: probes still are.
+        let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some()
+            && (self.audio_transport_cc || !media.kind().is_audio() || stream.ssrc().is_probe());
         let twcc = twcc_enabled.then_some(&mut self.twcc);
 
         let receipt = stream.poll_packet(now, exts, twcc, params, buf)?;
@@ -1389,6 +1396,12 @@ impl Session {
         } else {
             None
         }
+    }
+
+    /// Whether media packets on audio m-lines carry the transport-wide sequence number
+    /// (calls patch; default true).
+    pub fn set_audio_transport_cc(&mut self, enabled: bool) {
+        self.audio_transport_cc = enabled;
     }
 
     pub fn enable_twcc_feedback(&mut self) {

@@ -197,6 +197,17 @@ impl<'a> DirectApi<'a> {
         self.rtc.session.enable_twcc_feedback()
     }
 
+    /// Whether media packets on audio m-lines carry the transport-wide sequence number
+    /// (calls patch; default true, as upstream).
+    ///
+    /// An SFU can turn it off for a peer that receives only audio: that peer then sends no
+    /// transport-cc feedback for it (about ten RTCP packets a second), while the bandwidth
+    /// estimator's probes stay measured. Turn it on again before sending video, so the
+    /// estimate follows all the media on the link.
+    pub fn set_audio_transport_cc(&mut self, enabled: bool) {
+        self.rtc.session.set_audio_transport_cc(enabled)
+    }
+
     /// Generate a ssrc that is not already used in session
     pub fn new_ssrc(&self) -> Ssrc {
         self.rtc.session.streams.new_ssrc()
