@@ -171,6 +171,14 @@ pub struct MetricsSnapshot {
     /// Sessions woken because their own timer fell due (str0m's pacer, RTCP, feedback), not
     /// counting the wake-ups that send what was just forwarded to them.
     pub timer_wakeups: u64,
+    /// Sessions flushed after media was written to them (once per session and input).
+    #[serde(default)]
+    pub write_flushes: u64,
+    /// Of the [`write_flushes`](Self::write_flushes), those that also ran the session's due
+    /// str0m timers. The rest only let the written packets out (quiet sessions, and sessions
+    /// with no timer due); their timers run on their own wake-ups.
+    #[serde(default)]
+    pub write_timeouts: u64,
     /// Published microphones whose latest packet was RED (RFC 2198 redundant audio).
     #[serde(default)]
     pub red_streams: u64,
@@ -364,6 +372,8 @@ impl MetricsSnapshot {
         self.slot_messages += other.slot_messages;
         self.audio_without_slot += other.audio_without_slot;
         self.timer_wakeups += other.timer_wakeups;
+        self.write_flushes += other.write_flushes;
+        self.write_timeouts += other.write_timeouts;
         self.red_streams += other.red_streams;
         self.red_packets_in += other.red_packets_in;
         self.red_stripped += other.red_stripped;
@@ -679,6 +689,18 @@ mod prom {
             "timer_wakeups",
             "Sessions woken by their own timers (pacer, RTCP, feedback); quiet sessions share the tick's grid",
             m.timer_wakeups,
+        );
+        counter(
+            &mut registry,
+            "write_flushes",
+            "Sessions flushed after media was written to them",
+            m.write_flushes,
+        );
+        counter(
+            &mut registry,
+            "write_timeouts",
+            "Write flushes that also ran the session's due timers (never for quiet sessions)",
+            m.write_timeouts,
         );
         gauge(
             &mut registry,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::BweKind;
 use str0m::config::DtlsCert;
 use str0m::crypto::Sha1HmacProvider;
-use str0m::{Event as RtcEvent, Input, Output as RtcOutput};
+use str0m::{Event as RtcEvent, Input, Output as RtcOutput, Reason};
 
 use crate::call::{Call, PublishedTrack, TrackKey};
 use crate::config::Config;
@@ -852,11 +852,24 @@ impl Router {
                     // not spin (str0m's pacer can ask for `now` again).
                     // A session that wants to run again at once has output queued (str0m's
                     // pacer sends one packet per wake-up): that never waits for the grid.
+                    //
+                    // A quiet session's timers run on the tick grid, also those already due
+                    // (a write lets its packets out without running them, see `finish`),
+                    // but not a pacer with packets to send.
+                    state.str0m_due = Some(at);
+                    state.quiet = is_quiet(state, session, &self.tracks);
                     let immediate = at <= now;
-                    let mut at = if immediate { later(now, MIN_WAKE) } else { at };
-                    if !immediate && is_quiet(state, session, &self.tracks) {
-                        at = on_tick_grid(self.started, at);
-                    }
+                    let sending = matches!(
+                        state.rtc.last_timeout_reason(),
+                        Reason::Pacer(_) | Reason::SendStream
+                    );
+                    let at = if immediate && (sending || !state.quiet) {
+                        later(now, MIN_WAKE)
+                    } else if state.quiet {
+                        on_tick_grid(self.started, at.max(later(now, MIN_WAKE)))
+                    } else {
+                        at
+                    };
                     if state.next_timeout != Some(at) {
                         state.next_timeout = Some(at);
                         self.timers.push(Reverse((at, session)));
@@ -876,8 +889,17 @@ impl Router {
             if let Some(session) = self.touched.pop() {
                 if let Some(state) = self.sessions.get_mut(&session) {
                     state.touched = false;
-                    if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
-                        tracing::debug!(%session, "timeout failed: {e}");
+                    // What was written goes out. A session whose timers are due runs them too,
+                    // unless it is quiet: its timers wait for the tick grid (see `drain`).
+                    let due = state.str0m_due.is_none_or(|t| t <= now);
+                    self.counters.snapshot.write_flushes += 1;
+                    if due && !state.quiet {
+                        self.counters.snapshot.write_timeouts += 1;
+                        if let Err(e) = state.rtc.handle_input(Input::Timeout(now)) {
+                            tracing::debug!(%session, "timeout failed: {e}");
+                        }
+                    } else {
+                        state.rtc.handle_written(now);
                     }
                     self.drain(session, now);
                 }

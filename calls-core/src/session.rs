@@ -110,6 +110,11 @@ pub(crate) struct Session {
     pub next_timeout: Option<Instant>,
     /// In the router's touched list (has writes that need a timeout to go out).
     pub touched: bool,
+    /// When str0m last asked to be woken (before any rounding to the router's tick grid).
+    pub str0m_due: Option<Instant>,
+    /// Nothing in this session needs str0m's timers on time (`router::is_quiet`), as of its
+    /// last drain.
+    pub quiet: bool,
     pub rtt_ms: Option<f64>,
     pub egress_loss: Option<f64>,
     pub ingress_loss: Option<f64>,
@@ -228,6 +233,8 @@ impl Session {
             pending_offer: None,
             next_timeout: None,
             touched: false,
+            str0m_due: None,
+            quiet: false,
             rtt_ms: None,
             egress_loss: None,
             ingress_loss: None,

@@ -2002,6 +2002,22 @@ impl Rtc {
         false
     }
 
+    /// Lets RTP written since the last timeout go out, without the rest of a timeout (calls
+    /// patch): the pacer learns the send queues, nothing else runs. For an SFU that writes
+    /// each forwarded packet to many peers, a full [`Input::Timeout`] per write walked every
+    /// stream's report and NACK timers, the bandwidth estimator and ICE for nothing. Timers
+    /// still run on the timeouts [`Rtc::poll_output`] asks for.
+    pub fn handle_written(&mut self, now: Instant) {
+        if now < self.last_now {
+            return;
+        }
+        self.last_now = now;
+        let Rtc {
+            session, readiness, ..
+        } = self;
+        session.handle_written(now, &mut readiness.wake());
+    }
+
     /// Provide input to this `Rtc` instance. Input is either a [`Input::Timeout`] for some
     /// time that was previously obtained from [`Rtc::poll_output()`], or [`Input::Receive`]
     /// for network data.

@@ -359,6 +359,22 @@ impl Session {
         Ok(())
     }
 
+    /// The send-queue part of [`Session::handle_timeout`] (calls patch, see
+    /// `Rtc::handle_written`).
+    pub fn handle_written(&mut self, now: Instant, _wake: &mut Wake) {
+        if self.rtp_closing {
+            return;
+        }
+        self.streams
+            .handle_written(now, &self.medias, &self.codec_config);
+        let probe_media = if self.pacer.active_cluster().is_some() {
+            self.srtp_tx.as_ref().and_then(|_| self.probe_media())
+        } else {
+            None
+        };
+        self.update_queue_state(now, probe_media);
+    }
+
     fn handle_timeout_bwe(&mut self, now: Instant) -> Option<(Mid, Pt)> {
         self.bwe.as_ref()?;
 

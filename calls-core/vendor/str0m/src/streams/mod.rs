@@ -496,6 +496,20 @@ impl Streams {
         }
     }
 
+    /// The send-queue part of [`Streams::handle_timeout`]: timestamps what was written since
+    /// (calls patch, see `Rtc::handle_written`).
+    pub(crate) fn handle_written(&mut self, now: Instant, medias: &[Media], codecs: &CodecConfig) {
+        for stream in self.streams_tx.values_mut() {
+            if !stream.need_timeout() {
+                continue;
+            }
+            let mid = stream.mid();
+            // As in `handle_timeout`: a StreamTx always has its Media.
+            let get_media = move || (medias.iter().find(|m| m.mid() == mid).unwrap(), codecs);
+            stream.handle_timeout(now, get_media);
+        }
+    }
+
     pub(crate) fn poll_keyframe_request(&mut self) -> Option<KeyframeRequest> {
         self.streams_tx.values_mut().find_map(|s| {
             let kind = s.poll_keyframe_request()?;
