@@ -2012,10 +2012,9 @@ impl Rtc {
             return;
         }
         self.last_now = now;
-        let Rtc {
-            session, readiness, ..
-        } = self;
-        session.handle_written(now, &mut readiness.wake());
+        self.session.handle_written(now);
+        // The written packets are output to poll, and the pacer's next time may have moved.
+        drop(self.readiness.wake());
     }
 
     /// Provide input to this `Rtc` instance. Input is either a [`Input::Timeout`] for some

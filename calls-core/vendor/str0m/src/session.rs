@@ -361,7 +361,7 @@ impl Session {
 
     /// The send-queue part of [`Session::handle_timeout`] (calls patch, see
     /// `Rtc::handle_written`).
-    pub fn handle_written(&mut self, now: Instant, _wake: &mut Wake) {
+    pub fn handle_written(&mut self, now: Instant) {
         if self.rtp_closing {
             return;
         }
