@@ -655,8 +655,8 @@ fn opus_dtx_off_leaves_muted_microphones_at_full_rate() {
 }
 
 /// Transport-cc feedback datagrams among `datagrams` (SRTCP leaves the first RTCP header of a
-/// compound in the clear, and str0m puts its transport-cc feedback first: RFC 8888's
-/// predecessor, draft-holmer-rmcat-transport-wide-cc, PT 205 with FMT 15).
+/// compound in the clear, and str0m puts its transport-cc feedback first: an RTPFB packet,
+/// PT 205, with FMT 15 (draft-holmer-rmcat-transport-wide-cc-extensions).
 fn transport_cc_reports(datagrams: &[Vec<u8>]) -> usize {
     datagrams
         .iter()
