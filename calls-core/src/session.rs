@@ -10,7 +10,7 @@ use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{Mid, Pt, Rid};
 use str0m::net::TcpType;
-use str0m::rtp::Ssrc;
+use str0m::rtp::{SeqNo, Ssrc};
 use str0m::{Candidate, IceCreds, Rtc};
 
 use crate::config::Config;
@@ -38,6 +38,37 @@ const TWCC_SEND_HISTORY: usize = 250;
 /// ~200 idle streams per subscriber on every packet. Longer than str0m's pacer queue limit
 /// (2 s), so nothing is still queued in a parked stream.
 pub(crate) const PARK_AFTER: Duration = Duration::from_secs(5);
+
+/// A send stream taken out of str0m while idle (see [`PARK_AFTER`]): what declaring it again
+/// needs so the subscriber sees the same stream continue.
+#[derive(Debug, Clone, Copy)]
+pub struct ParkedStream {
+    /// Its RTX SSRC (the SDP announced both).
+    pub rtx: Option<Ssrc>,
+    /// The slot's m-line.
+    pub mid: Mid,
+    /// Where its RTX sequence goes on. A stream declared anew starts RTX at a random number:
+    /// the subscriber would drop what looks like old packets (probes and resends lost to it,
+    /// its bandwidth estimate collapsing), and SRTP would reuse packet indexes under the same
+    /// key (vendored str0m patch 0006).
+    pub next_rtx_seq: SeqNo,
+}
+
+impl ParkedStream {
+    /// Declares the stream in `rtc` again, its RTX sequence where it stopped.
+    fn declare(&self, rtc: &mut Rtc, ssrc: Ssrc) {
+        // str0m never removes m-lines (we do not use `remove_media`); checked all the same,
+        // since declaring a stream on an unknown mid panics inside str0m.
+        if rtc.media(self.mid).is_none() {
+            return;
+        }
+        let mut api = rtc.direct_api();
+        api.declare_stream_tx(ssrc, self.rtx, self.mid, None);
+        if let Some(tx) = api.stream_tx(&ssrc) {
+            tx.set_next_rtx_seq_no(self.next_rtx_seq);
+        }
+    }
+}
 
 /// The bandwidth assumed towards a new session until its estimator knows better: enough for
 /// a middle simulcast layer or two low ones; the estimator probes upwards from here.
@@ -127,10 +158,10 @@ pub(crate) struct Session {
     pub bwe_estimate: Option<u64>,
     /// The (minimum, desired) bitrates last given to str0m's estimator.
     pub bwe_asked: (u64, u64),
-    /// Send streams taken out of str0m while idle: SSRC → (RTX SSRC, mid). Declared again
-    /// with the same SSRCs before the next write, and for the time of each SDP operation
+    /// Send streams taken out of str0m while idle, by SSRC. Declared again with the same
+    /// SSRCs (and RTX sequence) before the next write, and for the time of each SDP operation
     /// ([`Session::with_streams_declared`]).
-    pub parked: HashMap<Ssrc, (Option<Ssrc>, Mid)>,
+    pub parked: HashMap<Ssrc, ParkedStream>,
     /// The client's ICE credentials from its latest offer: the router's consent checks to a
     /// new address of this session are signed with them ([`crate::consent`]).
     pub remote_ice: Option<crate::limits::RemoteIce>,
@@ -274,11 +305,15 @@ impl Session {
             if slot.parked || now.saturating_duration_since(slot.last_write) < PARK_AFTER {
                 continue;
             }
-            let Some(rtx) = api.stream_tx(&slot.ssrc).map(|tx| tx.rtx()) else {
+            let Some(parked) = api.stream_tx(&slot.ssrc).map(|tx| ParkedStream {
+                rtx: tx.rtx(),
+                mid: slot.mid,
+                next_rtx_seq: tx.next_rtx_seq_no(),
+            }) else {
                 continue;
             };
             api.remove_stream_tx(slot.ssrc);
-            self.parked.insert(slot.ssrc, (rtx, slot.mid));
+            self.parked.insert(slot.ssrc, parked);
             slot.parked = true;
             count += 1;
         }
@@ -301,16 +336,10 @@ impl Session {
     /// Declares a parked send stream again (same SSRC and RTX SSRC, so the SDP stays true).
     /// Returns whether it was parked.
     pub fn unpark(&mut self, ssrc: Ssrc) -> bool {
-        let Some((rtx, mid)) = self.parked.remove(&ssrc) else {
+        let Some(parked) = self.parked.remove(&ssrc) else {
             return false;
         };
-        // str0m never removes m-lines (we do not use `remove_media`); checked all the same,
-        // since declaring a stream on an unknown mid panics inside str0m.
-        if self.rtc.media(mid).is_some() {
-            self.rtc
-                .direct_api()
-                .declare_stream_tx(ssrc, rtx, mid, None);
-        }
+        parked.declare(&mut self.rtc, ssrc);
         if let Some(slot) = self.slots.iter_mut().find(|s| s.ssrc == ssrc) {
             slot.parked = false;
         }
@@ -322,21 +351,16 @@ impl Session {
     /// applies an offer or answer, makes new streams with new SSRCs for sending m-lines that
     /// have none.
     pub fn with_streams_declared<T>(&mut self, op: impl FnOnce(&mut Rtc) -> T) -> T {
-        let parked: Vec<(Ssrc, Option<Ssrc>, Mid)> = self
-            .parked
-            .iter()
-            .map(|(ssrc, (rtx, mid))| (*ssrc, *rtx, *mid))
-            .collect();
-        for &(ssrc, rtx, mid) in &parked {
-            if self.rtc.media(mid).is_some() {
-                self.rtc
-                    .direct_api()
-                    .declare_stream_tx(ssrc, rtx, mid, None);
-            }
+        for (&ssrc, parked) in &self.parked {
+            parked.declare(&mut self.rtc, ssrc);
         }
         let result = op(&mut self.rtc);
         let mut api = self.rtc.direct_api();
-        for &(ssrc, _, _) in &parked {
+        for (&ssrc, parked) in &mut self.parked {
+            // Nothing is sent during an SDP operation; read back all the same.
+            if let Some(tx) = api.stream_tx(&ssrc) {
+                parked.next_rtx_seq = tx.next_rtx_seq_no();
+            }
             api.remove_stream_tx(ssrc);
         }
         result

@@ -708,3 +708,89 @@ fn listeners_of_audio_alone_send_no_transport_cc_feedback() {
         "{with_video} reports in 10 s with a camera"
     );
 }
+
+/// SSRC, sequence number and payload type of an RTP datagram (None for RTCP, STUN, DTLS).
+fn rtp_header(d: &[u8]) -> Option<(u32, u16, u8)> {
+    if d.len() < 12 || d[0] & 0xC0 != 0x80 || (192..=223).contains(&d[1]) {
+        return None;
+    }
+    let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+    Some((ssrc, u16::from_be_bytes([d[2], d[3]]), d[1] & 0x7F))
+}
+
+#[test]
+fn a_parked_slot_resumes_its_rtx_sequence() {
+    // A slot idle for 5 s is parked (its send stream taken out of str0m) and declared again
+    // before its next packet. str0m started a stream declared anew at a random RTX sequence
+    // number: the subscriber dropped the resumed slot's resends and probe padding as old
+    // packets (its transport-cc reports called them lost and its bandwidth estimate fell to
+    // the audio rate), and SRTP would encrypt under packet indexes it had used. Every SSRC the
+    // router sends, RTX included, goes on from where it stopped (vendored str0m patch 0006).
+    let lossy = Impairment::delay(Duration::from_millis(20)).with_loss(0.05);
+    let (mut world, cams, viewer) = camera_meeting(107, 1, 1, Impairment::default());
+    let cam = cams[0];
+    world.set_peer_impairment(viewer, Impairment::default(), lossy);
+    let ok = world.run_until(|w| stats(w, viewer, cam, CAM).packets > 100, secs(8.0));
+    assert!(ok, "the camera never showed{}", describe(&world));
+    let mid = slot_of(&world, viewer, cam, CAM).expect("camera slot");
+    let addr = world.peer(viewer).addr();
+    world.capture_to(addr, 1_000_000);
+    world.run_for(secs(3.0));
+    let before = world.captured().len();
+
+    // The viewer pauses the slot: nothing is written to it, and after 5 s it is parked.
+    let pause = |paused| ClientMessage::Preference {
+        mid: mid.clone(),
+        paused,
+        max_layer: None,
+    };
+    let parked = world.metrics().streams_parked;
+    world.signal_now(viewer, pause(true)).expect("pause");
+    world.run_for(secs(7.0));
+    assert!(
+        world.metrics().streams_parked > parked,
+        "the slot was not parked"
+    );
+    let paused = world.captured().len();
+    let unparked = world.metrics().streams_unparked;
+    world.signal_now(viewer, pause(false)).expect("resume");
+    world.run_for(secs(4.0));
+    assert!(
+        world.metrics().streams_unparked > unparked,
+        "the slot never resumed"
+    );
+
+    let packets: Vec<(u32, u16, u8)> = world
+        .captured()
+        .iter()
+        .filter_map(|d| rtp_header(d))
+        .collect();
+    let mut last: std::collections::BTreeMap<u32, u16> = std::collections::BTreeMap::new();
+    for &(ssrc, seq, pt) in &packets {
+        if let Some(prev) = last.insert(ssrc, seq) {
+            assert_eq!(
+                seq,
+                prev.wrapping_add(1),
+                "SSRC {ssrc} (PT {pt}) jumped from {prev} to {seq}"
+            );
+        }
+    }
+    // The slot's RTX stream carried resends before the pause and after it.
+    let spans = |ssrc: u32, pt: u8| {
+        let on = |range: &[Vec<u8>]| {
+            range
+                .iter()
+                .filter_map(|d| rtp_header(d))
+                .any(|(s, _, p)| s == ssrc && p == pt)
+        };
+        on(&world.captured()[..before]) && on(&world.captured()[paused..])
+    };
+    let main_pts: std::collections::BTreeSet<(u32, u8)> =
+        packets.iter().map(|&(s, _, p)| (s, p)).collect();
+    println!("# SSRC/PT streams to the viewer: {main_pts:?}");
+    let across: Vec<&(u32, u8)> = main_pts.iter().filter(|&&(s, p)| spans(s, p)).collect();
+    assert!(
+        across.len() >= 3,
+        "expected the audio slot, the camera slot and its RTX on both sides of the pause: {across:?}"
+    );
+}

@@ -64,12 +64,26 @@ enum SignalInFlight {
     ToPeer(SessionId, ServerMessage),
 }
 
-/// Datagrams a peer sent, recorded for replay tests.
+/// Datagrams recorded for tests: those a peer sent (replay tests) or those the router sent
+/// to one address (what went on the wire, before the network's loss).
 #[derive(Debug, Default)]
 struct Capture {
     from: Option<SocketAddr>,
+    to: Option<SocketAddr>,
     max: usize,
     datagrams: Vec<Vec<u8>>,
+}
+
+impl Capture {
+    fn record(&mut self, source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+        let wanted = match (self.from, self.to) {
+            (None, None) => false,
+            (from, to) => from.is_none_or(|f| f == source) && to.is_none_or(|t| t == destination),
+        };
+        if wanted && self.datagrams.len() < self.max {
+            self.datagrams.push(contents.to_vec());
+        }
+    }
 }
 
 /// The simulated world. See the [module docs](self).
@@ -481,12 +495,24 @@ impl SimWorld {
     pub fn capture_from(&mut self, from: SocketAddr, max: usize) {
         self.capture = Capture {
             from: Some(from),
+            to: None,
             max,
             datagrams: Vec::new(),
         };
     }
 
-    /// The datagrams recorded since [`SimWorld::capture_from`].
+    /// Starts recording up to `max` datagrams that the router sends to `to` (UDP), as they
+    /// leave it: before the network's loss or delay.
+    pub fn capture_to(&mut self, to: SocketAddr, max: usize) {
+        self.capture = Capture {
+            from: None,
+            to: Some(to),
+            max,
+            datagrams: Vec::new(),
+        };
+    }
+
+    /// The datagrams recorded since [`SimWorld::capture_from`] or [`SimWorld::capture_to`].
     pub fn captured(&self) -> &[Vec<u8>] {
         &self.capture.datagrams
     }
@@ -763,7 +789,10 @@ impl SimWorld {
                 Output::Transmit(t) => {
                     *self.router_sent_to.entry(t.destination).or_insert(0) += 1;
                     match t.proto {
-                        Proto::Udp => self.net.send(t.source, t.destination, t.contents, self.now),
+                        Proto::Udp => {
+                            self.capture.record(t.source, t.destination, &t.contents);
+                            self.net.send(t.source, t.destination, t.contents, self.now);
+                        }
                         Proto::Tcp => {
                             *self.router_tcp_sent_to.entry(t.destination).or_insert(0) += 1;
                             self.send_tcp_down(t.conn, t.destination, t.contents);
@@ -865,11 +894,7 @@ impl SimWorld {
         let transmits = peer.take_transmits();
         let signals = peer.take_signals();
         for t in transmits {
-            if self.capture.from == Some(t.source)
-                && self.capture.datagrams.len() < self.capture.max
-            {
-                self.capture.datagrams.push(t.contents.clone());
-            }
+            self.capture.record(t.source, t.destination, &t.contents);
             match t.proto {
                 Proto::Udp => self.net.send(t.source, t.destination, t.contents, self.now),
                 Proto::Tcp => self.send_tcp_up(session, t),

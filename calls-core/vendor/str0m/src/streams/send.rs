@@ -421,6 +421,19 @@ impl StreamTx {
         self.rtx
     }
 
+    /// The sequence number the next packet on the RTX SSRC gets (calls patch).
+    pub fn next_rtx_seq_no(&self) -> SeqNo {
+        self.seq_no_rtx
+    }
+
+    /// Continues the RTX sequence at `seq` (calls patch). A stream removed and declared again
+    /// with the same SSRC and RTX SSRC otherwise starts its RTX sequence at a new random
+    /// number: the receiver drops what looks like old packets (so probes and resends are lost
+    /// to it), and SRTP would encrypt new packets under indexes it already used.
+    pub fn set_next_rtx_seq_no(&mut self, seq: SeqNo) {
+        self.seq_no_rtx = seq;
+    }
+
     /// Mid for this stream.
     ///
     /// In SDP this corresponds to m-line and "Media".
