@@ -70,7 +70,7 @@ test('simulcast: a bandwidth cap drops the subscriber to the lowest layer, dynac
   const key = 'e2e-admin-key-simulcast-01';
   const admin = 'http://127.0.0.1:18098';
   const server = await startServer('simulcast', {
-    http: 18086, media: 18449, env: { CALLS_ADMIN_API_KEY: key, CALLS_ADMIN_LISTEN: '127.0.0.1:18098' },
+    http: 18086, media: 18449, env: { CALLS_ADMIN_API_KEY: key, CALLS_ADMIN_LISTEN: '127.0.0.1:18098', CALLS_METRICS_PER_SESSION: 'true' },
   });
   const auth = { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' };
   const cap = (session, body, headers = auth) => fetch(`${admin}/api/sessions/${session}/bandwidth`, {
@@ -91,7 +91,17 @@ test('simulcast: a bandwidth cap drops the subscriber to the lowest layer, dynac
     assert.deepEqual((await snapshot(pub)).encodings.filter((e) => e.mid === camMid).map((e) => e.rid), RIDS);
 
     // 1. The subscriber decodes the full layer.
-    const full = await waitWidth(sub, sPub, `pia's camera at >= ${FULL_MIN_WIDTH} wide`, (w) => w >= FULL_MIN_WIDTH, 60000);
+    let full;
+    try {
+      full = await waitWidth(sub, sPub, `pia's camera at >= ${FULL_MIN_WIDTH} wide`, (w) => w >= FULL_MIN_WIDTH, 60000);
+    } catch (e) {
+      // What the publisher sends and what the router knows of both links (bandwidth, RTT, loss).
+      e.message += `\n  pia's camera encodings: ${JSON.stringify(cameraEncodings(await snapshot(pub), camMid))}`;
+      e.message += `\n  admin /api/calls: ${await (await fetch(`${admin}/api/calls`, { headers: auth })).text()}`;
+      const metrics = await (await fetch(`${server.url}/metrics`)).text();
+      e.message += `\n  ${metrics.split('\n').filter((l) => /bandwidth|layer_switch|dynacast|probe|keyframe/.test(l) && !l.startsWith('#')).join('\n  ')}`;
+      throw e;
+    }
     console.log(`# sid: page load -> pia's full layer decoded (${full.width}x${full.height}) in ${full.at - sub.openedAt} ms`);
     let encodings = cameraEncodings(await snapshot(pub), camMid);
     console.log(`# pia's camera encodings uncapped: ${JSON.stringify(encodings)}`);
