@@ -1144,11 +1144,9 @@ fn is_quiet(
     session: SessionId,
     tracks: &HashMap<TrackKey, PublishedTrack>,
 ) -> bool {
+    // Deactivated slots are emptied, so "no video slot in use" is "no video feeds".
     state.connected
-        && state
-            .slots
-            .iter()
-            .all(|slot| !slot.is_video() || slot.target().is_none())
+        && state.video_feeds() == 0
         && state.published.iter().all(|&mid| {
             tracks
                 .get(&TrackKey {

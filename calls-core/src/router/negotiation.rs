@@ -378,6 +378,7 @@ impl Router {
             slot.clear();
             slot.told = None;
         }
+        state.refresh_video_feeds();
         let reactivate: Vec<Mid> = change
             .reactivated
             .iter()

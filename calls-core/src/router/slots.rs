@@ -233,6 +233,7 @@ impl Router {
                 emptied.push(slot.mid);
             }
         }
+        state.refresh_video_feeds();
         for key in added {
             if let Some(track) = self.tracks.get_mut(&key) {
                 if !track.subscribers.contains(&session) {
@@ -278,6 +279,7 @@ impl Router {
                 emptied.push(slot.mid);
             }
         }
+        state.refresh_video_feeds();
         if !emptied.is_empty() {
             self.tell_slots(holder, &emptied);
         }

@@ -1288,6 +1288,8 @@ impl Session {
             is_padding,
             payload_size,
         } = receipt;
+        // (calls patch) The buffer stays at its full size; the packet is its start.
+        let buf = &buf[..header.header_len + payload_size];
 
         trace!(payload_size, is_padding, "Poll RTP: {:?}", header);
 
@@ -1301,7 +1303,7 @@ impl Session {
         self.pacer.register_send(now, payload_size.into(), midrid);
 
         if let Some(raw_packets) = &mut self.raw_packets {
-            raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
+            raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.to_vec())));
         }
 
         let protected = srtp_tx.protect_rtp(buf, &header, *seq_no);

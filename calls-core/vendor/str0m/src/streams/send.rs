@@ -730,6 +730,9 @@ impl StreamTx {
             *twcc += 1;
         }
 
+        // (calls patch) The buffer keeps its full size between packets: the packet's length is
+        // header_len + payload_size of the receipt, and every byte of it is written below.
+        // Truncating it to the packet and growing it back zeroed up to 2 KB per packet.
         buf.resize(DATAGRAM_MAX_PACKET_SIZE, 0);
 
         let header_len = header.write_to(buf, exts);
@@ -779,7 +782,6 @@ impl StreamTx {
             }
         };
 
-        buf.truncate(header_len + body_len);
 
         #[cfg(feature = "_internal_dont_use_log_stats")]
         {
