@@ -14,6 +14,7 @@ use common::{epoch, secs, stats};
 
 use std::time::Duration;
 
+use calls_core::sim::receiver::clear_rtp_header;
 use calls_core::sim::{Impairment, PeerOptions, SimWorld, TrackStats};
 use calls_core::{ClientMessage, Config, SessionId, SlotKind, TrackSource};
 
@@ -709,12 +710,10 @@ fn listeners_of_audio_alone_send_no_transport_cc_feedback() {
     );
 }
 
-/// SSRC, sequence number and payload type of an RTP datagram (None for RTCP, STUN, DTLS).
+/// SSRC, sequence number and payload type of an RTP datagram (None for RTCP, STUN, DTLS:
+/// the receiver's [`clear_rtp_header`] tells them apart).
 fn rtp_header(d: &[u8]) -> Option<(u32, u16, u8)> {
-    if d.len() < 12 || d[0] & 0xC0 != 0x80 || (192..=223).contains(&d[1]) {
-        return None;
-    }
-    let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+    let (ssrc, _) = clear_rtp_header(d)?;
     Some((ssrc, u16::from_be_bytes([d[2], d[3]]), d[1] & 0x7F))
 }
 
@@ -760,13 +759,15 @@ fn a_parked_slot_resumes_its_rtx_sequence() {
         "the slot never resumed"
     );
 
-    let packets: Vec<(u32, u16, u8)> = world
+    // (index in the capture, SSRC, sequence number, payload type) of every RTP packet.
+    let packets: Vec<(usize, u32, u16, u8)> = world
         .captured()
         .iter()
-        .filter_map(|d| rtp_header(d))
+        .enumerate()
+        .filter_map(|(i, d)| rtp_header(d).map(|(ssrc, seq, pt)| (i, ssrc, seq, pt)))
         .collect();
     let mut last: std::collections::BTreeMap<u32, u16> = std::collections::BTreeMap::new();
-    for &(ssrc, seq, pt) in &packets {
+    for &(_, ssrc, seq, pt) in &packets {
         if let Some(prev) = last.insert(ssrc, seq) {
             assert_eq!(
                 seq,
@@ -776,19 +777,18 @@ fn a_parked_slot_resumes_its_rtx_sequence() {
         }
     }
     // The slot's RTX stream carried resends before the pause and after it.
-    let spans = |ssrc: u32, pt: u8| {
-        let on = |range: &[Vec<u8>]| {
-            range
-                .iter()
-                .filter_map(|d| rtp_header(d))
-                .any(|(s, _, p)| s == ssrc && p == pt)
-        };
-        on(&world.captured()[..before]) && on(&world.captured()[paused..])
+    let streams: std::collections::BTreeSet<(u32, u8)> =
+        packets.iter().map(|&(_, s, _, p)| (s, p)).collect();
+    println!("# SSRC/PT streams to the viewer: {streams:?}");
+    let sent = |stream: (u32, u8), captured: std::ops::Range<usize>| {
+        packets
+            .iter()
+            .any(|&(i, s, _, p)| captured.contains(&i) && (s, p) == stream)
     };
-    let main_pts: std::collections::BTreeSet<(u32, u8)> =
-        packets.iter().map(|&(s, _, p)| (s, p)).collect();
-    println!("# SSRC/PT streams to the viewer: {main_pts:?}");
-    let across: Vec<&(u32, u8)> = main_pts.iter().filter(|&&(s, p)| spans(s, p)).collect();
+    let across: Vec<&(u32, u8)> = streams
+        .iter()
+        .filter(|&&stream| sent(stream, 0..before) && sent(stream, paused..usize::MAX))
+        .collect();
     assert!(
         across.len() >= 3,
         "expected the audio slot, the camera slot and its RTX on both sides of the pause: {across:?}"
