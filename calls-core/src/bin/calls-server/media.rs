@@ -93,6 +93,11 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
     let slot = 2048 * gro;
     let mut storage = vec![0u8; slot * quinn_udp::BATCH_SIZE];
     let mut meta = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    // Made once: every receive refills the same buffers.
+    let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
+        .chunks_mut(slot)
+        .map(std::io::IoSliceMut::new)
+        .collect();
     let mut events = mio::Events::with_capacity(4);
     loop {
         // Edge-triggered: read until the socket is empty, then wait for the next datagram.
@@ -100,10 +105,6 @@ pub fn run_udp(socket: UdpSocket, workers: Workers) {
         // them; a run of them waits for the next poll instead of spinning.
         let mut errors = 0;
         loop {
-            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
-                .chunks_mut(slot)
-                .map(std::io::IoSliceMut::new)
-                .collect();
             let count = match state.recv((&socket).into(), &mut bufs, &mut meta) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
