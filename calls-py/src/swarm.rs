@@ -53,6 +53,11 @@ use crate::ice_tcp::{Deframer, TcpLink, TcpLinkError};
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// The longest a media thread sleeps (it also wakes for peers' timers and sockets).
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Bytes a participant's WebSocket asks the kernel for per read. tungstenite zeroes this much
+/// of its buffer before every read attempt, the one that finds nothing included; its default
+/// (128 KiB) made that zeroing a tenth of a 600-participant swarm's CPU. Server messages are
+/// small; a larger one (an SDP offer) just takes a few reads.
+const WS_READ_BUFFER: usize = 8 * 1024;
 /// A media thread's read buffer (one UDP datagram, or one read of an ICE-TCP stream).
 const READ_BUFFER: usize = 16 * 1024;
 /// A participant's media socket is readable (its token is even).
@@ -660,8 +665,9 @@ impl Connector {
             url.push_str("&token=");
             url.push_str(&encode(token));
         }
-        let (mut ws, _) =
-            tungstenite::client(url.as_str(), stream).map_err(|e| format!("handshake: {e}"))?;
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
+        let (mut ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config))
+            .map_err(|e| format!("handshake: {e}"))?;
         let session = loop {
             match ws.read() {
                 Ok(Message::Text(text)) => {
@@ -731,6 +737,15 @@ enum MediaSocket {
     Tcp(TcpLink),
 }
 
+/// One receive slot as the media thread watches it.
+struct SlotWatch {
+    mid: String,
+    /// Whether the slot's m-line is video (a slot keeps its kind for its life): audio slots
+    /// have no freezes or layers to watch, and are skipped without a lookup by mid.
+    video: bool,
+    watch: TrackWatch,
+}
+
 /// A participant owned by a media thread.
 struct Live {
     index: usize,
@@ -750,8 +765,8 @@ struct Live {
     first_media_at: Option<Instant>,
     /// Per publisher track received, by (publisher session, source).
     watches: HashMap<(u64, TrackSource), TrackWatch>,
-    /// Per receive slot: its mid and what the thread measured of its stream.
-    slot_watches: Vec<(String, TrackWatch)>,
+    /// Per receive slot that carried a packet: what the thread measured of its stream.
+    slot_watches: Vec<SlotWatch>,
     /// Which slot (index in `slot_watches`) an SSRC is (learnt from the peer's per-slot
     /// `TrackStats::ssrc`: one SSRC per slot for its life).
     slot_of_ssrc: HashMap<u32, usize>,
@@ -1097,14 +1112,9 @@ impl Live {
             let watch = self.watches.entry((publisher.0, source)).or_default();
             watch.freeze.observe(stats.last_packet_at);
         }
-        for (mid, watch) in &mut self.slot_watches {
-            let is_video = self
-                .peer
-                .slots()
-                .get(mid)
-                .is_some_and(|s| s.kind != SlotKind::Audio);
-            if let (true, Some(stats)) = (is_video, self.peer.slot_stats().get(mid.as_str())) {
-                watch.freeze.observe(stats.last_packet_at);
+        for slot in self.slot_watches.iter_mut().filter(|s| s.video) {
+            if let Some(stats) = self.peer.slot_stats().get(slot.mid.as_str()) {
+                slot.watch.freeze.observe(stats.last_packet_at);
             }
         }
     }
@@ -1196,14 +1206,20 @@ impl Live {
                     .iter()
                     .find(|(_, stats)| stats.packets > 0 && stats.ssrc == ssrc)
                     .map(|(mid, _)| mid.clone());
-                let Some(mid) = found else {
+                // The slot's kind comes with its mapping, which precedes its first packet.
+                let kind = found.as_ref().and_then(|mid| self.peer.slots().get(mid)).map(|s| s.kind);
+                let (Some(mid), Some(kind)) = (found, kind) else {
                     self.unknown_ssrcs.insert(ssrc);
                     return;
                 };
-                let index = match self.slot_watches.iter().position(|(m, _)| *m == mid) {
+                let index = match self.slot_watches.iter().position(|s| s.mid == mid) {
                     Some(index) => index,
                     None => {
-                        self.slot_watches.push((mid, TrackWatch::default()));
+                        self.slot_watches.push(SlotWatch {
+                            mid,
+                            video: kind != SlotKind::Audio,
+                            watch: TrackWatch::default(),
+                        });
                         self.slot_watches.len() - 1
                     }
                 };
@@ -1211,17 +1227,17 @@ impl Live {
                 index
             }
         };
-        let (mid, slot_watch) = &mut self.slot_watches[index];
-        let Some(slot) = self.peer.slots().get(mid) else {
+        let slot = &mut self.slot_watches[index];
+        let is_audio = !slot.video;
+        let clock = clock_rate(is_audio);
+        slot.watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
+        if let (false, Some(stream)) = (is_audio, self.peer.slot_stats().get(slot.mid.as_str())) {
+            slot.watch.layers.count(stream);
+        }
+        let Some(mapped) = self.peer.slots().get(&slot.mid) else {
             return;
         };
-        let is_audio = slot.kind == SlotKind::Audio;
-        let clock = clock_rate(is_audio);
-        slot_watch.jitter.on_packet(ssrc, arrival, rtp_time, clock);
-        if let (false, Some(stream)) = (is_audio, self.peer.slot_stats().get(mid.as_str())) {
-            slot_watch.layers.count(stream);
-        }
-        let (Some(publisher), Some(source)) = (slot.session, slot.source) else {
+        let (Some(publisher), Some(source)) = (mapped.session, mapped.source) else {
             return;
         };
         let Some(stats) = self.peer.received_from(publisher, source) else {
@@ -1315,7 +1331,7 @@ impl Live {
     }
 
     fn freeze_check_at_end(&mut self, now: Instant) {
-        let slots = self.slot_watches.iter_mut().map(|(_, w)| &mut w.freeze);
+        let slots = self.slot_watches.iter_mut().map(|s| &mut s.watch.freeze);
         for watch in self
             .watches
             .values_mut()
@@ -1372,8 +1388,8 @@ impl Live {
             let watch = self
                 .slot_watches
                 .iter()
-                .find(|(m, _)| m == mid)
-                .map(|(_, w)| *w)
+                .find(|s| s.mid == *mid)
+                .map(|s| s.watch)
                 .unwrap_or_default();
             let previous = self.peer.slots().previous(mid).map(|(s, _)| s.0);
             r.slots.push(slot_report(slot, previous, stream, &watch));

@@ -44,6 +44,7 @@
 //! frame rate over a trailing window ([`TrackStats::fps_over`]). Per own track and layer what
 //! was sent ([`SimPeer::sent`], [`SimPeer::sent_layer`]).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -1432,25 +1433,28 @@ impl SimPeer {
 
     fn on_rtp(&mut self, pkt: RtpPacket, now: Instant) {
         let ssrc = *pkt.header.ssrc;
-        if !self.ssrc_mids.contains_key(&ssrc) {
-            let Some(mid) = self
-                .rtc
-                .direct_api()
-                .stream_rx(&pkt.header.ssrc)
-                .map(|s| s.mid())
-            else {
-                return;
-            };
-            let video = self
-                .rtc
-                .media(mid)
-                .is_some_and(|m| m.kind() == MediaKind::Video);
-            let name = mid.to_string();
-            self.ssrc_mids.insert(ssrc, RxStream { name, video });
-        }
-        let Some(RxStream { name, video }) = self.ssrc_mids.get(&ssrc) else {
-            return;
+        let rx = match self.ssrc_mids.entry(ssrc) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => {
+                let Some(mid) = self
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&pkt.header.ssrc)
+                    .map(|s| s.mid())
+                else {
+                    return;
+                };
+                let video = self
+                    .rtc
+                    .media(mid)
+                    .is_some_and(|m| m.kind() == MediaKind::Video);
+                new.insert(RxStream {
+                    name: mid.to_string(),
+                    video,
+                })
+            }
         };
+        let RxStream { name, video } = rx;
         let is_video = *video;
         let stats = match self.slots.attribute(name, &pkt.payload) {
             Attribution::Mapped(session, source) => self

@@ -33,6 +33,10 @@ from calls.loadtest.report import (
 
 #: After the last join is due, wait this long before the steady-state window starts.
 SETTLE_S = 3.0
+#: Seconds between the progress line's updates, the timeline's points and the ``/metrics``
+#: scrapes of the steady window. Each tick converts every participant's statistics to Python
+#: objects: at 0.5 s that was a tenth of a 600-participant swarm's CPU.
+TICK_S = 1.0
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -337,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task("load test", total=args.duration, status="starting")
         prev = (time.monotonic(), 0)
         try:
-            while not swarm.wait(0.5):
+            while not swarm.wait(TICK_S):
                 now = time.monotonic()
                 stats = swarm.stats()
                 s = summary(stats)
