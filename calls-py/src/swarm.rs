@@ -665,9 +665,11 @@ impl Connector {
             url.push_str("&token=");
             url.push_str(&encode(token));
         }
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
-        let (mut ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config))
-            .map_err(|e| format!("handshake: {e}"))?;
+        let config =
+            tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
+        let (mut ws, _) =
+            tungstenite::client::client_with_config(url.as_str(), stream, Some(config))
+                .map_err(|e| format!("handshake: {e}"))?;
         let session = loop {
             match ws.read() {
                 Ok(Message::Text(text)) => {
@@ -1207,7 +1209,10 @@ impl Live {
                     .find(|(_, stats)| stats.packets > 0 && stats.ssrc == ssrc)
                     .map(|(mid, _)| mid.clone());
                 // The slot's kind comes with its mapping, which precedes its first packet.
-                let kind = found.as_ref().and_then(|mid| self.peer.slots().get(mid)).map(|s| s.kind);
+                let kind = found
+                    .as_ref()
+                    .and_then(|mid| self.peer.slots().get(mid))
+                    .map(|s| s.kind);
                 let (Some(mid), Some(kind)) = (found, kind) else {
                     self.unknown_ssrcs.insert(ssrc);
                     return;

@@ -120,12 +120,19 @@ def test_a_run_where_everyone_is_refused_fails_without_waiting_it_out(server: Se
 
 
 def test_a_healthy_run_passes_with_video(server: Server) -> None:
+    # At a lower priority, as on a machine shared with the server.
     done = loadtest(
         "--url", server.url, "--participants", "3", "--speakers", "2", "--video", "2",
-        "--duration", "5", "--ramp", "0", "--secret", SECRET,
+        "--duration", "5", "--ramp", "0", "--secret", SECRET, "--nice", "5",
     )
     assert done.returncode == 0, done.stderr
     assert "PASS failed 0" in done.stderr, done.stderr
+
+
+def test_a_priority_outside_nice_range_is_refused() -> None:
+    done = loadtest("--url", "http://127.0.0.1:9", "--nice", "20")
+    assert done.returncode == 2, done.stderr
+    assert "--nice must be between 0 and 19" in done.stderr, done.stderr
 
 
 def test_the_page_and_the_csv_hold_every_participant_and_plot(server: Server, tmp_path: Path) -> None:

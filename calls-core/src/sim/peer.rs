@@ -1035,6 +1035,13 @@ impl SimPeer {
             self.remote_pwd = pwd.or(self.remote_pwd.take());
             self.remote_media_lines = media_lines;
         }
+        // Only an SDP exchange changes the `Rtc`; the rest (roster, slots, layers, speaker) is
+        // bookkeeping, and str0m is not pumped for it: every join sends a few roster messages
+        // to everyone in the call.
+        let negotiates = matches!(
+            msg,
+            ServerMessage::Offer { .. } | ServerMessage::Answer { .. }
+        );
         match &msg {
             ServerMessage::Answer { sdp } => self.accept_answer(sdp, now),
             ServerMessage::Offer { sdp } => self.accept_offer(sdp, now),
@@ -1062,7 +1069,9 @@ impl SimPeer {
             self.signal_log.pop_front();
         }
         self.signal_log.push_back(logged);
-        self.pump(now);
+        if negotiates {
+            self.pump(now);
+        }
     }
 
     /// Closes the peer's `Rtc` (as a closed browser tab would); it sends nothing afterwards.

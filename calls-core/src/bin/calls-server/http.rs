@@ -14,6 +14,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router as Http};
 use calls_core::{CallId, RouterError, SessionId, UserId};
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -706,7 +707,7 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
     let mut tokens = rate * 4.0;
     let mut last = Instant::now();
     let mut left_for_good = false;
-    loop {
+    'messages: loop {
         tokio::select! {
             incoming = socket.recv() => {
                 let msg = match incoming {
@@ -770,26 +771,44 @@ async fn session_socket(app: Arc<App>, q: JoinQuery, mut socket: WebSocket) {
                 }
             }
             outgoing = rx.recv() => {
-                match outgoing {
-                    Some(ToClient::Text(text)) => {
-                        if socket.send(Message::Text(text.into())).await.is_err() { break; }
-                    }
-                    Some(ToClient::Close(reason)) => {
-                        close_with(&mut socket, 4000, &reason).await;
-                        left_for_good = true;
-                        break;
-                    }
-                    Some(ToClient::Replaced) => {
-                        // Not the end of the session: the newer socket has it (its generation
-                        // keeps this socket's grace timer from ending it).
-                        close_with(&mut socket, 4000, "resumed on another connection").await;
-                        break;
-                    }
-                    None => {
-                        // The worker dropped our sender without a close: we did not read our
-                        // messages fast enough and it ended the session.
-                        close_with(&mut socket, CLOSE_SLOW_CONSUMER, "too slow: signaling queue full; join again").await;
-                        break;
+                // Everything already queued for this client goes out in one write: a join
+                // sends everyone in the call several roster messages at once. (A close frame
+                // is sent with a flush, which takes the fed messages before it along.)
+                let mut next = outgoing;
+                loop {
+                    match next {
+                        Some(ToClient::Text(text)) => {
+                            if socket.feed(Message::Text(text.into())).await.is_err() {
+                                break 'messages;
+                            }
+                            next = match rx.try_recv() {
+                                Ok(msg) => Some(msg),
+                                Err(mpsc::error::TryRecvError::Empty) => {
+                                    if socket.flush().await.is_err() {
+                                        break 'messages;
+                                    }
+                                    continue 'messages;
+                                }
+                                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                            };
+                        }
+                        Some(ToClient::Close(reason)) => {
+                            close_with(&mut socket, 4000, &reason).await;
+                            left_for_good = true;
+                            break 'messages;
+                        }
+                        Some(ToClient::Replaced) => {
+                            // Not the end of the session: the newer socket has it (its
+                            // generation keeps this socket's grace timer from ending it).
+                            close_with(&mut socket, 4000, "resumed on another connection").await;
+                            break 'messages;
+                        }
+                        None => {
+                            // The worker dropped our sender without a close: we did not read
+                            // our messages fast enough and it ended the session.
+                            close_with(&mut socket, CLOSE_SLOW_CONSUMER, "too slow: signaling queue full; join again").await;
+                            break 'messages;
+                        }
                     }
                 }
             }

@@ -4,6 +4,7 @@ bar, and a report (table and JSON)."""
 import argparse
 import ipaddress
 import json
+import os
 import resource
 import socket
 import sys
@@ -106,6 +107,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--secret", help="the server's auth_secret: mint join tokens")
     p.add_argument("--threads", type=int, default=0, help="media threads (0: one per core)")
     p.add_argument("--server-pid", type=int, help="the server process (default: found by port)")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the load tester at this much lower CPU priority (0-19), so that on a machine "
+        "it shares with the server it does not take the CPU time the server's lag is measured by",
+    )
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument(
         "--html",
@@ -152,6 +161,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         p.error("--stalled-readers must be between 0 and --participants")
     if args.stall_after < 0:
         p.error("--stall-after must be 0 or more")
+    if not 0 <= args.nice <= 19:
+        p.error("--nice must be between 0 and 19")
     return args
 
 
@@ -315,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
     config = {k: v for k, v in vars(args).items() if k != "secret"}
     config["server_pid"] = pid
 
+    if args.nice:
+        # Before the swarm starts: its threads inherit this thread's priority.
+        os.nice(args.nice)
     try:
         swarm = Swarm(args.url, participants, args.duration, threads=args.threads)
     except CallsError as e:
