@@ -141,6 +141,8 @@ pub(crate) struct Session {
     pub next_timeout: Option<Instant>,
     /// In the router's touched list (has writes that need a timeout to go out).
     pub touched: bool,
+    /// Packets written since the session last ran (`Router::finish` lets each one out).
+    pub unflushed: u16,
     /// When str0m last asked to be woken (before any rounding to the router's tick grid).
     pub str0m_due: Option<Instant>,
     /// Nothing in this session needs str0m's timers on time (`router::is_quiet`), as of its
@@ -268,6 +270,7 @@ impl Session {
             pending_offer: None,
             next_timeout: None,
             touched: false,
+            unflushed: 0,
             str0m_due: None,
             quiet: false,
             rtt_ms: None,

@@ -719,6 +719,7 @@ fn write(
         rtp = rtp.vp8_patch(patch);
     }
     tx.write_rtp(rtp);
+    s.unflushed = s.unflushed.saturating_add(1);
     counters.media_out.add(incoming.is_audio, payload_len);
     if mapping.strip_red {
         counters.red_stripped += 1;

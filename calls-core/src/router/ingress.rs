@@ -35,7 +35,7 @@ impl Router {
         datagrams: impl IntoIterator<Item = Datagram<'a>>,
         now: Instant,
     ) {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         for datagram in datagrams {
             self.ingest(datagram, now);
         }
@@ -77,7 +77,7 @@ impl Router {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), TcpError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         let Some(mut state) = self.tcp_conns.remove(&conn) else {
             return Err(TcpError::UnknownConnection(conn));
         };

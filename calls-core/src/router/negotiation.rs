@@ -31,7 +31,7 @@ impl Router {
         msg: ClientMessage,
         now: Instant,
     ) -> Result<(), RouterError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         if !self.sessions.contains_key(&session) {
             return Err(RouterError::UnknownSession(session));
         }

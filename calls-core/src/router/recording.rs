@@ -43,7 +43,7 @@ impl Router {
         options: RecordingOptions,
         now: Instant,
     ) -> Result<(), RouterError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         let c = self
             .calls
             .get_mut(call)
@@ -71,7 +71,7 @@ impl Router {
     /// finished (`FileFinished` with its start offset and duration), then `Stopped`. Every
     /// member is told.
     pub fn stop_recording(&mut self, call: &CallId, now: Instant) -> Result<(), RouterError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         let recorder = self
             .calls
             .get_mut(call)

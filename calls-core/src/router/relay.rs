@@ -296,7 +296,7 @@ impl Router {
         link: LinkId,
         now: Instant,
     ) -> Result<(), RouterError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         if self.relay.links.contains_key(&link) {
             return Err(RouterError::RelayLinkExists(link));
         }
@@ -343,7 +343,7 @@ impl Router {
     /// slots are emptied and remapped, members hear `participant_left`), and nothing more is
     /// exported on it.
     pub fn relay_close(&mut self, link: LinkId, now: Instant) -> Result<(), RouterError> {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         let Some(l) = self.relay.links.get(&link) else {
             return Err(RouterError::UnknownRelayLink(link));
         };
@@ -389,7 +389,7 @@ impl Router {
     /// ([`MetricsSnapshot::relay`](crate::MetricsSnapshot::relay)); nothing here fails. Drain
     /// [`Router::poll_output`] afterwards.
     pub fn handle_relay(&mut self, link: LinkId, bytes: &[u8], now: Instant) {
-        self.last_now = now;
+        self.last_now = self.last_now.max(now);
         let counters = &mut self.counters.snapshot.relay;
         counters.frames_in += 1;
         counters.bytes_in += bytes.len() as u64;

@@ -127,6 +127,9 @@ pub struct SimWorld {
     undeliverable: u64,
     signals_to_absent: u64,
     capture: Capture,
+    /// `Some(lag)`: datagrams for the router go to it in batches (see
+    /// [`SimWorld::batch_router_input`]).
+    router_batch: Option<Duration>,
     steps: u64,
     tcp_conns: BTreeMap<ConnId, SimTcpConn>,
     tcp_routes: BTreeMap<(SocketAddr, SocketAddr), ConnId>,
@@ -188,6 +191,7 @@ impl SimWorld {
             undeliverable: 0,
             signals_to_absent: 0,
             capture: Capture::default(),
+            router_batch: None,
             steps: 0,
             tcp_conns: BTreeMap::new(),
             tcp_routes: BTreeMap::new(),
@@ -501,6 +505,14 @@ impl SimWorld {
         };
     }
 
+    /// Hands the router its datagrams as the reference server's worker does: everything due
+    /// at one instant in one [`Router::handle_datagrams`] call, stamped `lag` before now (when
+    /// they were received: they waited in the worker's queue, behind timers it ran at now).
+    /// `None` (the default): one `handle_datagram` per datagram, at now.
+    pub fn batch_router_input(&mut self, lag: Option<Duration>) {
+        self.router_batch = lag;
+    }
+
     /// Starts recording up to `max` datagrams that the router sends to `to` (UDP), as they
     /// leave it: before the network's loss or delay.
     pub fn capture_to(&mut self, to: SocketAddr, max: usize) {
@@ -682,6 +694,30 @@ impl SimWorld {
         // Signaling due now goes first: the router's outputs leave in order, and a slot
         // mapping sent before a packet must not be overtaken by it on a zero-delay network.
         self.deliver_due_signals(now);
+        if let Some(lag) = self.router_batch {
+            let mut batch = Vec::new();
+            while let Some(d) = self.net.pop_due(now) {
+                if self.router_addrs.contains(&d.to) {
+                    batch.push(d);
+                } else {
+                    self.deliver_datagram(d.from, d.to, &d.contents);
+                }
+            }
+            if !batch.is_empty() {
+                let received = now.checked_sub(lag).unwrap_or(now).max(self.start);
+                self.router.handle_datagrams(
+                    batch.iter().map(|d| Datagram {
+                        proto: Proto::Udp,
+                        source: d.from,
+                        destination: d.to,
+                        contents: &d.contents,
+                    }),
+                    received,
+                );
+                self.drain_router();
+            }
+            self.deliver_due_signals(now);
+        }
         while let Some(d) = self.net.pop_due(now) {
             self.deliver_datagram(d.from, d.to, &d.contents);
             self.deliver_due_signals(now);
