@@ -54,9 +54,9 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 /// The longest a media thread sleeps (it also wakes for peers' timers and sockets).
 const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Bytes a participant's WebSocket asks the kernel for per read. tungstenite zeroes this much
-/// of its buffer before every read attempt, the one that finds nothing included; its default
-/// (128 KiB) made that zeroing a tenth of a 600-participant swarm's CPU. Server messages are
-/// small; a larger one (an SDP offer) just takes a few reads.
+/// of its buffer before every read attempt, the one that finds nothing included; with its
+/// default (128 KiB) that zeroing was ~3 % of a 600-participant swarm's CPU. Server messages
+/// are small; a larger one (an SDP offer) just takes a few reads.
 const WS_READ_BUFFER: usize = 8 * 1024;
 /// A media thread's read buffer (one UDP datagram, or one read of an ICE-TCP stream).
 const READ_BUFFER: usize = 16 * 1024;

@@ -718,6 +718,8 @@ impl SimWorld {
             }
             self.deliver_due_signals(now);
         }
+        // What the batch's answers made due at this instant (a zero-delay network) goes one
+        // datagram at a time, also in batch mode.
         while let Some(d) = self.net.pop_due(now) {
             self.deliver_datagram(d.from, d.to, &d.contents);
             self.deliver_due_signals(now);
