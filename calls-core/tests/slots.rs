@@ -595,7 +595,51 @@ fn two_speakers_reach_quiet_listeners_at_once(mut world: SimWorld) {
                 world.now() - t.last_packet_at.unwrap_or(world.now()) < secs(0.1),
                 "listener {listener}, speaker {speaker}: {t:?}"
             );
+            // Measured packet by packet: from the speaker's send to the listener's receive.
+            let delay = &t.audio_delay;
+            assert!(
+                delay.count() + 5 >= t.packets && delay.max() < Some(secs(0.06)),
+                "listener {listener}, speaker {speaker}: delay p50 {:?}, p99 {:?}, max {:?} over {} packets",
+                delay.quantile(0.5),
+                delay.quantile(0.99),
+                delay.max(),
+                delay.count()
+            );
         }
+    }
+}
+
+#[test]
+fn listeners_measure_the_audio_delay_the_network_adds() {
+    // Each audio payload carries its publisher's send time (the peers share the world's
+    // clock), so a listener measures the whole path: 40 ms up to the router, 40 ms down.
+    let mut world = SimWorld::new(113, epoch());
+    world.set_impairment(Impairment::delay(Duration::from_millis(40)));
+    let peers = meeting(&mut world, 4, 1);
+    world.run_for(secs(6.0));
+    for &listener in &peers[1..] {
+        let t = stats(&world, listener, peers[0], MIC);
+        let delay = t.audio_delay.clone();
+        let all = world.peer(listener).audio_delay();
+        assert!(
+            all.count() >= delay.count(),
+            "the peer's total holds its tracks'"
+        );
+        let (p50, p99, max) = (
+            delay.quantile(0.5).unwrap_or_default(),
+            delay.quantile(0.99).unwrap_or_default(),
+            delay.max().unwrap_or_default(),
+        );
+        assert!(
+            delay.count() > 200 && delay.count() + 5 >= t.packets,
+            "listener {listener}: {} delays for {} packets",
+            delay.count(),
+            t.packets
+        );
+        assert!(
+            p50 >= secs(0.08) && p99 <= secs(0.09) && max < secs(0.1),
+            "listener {listener}: p50 {p50:?}, p99 {p99:?}, max {max:?}"
+        );
     }
 }
 

@@ -334,6 +334,15 @@ pub struct ParticipantStats {
     pub audio_jitter_ms: Option<f64>,
     /// The largest RFC 3550 jitter among its received video tracks, ms.
     pub video_jitter_ms: Option<f64>,
+    /// Audio delay: how long its received audio packets took from their publisher's send
+    /// (in this process) to its receive, over every publisher it heard; median, ms. It holds
+    /// the server's and the network's share and the load tester's own lateness in sending and
+    /// reading (a busy tester reads late). `None` before the first audio packet.
+    pub audio_delay_p50_ms: Option<f64>,
+    /// Audio delay, 99th percentile, ms.
+    pub audio_delay_p99_ms: Option<f64>,
+    /// Audio delay, the largest, ms.
+    pub audio_delay_max_ms: Option<f64>,
     /// The longest frame gap among its received video tracks, ms.
     pub max_frame_gap_ms: f64,
     /// `speaker` messages (active speaker changes) received.
@@ -439,6 +448,7 @@ impl Swarm {
             );
             let worker = MediaThread {
                 shared: shared.clone(),
+                started,
                 deadline,
                 server,
             };
@@ -783,6 +793,9 @@ struct Live {
 /// Runs the media of one thread's participants.
 struct MediaThread {
     shared: Arc<Shared>,
+    /// The swarm's start: the clock origin every participant's audio send times count from
+    /// ([`PeerOptions::clock_origin`]), so any participant can time any other's packets.
+    started: Instant,
     deadline: Instant,
     server: SocketAddr,
 }
@@ -889,6 +902,9 @@ impl MediaThread {
                     due[slot] = None;
                     continue;
                 }
+                // Read again per participant: going through hundreds takes milliseconds, and
+                // the audio send times and arrivals are stamped with it (audio delay).
+                let now = Instant::now();
                 if is_ready & READY_WS != 0 {
                     l.read_signaling(now);
                 }
@@ -960,6 +976,7 @@ impl MediaThread {
             screen: spec.screen,
             transport: spec.transport,
             dtx: spec.dtx,
+            clock_origin: Some(self.started),
             ..base
         };
         let mut peer = SimPeer::new(
@@ -1447,6 +1464,11 @@ impl Live {
             r.freezes += watch.freeze.count;
             r.tracks.push(track);
         }
+        let delay = self.peer.audio_delay();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        r.audio_delay_p50_ms = ms(delay.quantile(0.5));
+        r.audio_delay_p99_ms = ms(delay.quantile(0.99));
+        r.audio_delay_max_ms = ms(delay.max());
         for stats in self.peer.unattributed().values() {
             r.packets_received += stats.packets;
             r.bytes_received += stats.bytes;

@@ -70,6 +70,16 @@ def test_each_broken_threshold_is_named() -> None:
         [stats(0, state="failed", received=0), stats(1), stats(2), stats(3)],
         Thresholds(max_failed=1, min_receiving_percent=75.0),
     ).passed
+    # Audio delay: the 99th percentile of the participants' own p99s, so one slow
+    # participant of four fails the run, and one of two hundred does not.
+    slow = [replace(stats(i), audio_delay_p99_ms=20.0 + 500.0 * (i == 3)) for i in range(4)]
+    late = judge(people, slow, Thresholds())
+    assert [f.split(" (")[-1] for f in late.failures] == ["--max-audio-delay 400 ms)"], late
+    assert late.audio_delay_p99_ms == 520.0 and "1 of 4 participants over" in late.failures[0]
+    crowd = plan(participants=200, speakers=2)
+    outlier = [replace(stats(i), audio_delay_p99_ms=20.0 + 500.0 * (i == 7)) for i in range(200)]
+    assert judge(crowd, outlier, Thresholds()).audio_delay_p99_ms == 20.0
+    assert judge(crowd, outlier, Thresholds(max_audio_delay_ms=10.0)).failures
 
 
 def test_stalled_readers_are_on_ice_tcp_and_being_closed_is_not_their_failure() -> None:
@@ -94,7 +104,8 @@ def test_help_shows_defaults_and_thresholds() -> None:
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     for needle in ("--max-failed N", "an error) (default: 0)", "(default: 100%)",
-                   "(default: 1%)", "(default: 60.0)", "Exit status"):
+                   "(default: 1%)", "(default: 60.0)", "Exit status",
+                   "--max-audio-delay MS", "is 400 ms) (default: 400.0)"):
         assert needle in text, (needle, done.stdout)
     assert "(default: None)" not in text
 
@@ -127,6 +138,7 @@ def test_a_healthy_run_passes_with_video(server: Server) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "PASS failed 0" in done.stderr, done.stderr
+    assert "audio delay p99" in " ".join(done.stderr.split()), done.stderr
 
 
 def test_a_priority_outside_nice_range_is_refused() -> None:

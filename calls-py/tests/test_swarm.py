@@ -33,6 +33,12 @@ def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -
             assert "camera" in sources, s
         assert s.loss < 0.01, s
         assert s.rx_kbps > 30, s
+        # Audio delay, timed from each speaker's send to this participant's receive (same
+        # process, shared clock): loopback and an idle server add milliseconds, not seconds.
+        assert s.audio_delay_p50_ms is not None and s.audio_delay_p99_ms is not None, s
+        assert s.audio_delay_max_ms is not None, s
+        assert 0 <= s.audio_delay_p50_ms <= s.audio_delay_p99_ms <= s.audio_delay_max_ms, s
+        assert s.audio_delay_p50_ms < 100, s
     speakers = [s for s in stats if s.speaking]
     assert len(speakers) == 2
     # The camera publisher got keyframe requests answered: every viewer has a keyframe.
@@ -55,6 +61,7 @@ def test_twenty_participants_all_receive_media_for_ten_seconds(server: Server) -
             assert x.ssrc_changes == 0 and x.picture_id_breaks == 0, x
     report = build_report({}, stats, wall_s=10.0)
     assert report["totals"]["slots"]["misattributed"] == 0
+    assert report["per_participant"]["audio_delay_p99_ms"]["n"] == 20
     assert report["totals"]["slots"]["receiving"]["camera"] == 19
 
 

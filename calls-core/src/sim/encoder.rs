@@ -381,6 +381,35 @@ pub(crate) fn opus_origin(payload: &[u8]) -> Option<(u16, u32)> {
     Some((seq, rtp_time))
 }
 
+/// Marks a send time in a synthetic Opus payload (byte 8, before the time's 7 bytes).
+const SENT_AT_MARK: u8 = 0xD3;
+/// Where a synthetic Opus payload keeps its send time: the mark, then 56 bits of µs.
+const SENT_AT: std::ops::Range<usize> = 8..16;
+
+/// Writes the publisher's send time (`micros` since the clock origin its receivers share,
+/// [`PeerOptions::clock_origin`](super::PeerOptions::clock_origin)) into a synthetic Opus
+/// payload made by [`opus_payload`], after its sequence number and RTP time, so that a receiver
+/// in the same process can measure how long the packet took to reach it.
+pub(crate) fn stamp_sent_at(payload: &mut [u8], micros: u64) {
+    if payload.len() < 32 || payload[0] != OPUS_TOC {
+        return;
+    }
+    let bytes = micros.min((1 << 56) - 1).to_be_bytes();
+    payload[SENT_AT.start] = SENT_AT_MARK;
+    payload[SENT_AT.start + 1..SENT_AT.end].copy_from_slice(&bytes[1..]);
+}
+
+/// The send time [`stamp_sent_at`] wrote into a synthetic Opus payload (µs since the clock
+/// origin), if it carries one.
+pub(crate) fn opus_sent_at(payload: &[u8]) -> Option<u64> {
+    if payload.len() < 32 || payload[0] != OPUS_TOC || payload[SENT_AT.start] != SENT_AT_MARK {
+        return None;
+    }
+    let mut bytes = [0u8; 8];
+    bytes[1..].copy_from_slice(&payload[SENT_AT.start + 1..SENT_AT.end]);
+    Some(u64::from_be_bytes(bytes))
+}
+
 /// Frames in one keyframe interval at one frame per `frame_interval` (over which a layer's
 /// keyframe bytes are spread).
 pub(crate) fn frames_per_interval(keyframe_interval: Duration, frame_interval: Duration) -> f64 {
@@ -549,5 +578,28 @@ mod tests {
             .packets
             .iter()
             .all(|(p, _)| (600..=1100).contains(&p.len())));
+    }
+
+    #[test]
+    fn an_opus_payload_carries_its_send_time_beside_its_numbers_and_tag() {
+        for len in [32, 60, 120] {
+            let mut payload = opus_payload(len, 70_000, 123_456, true);
+            assert_eq!(opus_sent_at(&payload), None, "filler is not a send time");
+            tag_source(&mut payload, 0xABCD_EF01);
+            stamp_sent_at(&mut payload, 987_654_321);
+            assert_eq!(opus_sent_at(&payload), Some(987_654_321));
+            assert_eq!(opus_origin(&payload), Some((70_000u64 as u16, 123_456)));
+            assert_eq!(source_tag(&payload), Some(0xABCD_EF01));
+        }
+        let mut video = vec![FILLER; 64];
+        stamp_sent_at(&mut video, 5);
+        assert_eq!(opus_sent_at(&video), None, "only Opus payloads are stamped");
+        let mut far = opus_payload(40, 1, 2, false);
+        stamp_sent_at(&mut far, u64::MAX);
+        assert_eq!(
+            opus_sent_at(&far),
+            Some((1 << 56) - 1),
+            "saturates at 56 bits"
+        );
     }
 }

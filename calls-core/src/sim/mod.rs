@@ -35,7 +35,7 @@ pub use net::{Delivery, Impairment, NetStats, SimNet};
 pub use peer::{
     NegotiationCounts, PeerOptions, PeerSignal, PeerTransmit, SentStats, SimPeer, Transport,
 };
-pub use receiver::{Attribution, Freezes, Jitter, LayerBytes, SlotMap, TrackStats};
+pub use receiver::{Attribution, DelayHistogram, Freezes, Jitter, LayerBytes, SlotMap, TrackStats};
 pub use relay::SimRelayPair;
 pub use tcp::{Deframer, TcpDirStats, TcpStats};
 pub use world::{SimRecordedFile, SimWorld};

@@ -64,9 +64,9 @@ use crate::Proto;
 
 use super::encoder::{
     frames_per_interval, keyframe_due, opus_payload, simulcast_frame_interval, simulcast_layers,
-    tag_source, Frame, Vp8Encoder,
+    stamp_sent_at, tag_source, Frame, Vp8Encoder,
 };
-use super::receiver::{session_tag, Attribution, SlotMap, TrackStats};
+use super::receiver::{session_tag, Attribution, DelayHistogram, SlotMap, TrackStats};
 
 /// Audio packet interval (Opus 20 ms frames).
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -136,6 +136,14 @@ pub struct PeerOptions {
     /// Honour `usedtx=1` in the router's answer, as Chromium does: while muted or silent the
     /// microphone sends one packet per 400 ms (Opus DTX) instead of one per 20 ms. Default on.
     pub dtx: bool,
+    /// A time origin this peer shares with the peers it hears and that hear it. With it, each
+    /// Opus payload carries its send time (µs since the origin) and a receiver records how
+    /// long every audio packet took to reach it ([`TrackStats::audio_delay`]). Only
+    /// meaningful in one process (the simulation, the load tester's swarm); [`SimWorld`]
+    /// sets its start time on peers that have none. Default `None`: no send times.
+    ///
+    /// [`SimWorld`]: super::SimWorld
+    pub clock_origin: Option<Instant>,
 }
 
 impl Default for PeerOptions {
@@ -155,6 +163,7 @@ impl Default for PeerOptions {
             opus_pt: None,
             red_lie_every: None,
             dtx: true,
+            clock_origin: None,
         }
     }
 }
@@ -758,6 +767,18 @@ impl SimPeer {
         })
     }
 
+    /// How long the audio this peer received took to reach it, over every publisher it heard
+    /// ([`TrackStats::audio_delay`]; empty without a [`PeerOptions::clock_origin`]).
+    pub fn audio_delay(&self) -> DelayHistogram {
+        let mut all = DelayHistogram::default();
+        for (_, source, stats) in self.received() {
+            if source.is_audio() {
+                all.merge(&stats.audio_delay);
+            }
+        }
+        all
+    }
+
     /// Packets that arrived on slots the mapping called empty (or never described), by mid.
     pub fn unattributed(&self) -> &BTreeMap<String, TrackStats> {
         &self.unattributed
@@ -1265,6 +1286,7 @@ impl SimPeer {
         let fec = self.options.opus_fec;
         let red_lie_every = self.options.red_lie_every;
         let tag = session_tag(self.session);
+        let clock_origin = self.options.clock_origin;
         let SimPeer {
             rtc,
             rng,
@@ -1298,6 +1320,10 @@ impl SimPeer {
             let len = rng.usize(60..=120);
             let e = &p.encodings[0];
             let mut opus = opus_payload(len, e.seq, e.rtp_time, fec);
+            if let Some(origin) = clock_origin {
+                let micros = now.saturating_duration_since(origin).as_micros();
+                stamp_sent_at(&mut opus, u64::try_from(micros).unwrap_or(u64::MAX));
+            }
             tag_source(&mut opus, tag);
             let payload = match red_pt {
                 // RFC 2198: the previous packet (960 ticks earlier) as the redundant block.
@@ -1484,7 +1510,7 @@ impl SimPeer {
                 .params()
                 .iter()
                 .any(|p| p.red() == Some(pkt.header.payload_type));
-            stats.record_audio(&pkt, red);
+            stats.record_audio(&pkt, red, self.options.clock_origin, now);
         }
         match self.slot_stats.get_mut(name.as_str()) {
             Some(slot) => slot.record(name, &pkt, is_video, now),

@@ -310,6 +310,8 @@ impl SimWorld {
             .seed
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(session.0);
+        let mut options = options;
+        options.clock_origin.get_or_insert(self.start);
         let mut peer = SimPeer::new(session, user, addr, &options, seed, self.now);
         peer.start(self.now);
         self.peer_addrs.insert(addr, session);

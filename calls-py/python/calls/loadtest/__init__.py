@@ -194,6 +194,13 @@ class ParticipantStats:
     #: The largest RFC 3550 jitter among its received audio / video tracks.
     audio_jitter_ms: Optional[float] = None
     video_jitter_ms: Optional[float] = None
+    #: Audio delay: how long its received audio packets took from their publisher's send (in
+    #: this process) to its receive, over every publisher it heard: median, 99th percentile,
+    #: largest. Holds the server's and the network's share and the load tester's own lateness
+    #: (a busy tester reads late). None before the first audio packet.
+    audio_delay_p50_ms: Optional[float] = None
+    audio_delay_p99_ms: Optional[float] = None
+    audio_delay_max_ms: Optional[float] = None
     #: The longest frame gap among its received video tracks.
     max_frame_gap_ms: float = 0.0
     #: ``speaker`` messages (active speaker changes) received.

@@ -145,9 +145,19 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         metavar="PERCENT",
         help="media packets lost, over every participant",
     )
+    limits.add_argument(
+        "--max-audio-delay",
+        type=float,
+        default=400.0,
+        metavar="MS",
+        help="audio delay (publisher's send to listener's receive) that 99%% of the participants "
+        "keep 99%% of their audio under (ITU-T G.114's planning limit is 400 ms)",
+    )
     args = p.parse_args(argv)
     if args.max_failed < 0:
         p.error("--max-failed must be 0 or more")
+    if not args.max_audio_delay > 0:
+        p.error("--max-audio-delay must be positive")
     if args.html:
         why = matplotlib_missing()
         if why:
@@ -436,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
             max_failed=args.max_failed,
             min_receiving_percent=args.min_receiving,
             max_loss_percent=args.max_loss,
+            max_audio_delay_ms=args.max_audio_delay,
         ),
     )
     report["verdict"] = verdict.to_dict()
@@ -462,6 +473,11 @@ def run(args: argparse.Namespace) -> int:
         f"receiving {verdict.receiving}/{verdict.expected_receivers} "
         f"(min {args.min_receiving:g}%), loss {verdict.loss_percent:.2f}% "
         f"(max {args.max_loss:g}%)"
+        + (
+            f", audio delay p99 {verdict.audio_delay_p99_ms:.0f} ms (max {args.max_audio_delay:g} ms)"
+            if verdict.audio_delay_p99_ms is not None
+            else ""
+        )
     )
     return 0
 

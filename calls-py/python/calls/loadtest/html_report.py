@@ -34,6 +34,7 @@ CSV_COLUMNS = (
     "welcome_ms", "connected_ms", "join_ms", "packets_sent", "packets_received",
     "bytes_received", "lost", "loss", "late_or_duplicate", "media_s", "rx_kbps", "tx_kbps",
     "rx_kbps_q", "rx_kbps_h", "rx_kbps_f", "audio_jitter_ms", "video_jitter_ms",
+    "audio_delay_p50_ms", "audio_delay_p99_ms",
     "max_frame_gap_ms", "freezes", "keyframe_requests", "signal_errors", "tcp_errors",
 )
 

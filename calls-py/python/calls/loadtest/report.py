@@ -424,6 +424,12 @@ def build_report(
             "video_jitter_ms": percentiles(
                 [s.video_jitter_ms for s in stats if s.video_jitter_ms is not None]
             ),
+            "audio_delay_p50_ms": percentiles(
+                [s.audio_delay_p50_ms for s in stats if s.audio_delay_p50_ms is not None]
+            ),
+            "audio_delay_p99_ms": percentiles(
+                [s.audio_delay_p99_ms for s in stats if s.audio_delay_p99_ms is not None]
+            ),
             "max_frame_gap_ms": percentiles([s.max_frame_gap_ms for s in video_viewers]),
             "speaker_messages": percentiles(
                 [float(s.speaker_messages) for s in stats if s.session is not None]

@@ -1,6 +1,7 @@
 """Pass or fail: the thresholds a CI job holds a load test to, and the check that the server
 answers at all before any participant is started."""
 
+import math
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ def parse_percent(text: str) -> float:
 @dataclass(frozen=True)
 class Thresholds:
     """What a run must reach to pass (the command line's ``--max-failed``,
-    ``--min-receiving``, ``--max-loss``)."""
+    ``--min-receiving``, ``--max-loss``, ``--max-audio-delay``)."""
 
     #: Participants allowed to fail (no join, no connection, or an error).
     max_failed: int = 0
@@ -38,6 +39,10 @@ class Thresholds:
     min_receiving_percent: float = 100.0
     #: Percent of the media packets, over every participant, that may be lost.
     max_loss_percent: float = 1.0
+    #: Audio delay (publisher's send to listener's receive) that 99 % of the participants
+    #: keep 99 % of their audio under, ms: the 99th percentile over participants of each
+    #: one's own 99th percentile (with fewer than 100 participants, the worst one's).
+    max_audio_delay_ms: float = 400.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class Verdict:
     receiving: int
     expected_receivers: int
     loss_percent: float
+    #: The audio delay held to ``max_audio_delay_ms`` (None: nobody received audio).
+    audio_delay_p99_ms: Optional[float] = None
 
     @property
     def passed(self) -> bool:
@@ -62,6 +69,7 @@ class Verdict:
             "receiving_media": self.receiving,
             "expected_receivers": self.expected_receivers,
             "loss_percent": self.loss_percent,
+            "audio_delay_p99_ms": self.audio_delay_p99_ms,
         }
 
 
@@ -133,12 +141,22 @@ def judge(
             f"{loss:.2f}% of media packets lost ({lost} of {received + lost}) "
             f"(--max-loss {thresholds.max_loss_percent:g}%)"
         )
+    delays = sorted(s.audio_delay_p99_ms for s in stats if s.audio_delay_p99_ms is not None)
+    audio_delay = delays[max(0, math.ceil(0.99 * len(delays)) - 1)] if delays else None
+    if audio_delay is not None and audio_delay > thresholds.max_audio_delay_ms:
+        over = sum(1 for d in delays if d > thresholds.max_audio_delay_ms)
+        failures.append(
+            f"audio delay p99 {audio_delay:.0f} ms over the participants' own p99s; "
+            f"{over} of {len(delays)} participants over "
+            f"(--max-audio-delay {thresholds.max_audio_delay_ms:g} ms)"
+        )
     return Verdict(
         failures=failures,
         failed=failed,
         receiving=receiving,
         expected_receivers=n_expected,
         loss_percent=loss,
+        audio_delay_p99_ms=audio_delay,
     )
 
 
