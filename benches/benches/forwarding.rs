@@ -240,6 +240,31 @@ fn memory(_c: &mut Criterion) {
             router_only / participants as isize,
         );
     }
+    // Memory must not grow with the call's length: the reference call (everyone a muted
+    // microphone, two talking), router alone, after 24 s and after 48 s. str0m kept one
+    // history entry per packet sent on a stream that never saw a NACK (all audio) for the
+    // stream's life, 1.2 KB per second per listener and speaker (vendored str0m patch 0010).
+    // Not the participants: their str0m's TWCC send registers (1000 records) take minutes to
+    // fill at DTX rates.
+    let router_after = |secs: u64| {
+        let before = live_bytes();
+        let mut call = OursCall::room(Media::Audio, 2, big - 2, true);
+        call.run_realtime(Duration::from_secs(secs));
+        let router = call.into_router();
+        let bytes = live_bytes() - before;
+        drop(router);
+        bytes / big as isize
+    };
+    let (early, late) = (router_after(24), router_after(48));
+    eprintln!(
+        "memory ours {big} participants, 2 speakers, {} muted microphones: router {early} B/participant after 24 s, {late} after 48 s",
+        big - 2
+    );
+    assert!(
+        late - early < 2048,
+        "the router's memory grew {} B per participant from 24 s to 48 s of the same call",
+        late - early
+    );
 }
 
 /// Incoming packets per criterion iteration in the simulcast group: its mean fan-out (≈ 3.7)
@@ -425,6 +450,8 @@ fn aes_gcm(c: &mut Criterion) {
 /// nothing to forward (timers, STUN consent, RTCP), and the cost per forwarded packet from one
 /// audio speaker to 10, 100 and 1000 listeners; both as ratios to the per-packet cost of the
 /// 1 -> 10 call in the same run. Timed by hand (the idle part has no criterion iteration).
+/// Each size also runs with direct audio off (every packet through str0m's send queue, as
+/// before the vendored patch 0009), for the ratio of the two in the same run.
 fn idle_listeners(_c: &mut Criterion) {
     let sizes: &[usize] = if test_mode() {
         &[10, 20]
@@ -435,19 +462,24 @@ fn idle_listeners(_c: &mut Criterion) {
     let idle = Duration::from_secs(if test_mode() { 1 } else { 10 });
     let mut base_ns = None;
     for &n in sizes {
-        let mut call = OursCall::new(Media::Audio, 1, n);
-        run(&mut call, packets / 10); // warm-up
-        let timed = run(&mut call, packets);
-        let forwarded = packets * n as u64;
-        let per_packet_ns = timed.as_nanos() as f64 / forwarded as f64;
+        let per_packet = |direct: bool| {
+            let mut call = OursCall::new(Media::Audio, 1, n).with_direct_audio(direct);
+            run(&mut call, packets / 10); // warm-up
+            let timed = run(&mut call, packets);
+            (timed.as_nanos() as f64 / (packets * n as u64) as f64, call)
+        };
+        let (queued_ns, queued) = per_packet(false);
+        drop(queued);
+        let (per_packet_ns, mut call) = per_packet(true);
         let base = *base_ns.get_or_insert(per_packet_ns);
         call.fall_silent();
         let busy = call.idle_for(idle);
         let idle_ns = busy.as_nanos() as f64 / (n as f64 * idle.as_secs_f64());
         eprintln!(
-            "idle-listeners 1 -> {n}: {per_packet_ns:.0} ns per forwarded packet ({:.2}x the 1 -> {} case); idle {:.1} us per listener per second (= {:.1} forwarded packets)",
+            "idle-listeners 1 -> {n}: {per_packet_ns:.0} ns per forwarded packet ({:.2}x the 1 -> {} case; queued in str0m {queued_ns:.0} ns, {:.2}x); idle {:.1} us per listener per second (= {:.1} forwarded packets)",
             per_packet_ns / base,
             sizes[0],
+            queued_ns / per_packet_ns,
             idle_ns / 1000.0,
             idle_ns / base,
         );

@@ -200,6 +200,13 @@ impl OursCall {
         .with_baseline()
     }
 
+    /// Audio to listeners without video sent at once (the default) or queued in str0m as
+    /// before the vendored patch 0009 ([`calls_core::Router::set_direct_audio`]).
+    pub fn with_direct_audio(mut self, on: bool) -> Self {
+        self.world.router_mut().set_direct_audio(on);
+        self
+    }
+
     /// Sets how the server clock advances while routing (default [`ServerClock::Step`]).
     pub fn with_clock(mut self, clock: ServerClock) -> Self {
         self.clock = clock;

@@ -179,6 +179,11 @@ pub struct MetricsSnapshot {
     /// with no timer due); their timers run on their own wake-ups.
     #[serde(default)]
     pub write_timeouts: u64,
+    /// Audio packets sent to a subscriber at once, without str0m's send queue and pacer
+    /// (subscribers that do not measure their audio: no video reaches them). The rest of the
+    /// media out was queued and flushed (`write_flushes`).
+    #[serde(default)]
+    pub direct_sends: u64,
     /// Published microphones whose latest packet was RED (RFC 2198 redundant audio).
     #[serde(default)]
     pub red_streams: u64,
@@ -374,6 +379,7 @@ impl MetricsSnapshot {
         self.timer_wakeups += other.timer_wakeups;
         self.write_flushes += other.write_flushes;
         self.write_timeouts += other.write_timeouts;
+        self.direct_sends += other.direct_sends;
         self.red_streams += other.red_streams;
         self.red_packets_in += other.red_packets_in;
         self.red_stripped += other.red_stripped;
@@ -701,6 +707,12 @@ mod prom {
             "write_timeouts",
             "Write flushes that also ran the session's due timers (never for quiet sessions)",
             m.write_timeouts,
+        );
+        counter(
+            &mut registry,
+            "direct_sends",
+            "Audio packets sent at once, without the send queue and pacer (subscribers without video)",
+            m.direct_sends,
         );
         gauge(
             &mut registry,

@@ -274,6 +274,12 @@ pub struct Router {
     /// Router-level deadlines (connect timeouts, unanswered offers), checked lazily.
     deadlines: BinaryHeap<Reverse<(Instant, SessionId, Deadline)>>,
     touched: Vec<SessionId>,
+    /// Datagrams made at once while forwarding one packet (`forwarding::Written::Now`); kept
+    /// for its capacity.
+    sent_now: Vec<str0m::net::Transmit>,
+    /// Audio to subscribers that do not measure it goes out at once (default); off, it is
+    /// queued in str0m like everything else ([`Router::set_direct_audio`]).
+    direct_audio: bool,
     /// Sessions whose slots may need a router offer (first offer, `slots` request, glare).
     renegotiate: Vec<SessionId>,
     /// Subscribers whose video slot mapping must be recomputed after the current input
@@ -353,6 +359,8 @@ impl Router {
             timers: BinaryHeap::new(),
             deadlines: BinaryHeap::new(),
             touched: Vec::new(),
+            sent_now: Vec::new(),
+            direct_audio: true,
             renegotiate: Vec::new(),
             remap: Vec::new(),
             dead: Vec::new(),
@@ -773,6 +781,15 @@ impl Router {
             Deadline::Connect => !state.connected,
             Deadline::OfferResend => state.pending_offer.is_some(),
         }
+    }
+
+    /// Whether audio to a subscriber that does not measure it (no video reaches it) is sent
+    /// at once, without str0m's send queue, pacer and a poll per packet (default on; the
+    /// vendored str0m patch 0009, `calls_direct_sends_total`). Off, every packet is queued
+    /// and flushed after the input, as before: for A/B measurements (`idle-listeners` bench)
+    /// and for tests of the queued path.
+    pub fn set_direct_audio(&mut self, on: bool) {
+        self.direct_audio = on;
     }
 
     /// A snapshot of every counter and gauge.

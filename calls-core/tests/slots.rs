@@ -474,7 +474,7 @@ fn muted_listeners_wake_on_the_tick_grid() {
     assert!(ok, "{}", describe(&world));
     world.run_for(secs(2.0));
     let m = world.metrics();
-    let (before, flushes, timeouts) = (m.timer_wakeups, m.write_flushes, m.write_timeouts);
+    let (before, timeouts, direct) = (m.timer_wakeups, m.write_timeouts, m.direct_sends);
     let heard = stats(&world, peers[20], talker, MIC).packets;
     world.run_for(secs(10.0));
     let m = world.metrics();
@@ -486,17 +486,34 @@ fn muted_listeners_wake_on_the_tick_grid() {
         per_listener_second <= 6.0,
         "{per_listener_second:.1} wake-ups per listener per second"
     );
-    // A packet written to a quiet listener only goes out: its timers (RTCP, the bandwidth
-    // estimator) wait for the grid instead of running on every packet (the vendored str0m
-    // patch 0005, `Rtc::handle_written`).
-    let (flushes, timeouts) = (m.write_flushes - flushes, m.write_timeouts - timeouts);
-    println!("# {flushes} write flushes, {timeouts} of them ran timers");
-    assert!(flushes >= 20 * 480, "{flushes} flushes");
+    // A packet to a listener that does not measure its audio (no video reaches it) goes out
+    // at once, through no send queue, pacer or poll (the vendored str0m patch 0009,
+    // `DirectApi::send_rtp_now`); its timers (RTCP, the bandwidth estimator) wait for the
+    // grid instead of running on every packet.
+    let (timeouts, direct) = (m.write_timeouts - timeouts, m.direct_sends - direct);
+    println!("# {direct} packets sent at once, {timeouts} writes ran timers");
+    assert!(direct >= 20 * 480, "{direct} packets sent at once");
     assert_eq!(timeouts, 0, "writes to quiet listeners ran their timers");
     // They still hear the speaker, every packet.
     let t = stats(&world, peers[20], talker, MIC);
     assert!(t.packets >= heard + 480, "{t:?}");
     assert_eq!(t.gaps, 0);
+    // And get sender reports for the packets sent at once: the sender's count (since the
+    // slot's stream was last declared: the same 487 of 601 when queued) and its RTP clock
+    // (48 kHz) follow the packets (lip sync and receiver statistics read them).
+    let (sent, report_time, packet_time) = t.sender_report.expect("a sender report");
+    assert!(
+        sent >= 400 && u64::from(sent) <= t.packets,
+        "{sent} sent, {} received",
+        t.packets
+    );
+    // The report is the latest one (str0m's RTCP interval: a few seconds), on the packets'
+    // clock: a little behind the newest packet, never ahead (the same with queued audio).
+    let behind = packet_time.wrapping_sub(report_time) as i32;
+    assert!(
+        (0..6 * 48_000).contains(&behind),
+        "report {report_time}, packet {packet_time}"
+    );
 }
 
 /// A call gone silent sleeps. str0m's delay-based bandwidth estimator, with no transport-cc
@@ -548,7 +565,11 @@ fn a_silent_call_sleeps_on_a_fast_network() {
 fn quiet_listeners_hear_two_speakers_without_delay() {
     // Two speakers' packets reach a muted listener in the same instant: str0m sends one per
     // wake-up, and the second must not wait for the tick grid.
-    two_speakers_reach_quiet_listeners_at_once(SimWorld::new(110, epoch()));
+    for (camera, direct) in [(false, true), (false, false), (true, true)] {
+        let mut world = SimWorld::new(110, epoch());
+        world.router_mut().set_direct_audio(direct);
+        two_speakers_reach_quiet_listeners_at_once(world, camera);
+    }
 }
 
 #[test]
@@ -560,13 +581,26 @@ fn quiet_listeners_hear_two_speakers_without_delay_from_a_late_batch() {
     // listener's next run is on the tick grid. Before the fix the listeners fell behind by
     // one packet per batch, for good (2 s late in a 1000-participant call). Each half of the
     // fix (one run per packet written, the flush at the newest time) fails this alone.
-    let mut world = SimWorld::new(111, epoch());
-    world.batch_router_input(Some(Duration::from_millis(30)));
-    two_speakers_reach_quiet_listeners_at_once(world);
+    //
+    // Listeners that receive no video get their audio at once (str0m patch 0009), without
+    // the send queue; with a camera in the call their audio is measured for the bandwidth
+    // estimate, so it is queued and flushed. The fix above is for quiet listeners with queued
+    // audio: with direct audio off, as before the patch.
+    for (camera, direct) in [(false, true), (false, false), (true, true)] {
+        let mut world = SimWorld::new(111, epoch());
+        world.batch_router_input(Some(Duration::from_millis(30)));
+        world.router_mut().set_direct_audio(direct);
+        two_speakers_reach_quiet_listeners_at_once(world, camera);
+    }
 }
 
-fn two_speakers_reach_quiet_listeners_at_once(mut world: SimWorld) {
-    let peers = meeting(&mut world, 6, 2);
+fn two_speakers_reach_quiet_listeners_at_once(mut world: SimWorld, camera: bool) {
+    let mut peers = meeting(&mut world, 6, 2);
+    if camera {
+        let cam = world.add_peer("meeting", "camera", PeerOptions::default());
+        world.set_muted(cam, true);
+        peers.push(cam);
+    }
     for &p in &peers[2..] {
         world.set_muted(p, true);
     }
@@ -581,8 +615,33 @@ fn two_speakers_reach_quiet_listeners_at_once(mut world: SimWorld) {
         secs(5.0),
     );
     assert!(ok, "{}", describe(&world));
+    if camera {
+        let seen = |w: &SimWorld| {
+            peers[2..6]
+                .iter()
+                .all(|&l| stats(w, l, peers[6], TrackSource::Camera).packets > 0)
+        };
+        assert!(world.run_until(seen, secs(5.0)), "{}", describe(&world));
+    }
+    let m = world.metrics();
+    let (flushes, direct) = (m.write_flushes, m.direct_sends);
     world.run_for(secs(3.0));
-    for &listener in &peers[2..] {
+    let m = world.metrics();
+    let (flushes, direct) = (m.write_flushes - flushes, m.direct_sends - direct);
+    // 4 listeners × 2 speakers × 50 packets a second for 3 s: each went one way or the other
+    // (a flush covers what one input wrote to a session: both speakers, in batch mode).
+    // With a camera, only its publisher (who sees no video) hears at once: ≤ 300.
+    if camera {
+        assert!(
+            flushes >= 1000 && direct <= 310,
+            "{flushes} flushes, {direct} at once"
+        );
+    } else if world.metrics().direct_sends == 0 {
+        assert!(flushes >= 550, "{flushes} flushes, direct audio off");
+    } else {
+        assert!(direct >= 1150, "{flushes} flushes, {direct} at once");
+    }
+    for &listener in &peers[2..6] {
         for &speaker in &peers[..2] {
             let t = stats(&world, listener, speaker, MIC);
             let sent_for = t.last_packet_at.zip(t.first_packet_at).map(|(l, f)| l - f);

@@ -7,6 +7,11 @@
 //! `speaker.rs`); video to the sessions whose camera or screen slot holds the track
 //! (`PublishedTrack::subscribers`, kept by `slots.rs`). RED audio (RFC 2198, `red.rs`) goes as
 //! is to subscribers that negotiated RED, and as its primary Opus block to the others.
+//!
+//! How a written packet leaves: audio to a subscriber that does not measure it (no video
+//! reaches it) is made at once (str0m's `send_rtp_now`, vendored patch 0009) and goes out
+//! right after the slot messages the packet caused; everything else is queued in str0m and
+//! let out by the flush after the input (`Router::finish`).
 
 use std::cell::OnceCell;
 use std::sync::Arc;
@@ -113,6 +118,9 @@ impl Incoming<'_> {
 enum Written {
     /// Sent (queued in str0m).
     Sent,
+    /// Made at once (str0m's `send_rtp_now`): the datagram, to go out after the slot
+    /// mapping messages this packet caused.
+    Now(str0m::net::Transmit),
     /// Not for this slot now.
     Skipped,
     /// The slot waits for a keyframe of this track.
@@ -390,11 +398,22 @@ impl Router {
                 switched.push((*member, slot.mid));
                 self.counters.snapshot.slot_switches += 1;
             }
-            if let Written::Sent = write(s, index, incoming, &mut self.counters.snapshot, now) {
-                if !s.touched {
-                    s.touched = true;
-                    self.touched.push(*member);
+            match write(
+                s,
+                index,
+                incoming,
+                &mut self.counters.snapshot,
+                self.direct_audio,
+                now,
+            ) {
+                Written::Sent => {
+                    if !s.touched {
+                        s.touched = true;
+                        self.touched.push(*member);
+                    }
                 }
+                Written::Now(t) => self.sent_now.push(t),
+                Written::Skipped | Written::WantsKeyframe => {}
             }
         }
         if let Some(c) =
@@ -403,10 +422,22 @@ impl Router {
         {
             c.members = members;
         }
-        // Queued before the packets leave (they go out when the touched sessions run).
+        // Queued before the packets leave (they go out when the touched sessions run, or
+        // right after these messages).
         for (member, mid) in switched {
             self.tell_slots(member, &[mid]);
         }
+        self.transmit_sent_now();
+    }
+
+    /// The datagrams made at once during one packet's forwarding ([`Written::Now`]), to the
+    /// outputs, after the messages that must precede them.
+    fn transmit_sent_now(&mut self) {
+        let mut sent = std::mem::take(&mut self.sent_now);
+        for t in sent.drain(..) {
+            self.transmit(t);
+        }
+        self.sent_now = sent;
     }
 
     /// A video packet to every slot that carries its track or waits for it.
@@ -495,13 +526,21 @@ impl Router {
                     switches += 1;
                 }
             }
-            match write(s, index, incoming, &mut self.counters.snapshot, now) {
+            match write(
+                s,
+                index,
+                incoming,
+                &mut self.counters.snapshot,
+                self.direct_audio,
+                now,
+            ) {
                 Written::Sent => {
                     if !s.touched {
                         s.touched = true;
                         self.touched.push(*sub);
                     }
                 }
+                Written::Now(t) => self.sent_now.push(t),
                 Written::WantsKeyframe => need_keyframe = true,
                 Written::Skipped => {}
             }
@@ -517,6 +556,7 @@ impl Router {
             }
             self.dynacast.push(key);
         }
+        self.transmit_sent_now();
         if switches > 0 {
             self.counters.snapshot.layer_switches += switches;
             self.dynacast.push(key);
@@ -622,6 +662,7 @@ fn write(
     index: usize,
     incoming: &Incoming<'_>,
     counters: &mut crate::metrics::MetricsSnapshot,
+    direct_audio: bool,
     now: Instant,
 ) -> Written {
     let packet = incoming.packet;
@@ -702,9 +743,6 @@ fn write(
     };
     let payload_len = payload.len();
     let mut api = s.rtc.direct_api();
-    let Some(tx) = api.stream_tx(&ssrc) else {
-        return Written::Skipped;
-    };
     let mut rtp = RtpWrite::new(
         mapping.subscriber,
         seq.into(),
@@ -718,13 +756,32 @@ fn write(
     if let Some(patch) = patch {
         rtp = rtp.vp8_patch(patch);
     }
+    let count = |counters: &mut crate::metrics::MetricsSnapshot, red_stripped: &mut u64| {
+        counters.media_out.add(incoming.is_audio, payload_len);
+        if mapping.strip_red {
+            counters.red_stripped += 1;
+            *red_stripped += 1;
+        }
+    };
+    // Audio to a subscriber that does not measure it (no video: vendored str0m patch 0009)
+    // is neither paced nor stamped for the estimate: it goes out now, not through str0m's
+    // send queue, its pacer and a poll per packet.
+    if incoming.is_audio && direct_audio {
+        match api.send_rtp_now(ssrc, rtp, now) {
+            Ok(t) => {
+                counters.direct_sends += 1;
+                count(counters, &mut s.red_stripped);
+                return Written::Now(t);
+            }
+            Err(back) => rtp = back,
+        }
+    }
+    let Some(tx) = api.stream_tx(&ssrc) else {
+        return Written::Skipped;
+    };
     tx.write_rtp(rtp);
     s.unflushed = s.unflushed.saturating_add(1);
-    counters.media_out.add(incoming.is_audio, payload_len);
-    if mapping.strip_red {
-        counters.red_stripped += 1;
-        s.red_stripped += 1;
-    }
+    count(counters, &mut s.red_stripped);
     Written::Sent
 }
 

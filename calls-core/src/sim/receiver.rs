@@ -120,6 +120,10 @@ pub struct TrackStats {
     /// RED packets whose redundant block was not the publisher's previous packet (its own
     /// numbers one sequence number and one timestamp offset back).
     pub red_redundancy_wrong: u64,
+    /// The latest RTCP sender report of the stream, as str0m attaches it to received packets:
+    /// (the sender's packet count, the report's RTP time, the RTP timestamp of the packet
+    /// that carried it). `None` before the first report.
+    pub sender_report: Option<(u32, u32, u32)>,
     /// Audio: how long each packet took from its publisher's send to its arrival here, from
     /// the send time the synthetic publisher wrote into it, when the publisher and this
     /// receiver share a clock origin ([`PeerOptions::clock_origin`](super::PeerOptions::clock_origin)).
@@ -206,6 +210,13 @@ impl TrackStats {
     }
 
     pub(crate) fn record(&mut self, mid: &str, pkt: &RtpPacket, is_video: bool, now: Instant) {
+        if let Some(info) = &pkt.last_sender_info {
+            self.sender_report = Some((
+                info.sender_packet_count,
+                info.rtp_time.numer() as u32,
+                pkt.header.timestamp,
+            ));
+        }
         let packet = Received {
             seq: *pkt.seq_no,
             ssrc: *pkt.header.ssrc,

@@ -2073,6 +2073,30 @@ impl Rtc {
         Ok(())
     }
 
+    /// See [`DirectApi::send_rtp_now`] (calls patch).
+    fn send_rtp_now(
+        &mut self,
+        ssrc: rtp_::Ssrc,
+        rtp: streams::RtpWrite,
+        now: Instant,
+    ) -> Result<net::Transmit, streams::RtpWrite> {
+        let Some(send) = &self.send_addr else {
+            return Err(rtp);
+        };
+        if self.state != RtcState::Alive {
+            return Err(rtp);
+        }
+        let (proto, source, destination) = (send.proto, send.source, send.destination);
+        let now = now.max(self.last_now);
+        let contents = self.session.send_rtp_now(now, ssrc, rtp)?;
+        Ok(net::Transmit {
+            proto,
+            source,
+            destination,
+            contents,
+        })
+    }
+
     /// Starts local shutdown.
     ///
     /// The `Rtc` instance schedules RTCP BYE, requests SCTP shutdown, and sends

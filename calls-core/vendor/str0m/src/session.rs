@@ -38,7 +38,7 @@ use crate::rtp_::{RtpHeader, SessionId, TwccPacketId, extend_u16};
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, StreamTimeoutConfig, Streams};
+use crate::streams::{RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -1414,6 +1414,50 @@ impl Session {
         } else {
             None
         }
+    }
+
+    /// (calls patch) Makes the packet of `rtp` on the send stream `ssrc` at once, encrypted,
+    /// when the send queue would only delay it: audio that carries no transport-wide sequence
+    /// number (`set_audio_transport_cc(false)`, or none negotiated) is neither paced nor
+    /// measured. Gives `rtp` back for anything else (see `StreamTx::send_now`), or before the
+    /// SRTP keys are there.
+    pub fn send_rtp_now(
+        &mut self,
+        now: Instant,
+        ssrc: Ssrc,
+        rtp: RtpWrite,
+    ) -> Result<net::DatagramSend, RtpWrite> {
+        if self.rtp_closing {
+            return Err(rtp);
+        }
+        let Some(srtp_tx) = self.srtp_tx.as_mut() else {
+            return Err(rtp);
+        };
+        let Some(stream) = self.streams.stream_tx(&ssrc) else {
+            return Err(rtp);
+        };
+        let mid = stream.mid();
+        let Some(media) = self.medias.iter().find(|m| m.mid() == mid) else {
+            return Err(rtp);
+        };
+        let exts = media.remote_extmap();
+        let measured = exts.id_of(Extension::TransportSequenceNumber).is_some()
+            && (self.audio_transport_cc || !media.kind().is_audio());
+        if measured || !media.kind().is_audio() || stream.ssrc().is_probe() {
+            return Err(rtp);
+        }
+        let buf = &mut self.poll_packet_buf;
+        let receipt = stream.send_now(rtp, now, exts, &self.codec_config, buf)?;
+        let buf = &buf[..receipt.header.header_len + receipt.payload_size];
+        if let Some(raw_packets) = &mut self.raw_packets {
+            raw_packets.push_back(Box::new(RawPacket::RtpTx(
+                receipt.header.clone(),
+                buf.to_vec(),
+            )));
+        }
+        let protected = srtp_tx.protect_rtp(buf, &receipt.header, *receipt.seq_no);
+        self.media_bytes_tx += receipt.payload_size as u64;
+        Ok(protected.into())
     }
 
     /// Whether media packets on audio m-lines carry the transport-wide sequence number

@@ -12,7 +12,9 @@ use crate::poll::RtcMut;
 use crate::rtp_::MidRid;
 use crate::rtp_::{Mid, Rid, Ssrc};
 use crate::sctp::{ChannelConfig, SctpInitData};
-use crate::streams::{DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, StreamRx, StreamTx};
+use crate::streams::{DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, RtpWrite, StreamRx, StreamTx};
+use crate::net;
+use std::time::Instant;
 
 /// Direct change strategy.
 ///
@@ -206,6 +208,23 @@ impl<'a> DirectApi<'a> {
     /// estimate follows all the media on the link.
     pub fn set_audio_transport_cc(&mut self, enabled: bool) {
         self.rtc.session.set_audio_transport_cc(enabled)
+    }
+
+    /// Sends `rtp` on the send stream `ssrc` at once, without the send queue and the pacer,
+    /// when the queue would only delay it (calls patch): audio that carries no transport-wide
+    /// sequence number (see [`DirectApi::set_audio_transport_cc`]), not nackable, with nothing
+    /// queued before it on the stream. Returns the datagram to send; gives `rtp` back for
+    /// anything else (write it with [`StreamTx::write_rtp`] then), and before ICE and DTLS are
+    /// connected.
+    ///
+    /// [`StreamTx::write_rtp`]: crate::rtp::StreamTx::write_rtp
+    pub fn send_rtp_now(
+        &mut self,
+        ssrc: Ssrc,
+        rtp: RtpWrite,
+        now: Instant,
+    ) -> Result<net::Transmit, RtpWrite> {
+        self.rtc.send_rtp_now(ssrc, rtp, now)
     }
 
     /// Generate a ssrc that is not already used in session

@@ -568,6 +568,99 @@ impl StreamTx {
         self.send_queue.push(packet);
     }
 
+    /// (calls patch) Makes the packet of `rtp` at once into `buf`, as `poll_packet` makes a
+    /// regular packet, without the send queue and the pacer: for a packet that is not paced
+    /// and not measured (audio without transport-wide sequence numbers), the queue only
+    /// delays it to the next poll. Gives `rtp` back, with nothing changed, when packets wait in
+    /// the queue (they go first), when it is nackable (it would need the resend cache), when
+    /// its payload type is not one of `params`, or when it would not fit in a datagram.
+    pub(crate) fn send_now(
+        &mut self,
+        rtp: RtpWrite,
+        now: Instant,
+        exts: &ExtensionMap,
+        params: &[PayloadParams],
+        buf: &mut Vec<u8>,
+    ) -> Result<PacketReceipt, RtpWrite> {
+        if rtp.nackable
+            || !self.send_queue.is_empty()
+            || !self.resends.is_empty()
+            || rtp.payload.len() + MAX_RTP_OVERHEAD > DATAGRAM_MAX_PACKET_SIZE
+        {
+            return Err(rtp);
+        }
+        let Some(param) = params
+            .iter()
+            .find(|p| p.pt() == rtp.pt || p.red() == Some(rtp.pt))
+        else {
+            return Err(rtp);
+        };
+        let clock_rate = param.spec().rtp_clock_rate();
+        let padding_pt = (param.resend().is_some() && param.red() != Some(rtp.pt)).then_some(rtp.pt);
+        let RtpWrite {
+            pt,
+            seq_no,
+            time,
+            wallclock,
+            marker,
+            mut ext_vals,
+            nackable: _,
+            payload,
+            csrc_count,
+            csrc,
+            vp8_patch,
+        } = rtp;
+        self.rtp_and_wallclock = Some((time, wallclock));
+        if !self.remote_acked_ssrc {
+            ext_vals.mid = Some(self.midrid.mid());
+            ext_vals.rid = self.midrid.rid();
+        }
+        ext_vals.rid_repair = None;
+        if exts.id_of(Extension::AbsoluteSendTime).is_some() {
+            ext_vals.abs_send_time = Some(now);
+        }
+        let mut header = RtpHeader {
+            csrc_count,
+            sequence_number: *seq_no as u16,
+            marker,
+            payload_type: pt,
+            timestamp: time,
+            ssrc: self.ssrc,
+            csrc,
+            ext_vals,
+            ..Default::default()
+        };
+        buf.resize(DATAGRAM_MAX_PACKET_SIZE, 0);
+        let header_len = header.write_to(buf, exts);
+        assert!(header_len % 4 == 0, "RTP header must be multiple of 4");
+        header.header_len = header_len;
+        let body_len = payload.len();
+        let body = &mut buf[header_len..header_len + body_len];
+        if let Some(patch) = vp8_patch.as_ref() {
+            patch.copy_to(payload.as_ref(), body);
+        } else {
+            body.copy_from_slice(payload.as_ref());
+        }
+        self.stats.update_packet_counts(body_len as u64, false);
+        if let Some(h) = &mut self.stats.bytes_transmitted {
+            h.push(now, body_len as u64)
+        }
+        self.last_sent_seq_no = seq_no;
+        self.last_used = now;
+        if padding_pt.is_some() && self.pt_for_padding != padding_pt {
+            self.pt_for_padding = padding_pt;
+        }
+        if self.clock_rate != Some(clock_rate) {
+            self.clock_rate = Some(clock_rate);
+        }
+        Ok(PacketReceipt {
+            header,
+            seq_no,
+            is_padding: false,
+            payload_size: body_len,
+        })
+    }
+
     fn padding_enabled(&self) -> bool {
         (self.ssrc.is_probe() || self.rtx.is_some()) && self.pt_for_padding.is_some()
     }

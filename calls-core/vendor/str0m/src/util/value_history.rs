@@ -33,6 +33,11 @@ where
     pub fn push(&mut self, t: Instant, v: T) {
         self.value += v;
         self.history.push_back((t, v));
+        // (calls patch) Only the window is ever read (`purge_old` before each read), and
+        // some histories are read rarely or never (a send stream's bytes are read only when
+        // a NACK asks for a resend: never on audio): drop what fell out of it here, or the
+        // history grows by one entry per packet for the life of the stream.
+        self.purge_old(t);
     }
 
     /// Returns the sum of all values in the history up to max_time. Might
