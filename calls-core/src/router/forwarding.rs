@@ -398,23 +398,15 @@ impl Router {
                 switched.push((*member, slot.mid));
                 self.counters.snapshot.slot_switches += 1;
             }
-            match write(
+            let written = write(
                 s,
                 index,
                 incoming,
                 &mut self.counters.snapshot,
                 self.direct_audio,
                 now,
-            ) {
-                Written::Sent => {
-                    if !s.touched {
-                        s.touched = true;
-                        self.touched.push(*member);
-                    }
-                }
-                Written::Now(t) => self.sent_now.push(t),
-                Written::Skipped | Written::WantsKeyframe => {}
-            }
+            );
+            settle(written, s, *member, &mut self.touched, &mut self.sent_now);
         }
         if let Some(c) =
             super::relay::publisher_call(&self.sessions, &self.remote_members, publisher)
@@ -526,24 +518,15 @@ impl Router {
                     switches += 1;
                 }
             }
-            match write(
+            let written = write(
                 s,
                 index,
                 incoming,
                 &mut self.counters.snapshot,
                 self.direct_audio,
                 now,
-            ) {
-                Written::Sent => {
-                    if !s.touched {
-                        s.touched = true;
-                        self.touched.push(*sub);
-                    }
-                }
-                Written::Now(t) => self.sent_now.push(t),
-                Written::WantsKeyframe => need_keyframe = true,
-                Written::Skipped => {}
-            }
+            );
+            need_keyframe |= settle(written, s, *sub, &mut self.touched, &mut self.sent_now);
         }
         if let Some(track) = self.tracks.get_mut(&key) {
             track.subscribers = subscribers;
@@ -783,6 +766,31 @@ fn write(
     s.unflushed = s.unflushed.saturating_add(1);
     count(counters, &mut s.red_stripped);
     Written::Sent
+}
+
+/// What is left to do after [`write`] to session `id` (`s`): a queued packet goes out when
+/// the session is flushed after the input (`Router::finish`), one made at once after the slot
+/// messages the forwarded packet caused (`Router::transmit_sent_now`). Returns whether the
+/// slot waits for a keyframe.
+fn settle(
+    written: Written,
+    s: &mut Session,
+    id: SessionId,
+    touched: &mut Vec<SessionId>,
+    sent_now: &mut Vec<str0m::net::Transmit>,
+) -> bool {
+    match written {
+        Written::Sent => {
+            if !s.touched {
+                s.touched = true;
+                touched.push(id);
+            }
+        }
+        Written::Now(t) => sent_now.push(t),
+        Written::WantsKeyframe => return true,
+        Written::Skipped => {}
+    }
+    false
 }
 
 /// What a recording needs of one packet (borrowed: nothing is copied unless it is recorded).

@@ -1441,9 +1441,9 @@ impl Session {
             return Err(rtp);
         };
         let exts = media.remote_extmap();
-        let measured = exts.id_of(Extension::TransportSequenceNumber).is_some()
-            && (self.audio_transport_cc || !media.kind().is_audio());
-        if measured || !media.kind().is_audio() || stream.ssrc().is_probe() {
+        let measured =
+            self.audio_transport_cc && exts.id_of(Extension::TransportSequenceNumber).is_some();
+        if !media.kind().is_audio() || measured || stream.ssrc().is_probe() {
             return Err(rtp);
         }
         let buf = &mut self.poll_packet_buf;
