@@ -23,6 +23,8 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// Outgoing audio packets str0m keeps per stream. Our audio writes are not nackable, so this
 /// only holds packets between `write_rtp` and the next poll (str0m's default is 50).
 const SEND_BUFFER_AUDIO: usize = 16;
+/// The age limit of an audio stream's (unused) resend cache: str0m's default.
+const AUDIO_RTX_CACHE_AGE: Duration = Duration::from_secs(3);
 /// Outgoing video packets str0m keeps per stream for NACK/RTX and BWE probing: at 1.5 Mbit/s
 /// of ~1100-byte packets, 300 packets are ~1.7 s of history (str0m's default is 1000).
 const SEND_BUFFER_VIDEO: usize = 300;
@@ -59,14 +61,23 @@ impl ParkedStream {
     fn declare(&self, rtc: &mut Rtc, ssrc: Ssrc) {
         // str0m never removes m-lines (we do not use `remove_media`); checked all the same,
         // since declaring a stream on an unknown mid panics inside str0m.
-        if rtc.media(self.mid).is_none() {
+        let Some(audio) = rtc.media(self.mid).map(|m| m.kind().is_audio()) else {
             return;
-        }
+        };
         let mut api = rtc.direct_api();
-        api.declare_stream_tx(ssrc, self.rtx, self.mid, None);
-        if let Some(tx) = api.stream_tx(&ssrc) {
-            tx.set_next_rtx_seq_no(self.next_rtx_seq);
-        }
+        let tx = api.declare_stream_tx(ssrc, self.rtx, self.mid, None);
+        tx.set_next_rtx_seq_no(self.next_rtx_seq);
+        tune_send_stream(tx, audio);
+    }
+}
+
+/// Sets up a slot's send stream, as str0m made it in an SDP operation or as it is declared
+/// again after parking. Audio is never resent, so str0m's cap on the resent share of a stream
+/// has nothing to cap there: without the cap str0m keeps no send history for it (an entry
+/// per packet, and one more cache line per packet per listener on the forwarding path).
+pub(crate) fn tune_send_stream(tx: &mut str0m::rtp::StreamTx, audio: bool) {
+    if audio {
+        tx.set_rtx_cache(SEND_BUFFER_AUDIO, AUDIO_RTX_CACHE_AGE, None);
     }
 }
 
@@ -114,15 +125,21 @@ pub(crate) struct PendingOffer {
     pub resends: u8,
 }
 
+/// In declaration order (`repr(C)`): what forwarding a packet reads of every listener
+/// (`connected`, `slots`) shares one cache line; Rust's own order put them in two of this
+/// ~11 KB struct.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Session {
+    pub connected: bool,
+    pub muted: bool,
+    /// Receive slots whose m-line has been negotiated, in SDP order.
+    pub slots: Vec<Slot>,
     pub call: CallId,
     pub user: UserId,
     pub grants: Grants,
     pub rtc: Rtc,
     pub local_creds: IceCreds,
-    pub muted: bool,
-    pub connected: bool,
     /// The client has made its first offer (the router offers only after that).
     pub negotiated: bool,
     pub screen_mid: Option<Mid>,
@@ -130,8 +147,6 @@ pub(crate) struct Session {
     pub published: Vec<Mid>,
     /// Incoming SSRC → (mid, rid), cached from str0m's receive streams.
     pub rx_ssrc: HashMap<Ssrc, (Mid, Option<Rid>)>,
-    /// Receive slots whose m-line has been negotiated, in SDP order.
-    pub slots: Vec<Slot>,
     /// Camera slots this session wants (`video_slots` until it sends `slots`).
     pub video_slots: usize,
     /// Sessions whose cameras go on this session's camera slots first, in this order.

@@ -23,13 +23,38 @@ use crate::signal::SlotKind;
 pub(crate) const AUDIO_SLOT_STALE: Duration = Duration::from_millis(1000);
 
 /// One publisher track on a slot.
+///
+/// In declaration order (`repr(C)`): what every forwarded packet reads first, next to the
+/// [`Slot`] fields before it (see there).
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Feed {
     pub key: TrackKey,
+    /// Publisher payload type → this session's (filled lazily).
+    pub pt_map: PtMap,
     /// Video: which layer of the track this slot forwards.
     pub sel: Selection,
-    /// Publisher payload type → this session's (filled lazily).
-    pub pt_map: Vec<PtMapping>,
+}
+
+/// A feed's payload type mappings, kept inside the slot: a publisher sends one to three
+/// types on a track (Opus and RED; a video codec), and a heap list would be one more cache
+/// line to fetch per forwarded packet and listener. A publisher with more types than this
+/// has the others worked out per packet (still correct, only slower).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PtMap([Option<PtMapping>; 4]);
+
+impl PtMap {
+    /// The mapping of the publisher's payload type `pt`, if known.
+    pub fn get(&self, pt: Pt) -> Option<PtMapping> {
+        self.0.iter().flatten().find(|m| m.publisher == pt).copied()
+    }
+
+    /// Remembers `mapping` (while there is room).
+    pub fn insert(&mut self, mapping: PtMapping) {
+        if let Some(free) = self.0.iter_mut().find(|m| m.is_none()) {
+            *free = Some(mapping);
+        }
+    }
 }
 
 /// How one publisher payload type goes out on a slot.
@@ -49,34 +74,40 @@ impl Feed {
         Feed {
             key,
             sel: Selection::default(),
-            pt_map: Vec::new(),
+            pt_map: PtMap::default(),
         }
     }
 }
 
 /// One receive slot of a subscriber.
+///
+/// In declaration order (`repr(C)`), the fields every forwarded packet reads first: the slot's
+/// kind, state and SSRC, then its current source's key and payload types. A packet goes to
+/// hundreds of listeners, each slot in its own cache line; finding the slot that carries a
+/// source reads one line per slot, not two or three.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Slot {
-    pub mid: Mid,
     pub kind: SlotKind,
-    pub ssrc: Ssrc,
     /// Negotiated `sendonly`; `false` once a smaller `slots` request turned it `inactive` (kept
     /// for a later larger request, so the SDP never grows past the largest count asked).
     pub active: bool,
+    /// Its str0m send stream is parked (see [`crate::session::PARK_AFTER`]).
+    pub parked: bool,
+    pub ssrc: Ssrc,
+    /// When something was last written into this slot (or it was created).
+    pub last_write: Instant,
     /// The source forwarded now.
     pub current: Option<Feed>,
+    pub rewriter: Rewriter,
     /// Video: the source that takes over at its next keyframe (the current one goes on until
     /// then).
     pub next: Option<Feed>,
-    pub rewriter: Rewriter,
+    pub mid: Mid,
     pub vp8: Vp8Munger,
     /// The subscriber's preferences for this slot (camera and screen).
     pub paused: bool,
     pub max_layer: Option<u8>,
-    /// When something was last written into this slot (or it was created).
-    pub last_write: Instant,
-    /// Its str0m send stream is parked (see [`crate::session::PARK_AFTER`]).
-    pub parked: bool,
     /// The source the client was last told this slot carries (`None`: empty).
     pub told: Option<TrackKey>,
     /// The loss the subscriber last reported for this slot's stream (0.0–1.0), for the loss
@@ -144,5 +175,32 @@ impl Slot {
         self.current = None;
         self.next = None;
         self.rewriter.pause();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(publisher: u8, subscriber: u8) -> PtMapping {
+        PtMapping {
+            publisher: Pt::new_with_value(publisher),
+            subscriber: Pt::new_with_value(subscriber),
+            strip_red: false,
+        }
+    }
+
+    #[test]
+    fn pt_map_keeps_four_and_finds_them() {
+        let mut map = PtMap::default();
+        assert_eq!(map.get(Pt::new_with_value(111)), None);
+        for pt in 100..105 {
+            map.insert(mapping(pt, pt + 10));
+        }
+        for pt in 100..104 {
+            assert_eq!(map.get(Pt::new_with_value(pt)), Some(mapping(pt, pt + 10)));
+        }
+        // No room for a fifth: the forwarding path works it out per packet instead.
+        assert_eq!(map.get(Pt::new_with_value(104)), None);
     }
 }

@@ -39,6 +39,42 @@ fn opus_dtx_is_settable() {
     assert!(opus.red().is_some(), "RED kept");
 }
 
+/// Patch 0011: the extension map visits its mapped ids through a mask kept beside the entries;
+/// what it finds must not change.
+#[test]
+fn extension_map_finds_what_is_mapped() {
+    use str0m::rtp::{Extension, ExtensionMap};
+    let mut map = ExtensionMap::empty();
+    assert_eq!(map.iter().count(), 0);
+    map.set(14, Extension::RtpMid);
+    map.set(1, Extension::AudioLevel);
+    map.set(3, Extension::TransportSequenceNumber);
+    map.set(0, Extension::AbsoluteSendTime); // out of range: ignored
+    map.set(17, Extension::AbsoluteSendTime); // out of range: ignored
+    let ids: Vec<_> = map.iter().map(|(id, e)| (id, e.clone())).collect();
+    assert_eq!(
+        ids,
+        [
+            (1, Extension::AudioLevel),
+            (3, Extension::TransportSequenceNumber),
+            (14, Extension::RtpMid),
+        ],
+        "in id order, nothing else"
+    );
+    assert_eq!(map.id_of(Extension::RtpMid), Some(14));
+    assert_eq!(map.id_of(Extension::AbsoluteSendTime), None);
+    // Mapping an id again replaces what it held.
+    map.set(3, Extension::AbsoluteSendTime);
+    assert_eq!(map.id_of(Extension::TransportSequenceNumber), None);
+    assert_eq!(map.id_of(Extension::AbsoluteSendTime), Some(3));
+    assert_eq!(map.iter().count(), 3);
+    assert_eq!(
+        ExtensionMap::standard().iter().count(),
+        7,
+        "str0m's standard map"
+    );
+}
+
 #[test]
 fn every_line_the_patch_adds_is_in_the_vendored_source() {
     let vendor = Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor");

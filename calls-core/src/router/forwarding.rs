@@ -607,7 +607,10 @@ fn audio_slot(
             .enumerate()
             .filter(|(_, slot)| slot.kind == crate::SlotKind::Audio && slot.active)
     };
-    if let Some((i, _)) = audio().find(|(_, slot)| slot.holds(key)) {
+    // Audio slots switch at once (they never have a `next`): only `current` is read, one
+    // cache line per slot (see `Slot`).
+    let carries = |slot: &crate::slot::Slot| slot.current.as_ref().is_some_and(|f| f.key == key);
+    if let Some((i, _)) = audio().find(|(_, slot)| carries(slot)) {
         return Some(i);
     }
     if let Some((i, _)) = audio().find(|(_, slot)| slot.current.is_none()) {
@@ -671,8 +674,8 @@ fn write(
         }
     }
     let in_pt = packet.pt;
-    let mapping = match feed.pt_map.iter().find(|m| m.publisher == in_pt) {
-        Some(&mapping) => mapping,
+    let mapping = match feed.pt_map.get(in_pt) {
+        Some(mapping) => mapping,
         None => {
             let Some(pt) = pt_for(&s.rtc, incoming.codec, incoming.clock_rate) else {
                 return Written::Skipped; // this subscriber did not negotiate the codec
@@ -688,7 +691,7 @@ fn write(
                 subscriber: red_pt.unwrap_or(pt),
                 strip_red: incoming.red.is_some() && red_pt.is_none(),
             };
-            feed.pt_map.push(mapping);
+            feed.pt_map.insert(mapping);
             mapping
         }
     };

@@ -298,7 +298,10 @@ impl Router {
                 .rtc
                 .direct_api()
                 .stream_tx_by_mid(mid, None)
-                .map(|tx| tx.ssrc());
+                .map(|tx| {
+                    crate::session::tune_send_stream(tx, kind == crate::SlotKind::Audio);
+                    tx.ssrc()
+                });
             match ssrc {
                 Some(ssrc) => state.slots.push(Slot::new(mid, kind, ssrc, now)),
                 None => tracing::warn!(%session, %mid, "no send stream for a negotiated slot"),

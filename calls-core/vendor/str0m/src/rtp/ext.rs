@@ -350,7 +350,10 @@ impl Extension {
 
 /// Mapping between RTP extension id to what extension that is.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ExtensionMap([Option<MapEntry>; MAX_ID as usize]); // index 0 is extmap:1.
+pub struct ExtensionMap([Option<MapEntry>; MAX_ID as usize], u16); // index 0 is extmap:1.
+// (calls patch) The `u16` has bit i set when entry i is mapped. Writing a packet's header
+// visits only those entries: the array is 16 entries of ~48 bytes, twelve cache lines per
+// m-line, and an SFU writing one packet to many subscribers touched all of them for each.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MapEntry {
@@ -361,7 +364,7 @@ struct MapEntry {
 impl ExtensionMap {
     /// Create an empty map.
     pub fn empty() -> Self {
-        ExtensionMap(std::array::from_fn(|_| None))
+        ExtensionMap(std::array::from_fn(|_| None), 0)
     }
 
     /// Creates a map with the "standard" mappings.
@@ -386,6 +389,7 @@ impl ExtensionMap {
         for i in &mut self.0 {
             *i = None;
         }
+        self.1 = 0;
     }
 
     /// Set a mapping for an extension.
@@ -401,6 +405,23 @@ impl ExtensionMap {
         let m = MapEntry { ext, locked: false };
 
         self.0[idx] = Some(m);
+        self.1 |= 1 << idx;
+    }
+
+    /// (calls patch) The mapped entries with their index, in id order, without visiting the
+    /// unmapped ones.
+    fn mapped(&self) -> impl Iterator<Item = (usize, &MapEntry)> + '_ {
+        let mut bits = self.1;
+        std::iter::from_fn(move || {
+            while bits != 0 {
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(m) = &self.0[i] {
+                    return Some((i, m));
+                }
+            }
+            None
+        })
     }
 
     /// Look up the extension for the id.
@@ -419,19 +440,14 @@ impl ExtensionMap {
     ///
     /// The returned id will be 1-based.
     pub fn id_of(&self, e: Extension) -> Option<u8> {
-        self.0
-            .iter()
-            .position(|x| x.as_ref().map(|e| &e.ext) == Some(&e))
-            .map(|p| p as u8 + 1)
+        self.mapped()
+            .find(|(_, m)| m.ext == e)
+            .map(|(p, _)| p as u8 + 1)
     }
 
     /// Returns an iterator over the elements of the extension map
     pub fn iter(&self) -> impl Iterator<Item = (u8, &Extension)> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.as_ref().map(|e| (i, e)))
-            .map(|(i, e)| ((i + 1) as u8, &e.ext))
+        self.mapped().map(|(i, e)| ((i + 1) as u8, &e.ext))
     }
 
     /// Returns an iterator over the audio or video elements of the extension map
@@ -545,8 +561,8 @@ impl ExtensionMap {
         let orig_len = ext_buf.len();
         let mut b = ext_buf;
 
-        for (idx, x) in self.0.iter().enumerate() {
-            if let Some(v) = x {
+        for (idx, v) in self.mapped() {
+            {
                 match form {
                     ExtensionsForm::OneByte => {
                         if let Some(n) = v.ext.write_to(&mut b[1..], ev) {
@@ -617,6 +633,9 @@ impl ExtensionMap {
         }
 
         self.0.swap(old_index, new_index);
+        let (old_bit, new_bit) = (self.1 >> old_index & 1, self.1 >> new_index & 1);
+        self.1 &= !(1 << old_index | 1 << new_index);
+        self.1 |= old_bit << new_index | new_bit << old_index;
     }
 }
 
