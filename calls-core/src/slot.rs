@@ -150,8 +150,13 @@ impl Slot {
 
     /// Whether this slot carries `key` now or is about to.
     pub fn holds(&self, key: TrackKey) -> bool {
+        self.carries(key) || self.next.as_ref().is_some_and(|f| f.key == key)
+    }
+
+    /// Whether `key` is the source forwarded now (`current`; [`Slot::holds`] also counts the
+    /// one waiting for its keyframe). Reads the slot's first cache line only.
+    pub fn carries(&self, key: TrackKey) -> bool {
         self.current.as_ref().is_some_and(|f| f.key == key)
-            || self.next.as_ref().is_some_and(|f| f.key == key)
     }
 
     /// Starts carrying `key` on an audio slot at once: the next packet resyncs the stream.

@@ -609,8 +609,7 @@ fn audio_slot(
     };
     // Audio slots switch at once (they never have a `next`): only `current` is read, one
     // cache line per slot (see `Slot`).
-    let carries = |slot: &crate::slot::Slot| slot.current.as_ref().is_some_and(|f| f.key == key);
-    if let Some((i, _)) = audio().find(|(_, slot)| carries(slot)) {
+    if let Some((i, _)) = audio().find(|(_, slot)| slot.carries(key)) {
         return Some(i);
     }
     if let Some((i, _)) = audio().find(|(_, slot)| slot.current.is_none()) {
